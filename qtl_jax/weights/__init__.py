@@ -1,0 +1,1 @@
+"""Checkpoint reading, layout detection, declarative key maps and export."""

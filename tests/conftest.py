@@ -1,0 +1,15 @@
+"""Test-session set-up: 8 forced CPU devices and no network, before JAX or transformers are imported."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Keep the 2-core CI machine from oversubscribing: torch and XLA both spawn thread pools.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
