@@ -1,0 +1,1 @@
+"""The client/server split: device sub-meshes, sharding rules, the partitioned step and the links."""
