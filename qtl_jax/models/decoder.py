@@ -1,0 +1,597 @@
+"""One causal-LM decoder for every supported family: Llama, Qwen2, Phi, Gemma, StableLM and OpenELM.
+
+The families differ only in options of the same pre-norm transformer block, so they share one linen
+module parameterised by :class:`DecoderConfig` rather than one copy per family:
+
+============  ======  =========  =========  ==========  ==========  ========  ===========
+family        norm    mlp        biases     residual    qk-norm     rotary    embeddings
+============  ======  =========  =========  ==========  ==========  ========  ===========
+llama         rms     gated silu optional   sequential  -           full      untied
+qwen2         rms     gated silu qkv        sequential  -           full      either
+phi           layer   gelu_new   all+head   parallel    opt. shared partial   untied
+gemma         rms 1+w gated gelu optional   sequential  -           full      tied, x sqrt(D)
+stablelm      layer   gated silu opt. qkv   either      opt. per-hd partial   untied
+openelm       rms     gated silu none       sequential  rms shared  full      tied
+============  ======  =========  =========  ==========  ==========  ========  ===========
+
+OpenELM also varies head counts and FFN width per layer, hence the per-layer tuples in the config.
+
+The client side of split learning runs only :meth:`Decoder.embed`; the server runs
+:meth:`Decoder.__call__` on the (reconstructed) embeddings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from qtl_jax.models import rope
+
+FAMILIES = ("llama", "qwen2", "phi", "gemma", "stablelm", "openelm")
+NORMS = ("rms", "layer")
+QK_NORMS = ("none", "rms", "layer", "layer_per_head")
+
+# Hugging Face activation names -> jax functions (the tanh forms are all the same approximation).
+ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "relu": jax.nn.relu,
+}
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def _per_layer(value: Any, num_layers: int, name: str) -> tuple[int, ...]:
+    if isinstance(value, int):
+        return (value,) * num_layers
+    value = tuple(int(v) for v in value)
+    if len(value) != num_layers:
+        raise ValueError(f"{name} has {len(value)} entries but the model has {num_layers} layers")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+    """Everything that distinguishes the supported causal-LM families.
+
+    Per-layer fields (``num_heads``, ``num_kv_heads``, ``intermediate_size``) are tuples with one entry
+    per layer; pass an int to :meth:`make` to repeat it.
+    """
+
+    family: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: tuple[int, ...]
+    num_kv_heads: tuple[int, ...]
+    intermediate_size: tuple[int, ...]
+    head_dim: int
+    norm: str = "rms"
+    norm_eps: float = 1e-6
+    # Gemma's RMSNorm multiplies by (offset + w) with offset 1, so its stored weights are centred at 0.
+    norm_offset: float = 0.0
+    norm_bias: bool = False
+    activation: str = "silu"
+    gated_mlp: bool = True
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    lm_head_bias: bool = False
+    parallel_residual: bool = False
+    qk_norm: str = "none"
+    rope_theta: float = 10000.0
+    partial_rotary_factor: float = 1.0
+    tie_word_embeddings: bool = False
+    # Multiplies inputs_embeds (token and image embeddings alike) at the start of __call__ (Gemma).
+    embed_scale: float | None = None
+    max_position_embeddings: int = 2048
+    # Token ids and other config.json entries carried only so that to_hf() can write them back.
+    hf_extra: tuple[tuple[str, Any], ...] = ()
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    remat: bool = False
+
+    def __post_init__(self):
+        problems = []
+        if self.family not in FAMILIES:
+            problems.append(f"family {self.family!r} is not one of {FAMILIES}")
+        if self.norm not in NORMS:
+            problems.append(f"norm {self.norm!r} is not one of {NORMS}")
+        if self.qk_norm not in QK_NORMS:
+            problems.append(f"qk_norm {self.qk_norm!r} is not one of {QK_NORMS}")
+        if self.activation not in ACTIVATIONS:
+            problems.append(f"activation {self.activation!r} is not one of {sorted(ACTIVATIONS)}")
+        for name in ("num_heads", "num_kv_heads", "intermediate_size"):
+            value = getattr(self, name)
+            if not isinstance(value, tuple) or len(value) != self.num_layers:
+                problems.append(f"{name} must be a tuple with one entry per layer ({self.num_layers}), got {value!r}")
+        if not problems:
+            for i, (h, k) in enumerate(zip(self.num_heads, self.num_kv_heads)):
+                if k <= 0 or h % k:
+                    problems.append(f"layer {i}: {h} query heads is not a multiple of {k} key/value heads")
+        if problems:
+            raise ValueError("invalid DecoderConfig:\n  " + "\n  ".join(problems))
+        rope.rotary_dim(self.head_dim, self.partial_rotary_factor)
+
+    @classmethod
+    def make(cls, **kwargs: Any) -> "DecoderConfig":
+        """Builds a config, repeating int per-layer fields over ``num_layers``."""
+        n = kwargs["num_layers"]
+        for name in ("num_heads", "num_kv_heads", "intermediate_size"):
+            kwargs[name] = _per_layer(kwargs[name], n, name)
+        return cls(**kwargs)
+
+    @property
+    def rotary_dim(self) -> int:
+        return rope.rotary_dim(self.head_dim, self.partial_rotary_factor)
+
+    @classmethod
+    def from_hf(cls, cfg: Mapping[str, Any], **overrides: Any) -> "DecoderConfig":
+        """Reads a causal-LM ``config.json`` dict; ``overrides`` (e.g. ``dtype``, ``remat``) win."""
+        kwargs = {**_decoder_kwargs(cfg), **overrides}
+        kwargs["dtype"] = dtype_from_name(kwargs.get("dtype", jnp.float32))
+        kwargs["param_dtype"] = dtype_from_name(kwargs.get("param_dtype", jnp.float32))
+        return cls.make(**kwargs)
+
+    def to_hf(self) -> dict[str, Any]:
+        """The ``config.json`` dict ``transformers`` builds this model from (not for OpenELM)."""
+        return _hf_dict(self)
+
+
+def dot_product_attention(
+    q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, allowed: jnp.ndarray, scale: float
+) -> jnp.ndarray:
+    """Grouped-query attention. q ``[B,T,H,d]``, k/v ``[B,S,K,d]``, allowed ``[B,T,S]`` bool.
+
+    Query head ``h`` reads key/value head ``h // (H/K)``, the order HF's ``repeat_kv`` produces.
+    Scores and softmax are float32. Rows with no allowed key (padding queries) get a uniform
+    distribution instead of NaN; their outputs are meaningless and must be ignored by the caller.
+    Kept free of module state so a KV cache can later feed it longer k/v than q.
+    """
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    q = q.reshape(b, t, kv, h // kv, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h * d)
+
+
+class Norm(nn.Module):
+    """RMSNorm or LayerNorm over the last axis, computed in float32 like the HF implementations."""
+
+    kind: str
+    eps: float
+    offset: float = 0.0
+    use_bias: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        x32 = x.astype(jnp.float32)
+        if self.kind == "rms":
+            y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        else:
+            mean = jnp.mean(x32, axis=-1, keepdims=True)
+            var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+            y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        # With an offset the neutral weight is 0 (Gemma), otherwise 1.
+        init = nn.initializers.zeros if self.offset else nn.initializers.ones
+        scale = self.param("scale", init, (x.shape[-1],), self.param_dtype)
+        y = y * (scale.astype(jnp.float32) + self.offset)
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (x.shape[-1],), self.param_dtype).astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+class PerHeadNorm(nn.Module):
+    """StableLM's qk-norm: a separate bias-free LayerNorm per head, over ``[B,T,heads,d]``."""
+
+    num_heads: int
+    eps: float
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        heads = [
+            Norm("layer", self.eps, dtype=self.dtype, param_dtype=self.param_dtype, name=f"head_{h}")(x[:, :, h])
+            for h in range(self.num_heads)
+        ]
+        return jnp.stack(heads, axis=2)
+
+
+def _qk_norm(config: DecoderConfig, heads: int, name: str) -> nn.Module | None:
+    kw = dict(dtype=config.dtype, param_dtype=config.param_dtype, name=name)
+    if config.qk_norm == "rms":
+        return Norm("rms", config.norm_eps, **kw)
+    if config.qk_norm == "layer":
+        return Norm("layer", config.norm_eps, use_bias=True, **kw)
+    if config.qk_norm == "layer_per_head":
+        return PerHeadNorm(heads, config.norm_eps, **kw)
+    return None
+
+
+class Attention(nn.Module):
+    config: DecoderConfig
+    layer: int
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray, allowed: jnp.ndarray) -> jnp.ndarray:
+        cfg = self.config
+        h, kv, d = cfg.num_heads[self.layer], cfg.num_kv_heads[self.layer], cfg.head_dim
+        dense = lambda n, bias, name: nn.Dense(  # noqa: E731
+            n, use_bias=bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name
+        )
+        b, t, _ = x.shape
+        q = dense(h * d, cfg.qkv_bias, "q_proj")(x).reshape(b, t, h, d)
+        k = dense(kv * d, cfg.qkv_bias, "k_proj")(x).reshape(b, t, kv, d)
+        v = dense(kv * d, cfg.qkv_bias, "v_proj")(x).reshape(b, t, kv, d)
+        # Every family with qk-norm (OpenELM, Phi, StableLM) normalises before RoPE.
+        q_norm, k_norm = _qk_norm(cfg, h, "q_norm"), _qk_norm(cfg, kv, "k_norm")
+        if q_norm is not None:
+            q, k = q_norm(q), k_norm(k)
+        q, k = rope.apply_rotary(q, cos, sin), rope.apply_rotary(k, cos, sin)
+        out = dot_product_attention(q, k, v, allowed, d**-0.5)
+        return dense(cfg.hidden_size, cfg.o_bias, "o_proj")(out)
+
+
+class MLP(nn.Module):
+    config: DecoderConfig
+    layer: int
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        cfg = self.config
+        width = cfg.intermediate_size[self.layer]
+        dense = lambda n, name: nn.Dense(  # noqa: E731
+            n, use_bias=cfg.mlp_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name
+        )
+        act = ACTIVATIONS[cfg.activation]
+        if cfg.gated_mlp:
+            y = act(dense(width, "gate_proj")(x)) * dense(width, "up_proj")(x)
+        else:
+            y = act(dense(width, "up_proj")(x))
+        return dense(cfg.hidden_size, "down_proj")(y)
+
+
+class Block(nn.Module):
+    """Pre-norm block; parallel form ``x + attn(n(x)) + mlp(n(x))`` for Phi / StableLM's option."""
+
+    config: DecoderConfig
+    layer: int
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray, allowed: jnp.ndarray) -> jnp.ndarray:
+        cfg = self.config
+        norm = lambda name: Norm(  # noqa: E731
+            cfg.norm, cfg.norm_eps, cfg.norm_offset, cfg.norm_bias, cfg.dtype, cfg.param_dtype, name=name
+        )
+        attn = Attention(cfg, self.layer, name="attn")
+        mlp = MLP(cfg, self.layer, name="mlp")
+        y = norm("input_norm")(x)
+        if cfg.parallel_residual:
+            return x + attn(y, cos, sin, allowed) + mlp(y)
+        x = x + attn(y, cos, sin, allowed)
+        return x + mlp(norm("post_attention_norm")(x))
+
+
+class Decoder(nn.Module):
+    """Causal LM: ``embed`` (client side) and ``__call__`` from embeddings to float32 logits."""
+
+    config: DecoderConfig
+
+    def setup(self):
+        cfg = self.config
+        self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=cfg.param_dtype)
+        block = nn.remat(Block) if cfg.remat else Block
+        self.layers = [block(cfg, i, name=f"layers_{i}") for i in range(cfg.num_layers)]
+        self.norm = Norm(cfg.norm, cfg.norm_eps, cfg.norm_offset, cfg.norm_bias, cfg.dtype, cfg.param_dtype)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Dense(
+                cfg.vocab_size, use_bias=cfg.lm_head_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype
+            )
+
+    def embed(self, input_ids: jnp.ndarray) -> jnp.ndarray:
+        """Raw table lookup ``[B,T] -> [B,T,D]`` in the param dtype (no Gemma scaling here)."""
+        return self.embed_tokens(input_ids)
+
+    def __call__(
+        self,
+        inputs_embeds: jnp.ndarray,
+        attention_mask: jnp.ndarray | None = None,
+        position_ids: jnp.ndarray | None = None,
+    ) -> jnp.ndarray:
+        """``[B,T,D]`` embeddings, ``[B,T]`` 1/0 padding mask -> ``[B,T,V]`` float32 logits.
+
+        ``position_ids`` default to ``cumsum(mask) - 1`` clipped at 0: the positions HF ``generate``
+        uses, which for right padding (and no padding) equal ``arange(T)`` on every real token, and
+        for left padding start at 0 on the first real token. Outputs at padded positions are garbage.
+        """
+        cfg = self.config
+        if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != cfg.hidden_size:
+            raise ValueError(
+                f"inputs_embeds must be [batch, seq, {cfg.hidden_size}], got {inputs_embeds.shape}; "
+                "use Decoder.embed to turn token ids into embeddings"
+            )
+        b, t, _ = inputs_embeds.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, t), jnp.int32)
+        if attention_mask.shape != (b, t):
+            raise ValueError(f"attention_mask must be [batch, seq] = {(b, t)}, got {attention_mask.shape}")
+        if position_ids is None:
+            position_ids = jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+        if self.is_initializing() and not cfg.tie_word_embeddings:
+            # The untied table is used only by `embed`; create it at init so params are complete.
+            self.embed_tokens(jnp.zeros((1, 1), jnp.int32))
+
+        x = inputs_embeds.astype(cfg.dtype)
+        if cfg.embed_scale is not None:
+            # HF rounds the normaliser to the activation dtype first; so do we, for bf16 parity.
+            x = x * jnp.asarray(cfg.embed_scale, cfg.dtype)
+        cos, sin = rope.cos_sin(position_ids, cfg.rotary_dim, cfg.rope_theta, cfg.dtype)
+        causal = jnp.tril(jnp.ones((t, t), jnp.bool_))
+        allowed = causal[None] & attention_mask.astype(jnp.bool_)[:, None, :]
+        for layer in self.layers:
+            x = layer(x, cos, sin, allowed)
+        x = self.norm(x)
+        if cfg.tie_word_embeddings:
+            table = self.embed_tokens.embedding.astype(cfg.dtype)
+            return jnp.einsum("btd,vd->btv", x, table, preferred_element_type=jnp.float32)
+        return self.lm_head(x).astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Hugging Face config.json <-> DecoderConfig
+
+_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "phi": "PhiForCausalLM",
+    "gemma": "GemmaForCausalLM",
+    "stablelm": "StableLmForCausalLM",
+    "openelm": "OpenELMForCausalLM",
+}
+_TOKEN_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def _rope(cfg: Mapping[str, Any], default_partial: float) -> tuple[float, float]:
+    """(theta, partial_rotary_factor) from either the v5 ``rope_parameters`` or the older flat keys."""
+    params = cfg.get("rope_parameters") or {}
+    scaling = cfg.get("rope_scaling") or {}
+    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if rope_type != "default":
+        raise NotImplementedError(
+            f"rope type {rope_type!r} is not supported (only the default, unscaled RoPE); "
+            "remove rope_scaling from config.json only if the checkpoint was trained without it"
+        )
+    theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    partial = params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", default_partial))
+    return float(theta), float(partial)
+
+
+def _extras(cfg: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+    out = []
+    for key in _TOKEN_KEYS:
+        value = cfg.get(key)
+        if value is not None:
+            out.append((key, tuple(value) if isinstance(value, list) else value))
+    return tuple(out)
+
+
+def _make_divisible(v: float, divisor: int) -> int:
+    """OpenELM's channel rounding: nearest multiple of ``divisor``, never more than 10% below ``v``."""
+    new_v = max(divisor, int(v + divisor / 2) // divisor * divisor)
+    if new_v < 0.9 * v:
+        new_v += divisor
+    return int(new_v)
+
+
+def _openelm_kwargs(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Apple's OpenELM config: per-layer heads from ``qkv_multipliers`` and FFN widths from ``ffn_multipliers``."""
+    n, dim, head_dim = cfg["num_transformer_layers"], cfg["model_dim"], cfg["head_dim"]
+
+    def spread(values: Any) -> list[float]:
+        # A two-entry list is a (first, last) range interpolated over the layers, as Apple's config does.
+        if isinstance(values, (int, float)):
+            return [float(values)] * n
+        if len(values) == 2 and n != 2:
+            return [round(float(v), 2) for v in jnp.linspace(values[0], values[1], n).tolist()]
+        return [float(v) for v in values]
+
+    heads = cfg.get("num_query_heads")
+    kv_heads = cfg.get("num_kv_heads")
+    if heads is None or kv_heads is None:
+        groups = cfg.get("num_gqa_groups", 1)
+        q_dims = [_make_divisible(dim * m, head_dim * groups) for m in spread(cfg["qkv_multipliers"])]
+        heads = [q // head_dim for q in q_dims]
+        kv_heads = [h // groups for h in heads]
+    divisor = cfg.get("ffn_dim_divisor", 256)
+    widths = [_make_divisible(m * dim, divisor) for m in spread(cfg["ffn_multipliers"])]
+    if not cfg.get("ffn_with_glu", True):
+        raise NotImplementedError("OpenELM with ffn_with_glu=false is not supported (no released checkpoint uses it)")
+    if cfg.get("normalization_layer_name", "rms_norm") != "rms_norm":
+        raise NotImplementedError(f"OpenELM normalization {cfg['normalization_layer_name']!r} is not supported")
+    return dict(
+        vocab_size=cfg["vocab_size"],
+        hidden_size=dim,
+        num_layers=n,
+        num_heads=tuple(heads),
+        num_kv_heads=tuple(kv_heads),
+        intermediate_size=tuple(widths),
+        head_dim=head_dim,
+        norm="rms",
+        norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        activation=cfg.get("activation_fn_name", "swish"),
+        gated_mlp=True,
+        qk_norm="rms" if cfg.get("normalize_qk_projections", True) else "none",
+        rope_theta=float(cfg.get("rope_freq_constant", 10000)),
+        tie_word_embeddings=cfg.get("share_input_output_layers", True),
+        max_position_embeddings=cfg.get("max_context_length", 2048),
+    )
+
+
+def _decoder_kwargs(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    family = cfg.get("model_type")
+    if family not in FAMILIES:
+        raise ValueError(
+            f"unsupported causal-LM model_type {family!r}; supported: {', '.join(FAMILIES)}. "
+            "To add a family see docs/models_llm.md"
+        )
+    extra = {"family": family, "hf_extra": _extras(cfg)}
+    if family == "openelm":
+        return {**_openelm_kwargs(cfg), **extra}
+    d, h = cfg["hidden_size"], cfg["num_attention_heads"]
+    kw = dict(
+        vocab_size=cfg["vocab_size"],
+        hidden_size=d,
+        num_layers=cfg["num_hidden_layers"],
+        num_heads=h,
+        num_kv_heads=cfg.get("num_key_value_heads") or h,
+        intermediate_size=cfg["intermediate_size"],
+        head_dim=cfg.get("head_dim") or d // h,
+        activation=cfg.get("hidden_act", "silu"),
+        max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+        tie_word_embeddings=cfg.get("tie_word_embeddings", family == "gemma"),
+    )
+    if family in ("llama", "qwen2", "gemma"):
+        kw.update(norm="rms", norm_eps=cfg.get("rms_norm_eps", 1e-6))
+        kw["rope_theta"], kw["partial_rotary_factor"] = _rope(cfg, 1.0)
+    if family == "llama":
+        bias = cfg.get("attention_bias", False)
+        kw.update(qkv_bias=bias, o_bias=bias, mlp_bias=cfg.get("mlp_bias", False))
+    elif family == "qwen2":
+        if cfg.get("use_sliding_window", False):
+            raise NotImplementedError("Qwen2 with use_sliding_window=true is not supported (full attention only)")
+        kw.update(qkv_bias=True)
+    elif family == "gemma":
+        bias = cfg.get("attention_bias", False)
+        # Older Gemma configs name the activation `hidden_activation` and keep an unused `hidden_act`.
+        act = cfg.get("hidden_activation") or cfg.get("hidden_act", "gelu_pytorch_tanh")
+        kw.update(
+            qkv_bias=bias, o_bias=bias, norm_offset=1.0, activation=act, embed_scale=math.sqrt(d),
+            head_dim=cfg.get("head_dim") or 256,
+        )
+    elif family == "phi":
+        kw["rope_theta"], kw["partial_rotary_factor"] = _rope(cfg, 0.5)
+        kw.update(
+            norm="layer", norm_bias=True, norm_eps=cfg.get("layer_norm_eps", 1e-5),
+            activation=cfg.get("hidden_act", "gelu_new"), gated_mlp=False, qkv_bias=True, o_bias=True,
+            mlp_bias=True, lm_head_bias=True, parallel_residual=True,
+            qk_norm="layer" if cfg.get("qk_layernorm", False) else "none",
+        )
+    elif family == "stablelm":
+        kw["rope_theta"], kw["partial_rotary_factor"] = _rope(cfg, 0.25)
+        kw.update(
+            norm="layer", norm_bias=True, norm_eps=cfg.get("layer_norm_eps", 1e-5), head_dim=d // h,
+            qkv_bias=cfg.get("use_qkv_bias", False), parallel_residual=cfg.get("use_parallel_residual", False),
+            qk_norm="layer_per_head" if cfg.get("qk_layernorm", False) else "none",
+        )
+    return {**kw, **extra}
+
+
+def _uniform(config: DecoderConfig, name: str) -> int:
+    values = set(getattr(config, name))
+    if len(values) != 1:
+        raise NotImplementedError(f"{config.family}: transformers needs the same {name} in every layer, got {values}")
+    return values.pop()
+
+
+def _hf_dict(config: DecoderConfig) -> dict[str, Any]:
+    family = config.family
+    if family == "openelm":
+        raise NotImplementedError(
+            "OpenELM is not in transformers, so there is no config to export it to; save the params with "
+            "qtl_jax.weights.llm_maps rules and Apple's config.json instead"
+        )
+    rope_parameters = {"rope_type": "default", "rope_theta": config.rope_theta}
+    if family in ("phi", "stablelm"):
+        rope_parameters["partial_rotary_factor"] = config.partial_rotary_factor
+    out: dict[str, Any] = dict(
+        model_type=family,
+        architectures=[_ARCHITECTURES[family]],
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=_uniform(config, "num_heads"),
+        num_key_value_heads=_uniform(config, "num_kv_heads"),
+        intermediate_size=_uniform(config, "intermediate_size"),
+        head_dim=config.head_dim,
+        hidden_act=config.activation,
+        max_position_embeddings=config.max_position_embeddings,
+        tie_word_embeddings=config.tie_word_embeddings,
+        rope_parameters=rope_parameters,
+    )
+    if family in ("llama", "qwen2", "gemma"):
+        out["rms_norm_eps"] = config.norm_eps
+    else:
+        out["layer_norm_eps"] = config.norm_eps
+    if family in ("llama", "gemma"):
+        out["attention_bias"] = config.qkv_bias
+    if family == "llama":
+        out["mlp_bias"] = config.mlp_bias
+    if family == "phi":
+        out["qk_layernorm"] = config.qk_norm == "layer"
+    if family == "stablelm":
+        out.update(
+            use_qkv_bias=config.qkv_bias,
+            qk_layernorm=config.qk_norm == "layer_per_head",
+            use_parallel_residual=config.parallel_residual,
+        )
+    for key, value in config.hf_extra:
+        out[key] = list(value) if isinstance(value, tuple) else value
+    # Options HF's class for this family cannot express would be silently lost: refuse instead.
+    back = DecoderConfig.from_hf(out, dtype=config.dtype, param_dtype=config.param_dtype, remat=config.remat)
+    if back != config:
+        diff = {
+            f.name: (getattr(config, f.name), getattr(back, f.name))
+            for f in dataclasses.fields(config)
+            if getattr(config, f.name) != getattr(back, f.name)
+        }
+        raise NotImplementedError(f"transformers' {family} config cannot express these settings (ours, theirs): {diff}")
+    return out
+
+
+def dtype_from_name(name: str | Any) -> Any:
+    """``'bfloat16'`` -> ``jnp.bfloat16``; dtypes pass through."""
+    if isinstance(name, str):
+        if name not in _DTYPES:
+            raise ValueError(f"unknown dtype {name!r}; use one of {sorted(_DTYPES)}")
+        return _DTYPES[name]
+    return name
+
+
+def init_shapes(config: DecoderConfig) -> dict[str, Any]:
+    """Abstract params (``jax.ShapeDtypeStruct`` tree) without allocating weights."""
+    model = Decoder(config)
+    x = jnp.zeros((1, 1, config.hidden_size), config.dtype)
+    return jax.eval_shape(model.init, jax.random.key(0), x, jnp.ones((1, 1), jnp.int32))["params"]
+
+
+def param_count(params: Mapping[str, Any]) -> int:
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+
+
+__all__: Sequence[str] = (
+    "ACTIVATIONS",
+    "FAMILIES",
+    "Decoder",
+    "DecoderConfig",
+    "dot_product_attention",
+    "dtype_from_name",
+    "init_shapes",
+    "param_count",
+)
