@@ -1,0 +1,430 @@
+"""Held-out shapes benchmarks written in the file formats the real evaluation kits distribute.
+
+The evaluation code (scorers for MME, POPE, ScienceQA-IMG, TextVQA/VQAv2) reads real benchmark files; these
+writers produce the same layouts from shapes scenes, so the exact same readers and scoring rules run on
+the demo model. Each benchmark draws its scenes from its own random stream (``shapes.STREAMS``), never one
+a training split uses. The layouts (all paths relative to the benchmark's folder):
+
+* ``mme/``: ``MME_Benchmark_release_version/<subtask>/<name>.png`` with a sibling ``<name>.txt`` holding two
+  ``question<TAB>Yes|No`` lines (one Yes and one No per image, like MME's flat subtasks), the LLaVA question
+  file ``llava_mme.jsonl`` (``question_id`` = ``image`` = ``<subtask>/<name>.png``, ``text``, ``category``)
+  and ``eval_tool/Your_Results/<subtask>.txt`` (``name<TAB>question<TAB>gt`` rows, the answer-file layout
+  that MME's ``calculation.py`` reads once a prediction column is appended).
+* ``pope/``: ``images/*.png``, ``llava_pope_test.jsonl`` (``question_id``, ``image``, ``text``, ``category``)
+  and ``coco/coco_pope_<split>.json`` (jsonl: ``question_id``, ``image``, ``text``, ``label``) for the
+  splits random / popular / adversarial, negatives sampled by the POPE rules.
+* ``scienceqa/``: ``problems.json`` (pid -> question, choices, answer index, hint, image, ...),
+  ``pid_splits.json`` (``{"test": [...]}``), ``images/test/<pid>/image.png`` and ``llava_test_CQM-A.json``
+  (LLaVA conversations, option letters).
+* ``vqa/``: ``images/*.png``; VQAv2-layout ``questions.json`` + ``annotations.json`` (10 answers per
+  question, some from annotators who phrased it differently or got it wrong) with the LLaVA question file
+  ``llava_vqa_shapes.jsonl``; and the same questions in the TextVQA layout (``textvqa_val.json`` +
+  ``llava_textvqa_shapes.jsonl``, whose ``question_id`` is the image id as the TextVQA scorer keys it).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+from collections.abc import Callable
+
+import numpy as np
+
+from qtl_jax.data import shapes
+from qtl_jax.data.shapes import (NO, OPTION_LETTERS, OPTION_PROMPT, SHORT_ANSWER_PROMPT, YES, YES_NO_PROMPT,
+                                 Scene, ShapesConfig, at_position)
+
+MME_PERCEPTION = ("existence", "count", "position", "color")
+MME_COGNITION = ("numerical_calculation", "commonsense_reasoning")
+POPE_SPLITS = ("random", "popular", "adversarial")
+POPE_QUESTION = "Is there a {color} {kind} in the image?"
+
+MME_TEMPLATES = {
+    "existence": "Is there a {color} {kind} in this image?",
+    "count": "Is the number of {noun} in this image {n}?",
+    "position": "Is the {color} {kind} {at_position} of this image?",
+    "color": "Is {ref} {color}?",
+    "numerical_calculation": "Is the number of {kinds} plus the number of {kinds2} equal to {n}?",
+    "left": "Is the {color} {kind} to the left of the {color2} {kind2}?",
+    "above": "Is the {color} {kind} above the {color2} {kind2}?",
+    "bigger": "Is the {color} {kind} bigger than the {color2} {kind2}?",
+}
+SQA_TEMPLATES = {
+    "color": "Which color is {ref}?",
+    "shape": "Which shape is {color}?",
+    "count": "How many shapes are in the image?",
+    "present": "Which of these shapes is in the image?",
+    "position": "Where is the {color} {kind}?",
+    "sides": "How many sides does a {kind} have?",
+    "is_color": "Which of these words is a color?",
+    "sum": "What is {a} plus {b}?",
+}
+SQA_CONTEXT = "Context: {hint}"
+SQA_HINTS = ("The image shows simple shapes on a gray background.", "N/A")
+# Ways VQA annotators phrase the same answer (EvalAI normalisation maps number words to digits).
+ANSWER_VARIANTS = {
+    "purple": ("violet",), "cyan": ("light blue", "turquoise"), "yellow": ("gold",), "red": ("dark red",),
+    "green": ("light green",), "blue": ("dark blue",),
+    "cross": ("plus", "plus sign"), "square": ("box",), "circle": ("round",), "triangle": ("triangles",),
+    "top left": ("upper left", "top left corner"), "top right": ("upper right", "top right corner"),
+    "bottom left": ("lower left", "bottom left corner"), "bottom right": ("lower right", "bottom right corner"),
+    "center": ("middle", "in the middle"), "top": ("top middle", "up"), "bottom": ("bottom middle", "down"),
+    "left": ("left side",), "right": ("right side",), "small": ("little", "tiny"), "large": ("big",),
+    "0": ("zero", "none"), "1": ("one",), "2": ("two",), "3": ("three",), "4": ("four",),
+    "yes": ("yes",), "no": ("no",),
+}
+
+
+def _scene(seed: int, stream: str, index: int, cfg: ShapesConfig) -> tuple[Scene, np.ndarray, np.random.Generator]:
+    return shapes.scene_and_image(seed, stream, index, cfg)
+
+
+def _jsonl(path: str, rows) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def _json(path: str, obj) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+
+
+def _pick(rng: np.random.Generator, seq):
+    return seq[int(rng.integers(len(seq)))]
+
+
+# ---------------------------------------------------------------------------------------------------
+# MME.
+
+def _obj_text(o) -> dict:
+    return {"color": o.color, "kind": o.kind}
+
+
+def mme_questions(subtask: str, scene: Scene, rng: np.random.Generator, cfg: ShapesConfig) -> tuple[str, str]:
+    """(question answered Yes, question answered No) for one image, without the yes/no suffix."""
+    objs = scene.objects
+    o = _pick(rng, objs)
+    t = MME_TEMPLATES
+    if subtask == "existence":
+        color, kind = shapes.absent_object(scene, rng, cfg, hard=rng.random() < 0.5)
+        return (t["existence"].format(**_obj_text(o)), t["existence"].format(color=color, kind=kind))
+    if subtask == "count":
+        if rng.random() < 0.5:
+            noun, n = "shapes", len(objs)
+        else:
+            kind = _pick(rng, cfg.kinds)
+            noun, n = shapes.KIND_PLURALS[kind], scene.count(kind=kind)
+        wrong = _pick(rng, [m for m in range(cfg.max_objects + 1) if m != n])
+        return t["count"].format(noun=noun, n=n), t["count"].format(noun=noun, n=wrong)
+    if subtask == "position":
+        wrong = _pick(rng, [p for p in shapes.ALL_POSITIONS if p != o.position])
+        return (t["position"].format(**_obj_text(o), at_position=at_position(o.position)),
+                t["position"].format(**_obj_text(o), at_position=at_position(wrong)))
+    if subtask == "color":
+        ref = shapes._ref_by_kind(scene, o)
+        wrong = _pick(rng, [c for c in cfg.colors if c != o.color])
+        return t["color"].format(ref=ref, color=o.color), t["color"].format(ref=ref, color=wrong)
+    if subtask == "numerical_calculation":
+        k1, k2 = rng.choice(len(cfg.kinds), size=2, replace=False)
+        k1, k2 = cfg.kinds[k1], cfg.kinds[k2]
+        n = scene.count(kind=k1) + scene.count(kind=k2)
+        wrong = _pick(rng, [m for m in (n - 2, n - 1, n + 1, n + 2) if m >= 0])
+        kw = dict(kinds=shapes.KIND_PLURALS[k1], kinds2=shapes.KIND_PLURALS[k2])
+        return (t["numerical_calculation"].format(**kw, n=n), t["numerical_calculation"].format(**kw, n=wrong))
+    if subtask == "commonsense_reasoning":
+        # A relation that holds for an ordered pair (a, b) and fails for (b, a).
+        rels = [(name, a, b) for a in objs for b in objs if a is not b
+                for name, holds in (("left", a.col < b.col), ("above", a.row < b.row),
+                                    ("bigger", a.size == "large" and b.size == "small")) if holds]
+        if not rels:
+            raise ValueError("commonsense_reasoning needs a scene with two objects in different cells")
+        name, a, b = _pick(rng, rels)
+
+        def fmt(x, y):
+            return t[name].format(color=x.color, kind=x.kind, color2=y.color, kind2=y.kind)
+
+        return fmt(a, b), fmt(b, a)
+    raise ValueError(f"unknown MME subtask {subtask!r}; expected one of {MME_PERCEPTION + MME_COGNITION}.")
+
+
+def write_mme(out_dir: str, *, seed: int, cfg: ShapesConfig, n_per_subtask: int = 30) -> dict:
+    """MME-style folder: 2 yes/no questions per image (one Yes, one No) per perception/cognition subtask."""
+    root = os.path.join(out_dir, "MME_Benchmark_release_version")
+    llava_rows, counts = [], {}
+    index = 0
+    for subtask in MME_PERCEPTION + MME_COGNITION:
+        # Relations need two objects; every other subtask uses the training distribution of scenes.
+        sub_cfg = cfg if subtask != "commonsense_reasoning" else _with_min_objects(cfg, 2)
+        gt_rows = []
+        for i in range(n_per_subtask):
+            scene, image, rng = _scene(seed, "mme", index, sub_cfg)
+            index += 1
+            name = f"{i:04d}"
+            shapes.save_png(image, os.path.join(root, subtask, f"{name}.png"))
+            q_yes, q_no = mme_questions(subtask, scene, rng, sub_cfg)
+            pairs = [(f"{q_yes} {YES_NO_PROMPT}", "Yes"), (f"{q_no} {YES_NO_PROMPT}", "No")]
+            with open(os.path.join(root, subtask, f"{name}.txt"), "w") as f:
+                f.writelines(f"{q}\t{a}\n" for q, a in pairs)
+            for q, a in pairs:
+                llava_rows.append({"question_id": f"{subtask}/{name}.png", "image": f"{subtask}/{name}.png",
+                                   "text": f"{q}\n{SHORT_ANSWER_PROMPT}", "category": subtask})
+                gt_rows.append(f"{name}.png\t{q}\t{a}\n")
+        tool = os.path.join(out_dir, "eval_tool", "Your_Results")
+        os.makedirs(tool, exist_ok=True)
+        with open(os.path.join(tool, f"{subtask}.txt"), "w") as f:
+            f.writelines(gt_rows)
+        counts[subtask] = len(gt_rows)
+    _jsonl(os.path.join(out_dir, "llava_mme.jsonl"), llava_rows)
+    _json(os.path.join(out_dir, "subtasks.json"), {"Perception": list(MME_PERCEPTION),
+                                                   "Cognition": list(MME_COGNITION)})
+    return counts
+
+
+def _with_min_objects(cfg: ShapesConfig, n: int) -> ShapesConfig:
+    import dataclasses
+
+    return dataclasses.replace(cfg, min_objects=max(cfg.min_objects, n), max_objects=max(cfg.max_objects, n))
+
+
+# ---------------------------------------------------------------------------------------------------
+# POPE.
+
+def pope_negatives(strategy: str, present: set[str], categories: list[str], frequency: collections.Counter,
+                   cooccur: dict[str, collections.Counter], k: int, rng: np.random.Generator) -> list[str]:
+    """``k`` absent objects chosen by POPE's rule for ``strategy``.
+
+    random: uniformly among absent categories; popular: the most frequent categories of the whole image set
+    that are absent; adversarial: the absent categories that co-occur most often with the present ones.
+    Ties break on frequency, then by name, so the files are reproducible.
+    """
+    absent = [c for c in categories if c not in present]
+    if len(absent) < k:
+        raise ValueError(f"only {len(absent)} absent categories, cannot sample {k} negatives.")
+    if strategy == "random":
+        return [absent[i] for i in rng.choice(len(absent), size=k, replace=False)]
+    if strategy == "popular":
+        return sorted(absent, key=lambda c: (-frequency[c], c))[:k]
+    if strategy == "adversarial":
+        score = {c: sum(cooccur[p][c] for p in present) for c in absent}
+        return sorted(absent, key=lambda c: (-score[c], -frequency[c], c))[:k]
+    raise ValueError(f"unknown POPE strategy {strategy!r}; expected one of {POPE_SPLITS}.")
+
+
+def write_pope(out_dir: str, *, seed: int, cfg: ShapesConfig, n_images: int = 50, k: int = 3) -> dict:
+    """POPE-style files: per image ``k`` present objects (yes) and ``k`` absent ones (no) per split."""
+    # POPE only uses images with at least 3 annotated objects.
+    pcfg = _with_min_objects(cfg, k)
+    scenes, names = [], []
+    for i in range(n_images):
+        scene, image, _ = _scene(seed, "pope", i, pcfg)
+        name = f"shapes_pope_{i:06d}.png"
+        shapes.save_png(image, os.path.join(out_dir, "images", name))
+        scenes.append(scene)
+        names.append(name)
+    categories = [f"{c} {k_}" for c in cfg.colors for k_ in cfg.kinds]
+    frequency = collections.Counter(n for s in scenes for n in s.names())
+    cooccur: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for s in scenes:
+        for a in s.names():
+            for b in s.names():
+                if a != b:
+                    cooccur[a][b] += 1
+    llava_rows, counts, qid = [], {}, 0
+    for split_i, split in enumerate(POPE_SPLITS):
+        rows = []
+        for i, (scene, name) in enumerate(zip(scenes, names)):
+            # One generator per (split, image): the splits differ only in how negatives are chosen.
+            rng = np.random.default_rng(np.random.SeedSequence([seed, shapes.STREAMS["pope"], 1_000_000 + split_i, i]))
+            present = sorted(scene.names())
+            positives = [present[j] for j in rng.choice(len(present), size=k, replace=False)]
+            negatives = pope_negatives(split, set(present), categories, frequency, cooccur, k, rng)
+            for pos, neg in zip(positives, negatives):  # POPE alternates yes / no
+                for obj, label in ((pos, YES), (neg, NO)):
+                    qid += 1
+                    color, kind = obj.split(" ")
+                    text = POPE_QUESTION.format(color=color, kind=kind)
+                    rows.append({"question_id": qid, "image": name, "text": text, "label": label})
+                    llava_rows.append({"question_id": qid, "image": name, "text": text, "category": split})
+        _jsonl(os.path.join(out_dir, "coco", f"coco_pope_{split}.json"), rows)
+        counts[split] = len(rows)
+    _jsonl(os.path.join(out_dir, "llava_pope_test.jsonl"), llava_rows)
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------------
+# ScienceQA-IMG.
+
+def sqa_problem(scene: Scene, rng: np.random.Generator, cfg: ShapesConfig, with_image: bool) -> dict:
+    """One multiple-choice problem: question, choices (2-4), answer index."""
+    t = SQA_TEMPLATES
+    if with_image:
+        task = _pick(rng, ("color", "shape", "count", "present", "position"))
+        o = _pick(rng, scene.objects)
+        if task == "color":
+            q, answer, domain = t["color"].format(ref=shapes._ref_by_kind(scene, o)), o.color, cfg.colors
+        elif task == "shape":
+            # The colour must name one object for the question to have one answer.
+            uniq = [x for x in scene.objects if scene.count(color=x.color) == 1]
+            if not uniq:
+                task, q, answer, domain = "count", t["count"], str(len(scene.objects)), [
+                    str(i) for i in range(1, cfg.max_objects + 1)]
+            else:
+                o = _pick(rng, uniq)
+                q, answer, domain = t["shape"].format(color=o.color), o.kind, cfg.kinds
+        elif task == "count":
+            q, answer, domain = t["count"], str(len(scene.objects)), [str(i) for i in range(1, cfg.max_objects + 1)]
+        elif task == "present":
+            absent = [f"{c} {k}" for c in cfg.colors for k in cfg.kinds if f"{c} {k}" not in scene.names()]
+            q, answer, domain = t["present"], o.name, [o.name] + absent
+        else:
+            q, answer, domain = t["position"].format(color=o.color, kind=o.kind), o.position, shapes.ALL_POSITIONS
+    else:
+        task = _pick(rng, ("sides", "is_color", "sum"))
+        if task == "sides":
+            kind = _pick(rng, ("triangle", "square"))
+            q, answer, domain = t["sides"].format(kind=kind), str(shapes.SIDES[kind]), ["2", "3", "4", "5", "6"]
+        elif task == "is_color":
+            q, answer = t["is_color"], _pick(rng, cfg.colors)
+            domain = [answer] + list(cfg.kinds)
+        else:
+            a, b = int(rng.integers(0, 10)), int(rng.integers(0, 10))
+            q, answer = t["sum"].format(a=a, b=b), str(a + b)
+            domain = [str(v) for v in range(max(0, a + b - 3), a + b + 4)]
+    n_choices = int(rng.integers(2, 5))
+    distractors = [d for d in domain if d != answer]
+    picked = [distractors[i] for i in rng.choice(len(distractors), size=min(n_choices - 1, len(distractors)),
+                                                 replace=False)]
+    choices = picked + [answer]
+    choices = [choices[i] for i in rng.permutation(len(choices))]
+    return {"task": task, "question": q, "choices": choices, "answer": choices.index(answer)}
+
+
+def write_scienceqa(out_dir: str, *, seed: int, cfg: ShapesConfig, n: int = 200,
+                    image_fraction: float = 0.8) -> dict:
+    """ScienceQA-style ``problems.json`` / ``pid_splits.json`` / images and the LLaVA ``llava_test_CQM-A.json``."""
+    problems, llava = {}, []
+    for i in range(n):
+        scene, image, rng = _scene(seed, "scienceqa", i, cfg)
+        pid = str(i + 1)
+        with_image = bool(rng.random() < image_fraction)
+        p = sqa_problem(scene, rng, cfg, with_image)
+        hint = SQA_HINTS[0] if with_image and rng.random() < 0.5 else ""
+        problems[pid] = {
+            "question": p["question"], "choices": p["choices"], "answer": p["answer"], "hint": hint,
+            "image": "image.png" if with_image else None, "task": "closed choice", "choice": None,
+            "grade": "grade1", "subject": "natural science", "topic": "shapes", "category": p["task"],
+            "skill": p["task"], "lecture": "", "solution": "", "split": "test"}
+        if with_image:
+            shapes.save_png(image, os.path.join(out_dir, "images", "test", pid, "image.png"))
+        options = "\n".join(f"{OPTION_LETTERS[j]}. {c}" for j, c in enumerate(p["choices"]))
+        # As the LLaVA converter does: an empty hint becomes "N/A".
+        text = f"{SQA_CONTEXT.format(hint=hint or 'N/A')}\n{p['question']}\n{options}"
+        row = {"id": pid, "conversations": [
+            {"from": "human", "value": f"{shapes.IMAGE_TOKEN}\n{text}" if with_image else text},
+            {"from": "gpt", "value": OPTION_LETTERS[p["answer"]]}]}
+        if with_image:
+            row["image"] = f"{pid}/image.png"
+        llava.append(row)
+    _json(os.path.join(out_dir, "problems.json"), problems)
+    _json(os.path.join(out_dir, "pid_splits.json"), {"test": list(problems)})
+    _json(os.path.join(out_dir, "llava_test_CQM-A.json"), llava)
+    return {"problems": n, "with_image": sum(1 for p in problems.values() if p["image"])}
+
+
+# ---------------------------------------------------------------------------------------------------
+# VQA (VQAv2 and TextVQA layouts).
+
+VQA_TASKS = ("color", "shape", "count_all", "count_color", "count_kind", "position", "existence", "size")
+
+
+def _answer_type(task: str) -> str:
+    return "yes/no" if task == "existence" else "number" if task.startswith("count") else "other"
+
+
+def annotator_answers(answer: str, domain: tuple[str, ...], rng: np.random.Generator) -> list[str]:
+    """Ten human answers: mostly ``answer``, sometimes rephrased (a variant) or, rarely, wrong.
+
+    At least 7 of 10 are ``answer`` itself, so the majority answer is always the ground truth.
+    """
+    answers = [answer] * 10
+    if rng.random() < 0.5:
+        for j in rng.choice(10, size=int(rng.integers(1, 4)), replace=False):
+            if rng.random() < 0.7:
+                answers[j] = _pick(rng, ANSWER_VARIANTS.get(answer, (answer,)))
+            else:
+                answers[j] = _pick(rng, [d for d in domain if d != answer])
+    return answers
+
+
+def write_vqa(out_dir: str, *, seed: int, cfg: ShapesConfig, n_images: int = 200, per_image: int = 2) -> dict:
+    """VQAv2-layout questions/annotations (+ LLaVA jsonl) and the same questions in the TextVQA layout."""
+    questions, annotations, llava_rows, textvqa, textvqa_rows = [], [], [], [], []
+    qid = 0
+    for i in range(n_images):
+        scene, image, rng = _scene(seed, "vqa", i, cfg)
+        stem = f"shapes_vqa_{i:06d}"
+        shapes.save_png(image, os.path.join(out_dir, "images", f"{stem}.png"))
+        seen = set()
+        tries = 0
+        while len(seen) < per_image and tries < 50:
+            tries += 1
+            task = _pick(rng, VQA_TASKS)
+            qa = shapes.question(task, scene, rng, cfg)
+            if qa is None or qa.question in seen:  # TextVQA keys answers by (image, question)
+                continue
+            seen.add(qa.question)
+            qid += 1
+            answers = annotator_answers(qa.answer, qa.choices, rng)
+            majority = collections.Counter(answers).most_common(1)[0][0]
+            qtype = " ".join(qa.question.lower().rstrip("?").split()[:3])
+            questions.append({"image_id": i, "question": qa.question, "question_id": qid})
+            annotations.append({
+                "question_id": qid, "image_id": i, "question_type": qtype, "answer_type": _answer_type(task),
+                "multiple_choice_answer": majority,
+                "answers": [{"answer": a, "answer_confidence": "yes" if a == qa.answer else "maybe",
+                             "answer_id": j + 1} for j, a in enumerate(answers)]})
+            prompt = f"{qa.question}\n{SHORT_ANSWER_PROMPT}"
+            llava_rows.append({"question_id": qid, "image": f"{stem}.png", "text": prompt, "category": task})
+            textvqa.append({"question_id": qid, "image_id": stem, "question": qa.question, "answers": answers,
+                            "image_width": cfg.image_size, "image_height": cfg.image_size, "set_name": "val"})
+            textvqa_rows.append({"question_id": stem, "image": f"{stem}.png", "text": prompt, "category": "default"})
+    info = {"description": "qtl_jax shapes VQA (procedural)", "version": "1.0"}
+    _json(os.path.join(out_dir, "questions.json"), {
+        "info": info, "task_type": "Open-Ended", "data_type": "shapes", "data_subtype": "test",
+        "license": {}, "questions": questions})
+    _json(os.path.join(out_dir, "annotations.json"), {
+        "info": info, "license": {}, "data_subtype": "test", "annotations": annotations})
+    _jsonl(os.path.join(out_dir, "llava_vqa_shapes.jsonl"), llava_rows)
+    _json(os.path.join(out_dir, "textvqa_val.json"), {
+        "dataset_name": "shapes", "dataset_version": "0.5.1", "dataset_type": "val", "data": textvqa})
+    _jsonl(os.path.join(out_dir, "llava_textvqa_shapes.jsonl"), textvqa_rows)
+    return {"questions": len(questions), "images": n_images}
+
+
+# ---------------------------------------------------------------------------------------------------
+
+def write_benchmarks(out_dir: str, *, seed: int = 0, cfg: ShapesConfig | None = None, n_mme: int = 30,
+                     n_pope: int = 50, n_scienceqa: int = 200, n_vqa: int = 200) -> dict:
+    """Writes ``mme/``, ``pope/``, ``scienceqa/`` and ``vqa/`` under ``out_dir``; returns question counts."""
+    cfg = cfg or ShapesConfig()
+    for name, n in (("n_mme", n_mme), ("n_pope", n_pope), ("n_scienceqa", n_scienceqa), ("n_vqa", n_vqa)):
+        if n < 1:
+            raise ValueError(f"{name}={n}: every benchmark needs at least one image.")
+    writers: dict[str, Callable[[], dict]] = {
+        "mme": lambda: write_mme(os.path.join(out_dir, "mme"), seed=seed, cfg=cfg, n_per_subtask=n_mme),
+        "pope": lambda: write_pope(os.path.join(out_dir, "pope"), seed=seed, cfg=cfg, n_images=n_pope),
+        "scienceqa": lambda: write_scienceqa(os.path.join(out_dir, "scienceqa"), seed=seed, cfg=cfg, n=n_scienceqa),
+        "vqa": lambda: write_vqa(os.path.join(out_dir, "vqa"), seed=seed, cfg=cfg, n_images=n_vqa),
+    }
+    return {name: write() for name, write in writers.items()}
+
+
+def text_inventory() -> tuple[str, ...]:
+    """Every template these benchmarks put in a prompt (the tokenizer's vocabulary includes them)."""
+    texts = list(MME_TEMPLATES.values()) + list(SQA_TEMPLATES.values()) + [POPE_QUESTION, SQA_CONTEXT]
+    texts += list(SQA_HINTS) + [YES_NO_PROMPT, SHORT_ANSWER_PROMPT, OPTION_PROMPT, "Yes No of this image in the"]
+    texts += [v for vs in ANSWER_VARIANTS.values() for v in vs] + list(MME_PERCEPTION + MME_COGNITION)
+    return tuple(texts)
