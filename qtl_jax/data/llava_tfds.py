@@ -482,6 +482,68 @@ def build(
     return os.fspath(builder.data_dir)
 
 
+def prepare_shapes_tfds(
+    data_dir: str,
+    *,
+    seed: int = 0,
+    n_pretrain: int = 2000,
+    n_instruct: int = 2000,
+    image_size: int = 64,
+    text_only_fraction: float = 0.1,
+    corpus_dir: str | None = None,
+    num_workers: int = 1,
+) -> dict[str, str]:
+    """Writes the built-in shapes corpus as LLaVA JSON + PNGs and builds it with this builder.
+
+    Going through the files (rather than generating records in memory) runs the demo on exactly the
+    code path real LLaVA data takes. Both builds use the strictest limits (``max_bad_rows=0``): the
+    generated corpus has no bad rows, so any skip is a bug.
+
+    Args:
+        data_dir: TFDS data directory to build into.
+        seed, n_pretrain, n_instruct, image_size, text_only_fraction: the corpus
+            (``qtl_jax.data.shapes.write_corpus``); they are part of the dataset names, so different
+            corpora never reuse each other's build.
+        corpus_dir: where the JSON and images go; default ``<data_dir>/downloads/<pretrain name>``.
+        num_workers: image-checking threads of the build.
+
+    Returns:
+        ``{"pretrain": dataset_dir, "instruct": dataset_dir}``, the directories to open.
+    """
+    tag = f"s{seed}_{image_size}px"
+    names = {
+        "pretrain": f"shapes_pretrain_{tag}_n{n_pretrain}",
+        "instruct": f"shapes_instruct_{tag}_n{n_instruct}_text{round(100 * text_only_fraction)}pct",
+    }
+    out = {k: os.path.join(data_dir, DATASET_NAME, v, "1.0.0") for k, v in names.items()}
+    if all(os.path.isfile(os.path.join(d, "dataset_info.json")) for d in out.values()):
+        return out
+    from qtl_jax.data import shapes
+
+    corpus_dir = corpus_dir or os.path.join(data_dir, "downloads", f"{names['pretrain']}_{names['instruct']}")
+    shapes.write_corpus(
+        corpus_dir,
+        seed=seed,
+        n_pretrain=n_pretrain,
+        n_instruct=n_instruct,
+        image_size=image_size,
+        text_only_fraction=text_only_fraction,
+        benchmarks=False,
+    )
+    for kind, name in names.items():
+        out[kind] = build(
+            data_dir,
+            name,
+            {"train": [os.path.join(corpus_dir, f"{kind}.json")]},
+            image_root=os.path.join(corpus_dir, "images"),
+            kind=kind,
+            max_bad_rows=0,
+            max_bad_fraction=0.0,
+            num_workers=num_workers,
+        )
+    return out
+
+
 def open_split(dataset_dir: str, split: str):
     """Returns a random-access data source (``len`` and ``[i]``) over one split of a built dataset."""
     if not os.path.isfile(os.path.join(dataset_dir, "dataset_info.json")):
