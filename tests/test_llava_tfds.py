@@ -292,3 +292,33 @@ def test_check_row_never_raises(row, kind):
         assert [t["from"] for t in conv] == [lt.ROLES[i % 2] for i in range(len(conv))]
         tags = sum(t["value"].count("<image>") for t in conv)
         assert tags == (1 if "image" in row else 0)
+
+
+def test_prepare_shapes_tfds(tmp_path):
+    corpus = tmp_path / "corpus"
+    out = lt.prepare_shapes_tfds(str(tmp_path / "d"), seed=1, n_pretrain=6, n_instruct=10,
+                                 image_size=32, text_only_fraction=0.3, corpus_dir=str(corpus))
+    assert out == {
+        "pretrain": str(tmp_path / "d" / "llava_json" / "shapes_pretrain_s1_32px_n6" / "1.0.0"),
+        "instruct": str(tmp_path / "d" / "llava_json" / "shapes_instruct_s1_32px_n10_text30pct"
+                        / "1.0.0"),
+    }
+    for kind, n in (("pretrain", 6), ("instruct", 10)):
+        rows = json.loads((corpus / f"{kind}.json").read_text())
+        report = lt.read_metadata(out[kind])["splits"]["train"]
+        assert (report["rows"], report["examples"], report["skipped_total"]) == (n, n, 0)
+        recs = _records(out[kind])
+        assert sorted(recs) == sorted(r["id"] for r in rows)
+        for row in rows:
+            rec = recs[row["id"]]
+            assert rec["conversations"] == row["conversations"]
+            assert rec["has_image"] == ("image" in row)
+            if "image" in row:
+                assert rec["image"] == (corpus / "images" / row["image"]).read_bytes()
+    text_only = sum(not r["has_image"] for r in _records(out["instruct"]).values())
+    info = json.loads((corpus / "corpus_info.json").read_text())
+    assert text_only == info["counts"]["instruct_text_only"] > 0
+    stamp = os.path.getmtime(os.path.join(out["pretrain"], "dataset_info.json"))
+    assert lt.prepare_shapes_tfds(str(tmp_path / "d"), seed=1, n_pretrain=6, n_instruct=10,
+                                  image_size=32, text_only_fraction=0.3) == out
+    assert os.path.getmtime(os.path.join(out["pretrain"], "dataset_info.json")) == stamp
