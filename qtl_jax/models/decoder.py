@@ -409,7 +409,8 @@ def _openelm_kwargs(cfg: Mapping[str, Any]) -> dict[str, Any]:
         if isinstance(values, (int, float)):
             return [float(values)] * n
         if len(values) == 2 and n != 2:
-            return [round(float(v), 2) for v in jnp.linspace(values[0], values[1], n).tolist()]
+            lo, hi = float(values[0]), float(values[1])
+            return [round(lo + (hi - lo) * k / (n - 1), 2) for k in range(n)]
         return [float(v) for v in values]
 
     heads = cfg.get("num_query_heads")
