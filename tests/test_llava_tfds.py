@@ -242,6 +242,9 @@ def test_cli_prints_counts(corpus, tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"dataset: {tmp_path / 'd' / 'llava_json' / 'cli' / '1.0.0'}" in out
     assert "split train: 2 examples from 3 rows, 1 skipped\n  corrupt_image: 1\n" in out
+    with pytest.raises(SystemExit, match=r"error: split 'train': 1 bad rows .* max_bad_rows=0"):
+        lt.main([f"--json={path}", f"--image_root={root / 'images'}",
+                 f"--data_dir={tmp_path / 'd'}", "--name=strict", "--max_bad_rows=0"])
 
 
 def test_clear_errors_for_bad_setup(corpus, tmp_path):

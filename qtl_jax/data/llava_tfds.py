@@ -150,8 +150,8 @@ class LlavaJsonConfig(tfds.core.BuilderConfig):
     def to_json(self) -> dict[str, Any]:
         """The build settings, recorded in the dataset metadata for provenance."""
         return {
-            "splits": {k: [os.fspath(p) for p in v] for k, v in self.splits.items()},
-            "image_root": os.fspath(self.image_root),
+            "splits": {k: [os.path.abspath(p) for p in v] for k, v in self.splits.items()},
+            "image_root": os.path.abspath(self.image_root) if self.image_root else "",
             "kind": self.kind,
             "max_image_side": self.max_image_side,
             "max_bad_rows": self.max_bad_rows,
@@ -376,7 +376,7 @@ class LlavaJson(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             if not isinstance(rows, list):
                 raise ValueError(f"{path} holds a {type(rows).__name__}; expected a JSON list of rows.")
             files.append((path, rows))
-        report = SplitReport(json_files=[os.fspath(p) for p in paths])
+        report = SplitReport(json_files=[os.path.abspath(p) for p in paths])
         total = sum(len(rows) for _, rows in files)
 
         def jobs():
@@ -600,17 +600,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--num_workers", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    out = build(
-        args.data_dir,
-        args.name,
-        {args.split: args.json},
-        image_root=args.image_root,
-        kind=args.kind,
-        max_image_side=args.max_image_side,
-        max_bad_rows=args.max_bad_rows,
-        max_bad_fraction=None if args.max_bad_fraction < 0 else args.max_bad_fraction,
-        num_workers=args.num_workers,
-    )
+    try:
+        out = build(
+            args.data_dir,
+            args.name,
+            {args.split: args.json},
+            image_root=args.image_root,
+            kind=args.kind,
+            max_image_side=args.max_image_side,
+            max_bad_rows=args.max_bad_rows,
+            max_bad_fraction=None if args.max_bad_fraction < 0 else args.max_bad_fraction,
+            num_workers=args.num_workers,
+        )
+    except TooManyBadRowsError as e:
+        raise SystemExit(f"error: {e}")
     meta = read_metadata(out)
     print(f"dataset: {out}")
     for split, report in meta["splits"].items():
