@@ -264,7 +264,9 @@ def render(scene: Scene, rng: np.random.Generator, cfg: ShapesConfig) -> np.ndar
             draw.rectangle([cx - h, cy - h, cx + h, cy + h], fill=fill)
         else:
             draw.polygon(_polygon(o.kind, cx, cy, r), fill=fill)
-    noisy = np.asarray(img, dtype=np.float32) + rng.normal(0.0, cfg.noise_std, size=(s, s, 3))
+    # Mostly luminance noise (shared by the channels) so the background stays grey pixel by pixel.
+    noise = rng.normal(0.0, cfg.noise_std, size=(s, s, 1)) + rng.normal(0.0, 1.5, size=(s, s, 3))
+    noisy = np.asarray(img, dtype=np.float32) + noise
     return np.clip(np.rint(noisy), 0, 255).astype(np.uint8)
 
 
@@ -399,6 +401,8 @@ def absent_object(scene: Scene, rng: np.random.Generator, cfg: ShapesConfig, har
 
 def question(task: str, scene: Scene, rng: np.random.Generator, cfg: ShapesConfig) -> QA | None:
     """A question of type ``task`` (a QUESTION_TEMPLATES key) about ``scene``; None if it does not apply."""
+    if task not in QUESTION_TEMPLATES:
+        raise ValueError(f"unknown question task {task!r}; expected one of {sorted(QUESTION_TEMPLATES)}.")
     objs = scene.objects
     o = objs[int(rng.integers(len(objs)))]
     q = QUESTION_TEMPLATES[task]
@@ -447,7 +451,7 @@ def question(task: str, scene: Scene, rng: np.random.Generator, cfg: ShapesConfi
             rel = "above" if yes else "below"
         long = f"{'Yes' if yes else 'No'}, the {a.name} is {rel} the {b.name}."
         return QA(task, text, YES if yes else NO, long, (YES, NO))
-    raise ValueError(f"unknown question task {task!r}; expected one of {sorted(QUESTION_TEMPLATES)}.")
+    raise AssertionError(f"QUESTION_TEMPLATES has {task!r} but question() does not handle it")
 
 
 def multiple_choice(qa: QA, rng: np.random.Generator, n_options: int = 4) -> tuple[str, str, tuple[str, ...]]:

@@ -1,0 +1,596 @@
+"""The built-in shapes corpus: determinism, answer correctness, file formats, disjointness, tokenizer."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qtl_jax.data import benchmark_files as B
+from qtl_jax.data import shapes as S
+from qtl_jax.data import shapes_tokenizer as T
+
+CFG = S.ShapesConfig()
+BENCH = dict(n_mme=4, n_pope=8, n_scienceqa=30, n_vqa=12)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("shapes"))
+    counts = S.write_corpus(out, seed=3, n_pretrain=40, n_instruct=80, image_size=64, bench_sizes=BENCH)
+    return out, counts
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    d = str(tmp_path_factory.mktemp("tok"))
+    T.build_shapes_tokenizer(d)
+    return AutoTokenizer.from_pretrained(d)
+
+
+def _load(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def _files_digest(root):
+    digest = {}
+    for d, _, files in os.walk(root):
+        for name in files:
+            p = os.path.join(d, name)
+            with open(p, "rb") as f:
+                digest[os.path.relpath(p, root)] = hashlib.sha256(f.read()).hexdigest()
+    return digest
+
+
+def _image_hashes(root):
+    out = set()
+    for d, _, files in os.walk(root):
+        for name in files:
+            if name.endswith(".png"):
+                from PIL import Image
+
+                out.add(hashlib.sha256(np.asarray(Image.open(os.path.join(d, name))).tobytes()).hexdigest())
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Determinism.
+
+def test_sample_is_a_pure_function_of_seed_and_index():
+    order_a = {i: S.instruct_sample(7, i, CFG) for i in (4, 1, 9, 2)}
+    order_b = {i: S.instruct_sample(7, i, CFG) for i in (2, 9, 4, 1)}
+    for i in order_a:
+        a, b = order_a[i], order_b[i]
+        assert a.record == b.record
+        assert (a.image is None) == (b.image is None)
+        if a.image is not None:
+            assert a.image.tobytes() == b.image.tobytes()
+    p0, p1 = S.pretrain_sample(7, 0, CFG), S.pretrain_sample(8, 0, CFG)
+    assert p0.image.tobytes() != p1.image.tobytes()
+    assert p0.image.shape == (64, 64, 3) and p0.image.dtype == np.uint8
+
+
+def test_write_corpus_is_byte_identical_for_the_same_seed(corpus, tmp_path):
+    out, _ = corpus
+    again = str(tmp_path / "again")
+    S.write_corpus(again, seed=3, n_pretrain=40, n_instruct=80, image_size=64, bench_sizes=BENCH)
+    assert _files_digest(out) == _files_digest(again)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Scenes and pixels.
+
+def _nearest_palette(rgb):
+    names = list(S.PALETTE)
+    d = [np.abs(np.asarray(S.PALETTE[n]) - rgb).sum() for n in names]
+    return names[int(np.argmin(d))], min(d)
+
+
+def _check_scene_and_pixels(scene, image, cfg):
+    size = cfg.image_size
+    assert cfg.min_objects <= len(scene.objects) <= cfg.max_objects
+    assert len({(o.row, o.col) for o in scene.objects}) == len(scene.objects)
+    assert len({o.name for o in scene.objects}) == len(scene.objects)
+    for o in scene.objects:
+        cx, cy = o.center
+        # The centre lies in the object's grid cell, so position answers follow from the geometry.
+        assert int(cx // (size / 3)) == o.col and int(cy // (size / 3)) == o.row
+        x0, y0, x1, y1 = o.bbox
+        assert 0 <= x0 < cx < x1 <= size and 0 <= y0 < cy < y1 <= size
+        colour, dist = _nearest_palette(image[int(cy), int(cx)].astype(int))
+        assert colour == o.color and dist < 90, (o, image[int(cy), int(cx)])
+    # Pixels outside every bbox are neutral grey: the distractors never look like a palette colour.
+    mask = np.ones((size, size), bool)
+    for o in scene.objects:
+        x0, y0, x1, y1 = o.bbox
+        mask[max(0, y0 - 1):y1 + 1, max(0, x0 - 1):x1 + 1] = False
+    bg = image[mask].astype(int)
+    assert (bg.max(axis=1) - bg.min(axis=1)).max() < 40
+
+
+def test_scenes_match_pixels_over_many_samples():
+    for i in range(150):
+        scene, image, _ = S.scene_and_image(0, "instruct", i, CFG)
+        _check_scene_and_pixels(scene, image, CFG)
+
+
+@settings(max_examples=20, deadline=None, derandomize=True)
+@given(seed=st.integers(0, 2**31 - 1), index=st.integers(0, 10**6), size=st.sampled_from([32, 48, 64, 96, 128]),
+       kinds=st.sampled_from([("circle", "square"), S.ALL_KINDS, ("triangle", "cross", "star")]))
+def test_scene_invariants_hold_for_any_address_and_size(seed, index, size, kinds):
+    cfg = S.ShapesConfig(image_size=size, kinds=kinds, kind_weights=None)
+    scene, image, _ = S.scene_and_image(seed, "pretrain", index, cfg)
+    assert image.shape == (size, size, 3)
+    _check_scene_and_pixels(scene, image, cfg)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Answers are right about the scene (checked by parsing the question, independently of the generator).
+
+_REF = r"the (?P<kind>\w+)(?: (?:at the|in the) (?P<pos>[a-z ]+))?"
+
+
+def _by_position(scene, pos):
+    return [o for o in scene.objects if o.position == pos]
+
+
+def _independent_answer(task, text, scene):
+    """The answer computed from the question text and the scene alone, or None if unparsed."""
+    if task == "color":
+        m = re.fullmatch(r"What color is " + _REF + r"\?", text)
+        objs = [o for o in scene.objects if o.kind == m["kind"] and (m["pos"] is None or o.position == m["pos"])]
+        assert len(objs) == 1, text  # the reference names exactly one object
+        return objs[0].color
+    if task == "shape":
+        m = re.fullmatch(r"What shape is the (?P<c>\w+) shape(?: (?:at the|in the) (?P<pos>[a-z ]+))?\?", text)
+        objs = [o for o in scene.objects if o.color == m["c"] and (m["pos"] is None or o.position == m["pos"])]
+        assert len(objs) == 1, text
+        return objs[0].kind
+    if task == "count_all":
+        return str(len(scene.objects))
+    if task == "count_color":
+        return str(scene.count(color=re.fullmatch(r"How many (\w+) shapes are there\?", text)[1]))
+    if task == "count_kind":
+        plural = re.fullmatch(r"How many (\w+) are there\?", text)[1]
+        kind = {v: k for k, v in S.KIND_PLURALS.items()}[plural]
+        return str(scene.count(kind=kind))
+    if task in ("position", "size"):
+        m = re.fullmatch(r"(?:Where is|Is) the (\w+) (\w+)(?: large or small)?\?", text)
+        (o,) = [o for o in scene.objects if (o.color, o.kind) == (m[1], m[2])]
+        return o.position if task == "position" else o.size
+    if task == "existence":
+        m = re.fullmatch(r"Is there a (\w+) (\w+) in the image\?", text)
+        return "yes" if f"{m[1]} {m[2]}" in scene.names() else "no"
+    if task in ("left_of", "above"):
+        m = re.fullmatch(r"Is the (\w+) (\w+) (?:to the left of|above) the (\w+) (\w+)\?", text)
+        (a,) = [o for o in scene.objects if (o.color, o.kind) == (m[1], m[2])]
+        (b,) = [o for o in scene.objects if (o.color, o.kind) == (m[3], m[4])]
+        return "yes" if (a.col < b.col if task == "left_of" else a.row < b.row) else "no"
+    raise AssertionError(task)
+
+
+def test_every_question_type_answers_correctly():
+    seen = collections.Counter()
+    for i in range(120):
+        scene, _, rng = S.scene_and_image(1, "instruct", i, CFG)
+        for task in S.IMAGE_TASKS:
+            qa = S.question(task, scene, rng, CFG)
+            if qa is None:
+                assert task in ("left_of", "above")
+                continue
+            assert qa.answer == _independent_answer(task, qa.question, scene), qa
+            assert qa.answer in qa.choices
+            seen[(task, qa.answer)] += 1
+    # Both yes and no occur, and counts include zero.
+    assert seen[("existence", "yes")] > 20 and seen[("existence", "no")] > 20
+    assert seen[("count_color", "0")] > 0
+
+
+def test_multiple_choice_letter_points_at_the_answer():
+    rng = np.random.default_rng(0)
+    scene, _, _ = S.scene_and_image(0, "instruct", 3, CFG)
+    for _ in range(50):
+        qa = S.question("color", scene, rng, CFG)
+        text, letter, options = S.multiple_choice(qa, rng)
+        assert options[S.OPTION_LETTERS.index(letter)] == qa.answer
+        assert len(set(options)) == len(options) == 4
+        assert f"\n{letter}. {qa.answer}\n" in text and text.endswith(S.OPTION_PROMPT)
+
+
+def test_caption_lists_every_object():
+    for i in range(40):
+        s = S.pretrain_sample(2, i, CFG)
+        cap = s.record["conversations"][1]["value"]
+        for o in s.scene.objects:
+            assert f"{o.size} {o.color} {o.kind} {S.at_position(o.position)}" in cap
+        assert cap.count(" a ") + cap.startswith("A ") >= len(s.scene.objects)
+
+
+def test_text_only_answers_are_right():
+    rng = np.random.default_rng(5)
+    for _ in range(200):
+        q, short, _ = S.text_only_turn(rng, CFG)
+        if m := re.fullmatch(r"What is (\d+) plus (\d+)\?", q):
+            assert int(short) == int(m[1]) + int(m[2])
+        elif m := re.fullmatch(r"What is (\d+) minus (\d+)\?", q):
+            assert int(short) == int(m[1]) - int(m[2]) >= 0
+        elif m := re.fullmatch(r"Which is bigger, (\d+) or (\d+)\?", q):
+            assert int(short) == max(int(m[1]), int(m[2])) and m[1] != m[2]
+        elif m := re.fullmatch(r"How many sides does a (\w+) have\?", q):
+            assert int(short) == S.SIDES[m[1]]
+        else:
+            w = re.fullmatch(r"Is (\w+) a color or a shape\?", q)[1]
+            assert short == ("color" if w in S.PALETTE else "shape")
+
+
+# ---------------------------------------------------------------------------------------------------
+# LLaVA JSON files.
+
+def test_training_files_are_llava_format(corpus):
+    out, counts = corpus
+    pre = _load(os.path.join(out, "pretrain.json"))
+    ins = _load(os.path.join(out, "instruct.json"))
+    assert len(pre) == counts["pretrain"] == 40 and len(ins) == counts["instruct"] == 80
+    assert len({r["id"] for r in pre + ins}) == 120
+    for r in pre:
+        assert set(r) == {"id", "image", "conversations"}
+        human, gpt = r["conversations"]
+        assert human == {"from": "human", "value": "<image>"} and gpt["from"] == "gpt" and gpt["value"]
+        assert os.path.isfile(os.path.join(out, "images", r["image"]))
+    text_only = 0
+    for r in ins:
+        conv = r["conversations"]
+        assert [t["from"] for t in conv] == ["human", "gpt"] * (len(conv) // 2) and 2 <= len(conv) <= 6
+        n_image_tags = sum(t["value"].count("<image>") for t in conv)
+        if "image" in r:
+            assert n_image_tags == 1 and "<image>" in conv[0]["value"]
+            assert os.path.isfile(os.path.join(out, "images", r["image"]))
+        else:
+            text_only += 1
+            assert n_image_tags == 0
+    assert text_only == counts["instruct_text_only"] > 0
+    scenes = _jsonl(os.path.join(out, "pretrain_scenes.jsonl"))
+    assert [s["id"] for s in scenes] == [r["id"] for r in pre]
+
+
+def test_cli_prints_counts_and_timing(tmp_path, capsys):
+    S.main([f"--out={tmp_path}", "--seed=1", "--n_pretrain=5", "--n_instruct=5", "--image_size=48",
+            "--no_benchmarks"])
+    out = capsys.readouterr().out
+    assert re.search(r"pretrain\.json 5 samples, instruct\.json 5 samples \(\d+ text-only\) in [\d.]+ s", out)
+    assert "samples/s" in out and re.search(r"total [\d.]+ s", out)
+    assert not os.path.exists(tmp_path / "eval")
+    from PIL import Image
+
+    assert Image.open(tmp_path / "images" / "pretrain" / "0000000.png").size == (48, 48)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Benchmarks.
+
+def test_mme_folder(corpus):
+    out, counts = corpus
+    root = os.path.join(out, "eval", "mme")
+    rows = _jsonl(os.path.join(root, "llava_mme.jsonl"))
+    subtasks = _load(os.path.join(root, "subtasks.json"))
+    assert subtasks == {"Perception": ["existence", "count", "position", "color"],
+                        "Cognition": ["numerical_calculation", "commonsense_reasoning"]}
+    assert len(rows) == 6 * 2 * BENCH["n_mme"]
+    gt = {}
+    for sub in B.MME_PERCEPTION + B.MME_COGNITION:
+        folder = os.path.join(root, "MME_Benchmark_release_version", sub)
+        names = sorted(f[:-4] for f in os.listdir(folder) if f.endswith(".png"))
+        assert len(names) == BENCH["n_mme"]
+        for name in names:
+            with open(os.path.join(folder, name + ".txt")) as f:
+                lines = f.read().splitlines()
+            pairs = [line.split("\t") for line in lines]
+            assert [a for _, a in pairs] == ["Yes", "No"]  # one of each per image: acc+ is meaningful
+            assert all(q.endswith(" Please answer yes or no.") for q, _ in pairs)
+            for q, a in pairs:
+                gt[(sub, name, q)] = a
+        with open(os.path.join(root, "eval_tool", "Your_Results", f"{sub}.txt")) as f:
+            your = [line.rstrip("\n").split("\t") for line in f]
+        assert len(your) == 2 * BENCH["n_mme"]
+        assert all(gt[(sub, img[:-4], q)] == a for img, q, a in your)
+    for r in rows:
+        sub, img = r["question_id"].split("/")
+        assert r["image"] == r["question_id"] and r["category"] == sub
+        q = r["text"].replace("\n" + S.SHORT_ANSWER_PROMPT, "")
+        assert (sub, img[:-4], q) in gt
+
+
+def test_mme_answers_are_right():
+    for sub in B.MME_PERCEPTION + B.MME_COGNITION:
+        cfg = B._with_min_objects(CFG, 2) if sub == "commonsense_reasoning" else CFG
+        for i in range(30):
+            scene, _, rng = S.scene_and_image(0, "mme", 1000 + i, cfg)
+            q_yes, q_no = B.mme_questions(sub, scene, rng, cfg)
+            assert q_yes != q_no
+            for q, truth in ((q_yes, True), (q_no, False)):
+                if sub == "existence":
+                    m = re.fullmatch(r"Is there a (\w+) (\w+) in this image\?", q)
+                    assert (f"{m[1]} {m[2]}" in scene.names()) == truth
+                elif sub == "count":
+                    m = re.fullmatch(r"Is the number of (\w+) in this image (\d+)\?", q)
+                    kinds = {v: k for k, v in S.KIND_PLURALS.items()}
+                    n = len(scene.objects) if m[1] == "shapes" else scene.count(kind=kinds[m[1]])
+                    assert (n == int(m[2])) == truth
+                elif sub == "numerical_calculation":
+                    m = re.fullmatch(r"Is the number of (\w+) plus the number of (\w+) equal to (\d+)\?", q)
+                    kinds = {v: k for k, v in S.KIND_PLURALS.items()}
+                    n = scene.count(kind=kinds[m[1]]) + scene.count(kind=kinds[m[2]])
+                    assert (n == int(m[3])) == truth
+                elif sub == "position":
+                    m = re.fullmatch(r"Is the (\w+) (\w+) (?:at the|in the) ([a-z ]+) of this image\?", q)
+                    (o,) = [o for o in scene.objects if (o.color, o.kind) == (m[1], m[2])]
+                    assert (o.position == m[3]) == truth
+                elif sub == "color":
+                    m = re.fullmatch(r"Is " + _REF + r" (?P<c>\w+)\?", q)
+                    (o,) = [o for o in scene.objects
+                            if o.kind == m["kind"] and (m["pos"] is None or o.position == m["pos"])]
+                    assert (o.color == m["c"]) == truth
+                else:
+                    m = re.fullmatch(r"Is the (\w+) (\w+) (to the left of|above|bigger than) the (\w+) (\w+)\?", q)
+                    (a,) = [o for o in scene.objects if (o.color, o.kind) == (m[1], m[2])]
+                    (b,) = [o for o in scene.objects if (o.color, o.kind) == (m[4], m[5])]
+                    holds = {"to the left of": a.col < b.col, "above": a.row < b.row,
+                             "bigger than": a.size == "large" and b.size == "small"}[m[3]]
+                    assert holds == truth
+
+
+def test_pope_files_follow_the_pope_rules(corpus):
+    out, counts = corpus
+    root = os.path.join(out, "eval", "pope")
+    llava = _jsonl(os.path.join(root, "llava_pope_test.jsonl"))
+    n = BENCH["n_pope"]
+    pcfg = B._with_min_objects(CFG, 3)
+    scenes = {f"shapes_pope_{i:06d}.png": S.scene_and_image(3, "pope", i, pcfg)[0] for i in range(n)}
+    freq = collections.Counter(x for s in scenes.values() for x in s.names())
+    all_ids = [r["question_id"] for r in llava]
+    assert len(all_ids) == len(set(all_ids)) == 3 * 6 * n
+    negatives = {}
+    for split in B.POPE_SPLITS:
+        rows = _jsonl(os.path.join(root, "coco", f"coco_pope_{split}.json"))
+        assert counts["eval"]["pope"][split] == len(rows) == 6 * n
+        cat_rows = [r for r in llava if r["category"] == split]
+        # The official scorer zips a split's answers with its label file in order.
+        assert [(r["question_id"], r["text"], r["image"]) for r in cat_rows] == \
+               [(r["question_id"], r["text"], r["image"]) for r in rows]
+        assert [r["label"] for r in rows] == ["yes", "no"] * (3 * n)
+        for r in rows:
+            color, kind = re.fullmatch(r"Is there a (\w+) (\w+) in the image\?", r["text"]).groups()
+            assert (f"{color} {kind}" in scenes[r["image"]].names()) == (r["label"] == "yes")
+        negatives[split] = [r["text"] for r in rows if r["label"] == "no"]
+        if split == "popular":
+            for image, scene in scenes.items():
+                neg = [re.fullmatch(r"Is there a (\w+ \w+) in the image\?", r["text"])[1]
+                       for r in rows if r["image"] == image and r["label"] == "no"]
+                absent_freqs = sorted((freq[f"{c} {k}"] for c in CFG.colors for k in CFG.kinds
+                                       if f"{c} {k}" not in scene.names()), reverse=True)
+                assert sorted((freq[x] for x in neg), reverse=True) == absent_freqs[:3]
+    assert negatives["random"] != negatives["popular"] != negatives["adversarial"]
+
+
+def test_pope_adversarial_picks_most_cooccurring():
+    cats = ["a", "b", "c", "d", "e"]
+    freq = collections.Counter({"a": 5, "b": 4, "c": 3, "d": 2, "e": 1})
+    co = collections.defaultdict(collections.Counter, {"a": collections.Counter({"d": 3, "e": 2, "c": 1})})
+    rng = np.random.default_rng(0)
+    assert B.pope_negatives("adversarial", {"a"}, cats, freq, co, 2, rng) == ["d", "e"]
+    assert B.pope_negatives("popular", {"a"}, cats, freq, co, 2, rng) == ["b", "c"]
+    assert set(B.pope_negatives("random", {"a"}, cats, freq, co, 4, rng)) == {"b", "c", "d", "e"}
+    with pytest.raises(ValueError, match="absent categories"):
+        B.pope_negatives("random", {"a"}, cats, freq, co, 5, rng)
+    with pytest.raises(ValueError, match="unknown POPE strategy"):
+        B.pope_negatives("hard", {"a"}, cats, freq, co, 1, rng)
+
+
+def test_scienceqa_files(corpus):
+    out, _ = corpus
+    root = os.path.join(out, "eval", "scienceqa")
+    problems = _load(os.path.join(root, "problems.json"))
+    splits = _load(os.path.join(root, "pid_splits.json"))
+    llava = _load(os.path.join(root, "llava_test_CQM-A.json"))
+    assert splits["test"] == list(problems) and len(problems) == BENCH["n_scienceqa"] == len(llava)
+    n_img = 0
+    for row in llava:
+        p = problems[row["id"]]
+        assert 2 <= len(p["choices"]) <= 4 and 0 <= p["answer"] < len(p["choices"])
+        assert len(set(p["choices"])) == len(p["choices"])
+        human, gpt = row["conversations"]
+        assert gpt["value"] == S.OPTION_LETTERS[p["answer"]]
+        for j, c in enumerate(p["choices"]):
+            assert f"\n{S.OPTION_LETTERS[j]}. {c}" in human["value"]
+        assert human["value"].count("Context: ") == 1 and p["question"] in human["value"]
+        if p["image"] is not None:
+            n_img += 1
+            assert row["image"] == f"{row['id']}/image.png" and human["value"].startswith("<image>\n")
+            assert os.path.isfile(os.path.join(root, "images", "test", row["id"], "image.png"))
+        else:
+            assert "image" not in row and "<image>" not in human["value"]
+    assert 0 < n_img < len(llava)  # ScienceQA-IMG is the image subset of a mixed file
+
+
+def test_scienceqa_image_answers_are_right():
+    for i in range(80):
+        scene, _, rng = S.scene_and_image(0, "scienceqa", 500 + i, CFG)
+        p = B.sqa_problem(scene, rng, CFG, with_image=True)
+        answer, q = p["choices"][p["answer"]], p["question"]
+        if p["task"] == "count":
+            assert answer == str(len(scene.objects))
+        elif p["task"] == "present":
+            assert [c for c in p["choices"] if c in scene.names()] == [answer]
+        elif p["task"] == "shape":
+            (o,) = [o for o in scene.objects if o.color == re.fullmatch(r"Which shape is (\w+)\?", q)[1]]
+            assert answer == o.kind
+        elif p["task"] == "color":
+            assert answer == _independent_answer("color", q.replace("Which color", "What color"), scene)
+        else:
+            assert answer == _independent_answer("position", q, scene)
+
+
+def test_vqa_files(corpus):
+    out, _ = corpus
+    root = os.path.join(out, "eval", "vqa")
+    qs = _load(os.path.join(root, "questions.json"))["questions"]
+    anns = _load(os.path.join(root, "annotations.json"))["annotations"]
+    llava = _jsonl(os.path.join(root, "llava_vqa_shapes.jsonl"))
+    tv = _load(os.path.join(root, "textvqa_val.json"))["data"]
+    tv_rows = _jsonl(os.path.join(root, "llava_textvqa_shapes.jsonl"))
+    assert len(qs) == len(anns) == len(llava) == len(tv) == len(tv_rows) == 2 * BENCH["n_vqa"]
+    assert len({q["question_id"] for q in qs}) == len(qs)
+    varied = 0
+    for q, a, row in zip(qs, anns, llava):
+        assert q["question_id"] == a["question_id"] == row["question_id"]
+        assert row["text"] == f"{q['question']}\n{S.SHORT_ANSWER_PROMPT}"
+        answers = [x["answer"] for x in a["answers"]]
+        assert len(answers) == 10 and [x["answer_id"] for x in a["answers"]] == list(range(1, 11))
+        assert collections.Counter(answers).most_common(1)[0] == (a["multiple_choice_answer"],
+                                                                 answers.count(a["multiple_choice_answer"]))
+        assert answers.count(a["multiple_choice_answer"]) >= 7
+        assert a["answer_type"] in ("yes/no", "number", "other")
+        varied += len(set(answers)) > 1
+    assert varied > 0
+    # The TextVQA scorer finds annotations by (image id, lower-cased question) from the answer's question_id.
+    keys = {(d["image_id"], d["question"].lower()) for d in tv}
+    assert len(keys) == len(tv)
+    for row in tv_rows:
+        assert (row["question_id"], row["text"].split("\n")[0].lower()) in keys
+
+
+def test_vqa_ground_truth_is_right():
+    for i in range(40):
+        scene, _, rng = S.scene_and_image(0, "vqa", 900 + i, CFG)
+        qa = S.question(B.VQA_TASKS[i % len(B.VQA_TASKS)], scene, rng, CFG)
+        answers = B.annotator_answers(qa.answer, qa.choices, rng)
+        assert answers.count(qa.answer) >= 7
+
+
+def test_train_and_benchmark_images_are_disjoint(corpus):
+    out, _ = corpus
+    train = _image_hashes(os.path.join(out, "images"))
+    assert len(train) == 40 + 80 - sum(1 for r in _load(os.path.join(out, "instruct.json")) if "image" not in r)
+    for bench in ("mme", "pope", "scienceqa", "vqa"):
+        imgs = _image_hashes(os.path.join(out, "eval", bench))
+        assert imgs and not imgs & train, bench
+    assert len(set(S.STREAMS.values())) == len(S.STREAMS)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad input.
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(image_size=16), "too small"),
+    (dict(min_objects=3, max_objects=2), "min_objects"),
+    (dict(kinds=("circle", "hexagon"), kind_weights=None), "unknown kinds"),
+    (dict(colors=("red",), color_weights=None), "at least 2"),
+    (dict(kind_weights=(1.0, 1.0)), "kind_weights"),
+    (dict(small_radius=0.2, large_radius=0.3), "small_radius"),
+])
+def test_bad_config_is_a_clear_error(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        S.ShapesConfig(**kwargs)
+
+
+def test_bad_arguments_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="unknown stream"):
+        S.sample_rngs(0, "test", 0)
+    with pytest.raises(ValueError, match="non-negative"):
+        S.sample_rngs(-1, "pretrain", 0)
+    with pytest.raises(ValueError, match="sample counts"):
+        S.write_corpus(str(tmp_path), n_pretrain=-1, n_instruct=0)
+    with pytest.raises(ValueError, match="disagrees"):
+        S.write_corpus(str(tmp_path), n_pretrain=1, n_instruct=1, image_size=64, cfg=S.ShapesConfig(image_size=96))
+    with pytest.raises(ValueError, match="n_pope=0"):
+        B.write_benchmarks(str(tmp_path), n_pope=0)
+    with pytest.raises(ValueError, match="unknown question task"):
+        S.question("colour", S.scene_and_image(0, "pretrain", 0, CFG)[0], np.random.default_rng(0), CFG)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tokenizer.
+
+def _all_texts(n_instruct=1500, n_pretrain=300):
+    texts = []
+    for i in range(n_instruct):
+        texts += [t["value"] for t in S.instruct_sample(11, i, CFG).record["conversations"]]
+    for i in range(n_pretrain):
+        texts += [t["value"] for t in S.pretrain_sample(11, i, CFG).record["conversations"]]
+    return texts
+
+
+def test_tokenizer_covers_the_corpus_and_the_chat_template(tokenizer, corpus):
+    out, _ = corpus
+    from qtl_jax.data.templates import VICUNA_SYSTEM
+
+    texts = _all_texts() + [VICUNA_SYSTEM, "USER: <image>\nWhat? ASSISTANT: red</s>"]
+    for r in _jsonl(os.path.join(out, "eval", "mme", "llava_mme.jsonl")) + \
+            _jsonl(os.path.join(out, "eval", "pope", "llava_pope_test.jsonl")) + \
+            _jsonl(os.path.join(out, "eval", "vqa", "llava_vqa_shapes.jsonl")):
+        texts.append(r["text"])
+    for r in _load(os.path.join(out, "eval", "scienceqa", "llava_test_CQM-A.json")):
+        texts += [t["value"] for t in r["conversations"]] + [S.OPTION_PROMPT]
+    unk = tokenizer.unk_token_id
+    missing = {t for t in texts if unk in tokenizer(t).input_ids}
+    assert not missing, sorted(missing)[:5]
+    assert len(texts) > 3000
+
+
+def test_tokenizer_round_trips_answers_and_captions(tokenizer):
+    for i in range(400):
+        for turn in S.instruct_sample(12, i, CFG).record["conversations"]:
+            if turn["from"] == "gpt":
+                ids = tokenizer(turn["value"]).input_ids
+                assert tokenizer.decode(ids, skip_special_tokens=True) == turn["value"]
+    cap = S.pretrain_sample(12, 0, CFG).record["conversations"][1]["value"]
+    assert tokenizer.decode(tokenizer(cap).input_ids, skip_special_tokens=True) == cap
+    system = T.CHAT_TEMPLATE_TEXTS[0]
+    assert tokenizer.decode(tokenizer(system).input_ids, skip_special_tokens=True) == system
+
+
+def test_tokenizer_specials_bos_and_layout(tokenizer):
+    assert [tokenizer.convert_tokens_to_ids(t) for t in T.SPECIAL_TOKENS] == [0, 1, 2, 3, 4]
+    assert (tokenizer.unk_token, tokenizer.pad_token, tokenizer.bos_token, tokenizer.eos_token) == \
+           ("<unk>", "<pad>", "<s>", "</s>")
+    ids = tokenizer("<image>\nWhat color is the circle? ASSISTANT: red</s>").input_ids
+    assert tokenizer.convert_ids_to_tokens(ids) == ["<s>", "<image>", "What", "color", "is", "the", "circle", "?",
+                                                    "ASSISTANT", ":", "red", "</s>"]
+    assert tokenizer("red", add_special_tokens=False).input_ids == [tokenizer.convert_tokens_to_ids("red")]
+    assert tokenizer.convert_ids_to_tokens(tokenizer("zebra").input_ids) == ["<s>", "<unk>"]
+    assert len(tokenizer) == len(T.vocabulary()) < 600
+    # The vocabulary comes from the generator's lists, so it does not depend on any sampling.
+    assert T.vocabulary() == T.vocabulary()
+
+
+def test_llama_template_tokenizes_corpus_without_mismatch(tokenizer):
+    from qtl_jax.data.templates import get_template
+
+    llama = get_template("llama")
+    pretrain = get_template("pretrain")
+    for i in range(60):
+        s = S.instruct_sample(13, i, CFG)
+        sample = llama.tokenize(s.record["conversations"], tokenizer, has_image="image" in s.record)
+        trained = [t for t, lab in zip(sample.input_ids, sample.labels) if lab != -100]
+        answers = " ".join(t["value"] for t in s.record["conversations"] if t["from"] == "gpt")
+        # Only the answers and their </s> are trained.
+        assert tokenizer.decode(trained, skip_special_tokens=True) == answers
+        assert trained.count(tokenizer.eos_token_id) == len(s.record["conversations"]) // 2
+    p = S.pretrain_sample(13, 0, CFG)
+    assert pretrain.tokenize(p.record["conversations"], tokenizer, has_image=True) is not None
