@@ -45,6 +45,10 @@ HF_CASES = {
         transformers.StableLmConfig,
         dict(num_key_value_heads=2, qk_layernorm=True, use_qkv_bias=True, rope_theta=4.0),
     ),
+    "llama_tied_biased": (
+        transformers.LlamaConfig,
+        dict(num_key_value_heads=1, attention_bias=True, mlp_bias=True, tie_word_embeddings=True, rope_theta=2.0),
+    ),
     "stablelm_parallel": (
         transformers.StableLmConfig,
         dict(num_key_value_heads=4, use_parallel_residual=True, partial_rotary_factor=0.5, rope_theta=3.0),
@@ -150,6 +154,7 @@ def test_hf_family_logits_match_torch(hf_case, name):
     assert case["ref"][real].std() > 0.5
     assert SEQ > _slowest_period(cfg.head_dim, cfg.partial_rotary_factor, cfg.rope_theta)
     diff = np.abs(case["out"] - case["ref"])[real].max()
+    print(f"{name}: max |jax - torch| {diff:.2e}, logit std {case['ref'][real].std():.2f}")
     assert diff <= TOL, f"{name}: max |jax - torch| = {diff:.2e}"
 
 
@@ -278,4 +283,5 @@ def test_openelm_logits_match_mlx(openelm_case):
         ref = np.array(case["ref_model"](mx.array(case["ids"][row][real][None])))[0]
         assert ref.std() > 0.5
         worst = max(worst, float(np.abs(case["out"][row][real] - ref).max()))
+    print(f"openelm: max |jax - mlx| {worst:.2e}")
     assert worst <= TOL, f"openelm: max |jax - mlx| = {worst:.2e}"
