@@ -268,6 +268,18 @@ def test_clear_errors_for_bad_setup(corpus, tmp_path):
         lt.open_split(str(tmp_path), "train")
 
 
+def test_existing_build_is_reused_only_with_the_same_settings(built, corpus):
+    root, _, _ = corpus
+    data_dir = os.path.dirname(os.path.dirname(os.path.dirname(built)))
+    same = lt.build(data_dir, "mixed", {"train": [str(root / "x.json")]},
+                    image_root=str(root / "images"), kind="instruct", max_image_side=48,
+                    max_bad_fraction=None)
+    assert same == built
+    with pytest.raises(ValueError, match="already exists at .* built with other settings"):
+        lt.build(data_dir, "mixed", {"train": [str(root / "x.json")]},
+                 image_root=str(root / "images"), kind="pretrain", max_bad_fraction=None)
+
+
 def test_open_split_unknown_split(built):
     with pytest.raises(ValueError, match=r"split 'test' not in .* it has \['train'\]"):
         lt.open_split(built, "test")

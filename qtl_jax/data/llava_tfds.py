@@ -464,8 +464,8 @@ def build(
     """Builds (or reuses) a LLaVA dataset under ``data_dir`` and returns its directory.
 
     The returned directory, ``<data_dir>/llava_json/<name>/1.0.0``, is what ``open_split`` and the
-    input pipeline take. An existing build of the same ``name`` is reused as is; delete the directory
-    to rebuild.
+    input pipeline take. An existing build of the same ``name`` and settings is reused as is; one with
+    other settings is an error (delete the directory to rebuild).
     """
     config = LlavaJsonConfig(
         name=name,
@@ -478,6 +478,15 @@ def build(
         num_workers=num_workers,
     )
     builder = LlavaJson(config=config, data_dir=os.path.expanduser(data_dir))
+    existing = os.path.join(builder.data_dir, "metadata.json")
+    if os.path.isfile(existing):
+        with open(existing, encoding="utf-8") as f:
+            before = json.load(f).get("config")
+        if before != config.to_json():
+            raise ValueError(
+                f"a dataset named {name!r} already exists at {builder.data_dir}, built with other "
+                f"settings ({before}); choose another name or delete that directory to rebuild."
+            )
     builder.download_and_prepare()
     return os.fspath(builder.data_dir)
 
