@@ -594,3 +594,12 @@ def test_llama_template_tokenizes_corpus_without_mismatch(tokenizer):
         assert trained.count(tokenizer.eos_token_id) == len(s.record["conversations"]) // 2
     p = S.pretrain_sample(13, 0, CFG)
     assert pretrain.tokenize(p.record["conversations"], tokenizer, has_image=True) is not None
+
+
+def test_preview_grid_writes_a_png(tmp_path):
+    from PIL import Image
+
+    path = str(tmp_path / "grid.png")
+    S.preview_grid(path, seed=0, n=4, columns=2)
+    w, h = Image.open(path).size
+    assert w > 400 and h > 400

@@ -589,8 +589,7 @@ def instruct_sample(seed: int, index: int, cfg: ShapesConfig = ShapesConfig(),
 
 def save_png(image: np.ndarray, path: str) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    # compress_level=1: 64 px noisy images barely compress anyway and level 6 is ~3x slower.
-    Image.fromarray(image).save(path, format="PNG", compress_level=1)
+    Image.fromarray(image).save(path, format="PNG")
 
 
 def _write_split(out_dir: str, split: str, n: int, make, with_scenes: bool) -> list[dict]:
@@ -661,6 +660,44 @@ def text_inventory() -> tuple[str, ...]:
     return tuple(words + texts)
 
 
+def preview_grid(path: str, *, seed: int = 0, n: int = 8, cfg: ShapesConfig = ShapesConfig(),
+                 columns: int = 4) -> None:
+    """Saves a PNG of ``n`` instruction samples (image, caption, first QA) to look at what the corpus is."""
+    import textwrap
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = -(-n // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.4 * columns, 5.2 * rows))
+    shown, index = 0, 0
+    for ax in np.asarray(axes).reshape(-1):
+        ax.axis("off")
+    while shown < n:
+        sample = instruct_sample(seed, index, cfg)
+        index += 1
+        if sample.image is None:
+            continue
+        # A caption of the same scene, so the picture shows both training stages' text.
+        cap = caption(sample.scene, np.random.default_rng([seed, index]))
+        ax = np.asarray(axes).reshape(-1)[shown]
+        ax.imshow(sample.image, interpolation="nearest")
+        conv = sample.record["conversations"]
+        q = conv[0]["value"].replace(IMAGE_TOKEN, "").strip().replace("\n", " ")
+        text = (textwrap.fill("caption: " + cap, 44) + "\n" + textwrap.fill("Q: " + q, 44) + "\n"
+                + textwrap.fill("A: " + conv[1]["value"], 44))
+        ax.set_title(sample.record["id"], fontsize=8)
+        ax.text(0, 1.02 * cfg.image_size, text, fontsize=6.5, va="top", ha="left", family="monospace",
+                transform=ax.transData)
+        shown += 1
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 # ---------------------------------------------------------------------------------------------------
 # CLI.
 
@@ -679,6 +716,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--n_vqa", type=int, default=200, help="VQA images (2 questions each)")
     p.add_argument("--no_benchmarks", action="store_true")
     p.add_argument("--tokenizer", action="store_true", help="also write the word-level tokenizer to OUT/tokenizer")
+    p.add_argument("--preview", default=None, help="also save a PNG grid of samples to this path")
     a = p.parse_args(argv)
     t0 = time.perf_counter()
     counts = write_corpus(a.out, seed=a.seed, n_pretrain=a.n_pretrain, n_instruct=a.n_instruct,
@@ -698,6 +736,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
         tok = build_shapes_tokenizer(os.path.join(a.out, "tokenizer"))
         print(f"  tokenizer: {len(tok)} tokens -> {os.path.join(a.out, 'tokenizer')}")
+    if a.preview:
+        preview_grid(a.preview, seed=a.seed, n=8, cfg=ShapesConfig(image_size=a.image_size))
+        print(f"  preview: {a.preview}")
     print(f"total {time.perf_counter() - t0:.2f} s")
     return counts
 
