@@ -454,7 +454,8 @@ def test_vqa_files(corpus):
     llava = _jsonl(os.path.join(root, "llava_vqa_shapes.jsonl"))
     tv = _load(os.path.join(root, "textvqa_val.json"))["data"]
     tv_rows = _jsonl(os.path.join(root, "llava_textvqa_shapes.jsonl"))
-    assert len(qs) == len(anns) == len(llava) == len(tv) == len(tv_rows) == 2 * BENCH["n_vqa"]
+    assert len(qs) == len(anns) == len(llava) == 2 * BENCH["n_vqa"]
+    assert len(tv) == len(tv_rows) == len({r["question_id"] for r in tv_rows}) == BENCH["n_vqa"]
     assert len({q["question_id"] for q in qs}) == len(qs)
     varied = 0
     for q, a, row in zip(qs, anns, llava):
@@ -471,8 +472,10 @@ def test_vqa_files(corpus):
     # The TextVQA scorer finds annotations by (image id, lower-cased question) from the answer's question_id.
     keys = {(d["image_id"], d["question"].lower()) for d in tv}
     assert len(keys) == len(tv)
-    for row in tv_rows:
+    by_id = {a["question_id"]: a for a in anns}
+    for row, d in zip(tv_rows, tv):
         assert (row["question_id"], row["text"].split("\n")[0].lower()) in keys
+        assert d["answers"] == [x["answer"] for x in by_id[d["question_id"]]["answers"]]
 
 
 def test_vqa_ground_truth_is_right():

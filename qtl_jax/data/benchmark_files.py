@@ -18,8 +18,9 @@ a training split uses. The layouts (all paths relative to the benchmark's folder
   (LLaVA conversations, option letters).
 * ``vqa/``: ``images/*.png``; VQAv2-layout ``questions.json`` + ``annotations.json`` (10 answers per
   question, some from annotators who phrased it differently or got it wrong) with the LLaVA question file
-  ``llava_vqa_shapes.jsonl``; and the same questions in the TextVQA layout (``textvqa_val.json`` +
-  ``llava_textvqa_shapes.jsonl``, whose ``question_id`` is the image id as the TextVQA scorer keys it).
+  ``llava_vqa_shapes.jsonl``; and the first question of every image in the TextVQA layout
+  (``textvqa_val.json`` + ``llava_textvqa_shapes.jsonl``, whose ``question_id`` is the image id, as the
+  TextVQA scorer keys answers by (image id, question)).
 """
 
 from __future__ import annotations
@@ -388,9 +389,12 @@ def write_vqa(out_dir: str, *, seed: int, cfg: ShapesConfig, n_images: int = 200
                              "answer_id": j + 1} for j, a in enumerate(answers)]})
             prompt = f"{qa.question}\n{SHORT_ANSWER_PROMPT}"
             llava_rows.append({"question_id": qid, "image": f"{stem}.png", "text": prompt, "category": task})
-            textvqa.append({"question_id": qid, "image_id": stem, "question": qa.question, "answers": answers,
-                            "image_width": cfg.image_size, "image_height": cfg.image_size, "set_name": "val"})
-            textvqa_rows.append({"question_id": stem, "image": f"{stem}.png", "text": prompt, "category": "default"})
+            if len(seen) == 1:
+                # TextVQA's LLaVA file uses the image id as question_id, so it holds one question per image.
+                textvqa.append({"question_id": qid, "image_id": stem, "question": qa.question, "answers": answers,
+                                "image_width": cfg.image_size, "image_height": cfg.image_size, "set_name": "val"})
+                textvqa_rows.append({"question_id": stem, "image": f"{stem}.png", "text": prompt,
+                                     "category": "default"})
     info = {"description": "qtl_jax shapes VQA (procedural)", "version": "1.0"}
     _json(os.path.join(out_dir, "questions.json"), {
         "info": info, "task_type": "Open-Ended", "data_type": "shapes", "data_subtype": "test",
@@ -401,7 +405,7 @@ def write_vqa(out_dir: str, *, seed: int, cfg: ShapesConfig, n_images: int = 200
     _json(os.path.join(out_dir, "textvqa_val.json"), {
         "dataset_name": "shapes", "dataset_version": "0.5.1", "dataset_type": "val", "data": textvqa})
     _jsonl(os.path.join(out_dir, "llava_textvqa_shapes.jsonl"), textvqa_rows)
-    return {"questions": len(questions), "images": n_images}
+    return {"questions": len(questions), "images": n_images, "textvqa_questions": len(textvqa)}
 
 
 # ---------------------------------------------------------------------------------------------------
