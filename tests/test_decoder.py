@@ -194,8 +194,7 @@ def test_init_creates_every_parameter_with_stable_names(llama):
     assert flat["norm/scale"] == (32,)
     assert flat == keymap.shapes(init_shapes(cfg))
     assert len(flat) == 3 + 2 * 9
-    tied = Decoder(DecoderConfig.from_hf({**LLAMA_HF, "tie_word_embeddings": True}))
-    tied_flat = keymap.shapes(tied.init(jax.random.key(0), jnp.zeros((1, 2, 32)), jnp.ones((1, 2)))["params"])
+    tied_flat = keymap.shapes(init_shapes(DecoderConfig.from_hf({**LLAMA_HF, "tie_word_embeddings": True})))
     assert "lm_head/kernel" not in tied_flat and "embed_tokens/embedding" in tied_flat
 
 
@@ -214,12 +213,13 @@ def test_padding_on_either_side_leaves_real_token_logits_unchanged(llama):
 
 
 def test_explicit_position_ids_override_the_default(llama):
-    _, model, params, _ = llama
-    embeds = model.apply({"params": params}, np.arange(5)[None], method=Decoder.embed)
-    mask = jnp.ones((1, 5), jnp.int32)
-    default = model.apply({"params": params}, embeds, mask)
-    same = model.apply({"params": params}, embeds, mask, jnp.arange(5)[None])
-    shifted = model.apply({"params": params}, embeds, mask, jnp.arange(5)[None] + 3)
+    _, model, params, forward = llama
+    embeds = model.apply({"params": params}, np.arange(7)[None], method=Decoder.embed)
+    mask = jnp.ones((1, 7), jnp.int32)
+    with_positions = jax.jit(lambda p, e, m, pos: model.apply({"params": p}, e, m, pos))
+    default = forward(params, embeds, mask)
+    same = with_positions(params, embeds, mask, jnp.arange(7)[None])
+    shifted = with_positions(params, embeds, mask, jnp.arange(7)[None] + 3)
     np.testing.assert_allclose(same, default, atol=1e-6)
     # RoPE is relative: a constant shift changes nothing in exact arithmetic, so only rounding differs.
     np.testing.assert_allclose(shifted, default, atol=1e-4)
@@ -229,7 +229,7 @@ def test_explicit_position_ids_override_the_default(llama):
 def test_gemma_scales_inputs_in_call_not_in_embed():
     cfg = DecoderConfig.from_hf({**LLAMA_HF, "model_type": "gemma", "head_dim": 8})
     model = Decoder(cfg)
-    params = model.init(jax.random.key(0), jnp.zeros((1, 2, 32)), jnp.ones((1, 2)))["params"]
+    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 2, 32)), jnp.ones((1, 2)))["params"]
     table = params["embed_tokens"]["embedding"]
     got = model.apply({"params": params}, jnp.array([[3, 5]]), method=Decoder.embed)
     np.testing.assert_array_equal(got[0], table[jnp.array([3, 5])])
