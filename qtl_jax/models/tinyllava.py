@@ -58,6 +58,10 @@ class TinyLlavaConfig:
     max_length: int | None = None
     max_images_per_sample: int = 1
     padding_side: Literal["right", "left"] = "right"
+    # Only for LLMs that scale embeddings (Gemma: sqrt(hidden)). transformers 5.x scales inside the token
+    # embedding, so llava-hf image features are NOT scaled; the Factory ran on transformers 4.x, whose
+    # GemmaModel scaled all inputs_embeds, images included. None picks by convention (llava_hf: no, factory: yes).
+    scale_image_embeddings: bool | None = None
     dtype: Any = jnp.float32
     remat: bool = False
 
@@ -83,6 +87,14 @@ class TinyLlavaConfig:
             problems.append(f"max_length must be positive, got {self.max_length}")
         if problems:
             raise ValueError("invalid TinyLlavaConfig:\n  " + "\n  ".join(problems))
+
+    @property
+    def scales_images(self) -> bool:
+        if self.llm.embed_scale is None:
+            return False
+        if self.scale_image_embeddings is None:
+            return self.convention == "factory"
+        return self.scale_image_embeddings
 
     @property
     def num_image_tokens(self) -> int:
@@ -263,7 +275,9 @@ class TinyLlava(nn.Module):
         cfg = self.config
         self.vision_tower = VisionTower(cfg.vision, cfg.dtype, cfg.remat)
         self.connector = Connector(cfg.connector, cfg.dtype)
-        self.llm = Decoder(dataclasses.replace(cfg.llm, dtype=cfg.dtype, remat=cfg.remat))
+        # Embedding scaling (Gemma) is done here, not in the decoder, because text and image vectors
+        # are scaled differently by the two references (see TinyLlavaConfig.scale_image_embeddings).
+        self.llm = Decoder(dataclasses.replace(cfg.llm, dtype=cfg.dtype, remat=cfg.remat, embed_scale=None))
 
     # ---- client ----
     def encode_images(self, pixel_values: Array) -> Array:
@@ -273,8 +287,13 @@ class TinyLlava(nn.Module):
         return self.connector(select_features(hidden_states, cfg.vision_feature_layer, cfg.vision_feature_select_strategy))
 
     def embed_tokens(self, input_ids: Array) -> Array:
-        """``[B, T]`` -> ``[B, T, D]`` text vectors; placeholder ids (-200) embed as id 0 and are never used."""
-        return self.llm.embed(jnp.where(input_ids < 0, 0, input_ids))
+        """``[B, T]`` -> ``[B, T, D]`` text vectors; placeholder ids (-200) embed as id 0 and are never used.
+
+        For Gemma the vectors are already multiplied by sqrt(hidden), as transformers 5.x embeds them.
+        """
+        x = self.llm.embed(jnp.where(input_ids < 0, 0, input_ids))
+        scale = self.config.llm.embed_scale
+        return x if scale is None else x * jnp.asarray(scale, x.dtype)
 
     def layout(self, input_ids, attention_mask=None, labels=None, *, num_images: int, merged_length=None) -> MergeLayout:
         return compute_layout(
@@ -284,6 +303,10 @@ class TinyLlava(nn.Module):
     # ---- server ----
     def decode(self, inputs_embeds: Array, layout: MergeLayout) -> Array:
         """Merged ``[B, L, D]`` embeddings -> ``[B, L, V]`` float32 logits."""
+        cfg = self.config
+        if cfg.scales_images:
+            scale = jnp.where(layout.is_image[..., None] > 0, cfg.llm.embed_scale, 1.0)
+            inputs_embeds = inputs_embeds * scale.astype(inputs_embeds.dtype)
         return self.llm(inputs_embeds, layout.attention_mask, layout.position_ids)
 
     def __call__(

@@ -30,6 +30,11 @@ def llava_hf_config(config: TinyLlavaConfig, image_token_index: int | None = Non
             f"llava-hf needs an image token id inside the vocabulary [0, {config.llm.vocab_size}); this model uses "
             f"{token} (the Factory's placeholder). Pass image_token_index=<id of '<image>' in your tokenizer>."
         )
+    if config.llm.lm_head_bias:
+        raise ValueError(
+            "LlavaForConditionalGeneration's lm_head has no bias, so this model (lm_head_bias=True, e.g. a Phi "
+            "loaded from a causal-LM checkpoint) cannot be exported to llava-hf without changing its logits"
+        )
     text = config.llm.to_hf()
     return {
         "architectures": ["LlavaForConditionalGeneration"],

@@ -93,6 +93,9 @@ def config_from_hf(cfg: Mapping[str, Any], layout: layouts.Layout, vision_config
     if isinstance(vision_cfg, str):
         vision_cfg = _read_json(vision_cfg)
     llm = DecoderConfig.from_hf(text)
+    if layout.connector_naming == "llava_hf" and llm.lm_head_bias:
+        # LlavaForConditionalGeneration owns a bias-free lm_head, so e.g. Phi's head bias does not exist there.
+        llm = dataclasses.replace(llm, lm_head_bias=False)
     vision = VisionConfig.from_hf(vision_cfg)
     return TinyLlavaConfig(
         vision=vision,
