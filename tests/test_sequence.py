@@ -1,0 +1,222 @@
+"""Sequence assembly: image expansion, truncation counting image tokens, padding, packing, collation."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qtl_jax.data.constants import IGNORE_INDEX as IGN
+from qtl_jax.data.constants import IMAGE_TOKEN_INDEX as IMG
+from qtl_jax.data.sequence import ImageTruncatedError, assemble, collate, expanded_length, pack
+from qtl_jax.data.templates import TokenizedSample
+
+PAD = 0
+
+
+def _sample(ids, labels):
+    return TokenizedSample(np.asarray(ids, np.int32), np.asarray(labels, np.int32))
+
+
+# BOS, two prompt tokens, the image, a prompt token, then a trained answer and EOS.
+WITH_IMAGE = _sample([1, 5, 6, IMG, 7, 8, 2], [IGN, IGN, IGN, IGN, IGN, 8, 2])
+TEXT_ONLY = _sample([1, 5, 6, 8, 2], [IGN, IGN, IGN, 8, 2])
+
+
+def _assert_arrays(out, **expected):
+    assert set(out) == set(expected)
+    for key, value in expected.items():
+        assert out[key].dtype == np.int32, key
+        np.testing.assert_array_equal(out[key], value, err_msg=key)
+
+
+def test_factory_convention_keeps_one_placeholder_and_pads():
+    out = assemble(WITH_IMAGE, num_image_tokens=3, max_length=12, pad_token_id=PAD, image_token_id=None)
+    _assert_arrays(
+        out,
+        input_ids=[1, 5, 6, IMG, 7, 8, 2, 0, 0, 0, 0, 0],
+        labels=[IGN, IGN, IGN, IGN, IGN, 8, 2, IGN, IGN, IGN, IGN, IGN],
+        attention_mask=[1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0],
+    )
+    assert expanded_length(WITH_IMAGE, 3) == 9
+
+
+def test_llava_hf_convention_repeats_the_image_token():
+    out = assemble(WITH_IMAGE, num_image_tokens=3, max_length=12, pad_token_id=PAD, image_token_id=99)
+    _assert_arrays(
+        out,
+        input_ids=[1, 5, 6, 99, 99, 99, 7, 8, 2, 0, 0, 0],
+        labels=[IGN, IGN, IGN, IGN, IGN, IGN, IGN, 8, 2, IGN, IGN, IGN],
+        attention_mask=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+    )
+
+
+def test_truncation_counts_image_tokens():
+    # Expanded, the sample needs 9 positions; with 7 the last two text tokens go.
+    factory = assemble(WITH_IMAGE, num_image_tokens=3, max_length=7, pad_token_id=PAD, image_token_id=None)
+    _assert_arrays(
+        factory,
+        input_ids=[1, 5, 6, IMG, 7, 0, 0],
+        labels=[IGN] * 7,
+        attention_mask=[1, 1, 1, 1, 1, 0, 0],
+    )
+    hf = assemble(WITH_IMAGE, num_image_tokens=3, max_length=7, pad_token_id=PAD, image_token_id=99)
+    _assert_arrays(hf, input_ids=[1, 5, 6, 99, 99, 99, 7], labels=[IGN] * 7, attention_mask=[1] * 7)
+    # Exactly room for the image: everything after it is cut.
+    hf6 = assemble(WITH_IMAGE, num_image_tokens=3, max_length=6, pad_token_id=PAD, image_token_id=99)
+    _assert_arrays(hf6, input_ids=[1, 5, 6, 99, 99, 99], labels=[IGN] * 6, attention_mask=[1] * 6)
+
+
+@pytest.mark.parametrize("image_token_id", [None, 99])
+@pytest.mark.parametrize("max_length", [1, 3, 5])
+def test_an_image_is_never_cut(image_token_id, max_length):
+    with pytest.raises(ImageTruncatedError, match="raise max_length") as info:
+        assemble(WITH_IMAGE, num_image_tokens=3, max_length=max_length, pad_token_id=PAD, image_token_id=image_token_id)
+    assert info.value.reason == "image_truncated"
+
+
+def test_text_only_and_pad_equal_to_eos():
+    # Phi / Qwen2 pad with their EOS id; the mask comes from the length, so the trained EOS stays.
+    out = assemble(TEXT_ONLY, num_image_tokens=729, max_length=8, pad_token_id=2, image_token_id=None)
+    _assert_arrays(
+        out,
+        input_ids=[1, 5, 6, 8, 2, 2, 2, 2],
+        labels=[IGN, IGN, IGN, 8, 2, IGN, IGN, IGN],
+        attention_mask=[1, 1, 1, 1, 1, 0, 0, 0],
+    )
+    cut = assemble(TEXT_ONLY, num_image_tokens=729, max_length=4, pad_token_id=2, image_token_id=7)
+    _assert_arrays(cut, input_ids=[1, 5, 6, 8], labels=[IGN, IGN, IGN, 8], attention_mask=[1, 1, 1, 1])
+
+
+def test_two_images_expand_in_place():
+    sample = _sample([1, IMG, 5, IMG, 6], [IGN, IGN, IGN, IGN, 6])
+    out = assemble(sample, num_image_tokens=2, max_length=8, pad_token_id=PAD, image_token_id=9)
+    _assert_arrays(
+        out,
+        input_ids=[1, 9, 9, 5, 9, 9, 6, 0],
+        labels=[IGN, IGN, IGN, IGN, IGN, IGN, 6, IGN],
+        attention_mask=[1, 1, 1, 1, 1, 1, 1, 0],
+    )
+    with pytest.raises(ImageTruncatedError):
+        assemble(sample, num_image_tokens=2, max_length=5, pad_token_id=PAD, image_token_id=9)
+
+
+def test_assemble_rejects_bad_arguments():
+    kwargs = dict(num_image_tokens=3, max_length=8, pad_token_id=PAD, image_token_id=None)
+    for bad, match in [
+        (dict(num_image_tokens=0), "num_image_tokens"),
+        (dict(max_length=0), "max_length"),
+        (dict(pad_token_id=-1), "pad_token_id"),
+        (dict(image_token_id=IMG), "image_token_id"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            assemble(WITH_IMAGE, **{**kwargs, **bad})
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    prefix=st.integers(0, 6),
+    suffix=st.integers(1, 8),
+    has_image=st.booleans(),
+    num_image_tokens=st.integers(1, 5),
+    max_length=st.integers(1, 20),
+    image_token_id=st.sampled_from([None, 77]),
+)
+def test_property_assemble(prefix, suffix, has_image, num_image_tokens, max_length, image_token_id):
+    ids = list(range(10, 10 + prefix)) + ([IMG] if has_image else []) + list(range(40, 40 + suffix))
+    labels = [IGN] * (len(ids) - suffix) + list(range(40, 40 + suffix))
+    sample = _sample(ids, labels)
+    image_end = prefix + num_image_tokens
+    try:
+        out = assemble(
+            sample, num_image_tokens=num_image_tokens, max_length=max_length, pad_token_id=PAD,
+            image_token_id=image_token_id,
+        )
+    except ImageTruncatedError:
+        assert has_image and image_end > max_length
+        return
+    assert not (has_image and image_end > max_length)
+    # Reference: expand every placeholder, cut at max_length, then map back to the convention.
+    expanded = [i for i in ids for _ in range(num_image_tokens if i == IMG else 1)][:max_length]
+    expanded_labels = [IGN if i == IMG else l for i, l in zip(ids, labels) for _ in range(num_image_tokens if i == IMG else 1)]
+    expanded_labels = expanded_labels[:max_length]
+    if image_token_id is None:
+        kept = [i for n, i in enumerate(expanded) if i != IMG or n == prefix]
+        kept_labels = [l for n, (i, l) in enumerate(zip(expanded, expanded_labels)) if i != IMG or n == prefix]
+    else:
+        kept = [image_token_id if i == IMG else i for i in expanded]
+        kept_labels = expanded_labels
+    n = len(kept)
+    np.testing.assert_array_equal(out["input_ids"], kept + [PAD] * (max_length - n))
+    np.testing.assert_array_equal(out["labels"], kept_labels + [IGN] * (max_length - n))
+    np.testing.assert_array_equal(out["attention_mask"], [1] * n + [0] * (max_length - n))
+
+
+def _assembled(ids, labels, max_length, pad=PAD):
+    return assemble(_sample(ids, labels), num_image_tokens=1, max_length=max_length, pad_token_id=pad, image_token_id=9)
+
+
+def test_pack_first_fit_exact():
+    a = _assembled([1, 5, 6, 7], [IGN, IGN, 6, 7], 8)
+    b = _assembled([1, 9, 8], [IGN, IGN, 8], 8)
+    c = _assembled([1, 5, 5, 5, 2], [IGN, 5, 5, 5, 2], 8)
+    d = _assembled([3], [3], 8)
+    rows = pack([a, b, c, d], max_length=8)
+    assert len(rows) == 2
+    # a (4) + b (3) + d (1) fill row 0; c (5) does not fit after a + b and opens row 1.
+    _assert_arrays(
+        rows[0],
+        input_ids=[1, 5, 6, 7, 1, 9, 8, 3],
+        # Each sample's first label is ignored so no sample predicts the next one's start.
+        labels=[IGN, IGN, 6, 7, IGN, IGN, 8, IGN],
+        attention_mask=[1] * 8,
+        segment_ids=[1, 1, 1, 1, 2, 2, 2, 3],
+        positions=[0, 1, 2, 3, 0, 1, 2, 0],
+    )
+    _assert_arrays(
+        rows[1],
+        input_ids=[1, 5, 5, 5, 2, 0, 0, 0],
+        labels=[IGN, 5, 5, 5, 2, IGN, IGN, IGN],
+        attention_mask=[1, 1, 1, 1, 1, 0, 0, 0],
+        segment_ids=[1, 1, 1, 1, 1, 0, 0, 0],
+        positions=[0, 1, 2, 3, 4, 0, 0, 0],
+    )
+
+
+def test_pack_keeps_images_whole():
+    image = assemble(WITH_IMAGE, num_image_tokens=3, max_length=10, pad_token_id=PAD, image_token_id=99)
+    rows = pack([image, image], max_length=10, pad_token_id=PAD)
+    # 9 + 9 > 10: each sample, image included, gets a row of its own.
+    assert len(rows) == 2
+    for row in rows:
+        np.testing.assert_array_equal(row["input_ids"], [1, 5, 6, 99, 99, 99, 7, 8, 2, 0])
+        np.testing.assert_array_equal(row["segment_ids"], [1] * 9 + [0])
+
+
+def test_pack_rejects_bad_samples():
+    factory = assemble(WITH_IMAGE, num_image_tokens=3, max_length=12, pad_token_id=PAD, image_token_id=None)
+    with pytest.raises(ValueError, match="image_token_id"):
+        pack([factory], max_length=12)
+    with pytest.raises(ValueError, match="more than max_length=4"):
+        pack([_assembled([1, 2, 3, 4, 5], [IGN] * 5, 6)], max_length=4)
+    left_padded = {"input_ids": np.array([0, 1, 2]), "labels": np.array([IGN, IGN, 2]), "attention_mask": np.array([0, 1, 1])}
+    with pytest.raises(ValueError, match="not right-padded"):
+        pack([left_padded], max_length=4)
+    with pytest.raises(ValueError, match="pass pad_token_id"):
+        pack([_assembled([1, 2], [IGN, 2], 2)], max_length=4)
+    assert pack([], max_length=4) == []
+
+
+def test_collate_stacks_and_checks():
+    a = assemble(WITH_IMAGE, num_image_tokens=3, max_length=12, pad_token_id=PAD, image_token_id=None)
+    b = assemble(TEXT_ONLY, num_image_tokens=3, max_length=12, pad_token_id=PAD, image_token_id=None)
+    batch = collate([a, b])
+    assert set(batch) == {"input_ids", "labels", "attention_mask"}
+    for key in batch:
+        assert batch[key].shape == (2, 12) and batch[key].dtype == np.int32
+        np.testing.assert_array_equal(batch[key][1], b[key])
+    with pytest.raises(ValueError, match="shapes"):
+        collate([a, assemble(TEXT_ONLY, num_image_tokens=3, max_length=6, pad_token_id=PAD, image_token_id=None)])
+    with pytest.raises(ValueError, match="keys"):
+        collate([a, {"input_ids": a["input_ids"]}])
+    with pytest.raises(ValueError, match="at least one"):
+        collate([])
