@@ -193,6 +193,16 @@ def test_to_hf_and_export_round_trip_through_transformers(hf_case, name):
     assert np.abs(logits - case["ref"])[real].max() <= 1e-5
 
 
+def test_sharded_checkpoint_loads_the_same_params(hf_case, tmp_path):
+    case = hf_case("llama_tied_biased")
+    case["ref_model"].save_pretrained(tmp_path, max_shard_size="40KB")
+    assert os.path.exists(tmp_path / "model.safetensors.index.json")
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    model, params = load_causal_lm(str(tmp_path))
+    assert model.config == case["model"].config
+    jax.tree.map(np.testing.assert_array_equal, params, case["params"])
+
+
 def test_bf16_compute_stays_close_to_fp32(hf_case):
     case = hf_case("llama")
     model, params = load_causal_lm(case["path"], dtype="bfloat16")
@@ -204,7 +214,7 @@ def test_bf16_compute_stays_close_to_fp32(hf_case):
     scale = np.abs(case["ref"][real]).max()
     # Measured (docs/models_llm.md): max 0.035, mean 0.0058 at max |logit| 3.71, i.e. about 1%.
     top1_agree = (out.argmax(-1) == case["ref"].argmax(-1))[real].mean()
-    print(f"bf16 vs fp32 torch: max {diff.max():.4f} mean {diff.mean():.4f} max|logit| {scale:.2f} top1 {top1_agree:.3f}")
+    print(f"bf16 vs fp32: max {diff.max():.4f} mean {diff.mean():.4f} max|logit| {scale:.2f} top1 {top1_agree:.3f}")
     assert diff.max() <= 0.03 * scale, (diff.max(), diff.mean(), scale)
     assert diff.mean() <= 0.005 * scale
     assert top1_agree >= 0.9
