@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-import dataclasses
 import hashlib
 import json
 import os
@@ -318,7 +317,7 @@ def test_mme_folder(corpus):
 
 def test_mme_answers_are_right():
     for sub in B.MME_PERCEPTION + B.MME_COGNITION:
-        cfg = B._with_min_objects(CFG, 2) if sub == "commonsense_reasoning" else CFG
+        cfg = B.with_min_objects(CFG, 2) if sub == "commonsense_reasoning" else CFG
         for i in range(30):
             scene, _, rng = S.scene_and_image(0, "mme", 1000 + i, cfg)
             q_yes, q_no = B.mme_questions(sub, scene, rng, cfg)
@@ -360,7 +359,7 @@ def test_pope_files_follow_the_pope_rules(corpus):
     root = os.path.join(out, "eval", "pope")
     llava = _jsonl(os.path.join(root, "llava_pope_test.jsonl"))
     n = BENCH["n_pope"]
-    pcfg = B._with_min_objects(CFG, 3)
+    pcfg = B.with_min_objects(CFG, 3)
     scenes = {f"shapes_pope_{i:06d}.png": S.scene_and_image(3, "pope", i, pcfg)[0] for i in range(n)}
     freq = collections.Counter(x for s in scenes.values() for x in s.names())
     all_ids = [r["question_id"] for r in llava]

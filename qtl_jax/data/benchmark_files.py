@@ -26,6 +26,7 @@ a training split uses. The layouts (all paths relative to the benchmark's folder
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import os
 from collections.abc import Callable
@@ -125,7 +126,7 @@ def mme_questions(subtask: str, scene: Scene, rng: np.random.Generator, cfg: Sha
         return (t["position"].format(**_obj_text(o), at_position=at_position(o.position)),
                 t["position"].format(**_obj_text(o), at_position=at_position(wrong)))
     if subtask == "color":
-        ref = shapes._ref_by_kind(scene, o)
+        ref = shapes.ref_by_kind(scene, o)
         wrong = _pick(rng, [c for c in cfg.colors if c != o.color])
         return t["color"].format(ref=ref, color=o.color), t["color"].format(ref=ref, color=wrong)
     if subtask == "numerical_calculation":
@@ -158,7 +159,7 @@ def write_mme(out_dir: str, *, seed: int, cfg: ShapesConfig, n_per_subtask: int 
     index = 0
     for subtask in MME_PERCEPTION + MME_COGNITION:
         # Relations need two objects; every other subtask uses the training distribution of scenes.
-        sub_cfg = cfg if subtask != "commonsense_reasoning" else _with_min_objects(cfg, 2)
+        sub_cfg = cfg if subtask != "commonsense_reasoning" else with_min_objects(cfg, 2)
         gt_rows = []
         for i in range(n_per_subtask):
             scene, image, rng = _scene(seed, "mme", index, sub_cfg)
@@ -184,9 +185,7 @@ def write_mme(out_dir: str, *, seed: int, cfg: ShapesConfig, n_per_subtask: int 
     return counts
 
 
-def _with_min_objects(cfg: ShapesConfig, n: int) -> ShapesConfig:
-    import dataclasses
-
+def with_min_objects(cfg: ShapesConfig, n: int) -> ShapesConfig:
     return dataclasses.replace(cfg, min_objects=max(cfg.min_objects, n), max_objects=max(cfg.max_objects, n))
 
 
@@ -217,7 +216,7 @@ def pope_negatives(strategy: str, present: set[str], categories: list[str], freq
 def write_pope(out_dir: str, *, seed: int, cfg: ShapesConfig, n_images: int = 50, k: int = 3) -> dict:
     """POPE-style files: per image ``k`` present objects (yes) and ``k`` absent ones (no) per split."""
     # POPE only uses images with at least 3 annotated objects.
-    pcfg = _with_min_objects(cfg, k)
+    pcfg = with_min_objects(cfg, k)
     scenes, names = [], []
     for i in range(n_images):
         scene, image, _ = _scene(seed, "pope", i, pcfg)
@@ -265,7 +264,7 @@ def sqa_problem(scene: Scene, rng: np.random.Generator, cfg: ShapesConfig, with_
         task = _pick(rng, ("color", "shape", "count", "present", "position"))
         o = _pick(rng, scene.objects)
         if task == "color":
-            q, answer, domain = t["color"].format(ref=shapes._ref_by_kind(scene, o)), o.color, cfg.colors
+            q, answer, domain = t["color"].format(ref=shapes.ref_by_kind(scene, o)), o.color, cfg.colors
         elif task == "shape":
             # The colour must name one object for the question to have one answer.
             uniq = [x for x in scene.objects if scene.count(color=x.color) == 1]

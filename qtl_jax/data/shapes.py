@@ -105,7 +105,8 @@ class ShapesConfig:
         for name, weights, values in (("kind_weights", self.kind_weights, self.kinds),
                                       ("color_weights", self.color_weights, self.colors)):
             if weights is not None and (len(weights) != len(values) or min(weights) <= 0):
-                raise ValueError(f"{name} must have one positive weight per entry of {values}, got {weights}.")
+                raise ValueError(f"{name} must have one positive weight per entry of {values}, got {weights}; "
+                                 f"pass {name}=None for uniform frequencies.")
         if not 0 < self.small_radius < self.large_radius <= 0.15:
             raise ValueError("need 0 < small_radius < large_radius <= 0.15 so a large shape fits in its cell.")
 
@@ -369,13 +370,13 @@ class QA:
     choices: tuple[str, ...]
 
 
-def _ref_by_kind(scene: Scene, o: ShapeObject) -> str:
+def ref_by_kind(scene: Scene, o: ShapeObject) -> str:
     if scene.count(kind=o.kind) == 1:
         return f"the {o.kind}"
     return f"the {o.kind} {at_position(o.position)}"
 
 
-def _ref_by_color(scene: Scene, o: ShapeObject) -> str:
+def ref_by_color(scene: Scene, o: ShapeObject) -> str:
     if scene.count(color=o.color) == 1:
         return f"the {o.color} shape"
     return f"the {o.color} shape {at_position(o.position)}"
@@ -407,10 +408,10 @@ def question(task: str, scene: Scene, rng: np.random.Generator, cfg: ShapesConfi
     o = objs[int(rng.integers(len(objs)))]
     q = QUESTION_TEMPLATES[task]
     if task == "color":
-        ref = _ref_by_kind(scene, o)
+        ref = ref_by_kind(scene, o)
         return QA(task, q.format(ref=ref), o.color, f"{_cap(ref)} is {o.color}.", cfg.colors)
     if task == "shape":
-        ref = _ref_by_color(scene, o)
+        ref = ref_by_color(scene, o)
         return QA(task, q.format(ref=ref), o.kind, f"{_cap(ref)} is a {o.kind}.", cfg.kinds)
     if task.startswith("count"):
         choices = tuple(str(i) for i in range(cfg.max_objects + 1))
