@@ -237,14 +237,18 @@ def _pack_bits(words: np.ndarray, width: int) -> np.ndarray:
 
 def _unpack_bits(bits: np.ndarray, rows: int, width: int, limbs: int) -> np.ndarray:
     """Inverse of :func:`_pack_bits` into limbs [rows, limbs] (uint64 holding 32-bit values)."""
+    # packbits pads each row to whole bytes itself, so only bytes (not bits) need widening.
+    packed = np.packbits(bits.reshape(rows, width), axis=1, bitorder="little")
     if limbs == 1 and width <= 16:
-        # Narrow fields: a 16-bit container keeps the temporary at 16 bytes per value, not 32.
-        full = np.zeros((rows, 16), np.uint8)
-        full[:, :width] = bits.reshape(rows, width)
-        return np.packbits(full, axis=1, bitorder="little").view("<u2").reshape(rows, 1).astype(np.uint64)
-    full = np.zeros((rows, limbs * _LIMB_BITS), np.uint8)
-    full[:, :width] = bits.reshape(rows, width)
-    return np.packbits(full, axis=1, bitorder="little").view("<u4").reshape(rows, limbs).astype(np.uint64)
+        size = 1 if width <= 8 else 2
+    else:
+        size = 4 * limbs
+    if packed.shape[1] < size:
+        wide = np.zeros((rows, size), np.uint8)
+        wide[:, : packed.shape[1]] = packed
+        packed = wide
+    words = packed.view(f"<u{min(size, 4)}").reshape(rows, -1)
+    return words.astype(np.uint64)
 
 
 def _word_bits(levels: int, group: int) -> int:

@@ -1,0 +1,111 @@
+"""Wire-codec benchmark: bits per index and throughput on realistic code streams.
+
+Streams are made by the paper's quantizer math (``qtl_jax.quantizer``): features u -> one scalar
+mean/std over the tensor -> clip to ±3σ, rescale to [-1, 1] -> nearest of L levels. Two feature models:
+
+* ``gaussian``: i.i.d. N(0, 1) features (what a freshly initialised in_proj gives);
+* ``skewed``: per-channel offsets and widths (N(0, 1) offsets, log-normal widths), as after a learned
+  in_proj: a single scalar scaling then leaves each channel with its own level distribution.
+
+For each L it prints bits/index (message bytes·8 / n, headers included) for ``packed``, ``ans``
+(global, channel and auto model), zstd on the uint8 indices and on the packed bytes, and the empirical
+entropy H of the message; then encode/decode throughput in million indices per second.
+
+Usage: python bench/codec_bench.py [--rows 728] [--channels 1280] [--levels 2-32] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import zstandard
+
+from qtl_jax import codec
+from qtl_jax.quantizer import linear_scale, moments, round_to_levels
+
+
+def code_stream(kind: str, levels: int, rows: int, channels: int, seed: int) -> np.ndarray:
+    """uint8/uint16 indices [rows, channels] from the paper's ±3σ scaling and L-level rounding."""
+    rng = np.random.default_rng(seed)
+    u = rng.standard_normal((rows, channels)).astype(np.float32)
+    if kind == "skewed":
+        width = np.exp(rng.normal(0.0, 0.75, channels)).astype(np.float32)
+        offset = rng.normal(0.0, 1.0, channels).astype(np.float32)
+        u = u * width + offset
+    elif kind != "gaussian":
+        raise ValueError(f"unknown stream kind {kind!r}: use 'gaussian' or 'skewed'.")
+    u = jnp.asarray(u)
+    mean, std = moments(u)
+    z, _ = linear_scale(u, mean, std)
+    _, indices = round_to_levels(z, levels)
+    return np.asarray(indices)
+
+
+def _best_time(fn, repeat: int) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _parse_levels(text: str) -> list[int]:
+    if "-" in text:
+        lo, hi = (int(v) for v in text.split("-"))
+        return list(range(lo, hi + 1))
+    return [int(v) for v in text.split(",")]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=728, help="tokens (728 image tokens per image in the paper)")
+    parser.add_argument("--channels", type=int, default=1280, help="feature width (1280 for OpenELM-270M)")
+    parser.add_argument("--levels", default="2-32", help="'2-32' or a list '2,4,8'")
+    parser.add_argument("--throughput-levels", default="2,3,4,8,16,32")
+    parser.add_argument("--repeat", type=int, default=3, help="timing repeats (best is reported)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    n = args.rows * args.channels
+    zc = zstandard.ZstdCompressor(level=3)
+    print(f"jax {jax.__version__}, {args.rows} x {args.channels} = {n} indices per message, headers included")
+
+    for kind in ("gaussian", "skewed"):
+        print(f"\n## {kind} features: bits per index")
+        print("|  L | log2 L | entropy H | packed | ans global | ans channel | ans auto | zstd uint8 | zstd packed |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for levels in _parse_levels(args.levels):
+            k = code_stream(kind, levels, args.rows, args.channels, args.seed)
+            entropy = codec.empirical_entropy_bits(k, levels) / n
+            packed = codec.encode(k, levels, "packed")
+            sizes = [len(packed)] + [len(codec.encode(k, levels, "ans", model=m)) for m in ("global", "channel", "auto")]
+            dtype = np.uint8 if levels <= 256 else np.uint16
+            sizes += [len(zc.compress(k.astype(dtype).tobytes())), len(zc.compress(packed))]
+            cells = " | ".join(f"{8 * s / n:.4f}" for s in sizes)
+            print(f"| {levels:2d} | {np.log2(levels):.4f} | {entropy:.4f} | {cells} |")
+
+    print("\n## throughput, skewed features (million indices per second, best of repeats)")
+    print("|  L | packed enc | packed dec | ans enc | ans dec | ans channel enc | ans channel dec | zstd enc | zstd dec |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    zd = zstandard.ZstdDecompressor()
+    for levels in _parse_levels(args.throughput_levels):
+        k = code_stream("skewed", levels, args.rows, args.channels, args.seed)
+        row = []
+        for method, model in (("packed", "auto"), ("ans", "global"), ("ans", "channel")):
+            msg = codec.encode(k, levels, method, model=model)
+            row.append(_best_time(lambda: codec.encode(k, levels, method, model=model), args.repeat))
+            row.append(_best_time(lambda: codec.decode(msg), args.repeat))
+            assert np.array_equal(codec.decode(msg), k)
+        raw = k.tobytes()
+        comp = zc.compress(raw)
+        row.append(_best_time(lambda: zc.compress(raw), args.repeat))
+        row.append(_best_time(lambda: zd.decompress(comp), args.repeat))
+        print(f"| {levels:2d} | " + " | ".join(f"{n / t / 1e6:.1f}" for t in row) + " |")
+
+
+if __name__ == "__main__":
+    main()
