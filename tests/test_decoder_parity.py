@@ -203,8 +203,9 @@ def test_sharded_checkpoint_loads_the_same_params(hf_case, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, params, case["params"])
 
 
-def test_bf16_compute_stays_close_to_fp32(hf_case):
-    case = hf_case("llama")
+@pytest.mark.parametrize("name", ["llama", "gemma"])
+def test_bf16_compute_stays_close_to_fp32(hf_case, name):
+    case = hf_case(name)
     model, params = load_causal_lm(case["path"], dtype="bfloat16")
     assert jax.tree.leaves(params)[0].dtype == jnp.float32  # params stay fp32, only compute is bf16
     out = np.asarray(_forward(model)(params, case["ids"], case["mask"]))
@@ -214,7 +215,7 @@ def test_bf16_compute_stays_close_to_fp32(hf_case):
     scale = np.abs(case["ref"][real]).max()
     # Measured (docs/models_llm.md): max 0.035, mean 0.0058 at max |logit| 3.71, i.e. about 1%.
     top1_agree = (out.argmax(-1) == case["ref"].argmax(-1))[real].mean()
-    print(f"bf16 vs fp32: max {diff.max():.4f} mean {diff.mean():.4f} max|logit| {scale:.2f} top1 {top1_agree:.3f}")
+    print(f"{name} bf16 vs fp32: max {diff.max():.4f} mean {diff.mean():.4f} max|logit| {scale:.2f} top1 {top1_agree:.3f}")
     assert diff.max() <= 0.03 * scale, (diff.max(), diff.mean(), scale)
     assert diff.mean() <= 0.005 * scale
     assert top1_agree >= 0.9
