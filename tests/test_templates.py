@@ -170,6 +170,9 @@ def test_render_and_prompt_exact(name, end):
     assert template.prompt("What is it?", has_image=True) == f"{VICUNA_SYSTEM} USER: <image>\nWhat is it? ASSISTANT:"
     assert template.prompt("What is it?", has_image=False) == f"{VICUNA_SYSTEM} USER: What is it? ASSISTANT:"
     assert template.prompt("What is it? <image>", has_image=True) == template.prompt("What is it?", True)
+    # A question that is only the image tag keeps no trailing newline.
+    image_only = [{"from": "human", "value": "<image>\n"}, {"from": "gpt", "value": "A cat."}]
+    assert template.render(image_only, has_image=True) == f"{VICUNA_SYSTEM} USER: <image> ASSISTANT: A cat.{end}"
 
 
 def test_llama_multi_turn_with_image_hand_checked(tokenizers_):
