@@ -13,7 +13,8 @@ Image placeholders come in two conventions:
   ``input_ids``; the model expands it to the image's ``T_img`` tokens. As in the Factory, padding
   (``attention_mask == 0``) is removed, each sample is rebuilt, truncated to the merged length and
   re-padded on ``padding_side`` with zero vectors. The **static merged length** is
-  ``config.max_length`` when set, else ``T_text + max_images_per_sample * (T_img - 1)``.
+  ``config.max_length`` when set, else ``T_text + min(max_images_per_sample, N_img) * (T_img - 1)``
+  (so a text-only batch keeps ``T_text``).
 * ``'llava_hf'``: the image token id is already repeated ``T_img`` times; the sequence keeps its
   length and padding, and the k-th image token (row-major over the batch) takes image vector k.
 
@@ -101,13 +102,14 @@ class TinyLlavaConfig:
         """Tokens per image after feature selection (``T_img``)."""
         return num_feature_tokens(self.vision, self.vision_feature_select_strategy)
 
-    def merged_length(self, text_length: int) -> int:
-        """The static merged sequence length for ``text_length`` input tokens."""
+    def merged_length(self, text_length: int, num_images: int = 1) -> int:
+        """The static merged sequence length for ``text_length`` input tokens and ``num_images`` images."""
         if self.convention == "llava_hf":
             return text_length
         if self.max_length is not None:
             return self.max_length
-        return text_length + self.max_images_per_sample * (self.num_image_tokens - 1)
+        slots = min(self.max_images_per_sample, num_images)  # a text-only batch keeps its length
+        return text_length + slots * (self.num_image_tokens - 1)
 
 
 @flax.struct.dataclass
@@ -153,7 +155,7 @@ def compute_layout(
 ) -> MergeLayout:
     """The merge layout for ``input_ids`` [B, T] holding placeholders for ``num_images`` images.
 
-    Static shapes under jit: ``[B, merged_length]`` (default ``config.merged_length(T)``). Called on
+    Static shapes under jit: ``[B, merged_length]`` (default ``config.merged_length(T, num_images)``). Called on
     concrete arrays it also checks that placeholders and images agree and nothing is truncated
     unintentionally; under jit those checks cannot run, so check the data pipeline's output once.
     """
@@ -167,7 +169,7 @@ def compute_layout(
         raise ValueError(f"attention_mask must have input_ids' shape {(b, t)}, got {mask.shape}")
     if labels is not None and labels.shape != (b, t):
         raise ValueError(f"labels must have input_ids' shape {(b, t)}, got {labels.shape}")
-    length = config.merged_length(t) if merged_length is None else merged_length
+    length = config.merged_length(t, num_images) if merged_length is None else merged_length
     if config.convention == "llava_hf" and length != t:
         raise ValueError(f"the llava_hf convention keeps the sequence length ({t}); got merged_length={length}")
     is_img = (input_ids == config.image_token_index) & mask
