@@ -4,16 +4,23 @@ Per example, as a chain of grain map transforms (so they can run in worker proce
 
 1. ``DecodeRecord``: the TFDS record -> text fields, the conversation list and a decoded PIL image.
 2. ``PreprocessImage``: the image processor -> ``pixel_values float32 [H, W, 3]``; text-only samples
-   get zeros of the same shape and ``has_image = 0`` so that every batch has the same structure
-   (TinyLLaVA feeds a zero image for them too; the model must ignore it by ``has_image``).
+   get zeros of the same shape so that every batch has the same shapes.
 3. ``Tokenize``: the chat template -> ``input_ids`` / ``labels``. A malformed conversation or a
    tokenisation mismatch becomes a counted skip, never a sample with all labels masked.
 4. ``Assemble``: image placeholder expansion, truncation to ``max_length`` and padding
-   (``sequence.assemble``). A sample left with no trained token by truncation is a counted skip.
+   (``sequence.assemble``). A sample whose image would be cut, or that truncation leaves with no
+   trained token, is a counted skip.
 
-Batches are collated with ``sequence.collate``. Skips are counted by reason on the loader
-(``loader.skipped`` / ``loader.metrics()``) and saved with its state. ``build_input_pipeline`` is the
-one call training makes.
+``collate_batch`` then stacks the token fields (``sequence.collate``) and orders ``pixel_values`` the
+way the model consumes images: ``pixel_values[g]`` is the image of the g-th image-bearing sample of
+the batch (the owner of the g-th placeholder in row-major order, ``qtl_jax.models.tinyllava``), and the
+zero images of text-only samples fill the rows after the last real image. ``image_index[i]`` says which
+row holds sample ``i``'s image (-1: none), ``has_image[i]`` whether it has one. Batches therefore
+always have ``global_batch_size / process_count`` images, text-only or not, so one jit compilation
+serves every step; the unused zero rows are never referenced by a placeholder.
+
+Skips are counted by reason on the loader (``loader.skipped`` / ``loader.metrics()``) and saved with
+its state. ``build_input_pipeline`` is the one call training makes.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import grain
 import numpy as np
 import PIL.Image
 
-from qtl_jax.data import llava_tfds
+from qtl_jax.data import llava_tfds, sequence, templates
 from qtl_jax.data.constants import IGNORE_INDEX
 from qtl_jax.data.loader import DataLoader, LoaderConfig, SkippedExample
 
@@ -103,8 +110,6 @@ class Tokenize(grain.transforms.Map):
         self._lock = threading.Lock()
 
     def map(self, example: dict[str, Any]) -> dict[str, Any] | SkippedExample:
-        from qtl_jax.data import templates
-
         try:
             with self._lock:
                 sample = self.template.tokenize(
@@ -129,7 +134,7 @@ class Assemble(grain.transforms.Map):
     """Expands the image placeholder, truncates and pads to ``max_length``; adds ``has_image``."""
 
     def __init__(self, *, num_image_tokens: int, max_length: int, pad_token_id: int,
-                 image_token_id: int):
+                 image_token_id: int | None):
         self.kwargs = dict(
             num_image_tokens=num_image_tokens,
             max_length=max_length,
@@ -138,10 +143,11 @@ class Assemble(grain.transforms.Map):
         )
 
     def map(self, example: dict[str, Any]) -> dict[str, Any] | SkippedExample:
-        from qtl_jax.data import sequence
-
-        out = dict(sequence.assemble(example["tokens"], **self.kwargs))
-        if "labels" in out and not np.any(np.asarray(out["labels"]) != IGNORE_INDEX):
+        try:
+            out = dict(sequence.assemble(example["tokens"], **self.kwargs))
+        except sequence.ImageTruncatedError as e:
+            return SkippedExample(e.reason, example["id"], str(e))
+        if not np.any(out["labels"] != IGNORE_INDEX):
             return SkippedExample(
                 NO_TRAINED_TOKENS,
                 example["id"],
@@ -152,10 +158,19 @@ class Assemble(grain.transforms.Map):
         return out
 
 
-def _collate(examples: list[dict[str, Any]]) -> dict[str, np.ndarray]:
-    from qtl_jax.data import sequence
-
-    return sequence.collate(examples)
+def collate_batch(examples: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """Stacks assembled examples; images ordered as the model consumes them (module docstring)."""
+    has_image = np.array([bool(e["has_image"]) for e in examples])
+    # Stable: image-bearing samples keep their batch order, then the text-only samples' zero images.
+    order = np.argsort(~has_image, kind="stable")
+    batch = sequence.collate(
+        [{k: v for k, v in e.items() if k != "pixel_values"} for e in examples]
+    )
+    batch["pixel_values"] = np.stack([examples[i]["pixel_values"] for i in order])
+    image_index = np.full(len(examples), -1, np.int32)
+    image_index[order[: has_image.sum()]] = np.arange(has_image.sum(), dtype=np.int32)
+    batch["image_index"] = image_index
+    return batch
 
 
 def image_shape_of(image_processor: Any) -> tuple[int, int, int]:
@@ -180,7 +195,7 @@ def build_input_pipeline(
     max_length: int,
     global_batch_size: int,
     seed: int,
-    image_token_id: int,
+    image_token_id: int | None = None,
     pad_token_id: int | None = None,
     num_epochs: int | None = None,
     shuffle: bool = True,
@@ -203,20 +218,22 @@ def build_input_pipeline(
         max_length: sequence length of every batch, image tokens included.
         global_batch_size: examples per step over all hosts.
         seed: shuffling seed.
-        image_token_id: the id written at image positions of ``input_ids``.
+        image_token_id: None keeps one ``IMAGE_TOKEN_INDEX`` (-200) per image (TinyLLaVA Factory
+            convention, the model expands it); an id repeats that id ``num_image_tokens`` times
+            (llava-hf convention). See ``sequence.assemble``.
         pad_token_id: padding id; defaults to the tokenizer's.
         num_epochs, shuffle, drop_remainder, worker_count, read_threads: see ``LoaderConfig``.
         process_index, process_count: host layout; default to JAX's.
 
     Returns:
         A ``DataLoader`` yielding dicts of numpy arrays with a leading batch dimension of
-        ``global_batch_size / process_count``: the fields of ``sequence.collate`` plus
-        ``pixel_values float32 [B, H, W, 3]`` and ``has_image int32 [B]``. It has ``get_state`` /
-        ``set_state`` for checkpoints and ``skipped`` / ``metrics()`` for the skip counts.
+        ``B = global_batch_size / process_count``: ``input_ids``, ``labels``, ``attention_mask``
+        (``int32 [B, max_length]``), ``pixel_values float32 [B, H, W, 3]`` in placeholder order,
+        ``has_image int32 [B]`` and ``image_index int32 [B]`` (see the module docstring). It has
+        ``get_state`` / ``set_state`` for checkpoints and ``skipped`` / ``metrics()`` for the skip
+        counts.
     """
     if isinstance(template, str):
-        from qtl_jax.data import templates
-
         template = templates.get_template(template)
     if pad_token_id is None:
         pad_token_id = getattr(tokenizer, "pad_token_id", None)
@@ -234,7 +251,7 @@ def build_input_pipeline(
             num_image_tokens=num_image_tokens,
             max_length=max_length,
             pad_token_id=int(pad_token_id),
-            image_token_id=int(image_token_id),
+            image_token_id=None if image_token_id is None else int(image_token_id),
         ),
     ]
     config = LoaderConfig(
@@ -250,7 +267,7 @@ def build_input_pipeline(
         source,
         operations,
         config,
-        collate=_collate,
+        collate=collate_batch,
         process_index=process_index,
         process_count=process_count,
     )
