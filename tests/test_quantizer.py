@@ -297,15 +297,16 @@ def test_ema_eval_codes_do_not_depend_on_the_batch():
     q, v, x = _make("linear", "ema")
     _, upd = q.apply(v, x, MASK, train=True, mutable=["batch_stats"])
     v = {"params": v["params"], **upd}
-    sample = x[:1]
-    others = jax.random.normal(jax.random.key(7), (5, 4, DIM)) * 50.0 - 20.0
-    alone = q.apply(v, sample, method="encode").codes
-    in_batch = q.apply(v, jnp.concatenate([others[:2], sample, others[2:]]), method="encode").codes
-    np.testing.assert_array_equal(np.asarray(alone[0]), np.asarray(in_batch[2]))
+    # The same sample in two batches (same shape, other mates at very different scales).
+    others = jax.random.normal(jax.random.key(7), x.shape) * 50.0 - 20.0
+    batch_b = jnp.stack([others[0], x[0], others[1]])
+    a = q.apply(v, x, method="encode").codes[0]
+    b = q.apply(v, batch_b, method="encode").codes[1]
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     # Contrast: the paper's batch statistics do change a sample's codes with its batch mates.
     qb, vb, _ = _make("linear", "batch")
-    a = qb.apply(vb, sample, method="encode").codes[0]
-    b = qb.apply(vb, jnp.concatenate([others[:2], sample, others[2:]]), method="encode").codes[2]
+    a = qb.apply(vb, x, method="encode").codes[0]
+    b = qb.apply(vb, batch_b, method="encode").codes[1]
     assert np.any(np.asarray(a) != np.asarray(b))
 
 
