@@ -96,7 +96,7 @@ class DecoderConfig:
     # Multiplies inputs_embeds (token and image embeddings alike) at the start of __call__ (Gemma).
     embed_scale: float | None = None
     max_position_embeddings: int = 2048
-    # Token ids and other config.json entries carried only so that to_hf() can write them back.
+    # bos/eos/pad token ids from config.json, carried only so that to_hf() can write them back.
     hf_extra: tuple[tuple[str, Any], ...] = ()
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
