@@ -86,8 +86,9 @@ def level_values(levels: int) -> np.ndarray:
 
 def decision_thresholds(levels: int) -> np.ndarray:
     """The L-1 midpoints between neighbouring levels (nearest-level decision boundaries)."""
-    c = level_values(levels)
-    return 0.5 * (c[1:] + c[:-1])
+    levels = _check_levels(levels)
+    # Written as -1 + (2k - 1)/(L - 1) rather than averaging neighbours so that 0 is exactly 0.
+    return -1.0 + (2.0 * np.arange(1, levels) - 1.0) / (levels - 1)
 
 
 def nearest_level_indices(z: np.ndarray, levels: int) -> np.ndarray:
