@@ -106,17 +106,28 @@ def tokenize_with_images(text: str, tokenizer: Any) -> list[int]:
     Each piece between image tags is tokenised separately with the tokenizer's special tokens; a BOS
     that the tokenizer puts at the start of every piece is kept once, at the very start.
     """
-    chunks = [tokenizer(chunk).input_ids for chunk in text.split(IMAGE_PLACEHOLDER)]
+    return _tokenize_texts([text], tokenizer)[0]
+
+
+def _tokenize_texts(texts: Sequence[str], tokenizer: Any) -> list[list[int]]:
+    """:func:`tokenize_with_images` for several texts, in one (batched) tokenizer call."""
+    pieces = [text.split(IMAGE_PLACEHOLDER) for text in texts]
+    flat = [chunk for chunks in pieces for chunk in chunks]
+    encoded = iter(tokenizer(flat).input_ids)
     bos = tokenizer.bos_token_id
-    keeps_bos = bos is not None and len(chunks[0]) > 0 and chunks[0][0] == bos
-    ids: list[int] = [bos] if keeps_bos else []
-    for i, chunk in enumerate(chunks):
-        if i > 0:
-            ids.append(IMAGE_TOKEN_INDEX)
-        if keeps_bos and chunk and chunk[0] == bos:
-            chunk = chunk[1:]
-        ids.extend(chunk)
-    return ids
+    out = []
+    for chunks in pieces:
+        chunk_ids = [next(encoded) for _ in chunks]
+        keeps_bos = bos is not None and len(chunk_ids[0]) > 0 and chunk_ids[0][0] == bos
+        ids: list[int] = [bos] if keeps_bos else []
+        for i, chunk in enumerate(chunk_ids):
+            if i > 0:
+                ids.append(IMAGE_TOKEN_INDEX)
+            if keeps_bos and chunk and chunk[0] == bos:
+                chunk = chunk[1:]
+            ids.extend(chunk)
+        out.append(ids)
+    return out
 
 
 def _split_rounds(conversations: Sequence[Mapping[str, Any]]) -> list[tuple[str, str | None]]:
@@ -265,13 +276,16 @@ class Template:
             return None
 
     def _tokenize_segments(self, segments: Sequence[tuple[str, bool]], tokenizer: Any) -> TokenizedSample:
-        full_text = "".join(text for text, _ in segments)
-        input_ids = np.asarray(tokenize_with_images(full_text, tokenizer), dtype=np.int32)
-        labels = np.full_like(input_ids, IGNORE_INDEX)
-        text, start = "", 0
-        for index, (piece, trained) in enumerate(segments):
+        # Every prefix ending at a segment boundary; the last one is the whole conversation.
+        prefixes, text = [], ""
+        for piece, _ in segments:
             text += piece
-            prefix = tokenize_with_images(text, tokenizer)
+            prefixes.append(text)
+        tokenized = _tokenize_texts(prefixes, tokenizer)
+        input_ids = np.asarray(tokenized[-1], dtype=np.int32)
+        labels = np.full_like(input_ids, IGNORE_INDEX)
+        start = 0
+        for index, ((_, trained), prefix, prefix_text) in enumerate(zip(segments, tokenized, prefixes)):
             end = len(prefix)
             if end > len(input_ids) or not np.array_equal(input_ids[:end], prefix):
                 boundary = "answer" if trained else "question"
@@ -280,15 +294,14 @@ class Template:
                     f"of the {boundary} are not a prefix of the full tokenisation, so the label mask "
                     f"would be shifted. Prefix ends with {prefix[-4:]}, full has "
                     f"{input_ids[max(0, end - 4) : end + 2].tolist()} there. Text up to the boundary "
-                    f"ends with {text[-60:]!r}. Use the template that matches the tokenizer, or a "
-                    f"tokenizer that does not merge across '{self.assistant_tag}' / the end token.",
+                    f"ends with {prefix_text[-60:]!r}. Use the template that matches the tokenizer, or "
+                    f"a tokenizer that does not merge across '{self.assistant_tag}' / the end token.",
                     round_index=index // 2,
                     boundary=boundary,
                 )
             if trained:
                 labels[start:end] = input_ids[start:end]
             start = end
-        # The last prefix is the full text, so the segments cover every token.
         return TokenizedSample(input_ids=input_ids, labels=labels)
 
 
