@@ -316,3 +316,23 @@ def test_text_only_batch_matches_transformers(llava_cases):
     out = jax.jit(model.apply)({"params": params}, jnp.asarray(ids), None, jnp.asarray(mask))
     real = mask.astype(bool)
     assert np.abs(np.asarray(out.logits)[real] - ref[real]).max() <= TOL
+
+
+def test_dtype_and_remat_reach_tower_connector_and_decoder():
+    from qtl_jax.models.tinyllava import abstract_params, dummy_inputs
+
+    def jaxpr(cfg):
+        model = TinyLlava(cfg)
+        ids, pixels = dummy_inputs(cfg)
+        loss = lambda p: model.apply({"params": p}, ids, pixels).logits.sum()  # noqa: E731
+        return str(jax.make_jaxpr(loss)(abstract_params(cfg)))
+
+    plain, remat = jaxpr(_layout_cfg()), jaxpr(_layout_cfg(remat=True))
+    # One rematerialised block (jax.checkpoint's primitive) per vision layer (3) and decoder layer (1).
+    assert plain.count("remat2[") == 0 and remat.count("remat2[") == 3 + 1
+    cfg = _layout_cfg(dtype=jnp.bfloat16)
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(abstract_params(cfg)))
+    ids, pixels = dummy_inputs(cfg)
+    params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract_params(cfg))
+    vectors = jax.eval_shape(lambda p: TinyLlava(cfg).apply({"params": p}, pixels, method=TinyLlava.encode_images), params)
+    assert vectors.dtype == jnp.bfloat16 and "bf16" in jaxpr(cfg)

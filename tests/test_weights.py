@@ -138,15 +138,29 @@ def test_factory_legacy_and_quantized_layouts(base, tmp_path):
 
     # Official Quantized-TinyLLaVA = Factory + VQ.quantizer_{image,text} projections.
     q = dict(f_tensors)
+    rng = np.random.default_rng(0)
     for m in ("image", "text"):
-        for p in ("in_proj", "out_proj"):
-            q[f"VQ.quantizer_{m}.quantizer.{p}.weight"] = np.zeros((64, 64), np.float32)
-            q[f"VQ.quantizer_{m}.quantizer.{p}.bias"] = np.zeros((64,), np.float32)
+        for p, src in (("in_proj", "in_proj.0"), ("out_proj", "out_proj")):  # in_proj is an nn.Sequential
+            q[f"VQ.quantizer_{m}.quantizer.{src}.weight"] = rng.normal(size=(64, 64)).astype(np.float32)
+            q[f"VQ.quantizer_{m}.quantizer.{src}.bias"] = rng.normal(size=(64,)).astype(np.float32)
     q_dir = _write(str(tmp_path / "quantized"), q, {**f_cfg, "vq_type": "FSQ", "discrete_size": 4})
     with pytest.raises(NotImplementedError, match="Quantized-TinyLLaVA .* drop_quantizer=True"):
         load_pretrained(q_dir, verbose=False)
     _, loaded = load_pretrained(q_dir, drop_quantizer=True, verbose=False)
     _same(loaded, params)
+    qp = loader.load_quantizer_params(q_dir)
+    np.testing.assert_array_equal(qp["text"]["in_proj"]["kernel"], q["VQ.quantizer_text.quantizer.in_proj.0.weight"].T)
+    np.testing.assert_array_equal(qp["image"]["out_proj"]["bias"], q["VQ.quantizer_image.quantizer.out_proj.bias"])
+    # They are the params of qtl_jax.quantizer.Quantizer as it is.
+    from qtl_jax.quantizer import Quantizer, QuantizerConfig
+
+    quantizer = Quantizer(QuantizerConfig(dim=64, levels=4))
+    want = jax.eval_shape(quantizer.init, jax.random.key(0), jnp.zeros((2, 64)))["params"]
+    assert keymap.shapes(want) == keymap.shapes(qp["image"])
+    q["VQ.quantizer_image.quantizer.width"] = np.ones(1, np.float32)  # e.g. the broken ADSQ's extra parameter
+    _write(q_dir, q, {**f_cfg, "vq_type": "FSQ", "discrete_size": 4})
+    with pytest.raises(keymap.WeightMismatchError, match="VQ.quantizer_image.quantizer.width"):
+        loader.load_quantizer_params(q_dir)
 
 
 def test_unknown_layout_and_mismatched_keys_are_reported(base, tmp_path):

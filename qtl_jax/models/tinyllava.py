@@ -177,7 +177,8 @@ def compute_layout(
     zero_row = text_rows + num_images * t_img
     # Row-major rank of every placeholder among the batch's placeholders.
     rank = (jnp.cumsum(is_img.reshape(-1)) - 1).reshape(b, t)
-    concrete = _is_concrete(input_ids, attention_mask)
+    # Inside jit / make_jaxpr even ops on constants are staged out, so test the derived values.
+    concrete = _is_concrete(is_img)
     n_placeholders = int(is_img.sum()) if concrete else None
 
     if config.convention == "llava_hf":
@@ -207,7 +208,7 @@ def compute_layout(
         width = jnp.where(mask, jnp.where(is_img, t_img, 1), 0)  # merged positions each input token takes
         end = jnp.cumsum(width, axis=1)
         real = end[:, -1]
-        if concrete and merged_length is None and config.max_length is None and int(real.max()) > length:
+        if _is_concrete(real) and merged_length is None and config.max_length is None and int(real.max()) > length:
             raise ValueError(
                 f"a sample needs {int(real.max())} merged positions but the derived merged length is {length} "
                 f"(max_images_per_sample={config.max_images_per_sample}); raise max_images_per_sample or set "

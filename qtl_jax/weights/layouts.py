@@ -160,3 +160,20 @@ def layout_rules(
 def quantizer_rules() -> list[Rule]:
     """Rules that knowingly skip the official quantizer tensors (``load_pretrained(drop_quantizer=True)``)."""
     return [Rule("VQ.{rest:.+}", None)]
+
+
+def official_quantizer_rules() -> list[Rule]:
+    """Official ``VQ.quantizer_{image,text}.quantizer.*`` (FSQ / FSQ_old blocks) -> ``{modality}/{in,out}_proj``.
+
+    Targets are :class:`qtl_jax.quantizer.Quantizer` params (flax ``Dense`` kernel/bias). The official
+    ``in_proj`` is an ``nn.Sequential`` (Linear first), ``out_proj`` a bare Linear.
+    """
+    from qtl_jax.weights.keymap import IDENTITY, LINEAR
+
+    src, dst = "VQ.quantizer_{m:image|text}.quantizer.", "{m}/"
+    return [
+        Rule(src + "in_proj.0.weight", dst + "in_proj/kernel", LINEAR),
+        Rule(src + "in_proj.0.bias", dst + "in_proj/bias", IDENTITY),
+        Rule(src + "out_proj.weight", dst + "out_proj/kernel", LINEAR),
+        Rule(src + "out_proj.bias", dst + "out_proj/bias", IDENTITY),
+    ]

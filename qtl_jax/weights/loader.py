@@ -169,9 +169,10 @@ def load_pretrained(
     if layout.name == "quantized_tinyllava":
         if not drop_quantizer:
             raise NotImplementedError(
-                f"{path} is an official Quantized-TinyLLaVA checkpoint: its VQ.quantizer_* projections are not "
-                "loaded yet (that arrives with the quantizer integration). Pass drop_quantizer=True to load the "
-                "base model (vision tower, connector, LLM) and skip them."
+                f"{path} is an official Quantized-TinyLLaVA checkpoint: load_pretrained returns the base model only "
+                "and cannot consume its VQ.quantizer_* projections (the TinyLlava module has no quantizer yet). "
+                "Pass drop_quantizer=True to load the base model (vision tower, connector, LLM) and skip them, "
+                "and load_quantizer_params(path) for the projections."
             )
         extra = layouts.quantizer_rules()
     config = _finish(config_from_hf(cfg, layout, vision_config), dtype, overrides)
@@ -248,3 +249,26 @@ def load_components(
     if got != expected:  # a programming error, not a user one: the pieces must compose exactly
         raise keymap.WeightMismatchError(f"component params do not compose: {sorted(set(got) ^ set(expected))}")
     return TinyLlava(config), params
+
+
+def load_quantizer_params(path: str) -> dict[str, Any]:
+    """The official Quantized-TinyLLaVA quantizer projections -> ``{'image': p, 'text': p}``.
+
+    Each ``p`` is ``{'in_proj': {kernel, bias}, 'out_proj': {kernel, bias}}``, the params of
+    :class:`qtl_jax.quantizer.Quantizer` (``QuantizerConfig(dim=D, ...)``). Every ``VQ.*`` tensor must map;
+    the base-model tensors are ignored here (load them with ``load_pretrained(path, drop_quantizer=True)``).
+    """
+    checkpoint = safetensors_io.read_dir(path)
+    vq = {k: v for k, v in checkpoint.items() if k.startswith("VQ.")}
+    if not vq:
+        raise ValueError(f"{path} has no VQ.* tensors; it is not an official Quantized-TinyLLaVA checkpoint")
+    widths = {v.shape[0] for k, v in vq.items() if k.endswith(".bias")}
+    if len(widths) != 1:
+        raise keymap.WeightMismatchError(f"{path}: quantizer projections of different widths {sorted(widths)}")
+    d = widths.pop()
+    expected = {
+        f"{m}/{p}/{leaf}": (d, d) if leaf == "kernel" else (d,)
+        for m in ("image", "text") for p in ("in_proj", "out_proj") for leaf in ("kernel", "bias")
+    }
+    flat = keymap.convert(vq, layouts.official_quantizer_rules(), expected, name=f"quantizer tensors of {path}")
+    return jax.tree.map(jnp.asarray, keymap.unflatten(flat))
