@@ -429,3 +429,9 @@ def test_malformed_conversations_raise_with_a_reason(tokenizers_, conversation, 
 def test_tokenized_sample_validates_shapes():
     with pytest.raises(ValueError, match="same length"):
         TokenizedSample(input_ids=np.zeros(3, np.int32), labels=np.zeros(2, np.int32))
+
+
+@pytest.mark.parametrize("name,tokenizer", [("llama", "qwen2_base"), ("qwen2_instruct", "llama"), ("gemma", "phi")])
+def test_template_for_another_llm_is_rejected(tokenizers_, name, tokenizer):
+    with pytest.raises(ValueError, match=f"Template '{name}' ends answers with .* not a token of this tokenizer"):
+        get_template(name).tokenize(TEXT_ONLY, tokenizers_[tokenizer], has_image=False, strict=False)

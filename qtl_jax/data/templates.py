@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -198,8 +198,8 @@ class Template:
     end: str
     system: str = VICUNA_SYSTEM
 
-    user_tag = "USER: "
-    assistant_tag = "ASSISTANT:"
+    user_tag: ClassVar[str] = "USER: "
+    assistant_tag: ClassVar[str] = "ASSISTANT:"
 
     @property
     def stop_str(self) -> str:
@@ -264,7 +264,9 @@ class Template:
         Raises:
           ConversationError: malformed conversation (raised whatever ``strict`` is).
           TokenizationMismatchError: with ``strict=True``, see the module docstring.
+          ValueError: the tokenizer has no ``end`` token, i.e. the template is for another LLM.
         """
+        self._check_tokenizer(tokenizer)
         rounds = _split_rounds(conversations)
         _check_images(rounds, has_image)
         try:
@@ -274,6 +276,17 @@ class Template:
                 raise
             logger.warning("Skipping a sample (%s): %s", error.reason, error)
             return None
+
+    def _check_tokenizer(self, tokenizer: Any) -> None:
+        # Without it the end string would be split into ordinary pieces and the model would never
+        # learn to stop.
+        token_id = tokenizer.convert_tokens_to_ids(self.end)
+        if token_id is None or tokenizer.convert_ids_to_tokens(token_id) != self.end:
+            raise ValueError(
+                f"Template {self.name!r} ends answers with {self.end!r}, which is not a token of this "
+                f"tokenizer (eos is {tokenizer.eos_token!r}); pick the template that matches the LLM: "
+                f"{ {name: t.end for name, t in _TEMPLATES.items()} }."
+            )
 
     def _tokenize_segments(self, segments: Sequence[tuple[str, bool]], tokenizer: Any) -> TokenizedSample:
         # Every prefix ending at a segment boundary; the last one is the whole conversation.
@@ -337,6 +350,10 @@ class PretrainTemplate(Template):
     def tokenize(self, conversations, tokenizer, has_image, *, strict=True):
         self._require_image(has_image)
         return super().tokenize(conversations, tokenizer, has_image, strict=strict)
+
+    def _check_tokenizer(self, tokenizer):
+        # The caption ends with a plain newline, which every tokenizer can encode.
+        pass
 
     @staticmethod
     def _require_image(has_image: bool) -> None:
