@@ -8,11 +8,10 @@ import PIL.Image
 import pytest
 import skimage.data
 from hypothesis import given, settings
+import transformers
 from hypothesis import strategies as st
 
-transformers = pytest.importorskip("transformers")
-
-from qtl_jax.data.image_processing import (  # noqa: E402
+from qtl_jax.data.image_processing import (
     ImageProcessor,
     center_crop,
     expand_to_square,
