@@ -244,8 +244,12 @@ def _layout_cfg(padding_side="right", **kw):
 def test_layout_left_padding_is_the_right_padded_layout_shifted():
     ids = np.array([[5, -200, 6, 7, 0, 0], [8, 9, -200, 10, 11, 12]])
     mask = np.array([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
-    right = compute_layout(_layout_cfg("right", vision_feature_select_strategy="full"), ids, mask, ids, num_images=2)
-    left = compute_layout(_layout_cfg("left", vision_feature_select_strategy="full"), ids, mask, ids, num_images=2)
+    # Under jit (one compile each) rather than eagerly: the eager path compiles every primitive.
+    right, left = (
+        jax.jit(lambda i, m, side=side: compute_layout(_layout_cfg(side, vision_feature_select_strategy="full"), i, m, i,
+                                                       num_images=2))(ids, mask)
+        for side in ("right", "left")
+    )
     n = np.asarray(right.attention_mask).sum(1)
     np.testing.assert_array_equal(n, [19, 21])
     length = right.source.shape[1]
@@ -278,9 +282,10 @@ def test_layout_truncates_to_max_length_and_checks_counts():
 
 def test_scatter_gradients_reach_both_vector_sets():
     ids = np.array([[5, -200, 6, 7]])
-    layout = compute_layout(_layout_cfg(vision_feature_select_strategy="full"), ids, num_images=1)
+    cfg = _layout_cfg(vision_feature_select_strategy="full")
     img, txt = jnp.ones((1, 16, 3)), jnp.ones((1, 4, 3))
-    g_img, g_txt = jax.grad(lambda a, b: scatter(a, b, layout).sum(), argnums=(0, 1))(img, txt)
+    loss = lambda a, b: scatter(a, b, compute_layout(cfg, jnp.asarray(ids), num_images=1)).sum()  # noqa: E731
+    g_img, g_txt = jax.jit(jax.grad(loss, argnums=(0, 1)))(img, txt)
     np.testing.assert_array_equal(np.asarray(g_img), 1.0)
     np.testing.assert_array_equal(np.asarray(g_txt)[0, :, 0], [1, 0, 1, 1])  # the placeholder's vector is unused
 
@@ -336,3 +341,27 @@ def test_dtype_and_remat_reach_tower_connector_and_decoder():
     params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract_params(cfg))
     vectors = jax.eval_shape(lambda p: TinyLlava(cfg).apply({"params": p}, pixels, method=TinyLlava.encode_images), params)
     assert vectors.dtype == jnp.bfloat16 and "bf16" in jaxpr(cfg)
+
+
+def test_factory_gemma_scales_image_features_as_transformers_4_did(llava_cases, tmp_path):
+    """The Factory trained Gemma on transformers 4.x, whose GemmaModel multiplied *all* inputs_embeds
+    (images too) by sqrt(hidden); transformers 5.x scales only inside the token embedding."""
+    _, hf, path, llava_model, _, _ = llava_cases(CASES[3])
+    assert not llava_model.config.scales_images  # llava-hf convention: as transformers 5.x
+    llava_cfg = json.load(open(os.path.join(path, "config.json")))
+    cfg = {"model_type": "tinyllava", "text_config": llava_cfg["text_config"], "vision_config": llava_cfg["vision_config"],
+           "connector_type": "mlp2x_gelu", "vision_feature_layer": -2, "vision_feature_select_strategy": "patch"}
+    factory_dir = _write(str(tmp_path), _rename(safetensors_io.read_dir(path), FACTORY_RENAMES), cfg)
+    model, params = load_pretrained(factory_dir, verbose=False)
+    assert model.config.scales_images
+    ids = np.array([[5, -200, 6, 7, 8]])
+    pixels = np.random.default_rng(4).normal(size=(1, 3, 32, 32)).astype(np.float32)
+    ours = np.asarray(jax.jit(model.apply)({"params": params}, jnp.asarray(ids), nhwc(pixels)).logits)[0, : 4 + 15]
+    with torch.no_grad():
+        feats = hf.model.get_image_features(
+            pixel_values=torch.from_numpy(pixels), vision_feature_layer=-2, vision_feature_select_strategy="default"
+        ).pooler_output[0]
+        embed = hf.model.language_model.embed_tokens  # scales text by sqrt(64) itself
+        embeds = torch.cat([embed(torch.tensor([5])), feats * 64**0.5, embed(torch.tensor([6, 7, 8]))])[None]
+        ref = hf.lm_head(hf.model.language_model(inputs_embeds=embeds).last_hidden_state)[0].numpy()
+    assert np.abs(ours - ref).max() <= TOL
