@@ -251,3 +251,32 @@ def test_bad_input_raises_clear_errors(tmp_path, capsys):
     assert LS.main([f"--features={bad}", f"--out={tmp_path}"]) == 2
     assert "error:" in capsys.readouterr().err
     assert LS.main([f"--features={tmp_path / 'missing.npz'}", f"--out={tmp_path}"]) == 2
+
+
+def test_gap_equals_the_documented_kl_decomposition(gaussian_selection):
+    # For z ~ N(0, 1/9) clipped to [-1, 1], compute both sides of docs/entropy.md's identity exactly:
+    # gap = sum_interior P_k KL(f|B_k || U) + sum_ends [q_e (1 + KL(f|half || U)) - P_e H_b(p/P_e)].
+    from scipy import integrate
+
+    f = stats.norm(scale=1 / 3).pdf
+    p_atom = stats.norm.cdf(-3)
+    _, sel = gaussian_selection
+    h_mix = -2 * p_atom * math.log2(p_atom) - integrate.quad(lambda t: f(t) * math.log2(f(t)), -1, 1)[0]
+    for levels in (3, 4, 8, 16):
+        delta = 2 / (levels - 1)
+        p = clipped_gaussian_index_probabilities(levels)
+        gap = entropy_bits(p) - (h_mix - (1 - 2 * p_atom) * math.log2(delta))
+        cells = np.concatenate([[-1], LS.decision_thresholds(levels), [1]])
+        total = 0.0
+        for k in range(levels):
+            a, b = cells[k], cells[k + 1]
+            q = stats.norm.cdf(b, scale=1 / 3) - stats.norm.cdf(a, scale=1 / 3)
+            kl = integrate.quad(lambda t: f(t) / q * math.log2(f(t) / q * (b - a)), a, b)[0]
+            total += q * kl
+            if k in (0, levels - 1):
+                P = q + p_atom
+                total += q - P * entropy_bits(np.array([p_atom / P, q / P]))
+        assert gap == pytest.approx(total, abs=1e-7)
+        assert gap > 0
+        # The module's estimate of the same gap, from 200k samples.
+        assert sel.stats(levels).resolution_gap == pytest.approx(gap, abs=0.01)
