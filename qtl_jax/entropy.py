@@ -10,11 +10,12 @@ estimator's own sampling error.
 The entropy estimator is chosen with ``estimator=``:
 
 * ``"loo"`` (default): -(1/n) sum_i log f_{-i}(X_i), the density at each sample estimated from the other
-  n-1 samples. Each term is an unbiased draw of -log f_{-i} at an independent point, so as h -> 0 and
-  n h -> inf the estimate converges in mean to h(f) (Ahmad & Lin 1976; Hall & Morton 1993 give the rates):
-  asymptotically unbiased. Removing the sample's own kernel matters: with it (``"resubstitution"``) every
-  density value is inflated by K(0)/(n h), which biases the entropy down by about R/(n h) nats over a
-  support of length R, a term that dies only as fast as n h grows.
+  n-1 samples. Because f_{-i} does not contain X_i, E[f_{-i}(X_i) | X_i = x] = (f * K_h)(x) -> f(x) as
+  h -> 0, with variance O(1/(n h)); so as h -> 0 and n h -> inf the estimate converges in mean to h(f)
+  (Ahmad & Lin 1976; Hall & Morton 1993 give the rates and tail conditions): asymptotically unbiased.
+  Removing the sample's own kernel matters: with it (``"resubstitution"``) every density value is
+  inflated by phi(0)/(n h), which biases the entropy down by about phi(0) R/(n h) nats over a support of
+  length R, a term that dies only as fast as n h grows.
 * ``"resubstitution"``: the same average including each sample's own kernel (kept for comparison).
 * ``"integral"``: -int f_hat log f_hat on the grid. Its bias is the entropy added by smoothing, about
   h^2/(2 sigma^2) nats for a Gaussian, so it converges more slowly than the sample averages.

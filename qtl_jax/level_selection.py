@@ -1,7 +1,7 @@
 """Choosing the number of quantizer levels L from the estimated entropy of the scaled features.
 
-The quantizer (method.md §3) scales features u to z = clip((u - lo + eps)/(hi - lo + eps) * 2 - 1) with
-lo/hi = mean -/+ 3 std over the whole batch tensor, then sends the index of the nearest of L uniform
+The quantizer (method.md §3) scales features u to z = 2 (clip(u, lo, hi) - lo + eps)/(hi - lo + eps) - 1
+with lo/hi = mean -/+ 3 std over the whole batch tensor, then sends the index of the nearest of L uniform
 levels c_k = -1 + 2k/(L-1). This module estimates the density of z with a Gaussian KDE (of the unclipped
 affine image t of u, so the clipped tails become exact point masses at the ends instead of a smeared KDE
 spike), and for each candidate L integrates it over the nearest-level bins to get the index distribution
@@ -16,8 +16,8 @@ H(k) -> h - (1 - p- - p+) log2 Delta, and the *resolution gap*
 is, over the interior cells, sum_k P_k KL(f restricted to cell k || uniform on it): in bits per index, how
 much of the shape of the feature distribution the L-level code fails to represent. The two end cells add
 terms that vanish as Delta -> 0 (and can be slightly negative when the clip atoms are large, so the rule
-uses |gap|); docs/entropy.md has the identity and a test checks it. The rule picks the smallest candidate L from which the
-gap stays within ``tolerance_bits`` (0.1 bit by default) for every larger candidate: below it the code
+uses |gap|); docs/entropy.md has the identity and a test checks it. The rule picks the smallest
+candidate L from which the gap stays within ``tolerance_bits`` (0.1 bit by default) for every larger candidate: below it the code
 loses the shape of the distribution; above it each extra bit of rate only halves the step (a constant
 1 bit of entropy and 6 dB of distortion per bit, with nothing structural left to gain). The fixed-width
 cost of that L is ceil(log2 L) bits; its entropy-coded cost is H(k) (the source-coding lower bound,
@@ -436,7 +436,8 @@ class BatchEstimate:
             "",
             self.reason,
             "",
-            "| batch | elements | mean | std | clipped | bandwidth | h (bits) | h with atoms | chosen L | bits | H(k) at L |",
+            "| batch | elements | mean | std | clipped | bandwidth | h (bits) | h with atoms | chosen L | bits "
+            "| H(k) at L |",
             "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for i, s in enumerate(self.per_batch):
@@ -572,7 +573,9 @@ def plot(estimate: BatchEstimate, path: str) -> None:
     ax.plot(bits, estimate.index_entropy_mean, "o", color="k", ms=3, label="H(k), batch mean")
     high_res = [np.mean([s.table[j].high_res_entropy for s in batches]) for j in range(len(bits))]
     ax.plot(bits, high_res, color="C3", ls="--", lw=1, label="high-resolution value h − log2 Δ")
-    ax.plot(bits, np.ceil(bits), color="0.4", ls="-", lw=0.8, drawstyle="steps-post", label="fixed-width cost ⌈log2 L⌉")
+    ax.plot(
+        bits, np.ceil(bits), color="0.4", ls="-", lw=0.8, drawstyle="steps-post", label="fixed-width cost ⌈log2 L⌉"
+    )
     ax.axvline(chosen, color="C2", lw=1.2, label=chosen_label)
     ax.set_xlabel("log2 L")
     ax.set_ylabel("bits per index")
@@ -671,7 +674,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     src.add_argument("--synthetic", nargs="?", const="outlier", choices=SYNTHETIC_KINDS, help="generate features")
     parser.add_argument("--out", default="level_selection", help="output directory (default ./level_selection)")
     parser.add_argument("--levels", default="2-32", help="candidate L: a range '2-32' or a list '2,4,8'")
-    parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE_BITS, help="resolution-gap tolerance, bits")
+    parser.add_argument(
+        "--tolerance", type=float, default=DEFAULT_TOLERANCE_BITS, help="resolution-gap tolerance, bits"
+    )
     parser.add_argument("--bandwidth", default="plugin", help="plugin | silverman | scott | a number (z units)")
     parser.add_argument("--max-samples", type=int, default=1_000_000, help="KDE subsample size per batch")
     parser.add_argument("--batches", type=int, default=8, help="number of synthetic batches")
