@@ -16,12 +16,12 @@ H(k) -> h - (1 - p- - p+) log2 Delta, and the *resolution gap*
 is, over the interior cells, sum_k P_k KL(f restricted to cell k || uniform on it): in bits per index, how
 much of the shape of the feature distribution the L-level code fails to represent. The two end cells add
 terms that vanish as Delta -> 0 (and can be slightly negative when the clip atoms are large, so the rule
-uses |gap|); docs/entropy.md has the identity and a test checks it. The rule picks the smallest
-candidate L from which the gap stays within ``tolerance_bits`` (0.1 bit by default) for every larger
-candidate: below it the code loses the shape of the distribution; above it each extra bit of rate only halves the step (a constant
-1 bit of entropy and 6 dB of distortion per bit, with nothing structural left to gain). The fixed-width
-cost of that L is ceil(log2 L) bits; its entropy-coded cost is H(k) (the source-coding lower bound,
-which an ANS coder reaches to within a fraction of a percent).
+uses |gap|); docs/entropy.md has the identity and a test checks it. The rule picks the smallest candidate
+L from which the gap stays within ``tolerance_bits`` (0.1 bit by default) for every larger candidate:
+below it the code loses the shape of the distribution; above it each extra bit of rate only halves the
+step (a constant 1 bit of entropy and 6 dB of distortion per bit, with nothing structural left to gain).
+The fixed-width cost of that L is ceil(log2 L) bits; its entropy-coded cost is H(k) (the source-coding
+lower bound, which an ANS coder reaches to within a fraction of a percent).
 
 Run ``python -m qtl_jax.level_selection --synthetic`` or ``--features=FILE.npz``; see ``main``.
 """
