@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -39,8 +40,9 @@ TANH_EPS = 1e-3
 
 
 def _check_levels(levels: int) -> int:
-    if isinstance(levels, bool) or not isinstance(levels, int):
-        raise ValueError(f"levels must be a Python int >= 2, got {levels!r} ({type(levels).__name__}).")
+    if isinstance(levels, bool) or not isinstance(levels, numbers.Integral):
+        raise ValueError(f"levels must be an int >= 2, got {levels!r} ({type(levels).__name__}).")
+    levels = int(levels)
     if not 2 <= levels <= MAX_LEVELS:
         raise ValueError(f"levels={levels} is out of range: use 2 <= levels <= {MAX_LEVELS}.")
     return levels

@@ -1,5 +1,7 @@
 """The split quantizer: rounding test vectors and properties, every variant's forward, the split VJP."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -72,7 +74,7 @@ def test_out_of_range_and_nan_map_to_valid_levels():
     assert round_to_levels(z, 257)[1].dtype == jnp.uint16
 
 
-@pytest.mark.parametrize("bad", [1, 0, -4, True, 4.0, "4", 1 << 16 + 1])
+@pytest.mark.parametrize("bad", [1, 0, -4, True, 4.0, "4", (1 << 16) + 1])
 def test_round_to_levels_rejects_bad_levels(bad):
     with pytest.raises(ValueError, match="levels"):
         round_to_levels(jnp.zeros(3), bad)
@@ -107,6 +109,27 @@ def test_rounding_properties(levels, values):
     # Round trip: the grid values map back to their own indices.
     _, k2 = round_to_levels(jnp.asarray(z_hat), levels)
     np.testing.assert_array_equal(np.asarray(k2).astype(np.int64), k)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    variant=st.sampled_from([vs for vs in VARIANTS if vs[0] != "none"]),
+    levels=st.sampled_from([3, 4, 7, 16]),
+    scale=st.floats(1e-3, 1e3),
+    offset=st.floats(-100, 100),
+)
+def test_module_properties(variant, levels, scale, offset):
+    q = Quantizer(QuantizerConfig(dim=DIM, levels=levels, bound=variant[0], scaling=variant[1]))
+    x = jax.random.normal(jax.random.key(3), (3, 4, DIM)) * scale + offset
+    v = q.init(jax.random.key(1), x)
+    out, _ = q.apply(v, x, MASK, train=True, mutable=["batch_stats"])
+    codes = np.asarray(out.codes).astype(np.int64)
+    assert codes.min() >= 0 and codes.max() <= levels - 1
+    np.testing.assert_array_equal(np.asarray(out.y), np.asarray(q.apply(v, out.codes, method="decode")))
+    hist = np.asarray(out.stats["histogram"])
+    assert hist.shape == (levels,) and abs(hist.sum() - 1) < 1e-5
+    assert 0 <= float(out.stats["entropy_bits"]) <= math.log2(levels) + 1e-5
+    assert np.isfinite(float(out.loss)) and float(out.loss) >= 0
 
 
 # ---------------------------------------------------------------------------------------------------
