@@ -1,0 +1,328 @@
+"""Quantized TinyLLaVA: the TinyLLaVA halves with one split quantizer per modality between them.
+
+Parameters are two trees, identical in split and fused training::
+
+    client: vision_tower, connector, embed_tokens (the client's copy of the LLM input table),
+            image_quantizer/in_proj, text_quantizer/in_proj
+    server: image_quantizer/out_proj, text_quantizer/out_proj, llm (the whole decoder, with its own
+            embed_tokens: the output head of tied LLMs, and unused input rows otherwise)
+
+The input-embedding table therefore exists twice, as in the paper's split code (the client builds a
+whole LLM but only uses its embeddings) and its fine-tuning: the two copies start equal and drift apart
+when both are trained. ``scaling='ema'`` quantizers keep running statistics on the client
+(``batch_stats``: ``image_quantizer`` / ``text_quantizer``).
+
+Data flow of one batch (the ``factory`` convention: one -200 placeholder per image in ``input_ids``):
+
+* client (:func:`client_forward`): images ``[B, H, W, 3]`` in placeholder order, the real ones first
+  and zero images for text-only samples after them (as ``collate_batch`` orders them); tower -> connector -> image quantizer
+  -> ``image_codes [B, T_img, D]``. Token ids -> the client's embedding table -> vectors ``[B, T, D]``
+  with the placeholder and padding positions set to zero (the paper's zero padding) -> text quantizer
+  -> ``text_codes [B, T, D]``. The quantizers see every position (the paper's batch statistics include
+  padding and dummy images); their ``mask`` (real images, real text tokens) is used by the non-paper
+  scalings and by the statistics.
+* server (:func:`server_loss`): codes -> dequantized grid values -> ``out_proj`` -> merged into one
+  sequence by the layout rebuilt from the placeholder mask, attention mask and labels (no token ids
+  reach the server) -> decoder -> shifted cross-entropy over labels != -100.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qtl_jax import quantizer as qlib
+from qtl_jax.data.constants import IGNORE_INDEX
+from qtl_jax.models.tinyllava import TinyLlava, TinyLlavaConfig, compute_layout, init_params, scatter
+from qtl_jax.quantizer import Quantizer, QuantizerConfig
+from qtl_jax.split.link import Uplink
+
+Array = jax.Array
+Params = dict[str, Any]
+MODALITIES = ("image", "text")
+BATCH_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values", "has_image")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedTinyLlavaConfig:
+    """TinyLLaVA plus the image and text quantizers at the split (both D = the LLM width)."""
+
+    model: TinyLlavaConfig
+    image_quantizer: QuantizerConfig
+    text_quantizer: QuantizerConfig
+
+    def __post_init__(self):
+        problems = []
+        d = self.model.llm.hidden_size
+        for name in ("image_quantizer", "text_quantizer"):
+            q = getattr(self, name)
+            if q.dim != d:
+                problems.append(f"{name}.dim={q.dim} but the LLM width is {d}: set {name}.dim={d}")
+        if self.model.convention != "factory":
+            problems.append(
+                f"model.convention={self.model.convention!r}: the split model needs 'factory' input ids (one -200 "
+                "placeholder per image) so that text codes carry no image positions"
+            )
+        if self.model.max_images_per_sample != 1:
+            problems.append(
+                f"model.max_images_per_sample={self.model.max_images_per_sample}: batches carry one image slot "
+                "per sample (pixel_values [B, H, W, 3] with has_image), so use 1"
+            )
+        if problems:
+            raise ValueError("invalid QuantizedTinyLlavaConfig:\n  " + "\n  ".join(problems))
+
+    def quantizer(self, modality: str) -> QuantizerConfig:
+        return getattr(self, f"{modality}_quantizer")
+
+    def levels(self, modality: str) -> int:
+        """L, or 0 for the fp16 pass-through baseline (bound='none')."""
+        q = self.quantizer(modality)
+        return 0 if q.bound == "none" else q.levels
+
+
+class ClientOutput(NamedTuple):
+    """What :func:`client_forward` produces.
+
+    uplink: the message for the server (codes, masks, labels).
+    z: ``{'image': [B, T_img, D], 'text': [B, T, D]}`` float32 pre-rounding values; the server's gradient
+      w.r.t. the dequantized values is their cotangent (straight-through).
+    loss: the client's regulariser, sum of both weighted distortion losses.
+    metrics: per-modality ``dist_*``, ``entropy_*``, ``usage_*``, ``clip_rate_*`` scalars.
+    batch_stats: updated running statistics (``{}`` unless a quantizer uses scaling='ema').
+    """
+
+    uplink: Uplink
+    z: dict[str, Array]
+    loss: Array
+    metrics: dict[str, Array]
+    batch_stats: Params
+
+
+def _split_llm(llm: Params) -> tuple[Params, Params]:
+    return {"embedding": llm["embed_tokens"]["embedding"]}, llm
+
+
+def init_split_params(
+    config: QuantizedTinyLlavaConfig, key: Array, pretrained: Params | None = None
+) -> tuple[Params, Params]:
+    """``({'client': ..., 'server': ...}, batch_stats)`` with fresh quantizers.
+
+    ``pretrained``: the params of a :class:`TinyLlava` (e.g. from ``load_pretrained``) to copy in;
+    without it the base model is randomly initialised from ``key`` too. The quantizer projections get
+    N(0, 0.02^2) kernels and zero biases (the paper's ``post_init``).
+    """
+    k_model, k_img, k_txt = jax.random.split(key, 3)
+    base = init_params(config.model, k_model) if pretrained is None else pretrained
+    missing = {"vision_tower", "connector", "llm"} - set(base)
+    if missing:
+        raise ValueError(f"pretrained params lack {sorted(missing)}; pass the params of a TinyLlava model")
+    embed, llm = _split_llm(base["llm"])
+    client = {"vision_tower": base["vision_tower"], "connector": base["connector"], "embed_tokens": embed}
+    server = {"llm": llm}
+    batch_stats = {}
+    for modality, k in (("image", k_img), ("text", k_txt)):
+        qcfg = config.quantizer(modality)
+        variables = Quantizer(qcfg).init(k, jnp.zeros((1, 2, qcfg.dim), jnp.float32), None, False)
+        qp = variables.get("params", {})
+        client[f"{modality}_quantizer"] = {k: v for k, v in qp.items() if k == "in_proj"}
+        server[f"{modality}_quantizer"] = {k: v for k, v in qp.items() if k == "out_proj"}
+        if "batch_stats" in variables:
+            batch_stats[f"{modality}_quantizer"] = variables["batch_stats"]
+    return {"client": client, "server": server}, batch_stats
+
+
+def check_batch(config: QuantizedTinyLlavaConfig, batch: Mapping[str, Any]) -> None:
+    """Raises a clear error for a batch the split model cannot take (called on host arrays)."""
+    missing = [k for k in BATCH_KEYS if k not in batch]
+    if missing:
+        raise KeyError(
+            f"batch lacks {missing}; the split model takes {list(BATCH_KEYS)} as build_input_pipeline yields them"
+        )
+    b, t = np.shape(batch["input_ids"])
+    for k in ("attention_mask", "labels"):
+        if np.shape(batch[k]) != (b, t):
+            raise ValueError(f"batch['{k}'] has shape {np.shape(batch[k])}, expected input_ids' {(b, t)}")
+    if np.shape(batch["has_image"]) != (b,) or np.ndim(batch["pixel_values"]) != 4 or len(batch["pixel_values"]) != b:
+        raise ValueError(
+            f"pixel_values must be [B, H, W, C] and has_image [B] with B={b}; got {np.shape(batch['pixel_values'])} "
+            f"and {np.shape(batch['has_image'])}"
+        )
+    ids = np.asarray(batch["input_ids"])
+    image_token = config.model.image_token_index
+    placeholders = ((ids == image_token) & (np.asarray(batch["attention_mask"]) > 0)).sum(axis=1)
+    has_image = np.asarray(batch["has_image"]) > 0
+    bad = np.nonzero(placeholders != has_image)[0]
+    if bad.size:
+        raise ValueError(
+            f"samples {bad.tolist()} have {placeholders[bad].tolist()} image placeholders ({image_token}) but "
+            f"has_image={has_image[bad].astype(int).tolist()}; each sample needs exactly one placeholder if it has an "
+            "image and none otherwise"
+        )
+
+
+def _quantizer_apply(qcfg: QuantizerConfig, params: Params, stats: Params | None, x, mask, train: bool):
+    variables = {"params": params}
+    ema = qcfg.bound == "linear" and qcfg.scaling == "ema"
+    if ema:
+        variables["batch_stats"] = stats
+    if ema and train:
+        enc, updated = Quantizer(qcfg).apply(variables, x, mask, train, method="encode", mutable=["batch_stats"])
+        return enc, updated["batch_stats"]
+    enc = Quantizer(qcfg).apply(variables, x, mask, train, method="encode")
+    return enc, stats
+
+
+def client_forward(
+    config: QuantizedTinyLlavaConfig, client_params: Params, batch_stats: Params, batch: Mapping[str, Any],
+    train: bool = True,
+) -> ClientOutput:
+    """The client half: pixels and token ids -> codes (see the module docstring). Traceable."""
+    cfg = config.model
+    model = TinyLlava(cfg)
+    ids = jnp.asarray(batch["input_ids"], jnp.int32)
+    attention = jnp.asarray(batch["attention_mask"], jnp.int32)
+    has_image = jnp.asarray(batch["has_image"], jnp.int32)
+    # pixel_values come in placeholder order (the pipeline's collate_batch): row g is the image of the g-th
+    # image-bearing sample, and the zero images of text-only samples fill the rows after the last real one.
+    image_valid = (jnp.arange(has_image.shape[0]) < jnp.sum(has_image > 0)).astype(jnp.int32)
+    pixels = jnp.asarray(batch["pixel_values"], jnp.float32)
+    image_vectors = model.apply(
+        {"params": {"vision_tower": client_params["vision_tower"], "connector": client_params["connector"]}},
+        pixels, method=TinyLlava.encode_images,
+    )
+    placeholder = (ids == cfg.image_token_index) & (attention > 0)
+    text_real = (attention > 0) & ~placeholder
+    text_vectors = model.apply(
+        {"params": {"llm": {"embed_tokens": client_params["embed_tokens"]}}}, ids, method=TinyLlava.embed_tokens
+    )
+    text_vectors = jnp.where(text_real[..., None], text_vectors, 0).astype(cfg.dtype)
+
+    image_mask = jnp.broadcast_to(image_valid[:, None], image_vectors.shape[:2])
+    inputs = {"image": (image_vectors, image_mask), "text": (text_vectors, text_real)}
+    codes, z, metrics, new_stats = {}, {}, {}, {}
+    loss = jnp.zeros((), jnp.float32)
+    for modality in MODALITIES:
+        qcfg = config.quantizer(modality)
+        name = f"{modality}_quantizer"
+        x, mask = inputs[modality]
+        enc, stats = _quantizer_apply(qcfg, client_params[name], batch_stats.get(name), x, mask, train)
+        if stats is not None:
+            new_stats[name] = stats
+        codes[modality], z[modality] = enc.codes, enc.z
+        loss = loss + enc.loss
+        metrics[f"dist_{modality}"] = enc.loss
+        if qcfg.bound != "none":
+            metrics[f"entropy_{modality}"] = enc.stats["entropy_bits"]
+            metrics[f"usage_{modality}"] = jnp.mean((enc.stats["histogram"] > 0).astype(jnp.float32))
+            metrics[f"clip_rate_{modality}"] = enc.stats["clip_rate"]
+        metrics[f"mse_{modality}"] = enc.stats["mse"]
+    uplink = Uplink(
+        image_codes=codes["image"],
+        text_codes=codes["text"],
+        attention_mask=attention.astype(jnp.uint8),
+        image_mask=placeholder.astype(jnp.uint8),
+        image_valid=image_valid.astype(jnp.uint8),
+        labels=jnp.asarray(batch["labels"], jnp.int32),
+        image_levels=config.levels("image"),
+        text_levels=config.levels("text"),
+    )
+    return ClientOutput(uplink, z, loss, metrics, new_stats)
+
+
+def dequantize(codes: Array, levels: int) -> Array:
+    """Grid values (or the fp16 baseline's values, levels=0) as float32: what the server decodes."""
+    if levels == 0:
+        return jnp.asarray(codes).astype(jnp.float32)
+    return qlib.dequantize(codes, levels)
+
+
+def straight_through(z: Array, codes: Array, levels: int) -> Array:
+    """The fused path's server input: forward value exactly the server's, gradient the identity to z."""
+    values = dequantize(codes, levels)
+    return jax.lax.stop_gradient(values) + (z - jax.lax.stop_gradient(z))
+
+
+def cross_entropy(logits: Array, labels: Array) -> tuple[Array, Array]:
+    """Next-token cross-entropy averaged over targets != -100; returns ``(mean, number of targets)``."""
+    logits = logits[:, :-1].astype(jnp.float32)
+    targets = labels[:, 1:]
+    valid = targets != IGNORE_INDEX
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(logp, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
+    count = jnp.sum(valid)
+    return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(count, 1).astype(jnp.float32), count
+
+
+def server_layout(config: QuantizedTinyLlavaConfig, uplink: Uplink):
+    """The merge layout, rebuilt from the placeholder mask alone (the server never sees token ids)."""
+    cfg = config.model
+    ids = jnp.where(uplink.image_mask > 0, cfg.image_token_index, 0).astype(jnp.int32)
+    return _layout(cfg, ids, uplink.attention_mask.astype(jnp.int32), uplink.labels, uplink.image_codes.shape[0])
+
+
+# Always traced: the image table holds B slots, the dummy images of text-only samples included, so there
+# are fewer placeholders than slots by design (slots past the last placeholder are never gathered).
+# compute_layout's eager placeholder-count check would reject that; check_batch validates the batch instead.
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _layout(cfg: TinyLlavaConfig, ids: Array, attention_mask: Array, labels: Array, num_images: int):
+    return compute_layout(cfg, ids, attention_mask, labels, num_images=num_images)
+
+
+def server_logits(config: QuantizedTinyLlavaConfig, server_params: Params, values: Mapping[str, Array], uplink: Uplink):
+    """Dequantized values ``{'image', 'text'}`` -> ``(logits [B, L, V], layout)``."""
+    cfg = config.model
+    decoded = {}
+    for modality in MODALITIES:
+        qcfg = config.quantizer(modality)
+        decoded[modality] = Quantizer(qcfg).apply(
+            {"params": server_params[f"{modality}_quantizer"]}, values[modality], method="project_out"
+        ).astype(cfg.dtype)
+    layout = server_layout(config, uplink)
+    model = TinyLlava(cfg)
+    merged = scatter(decoded["image"], decoded["text"], layout)
+    logits = model.apply({"params": {"llm": server_params["llm"]}}, merged, layout, method=TinyLlava.decode)
+    return logits, layout
+
+
+def server_loss_from_values(
+    config: QuantizedTinyLlavaConfig, server_params: Params, values: Mapping[str, Array], uplink: Uplink
+) -> tuple[Array, dict[str, Array]]:
+    """Cross-entropy from dequantized values; differentiable w.r.t. params and values."""
+    logits, layout = server_logits(config, server_params, values, uplink)
+    ce, targets = cross_entropy(logits, layout.labels)
+    metrics = {
+        "ce": ce,
+        "target_tokens": targets,
+        "tokens": jnp.sum(layout.attention_mask),
+        "examples": jnp.asarray(uplink.attention_mask.shape[0], jnp.int32),
+    }
+    return ce, metrics
+
+
+def server_loss(config: QuantizedTinyLlavaConfig, server_params: Params, uplink: Uplink) -> tuple[Array, dict[str, Array]]:
+    """The server half from the codes alone: dequantize -> out_proj -> merge -> decoder -> CE."""
+    values = {
+        "image": dequantize(uplink.image_codes, uplink.image_levels),
+        "text": dequantize(uplink.text_codes, uplink.text_levels),
+    }
+    return server_loss_from_values(config, server_params, values, uplink)
+
+
+def forward(
+    config: QuantizedTinyLlavaConfig, params: Mapping[str, Params], batch_stats: Params, batch: Mapping[str, Any],
+    train: bool = False,
+) -> tuple[Array, Any, ClientOutput]:
+    """The fused forward with the quantizers in place: ``(logits [B, L, V], layout, client output)``.
+
+    ``layout.labels`` and ``layout.attention_mask`` are in merged coordinates, like the logits.
+    """
+    out = client_forward(config, params["client"], batch_stats, batch, train)
+    values = {m: straight_through(out.z[m], getattr(out.uplink, f"{m}_codes"), config.levels(m)) for m in MODALITIES}
+    logits, layout = server_logits(config, params["server"], values, out.uplink)
+    return logits, layout, out

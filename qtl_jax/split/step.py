@@ -1,0 +1,356 @@
+"""The split train step (client and server programs on their own sub-meshes), the fused step, the state.
+
+Split mode runs three jit-compiled programs per step:
+
+1. client, on the client mesh: forward to the codes, keeping ``jax.vjp``'s backward function (its
+   residuals stay on the client devices; the function is a pytree, so it leaves this program and
+   enters program 3);
+2. server, on the server mesh, from what the :class:`~qtl_jax.split.link.Link` delivered (integer codes,
+   masks, labels): cross-entropy, gradients for the server params *and* for the dequantized values
+   (the cotangents d loss / d z_hat), the server optimizer update;
+3. client again: the backward function applied to (the cotangents the link brought back, 1 for the
+   distortion loss) -> client gradients -> the client optimizer update.
+
+Fused mode is one program computing CE + distortion through the straight-through estimator, with the
+same parameter trees and the same per-partition optimizers, so the two modes compute the same update
+(``tests/test_split_step.py`` proves it across device counts).
+
+Parameters frozen by the optimizer config are ``stop_gradient``-ed before the forward, so neither mode
+computes or keeps residuals for their backward (the vision tower and, in stage 1, the LLM weights).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from qtl_jax.models import quantized as qm
+from qtl_jax.models.quantized import QuantizedTinyLlavaConfig
+from qtl_jax.split.link import Downlink, InProcessLink, Link, Uplink
+from qtl_jax.split.mesh import SplitMeshes, batch_sharding, param_shardings, replicated
+from qtl_jax.train import optimizer as optlib
+
+PARTITIONS = ("client", "server")
+MODES = ("split", "fused")
+
+
+@flax.struct.dataclass
+class PartitionState:
+    """One side's params, optimizer state and (client) quantizer running statistics."""
+
+    params: Any
+    opt_state: Any
+    batch_stats: Any
+
+
+@flax.struct.dataclass
+class TrainState:
+    """``step`` (int32), the two partitions and ``rng``.
+
+    The model has no stochastic layers; ``rng`` is carried (and checkpointed) so that adding one (e.g.
+    dropout) keeps runs reproducible without changing the state layout.
+    """
+
+    step: jax.Array
+    client: PartitionState
+    server: PartitionState
+    rng: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitOptimizers:
+    """Each partition's optimizer, and which of its leaves are frozen (True = no gradient computed)."""
+
+    client: optax.GradientTransformation
+    server: optax.GradientTransformation
+    client_frozen: Any
+    server_frozen: Any
+
+    def of(self, partition: str) -> optax.GradientTransformation:
+        return getattr(self, partition)
+
+    def frozen(self, partition: str) -> Any:
+        return getattr(self, f"{partition}_frozen")
+
+
+def _under(name: str, tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``tx`` built over ``{name: params}`` applied to the bare partition tree (rules see full paths)."""
+
+    def init(params):
+        return tx.init({name: params})
+
+    def update(updates, state, params=None):
+        wrapped = None if params is None else {name: params}
+        new, state = tx.update({name: updates}, state, wrapped)
+        return new[name], state
+
+    return optax.GradientTransformation(init, update)
+
+
+def _partition_config(optimizer_config: Mapping[str, Any], partition: str) -> Mapping[str, Any]:
+    if "client" in optimizer_config and "server" in optimizer_config:
+        return optimizer_config[partition]
+    return optimizer_config
+
+
+def make_split_optimizers(optimizer_config: Mapping[str, Any], total_steps: int, params: Mapping[str, Any]) -> SplitOptimizers:
+    """Per-partition optimizers from one ``optimizer`` config whose rules use full paths.
+
+    ``params``: ``{'client': ..., 'server': ...}`` (arrays or ShapeDtypeStructs). ``param_groups`` and
+    ``no_decay`` regexes are matched against ``client/...`` and ``server/...`` paths, e.g.
+    ``('client/vision_tower/.*', 'frozen')``. A config with ``client`` and ``server`` entries gives each
+    partition its own optimizer config instead.
+    """
+    txs, frozen = {}, {}
+    for name in PARTITIONS:
+        cfg = _partition_config(optimizer_config, name)
+        tree = {name: params[name]}
+        # Validates that every leaf is covered by a rule (an error names the uncovered paths).
+        labels = optlib.param_labels(tree, cfg)
+        frozen[name] = jax.tree_util.tree_map(lambda lab: lab == optlib.FROZEN, labels)[name]
+        txs[name] = _under(name, optlib.make_optimizer(cfg, total_steps, tree))
+    return SplitOptimizers(txs["client"], txs["server"], frozen["client"], frozen["server"])
+
+
+def partition_shardings(params: Any, mesh, sharding_rules: Sequence[tuple[str, Any]], partition: str) -> Any:
+    """NamedShardings for one partition's params from rules written against full ``client/...`` paths."""
+    return param_shardings({partition: params}, mesh, list(sharding_rules))[partition]
+
+
+def create_train_state(
+    config: QuantizedTinyLlavaConfig,
+    key: jax.Array,
+    meshes: SplitMeshes,
+    optimizer_configs: Mapping[str, Any],
+    total_steps: int,
+    pretrained: Mapping[str, Any] | None = None,
+    *,
+    sharding_rules: Sequence[tuple[str, Any]] = (),
+) -> TrainState:
+    """Initial state: params from :func:`qm.init_split_params`, each partition placed on its own mesh.
+
+    ``sharding_rules`` (``(regex, 'fsdp' | 'replicate' | spec)`` over ``client/...``/``server/...``
+    paths) lay the params out on each sub-mesh's ``fsdp`` axis; optimizer moments follow their params.
+    """
+    k_init, k_rng = jax.random.split(key)
+    init = jax.jit(lambda k, p: qm.init_split_params(config, k, p))
+    params, batch_stats = init(k_init, None if pretrained is None else dict(pretrained))
+    optimizers = make_split_optimizers(optimizer_configs, total_steps, params)
+    parts = {}
+    for name in PARTITIONS:
+        mesh = getattr(meshes, name)
+        p = jax.device_put(params[name], partition_shardings(params[name], mesh, sharding_rules, name))
+        # jit so the moments are created on the params' devices with the params' layout; leaves that do
+        # not depend on a param (step counts) come out on the default device and are replicated instead.
+        opt_state = _onto(jax.jit(optimizers.of(name).init)(p), mesh)
+        stats = jax.device_put(batch_stats if name == "client" else {}, replicated(mesh))
+        parts[name] = PartitionState(p, opt_state, stats)
+    rep = replicated(meshes.client)
+    return TrainState(
+        step=jax.device_put(jnp.zeros((), jnp.int32), rep),
+        client=parts["client"],
+        server=parts["server"],
+        rng=jax.device_put(k_rng, rep),
+    )
+
+
+def _onto(tree: Any, mesh) -> Any:
+    devices = set(mesh.devices.flat)
+    return jax.tree_util.tree_map(
+        lambda x: x if set(x.devices()) == devices else jax.device_put(x, replicated(mesh)), tree
+    )
+
+
+def _without_frozen(params: Any, frozen: Any) -> Any:
+    return jax.tree_util.tree_map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
+
+
+def _apply(tx: optax.GradientTransformation, part: PartitionState, grads: Any, batch_stats: Any) -> PartitionState:
+    updates, opt_state = tx.update(grads, part.opt_state, part.params)
+    return PartitionState(optax.apply_updates(part.params, updates), opt_state, batch_stats)
+
+
+def _shardings(tree: Any) -> Any:
+    return jax.tree_util.tree_map(lambda x: x.sharding, tree)
+
+
+def _device_batch(batch: Mapping[str, Any], mesh) -> dict[str, jax.Array]:
+    return {k: jax.device_put(np.asarray(batch[k]), batch_sharding(mesh, np.ndim(batch[k]))) for k in qm.BATCH_KEYS}
+
+
+def _host_metrics(*trees: Mapping[str, Any]) -> dict[str, float]:
+    out = {}
+    for tree in jax.device_get(trees):
+        out.update({k: float(v) for k, v in tree.items()})
+    return out
+
+
+def _finish_metrics(metrics: dict[str, float], counts: Mapping[str, int]) -> dict[str, float]:
+    metrics["loss"] = metrics["ce"] + metrics["dist_image"] + metrics["dist_text"]
+    metrics.update(counts)
+    return metrics
+
+
+def make_train_step(
+    config: QuantizedTinyLlavaConfig,
+    meshes: SplitMeshes,
+    optimizers: SplitOptimizers,
+    *,
+    mode: str = "split",
+    link: Link | None = None,
+    check_batches: bool = True,
+) -> Callable[[TrainState, Mapping[str, Any]], tuple[TrainState, dict[str, float]]]:
+    """``step(state, batch) -> (state, metrics)``; ``batch`` is a dict of host numpy arrays.
+
+    ``mode='split'``: the three programs of the module docstring, messages moved by ``link`` (default
+    :class:`InProcessLink` over ``meshes``, measuring bytes every step). ``mode='fused'``: one program;
+    both partitions must live on the same mesh (``split_meshes(0, 0)``). The state passed in is donated.
+
+    Metrics (Python floats): ``loss`` (= ``ce`` + ``dist_image`` + ``dist_text``), ``ce``, ``dist_*``
+    (weighted distortion losses), ``entropy_*`` (bits), ``usage_*`` (fraction of levels used),
+    ``clip_rate_*``, ``mse_*``, ``tokens`` (real merged positions), ``target_tokens``, ``examples``
+    and, when the link measured this step, ``uplink_bytes_{fp16,packed,ans,side}``, ``uplink_bytes``
+    and ``downlink_bytes``.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}: use one of {MODES}.")
+    if mode == "fused":
+        if link is not None:
+            raise ValueError("mode='fused' runs one program and moves nothing: do not pass a link.")
+        if set(meshes.client.devices.flat) != set(meshes.server.devices.flat):
+            raise ValueError(
+                "mode='fused' runs one program on one mesh, but the client and server meshes use different "
+                "devices; build them with split_meshes(0, 0) (both sides share all devices)."
+            )
+        return _fused_step(config, meshes, optimizers, check_batches)
+    return _split_step(config, meshes, optimizers, link or InProcessLink(meshes), check_batches)
+
+
+def _split_step(config, meshes: SplitMeshes, optimizers: SplitOptimizers, link: Link, check_batches: bool):
+    tx_c, tx_s = optimizers.client, optimizers.server
+    programs: dict[str, Any] = {}
+
+    def client_begin(client: PartitionState, batch):
+        def forward(params):
+            out = qm.client_forward(config, params, client.batch_stats, batch, train=True)
+            return (out.z, out.loss), (out.uplink, out.metrics, out.batch_stats)
+
+        params = _without_frozen(client.params, optimizers.client_frozen)
+        _, backward, (uplink, metrics, batch_stats) = jax.vjp(forward, params, has_aux=True)
+        uplink = jax.tree_util.tree_map(
+            lambda x: jax.lax.with_sharding_constraint(x, batch_sharding(meshes.client, x.ndim)), uplink
+        )
+        return uplink, backward, metrics, batch_stats
+
+    def server_update(server: PartitionState, uplink: Uplink):
+        values = {
+            "image": qm.dequantize(uplink.image_codes, uplink.image_levels),
+            "text": qm.dequantize(uplink.text_codes, uplink.text_levels),
+        }
+
+        def loss(params, values):
+            return qm.server_loss_from_values(config, _without_frozen(params, optimizers.server_frozen), values, uplink)
+
+        (_, metrics), (grads, cot) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(server.params, values)
+        down = Downlink(image_grad=cot["image"], text_grad=cot["text"])
+        down = jax.tree_util.tree_map(
+            lambda x: jax.lax.with_sharding_constraint(x, batch_sharding(meshes.server, x.ndim)), down
+        )
+        return _apply(tx_s, server, grads, server.batch_stats), down, metrics
+
+    def client_finish(client: PartitionState, backward, down: Downlink, batch_stats, step):
+        (grads,) = backward(({"image": down.image_grad, "text": down.text_grad}, jnp.ones((), jnp.float32)))
+        return _apply(tx_c, client, grads, batch_stats), step + 1
+
+    def compile_for(state: TrainState):
+        c_sh, s_sh = _shardings(state.client), _shardings(state.server)
+        programs["begin"] = jax.jit(client_begin)
+        programs["server"] = jax.jit(server_update, in_shardings=(s_sh, None), out_shardings=(s_sh, None, None),
+                                     donate_argnums=0)
+        # The backward function's residuals are not donated: XLA cannot reuse them for the outputs.
+        programs["finish"] = jax.jit(client_finish, out_shardings=(c_sh, state.step.sharding), donate_argnums=0)
+
+    def step(state: TrainState, batch: Mapping[str, Any]) -> tuple[TrainState, dict[str, float]]:
+        if check_batches:
+            qm.check_batch(config, batch)
+        if not programs:
+            compile_for(state)
+        step_id = int(jax.device_get(state.step))
+        uplink, backward, c_metrics, batch_stats = programs["begin"](state.client, _device_batch(batch, meshes.client))
+        received = link.uplink(step_id, uplink)
+        server, down, s_metrics = programs["server"](state.server, received)
+        cot = link.downlink(step_id, down)
+        client, new_step = programs["finish"](state.client, backward, cot, batch_stats, state.step)
+        metrics = _finish_metrics(_host_metrics(c_metrics, s_metrics), link.take_counts(step_id))
+        return TrainState(new_step, client, server, state.rng), metrics
+
+    return step
+
+
+def _fused_step(config, meshes: SplitMeshes, optimizers: SplitOptimizers, check_batches: bool):
+    programs: dict[str, Any] = {}
+
+    def fused(state: TrainState, batch):
+        def loss(cp, sp):
+            cp = _without_frozen(cp, optimizers.client_frozen)
+            sp = _without_frozen(sp, optimizers.server_frozen)
+            out = qm.client_forward(config, cp, state.client.batch_stats, batch, train=True)
+            values = {m: qm.straight_through(out.z[m], getattr(out.uplink, f"{m}_codes"), config.levels(m))
+                      for m in qm.MODALITIES}
+            ce, s_metrics = qm.server_loss_from_values(config, sp, values, out.uplink)
+            return ce + out.loss, (out.metrics, s_metrics, out.batch_stats)
+
+        grad_fn = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
+        (_, (c_metrics, s_metrics, batch_stats)), (g_c, g_s) = grad_fn(state.client.params, state.server.params)
+        client = _apply(optimizers.client, state.client, g_c, batch_stats)
+        server = _apply(optimizers.server, state.server, g_s, state.server.batch_stats)
+        return TrainState(state.step + 1, client, server, state.rng), c_metrics, s_metrics
+
+    def step(state: TrainState, batch: Mapping[str, Any]) -> tuple[TrainState, dict[str, float]]:
+        if check_batches:
+            qm.check_batch(config, batch)
+        if not programs:
+            sh = _shardings(state)
+            programs["fused"] = jax.jit(fused, out_shardings=(sh, None, None), donate_argnums=0)
+        state, c_metrics, s_metrics = programs["fused"](state, _device_batch(batch, meshes.client))
+        return state, _finish_metrics(_host_metrics(c_metrics, s_metrics), {})
+
+    return step
+
+
+def make_eval_step(config: QuantizedTinyLlavaConfig, meshes: SplitMeshes) -> Callable[[TrainState, Mapping[str, Any]], dict]:
+    """``eval_step(state, batch) -> {'logits', 'attention_mask', 'labels', 'ce'}`` with the quantizers in place.
+
+    The client program encodes (``train=False``: ema quantizers use their running statistics), the codes
+    move to the server mesh, the server decodes them to logits ``[B, L, V]`` (merged coordinates, like
+    ``attention_mask`` and ``labels``). Works for split and shared meshes alike; nothing is measured.
+    """
+
+    @jax.jit
+    def client(part: PartitionState, batch):
+        return qm.client_forward(config, part.params, part.batch_stats, batch, train=False).uplink
+
+    @jax.jit
+    def server(part: PartitionState, uplink: Uplink):
+        values = {
+            "image": qm.dequantize(uplink.image_codes, uplink.image_levels),
+            "text": qm.dequantize(uplink.text_codes, uplink.text_levels),
+        }
+        logits, layout = qm.server_logits(config, part.params, values, uplink)
+        ce, _ = qm.cross_entropy(logits, layout.labels)
+        return {"logits": logits, "attention_mask": layout.attention_mask, "labels": layout.labels, "ce": ce}
+
+    def eval_step(state: TrainState, batch: Mapping[str, Any]) -> dict:
+        qm.check_batch(config, batch)
+        uplink = client(state.client, _device_batch(batch, meshes.client))
+        uplink = jax.tree_util.tree_map(lambda x: jax.device_put(x, batch_sharding(meshes.server, x.ndim)), uplink)
+        return server(state.server, uplink)
+
+    return eval_step

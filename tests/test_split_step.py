@@ -1,0 +1,350 @@
+"""The split train step: split == fused across device counts, what crosses the link, bytes, errors.
+
+A tiny random TinyLLaVA (2-layer ViT, 2-layer Llama-style decoder, D=32) with both quantizers at L=4:
+the image one as the paper (scalar batch statistics), the text one with running ('ema') statistics so
+that client batch_stats are covered too. The batch has a text-only sample and a padded sample.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qtl_jax import codec, rules
+from qtl_jax.models import quantized as qm
+from qtl_jax.models.connector import ConnectorConfig
+from qtl_jax.models.decoder import DecoderConfig
+from qtl_jax.models.tinyllava import TinyLlavaConfig
+from qtl_jax.models.vision import VisionConfig
+from qtl_jax.quantizer import QuantizerConfig
+from qtl_jax.split import link as linklib
+from qtl_jax.split import step as steplib
+from qtl_jax.split.mesh import split_meshes
+
+D, VOCAB, B, T, LEVELS = 32, 64, 6, 10, 4
+STEPS = 2
+TOL = 1e-5
+OPTIMIZER = dict(
+    lr=3e-3, weight_decay=0.1, warmup_ratio=0.0, schedule="constant", grad_clip_norm=1.0,
+    no_decay=[".*/bias", ".*norm.*/scale"],
+    param_groups=[("client/vision_tower/.*", "frozen"), ("server/llm/layers_0/.*", 0.5), (".*", 1.0)],
+)
+SHARDING = [("server/llm/.*", "fsdp"), ("client/connector/.*", "fsdp"), (".*", "replicate")]
+
+
+def tiny_config(text_scaling: str = "ema", **quantizer) -> qm.QuantizedTinyLlavaConfig:
+    vision = VisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                          image_size=16, patch_size=8)
+    llm = DecoderConfig.make(family="llama", vocab_size=VOCAB, hidden_size=D, num_layers=2, num_heads=2,
+                             num_kv_heads=1, intermediate_size=48, head_dim=16, tie_word_embeddings=True)
+    model = TinyLlavaConfig(vision=vision, connector=ConnectorConfig("mlp2x_gelu", 16, D), llm=llm)
+    return qm.QuantizedTinyLlavaConfig(
+        model, QuantizerConfig(dim=D, levels=LEVELS, **quantizer),
+        QuantizerConfig(dim=D, levels=LEVELS, scaling=text_scaling, **quantizer),
+    )
+
+
+def make_batch(seed: int) -> dict[str, np.ndarray]:
+    """6 samples: one placeholder at position 1 except sample 2 (text only); samples 3 and 5 padded.
+
+    pixel_values in placeholder order: the 5 real images first, the text-only sample's zeros last.
+    """
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1, VOCAB, (B, T)).astype(np.int32)
+    mask = np.ones((B, T), np.int32)
+    has_image = np.ones(B, np.int32)
+    ids[:, 1] = -200
+    has_image[2] = 0
+    ids[2, 1] = 7
+    mask[3, 6:] = 0
+    mask[5, 8:] = 0
+    ids[mask == 0] = 0
+    labels = np.where(np.arange(T) >= 4, ids, -100).astype(np.int32)
+    labels[mask == 0] = -100
+    pixels = rng.normal(size=(B, 16, 16, 3)).astype(np.float32)
+    pixels[has_image.sum():] = 0
+    return dict(input_ids=ids, attention_mask=mask, labels=labels, pixel_values=pixels, has_image=has_image,
+                image_index=np.array([0, 1, -1, 2, 3, 4], np.int32))
+
+
+BATCHES = [make_batch(s) for s in range(STEPS)]
+
+
+class RecordingLink(linklib.Link):
+    """Keeps a host copy of every message, then lets the in-process link move it."""
+
+    def __init__(self, inner):
+        self.inner, self.up, self.down = inner, [], []
+
+    def uplink(self, step, msg):
+        self.up.append((step, jax.device_get(msg)))
+        return self.inner.uplink(step, msg)
+
+    def downlink(self, step, msg):
+        self.down.append((step, jax.device_get(msg)))
+        return self.inner.downlink(step, msg)
+
+    def take_counts(self, step):
+        return self.inner.take_counts(step)
+
+
+def run(config, meshes, mode, link=None, steps=STEPS, key=0):
+    state = steplib.create_train_state(config, jax.random.key(key), meshes, OPTIMIZER, total_steps=10,
+                                       sharding_rules=SHARDING)
+    optimizers = steplib.make_split_optimizers(OPTIMIZER, 10, {"client": state.client.params,
+                                                               "server": state.server.params})
+    step = steplib.make_train_step(config, meshes, optimizers, mode=mode, link=link)
+    initial = jax.device_get((state.client.params, state.server.params))
+    history = []
+    for i in range(steps):
+        state, metrics = step(state, BATCHES[i])
+        history.append(metrics)
+    return initial, jax.device_get(state), history
+
+
+@pytest.fixture(scope="module")
+def config():
+    return tiny_config()
+
+
+@pytest.fixture(scope="module")
+def fused(config):
+    return run(config, split_meshes(0, 0, devices=jax.devices()[:6]), "fused")
+
+
+@pytest.fixture(scope="module")
+def split_2_6(config):
+    meshes = split_meshes(2, 6, server_fsdp=2)
+    link = RecordingLink(linklib.InProcessLink(meshes, measure_every=1))
+    return run(config, meshes, "split", link), link, meshes
+
+
+def assert_trees_close(a, b, tol=TOL):
+    la, lb = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b)
+    assert len(la) == len(lb)
+    for (path, x), y in zip(la, lb):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=tol, rtol=tol, err_msg=rules.path_str(path))
+
+
+def check_same_run(split, fused):
+    (_, s_state, s_hist), (_, f_state, f_hist) = split, fused
+    for s, f in zip(s_hist, f_hist):
+        for k in ("loss", "ce", "dist_image", "dist_text", "entropy_image", "entropy_text", "tokens"):
+            np.testing.assert_allclose(s[k], f[k], rtol=TOL, atol=TOL, err_msg=k)
+    assert_trees_close(s_state.client.params, f_state.client.params)
+    assert_trees_close(s_state.server.params, f_state.server.params)
+    assert_trees_close(s_state.client.batch_stats, f_state.client.batch_stats)
+    assert_trees_close(s_state.client.opt_state, f_state.client.opt_state)
+    assert_trees_close(s_state.server.opt_state, f_state.server.opt_state)
+    assert int(s_state.step) == int(f_state.step) == STEPS
+
+
+def test_split_equals_fused_client2_server6_fsdp2(split_2_6, fused):
+    run_, _, meshes = split_2_6
+    check_same_run(run_, fused)
+    # The training actually moved the trained parameters.
+    initial, final, hist = fused
+    assert not np.allclose(initial[1]["llm"]["layers_1"]["mlp"]["up_proj"]["kernel"],
+                           final.server.params["llm"]["layers_1"]["mlp"]["up_proj"]["kernel"])
+    assert hist[0]["target_tokens"] > 0 and hist[0]["examples"] == B
+
+
+def test_split_equals_fused_client6_fsdp3_server2(config, fused):
+    meshes = split_meshes(6, 2, client_fsdp=3, server_fsdp=2)
+    check_same_run(run(config, meshes, "split"), fused)
+
+
+def test_partitions_live_on_their_own_disjoint_devices(split_2_6):
+    (_, _, _), link, meshes = split_2_6
+    client_ids = {d.id for d in meshes.client.devices.flat}
+    server_ids = {d.id for d in meshes.server.devices.flat}
+    assert len(client_ids) == 2 and len(server_ids) == 6 and not client_ids & server_ids
+    state = steplib.create_train_state(tiny_config(), jax.random.key(0), meshes, OPTIMIZER, 10,
+                                       sharding_rules=SHARDING)
+    for leaf in jax.tree_util.tree_leaves(state.client):
+        assert {d.id for d in leaf.devices()} == client_ids
+    for leaf in jax.tree_util.tree_leaves(state.server):
+        assert {d.id for d in leaf.devices()} == server_ids
+    # FSDP over the server's fsdp axis (size 2), per the rules.
+    kernel = state.server.params["llm"]["layers_0"]["mlp"]["up_proj"]["kernel"]
+    assert "fsdp" in kernel.sharding.spec and kernel.addressable_shards[0].data.size == kernel.size // 2
+
+
+def test_only_integer_arrays_go_up_and_float32_cotangents_come_down(split_2_6):
+    _, link, _ = split_2_6
+    assert [s for s, _ in link.up] == [0, 1] and [s for s, _ in link.down] == [0, 1]
+    for _, up in link.up:
+        leaves = jax.tree_util.tree_leaves(up)
+        assert len(leaves) == 6 and all(np.issubdtype(x.dtype, np.integer) for x in leaves)
+        assert up.image_codes.dtype == up.text_codes.dtype == np.uint8
+        assert up.image_codes.shape == (B, 3, D) and up.text_codes.shape == (B, T, D)
+        assert up.image_codes.max() < LEVELS and up.text_codes.max() < LEVELS
+        np.testing.assert_array_equal(up.image_valid, [1, 1, 1, 1, 1, 0])
+    for _, down in link.down:
+        assert down.image_grad.dtype == down.text_grad.dtype == np.float32
+        # Nothing comes back for positions the server never read: placeholder, padding, the dummy image.
+        up = link.up[0][1]
+        unread = ~up.text_positions()
+        assert np.all(down.text_grad[unread] == 0) and np.any(down.text_grad[~unread] != 0)
+        assert np.all(down.image_grad[5] == 0) and np.any(down.image_grad[:5] != 0)
+
+
+def test_a_float_uplink_is_refused():
+    up = linklib.Uplink(np.zeros((1, 2, 3), np.float32), np.zeros((1, 4, 3), np.uint8), np.ones((1, 4), np.uint8),
+                        np.zeros((1, 4), np.uint8), np.ones(1, np.uint8), np.zeros((1, 4), np.int32), 4, 4)
+    with pytest.raises(TypeError, match="only integer arrays may cross.*image_codes must be integer"):
+        linklib.check_uplink(up)
+    with pytest.raises(TypeError, match="labels must be an integer array"):
+        linklib.check_uplink(up.replace(image_codes=np.zeros((1, 2, 3), np.uint8), labels=np.zeros((1, 4), np.float32)))
+
+
+def test_byte_counts_are_the_codec_output_of_the_real_positions(split_2_6):
+    (_, _, hist), link, _ = split_2_6
+    for (step, up), (_, down), metrics in zip(link.up, link.down, hist):
+        real_images = up.image_codes[:5]
+        real_text = up.text_codes[up.text_positions()]
+        n_text = B * T - B + 1 - 4 - 2  # minus 5 placeholders, 4 + 2 padding positions
+        assert real_text.shape == (n_text, D)
+        side = 2 * B * T + B + 4 * B * T  # two uint8 masks, uint8 image_valid, int32 labels
+        assert metrics["uplink_bytes_side"] == side
+        for method in ("packed", "ans"):
+            expected = side + sum(len(codec.encode(c, LEVELS, method=method)) for c in (real_images, real_text))
+            assert metrics[f"uplink_bytes_{method}"] == expected
+        values = real_images.size + real_text.size
+        assert metrics["uplink_values"] == values
+        header = len(codec.encode_fp16(np.zeros((0,), np.float16)))
+        assert header < 64
+        fp16 = metrics["uplink_bytes_fp16"] - side
+        assert 2 * values < fp16 < 2 * values + 2 * 64
+        assert metrics["uplink_bytes_packed"] - side < fp16 / 7  # 2 bits vs 16 bits per value, plus headers
+        assert metrics["downlink_bytes"] == 4 * values
+        assert metrics["uplink_bytes"] == metrics["uplink_bytes_ans"]
+
+
+def test_measure_every_and_bf16_downlink():
+    meshes = split_meshes(0, 0, devices=jax.devices()[:2])
+    link = linklib.InProcessLink(meshes, codec_method="packed", measure_every=2, downlink_dtype="bfloat16")
+    rng = np.random.default_rng(0)
+    up = linklib.Uplink(rng.integers(0, 8, (2, 3, 4)).astype(np.uint8), rng.integers(0, 8, (2, 5, 4)).astype(np.uint8),
+                        np.array([[1, 1, 1, 1, 0]] * 2, np.uint8), np.array([[0, 1, 0, 0, 0]] * 2, np.uint8),
+                        np.array([1, 0], np.uint8), np.zeros((2, 5), np.int32), 8, 8)
+    down = linklib.Downlink(rng.normal(size=(2, 3, 4)).astype(np.float32), rng.normal(size=(2, 5, 4)).astype(np.float32))
+    for step in range(3):
+        moved = link.uplink(step, up)
+        back = link.downlink(step, down)
+        counts = link.take_counts(step)
+        assert (counts != {}) == (step % 2 == 0)
+    assert moved.text_codes.dtype == np.uint8 and {d.id for d in moved.text_codes.devices()} == {0, 1}
+    assert counts["uplink_bytes"] == counts["uplink_bytes_packed"]
+    assert counts["uplink_values"] == 1 * 3 * 4 + 2 * 3 * 4  # one real image, 3 real text tokens per sample
+    assert counts["downlink_bytes"] == 2 * counts["uplink_values"]
+    np.testing.assert_array_equal(np.asarray(back.text_grad),
+                                  np.asarray(jnp.asarray(down.text_grad).astype(jnp.bfloat16).astype(jnp.float32)))
+    with pytest.raises(ValueError, match="measure_every must be >= 1"):
+        linklib.InProcessLink(meshes, measure_every=0)
+    with pytest.raises(ValueError, match="downlink_dtype='float16'"):
+        linklib.InProcessLink(meshes, downlink_dtype="float16")
+
+
+def test_frozen_parameters_do_not_move_and_the_embedding_copies_are_separate(split_2_6, fused):
+    for (initial, final, _) in (split_2_6[0], fused):
+        assert_trees_close(initial[0]["vision_tower"], final.client.params["vision_tower"], tol=0)
+        # The two embedding copies start equal and are trained independently.
+        np.testing.assert_array_equal(initial[0]["embed_tokens"]["embedding"], initial[1]["llm"]["embed_tokens"]["embedding"])
+        assert not np.allclose(final.client.params["embed_tokens"]["embedding"],
+                               final.server.params["llm"]["embed_tokens"]["embedding"])
+        assert not np.allclose(initial[0]["connector"]["fc_0"]["kernel"], final.client.params["connector"]["fc_0"]["kernel"])
+
+
+def test_frozen_vision_tower_gets_no_gradient_and_client_keeps_no_backward_for_it(config):
+    """The stop_gradient on frozen leaves: the client's vjp residuals do not depend on the tower weights."""
+    params, stats = qm.init_split_params(config, jax.random.key(1))
+    opts = steplib.make_split_optimizers(OPTIMIZER, 10, params)
+    assert all(jax.tree_util.tree_leaves(opts.client_frozen["vision_tower"]))
+    assert not any(jax.tree_util.tree_leaves(opts.client_frozen["connector"]))
+
+    @jax.jit
+    @jax.grad
+    def grads_of(cp):
+        cp = steplib._without_frozen(cp, opts.client_frozen)
+        return qm.client_forward(config, cp, stats, BATCHES[0]).loss
+
+    grads = grads_of(params["client"])
+    assert all(np.all(np.asarray(g) == 0) for g in jax.tree_util.tree_leaves(grads["vision_tower"]))
+    assert any(np.any(np.asarray(g) != 0) for g in jax.tree_util.tree_leaves(grads["connector"]))
+
+
+def test_server_reads_nothing_but_real_positions(config, split_2_6):
+    """Garbage at placeholder, padding and dummy-image positions leaves the server's loss bit-identical."""
+    _, link, _ = split_2_6
+    up = link.up[0][1]
+    _, final, _ = split_2_6[0]
+    sp = final.server.params
+    loss = jax.jit(lambda p, u: qm.server_loss(config, p, u)[0])
+    rng = np.random.default_rng(3)
+    noisy_text = np.where(up.text_positions()[..., None], up.text_codes, rng.integers(0, LEVELS, up.text_codes.shape))
+    noisy_img = up.image_codes.copy()
+    noisy_img[5] = rng.integers(0, LEVELS, noisy_img[5].shape)
+    noisy = up.replace(text_codes=noisy_text.astype(np.uint8), image_codes=noisy_img)
+    assert float(loss(sp, up)) == float(loss(sp, noisy))
+    changed = noisy.replace(text_codes=(up.text_codes + 1) % LEVELS)
+    assert float(loss(sp, up)) != float(loss(sp, changed))
+
+
+def test_eval_step_equals_fused_forward(config, fused):
+    meshes = split_meshes(0, 0, devices=jax.devices()[:6])
+    _, final, _ = fused
+    state = jax.device_put(final, jax.sharding.NamedSharding(meshes.client, jax.sharding.PartitionSpec()))
+    out = steplib.make_eval_step(config, meshes)(state, BATCHES[0])
+    params = {"client": final.client.params, "server": final.server.params}
+    logits, layout, _ = jax.jit(lambda p, s, b: qm.forward(config, p, s, b))(params, final.client.batch_stats,
+                                                                         BATCHES[0])
+    mask = np.asarray(layout.attention_mask) > 0
+    np.testing.assert_allclose(np.asarray(out["logits"])[mask], np.asarray(logits)[mask], atol=1e-5, rtol=1e-5)
+    np.testing.assert_array_equal(out["labels"], layout.labels)
+    assert out["logits"].shape == (B, T + 2, VOCAB) and np.isfinite(float(out["ce"]))
+
+
+def test_param_paths_for_rules(config):
+    paths = rules.paths(jax.eval_shape(lambda k: qm.init_split_params(config, k)[0], jax.random.key(0)))
+    assert "client/embed_tokens/embedding" in paths and "server/llm/embed_tokens/embedding" in paths
+    assert {p for p in paths if "quantizer" in p} == {
+        f"{side}/{m}_quantizer/{proj}/{w}" for side, proj in (("client", "in_proj"), ("server", "out_proj"))
+        for m in ("image", "text") for w in ("kernel", "bias")
+    }
+    assert all(p.startswith(("client/vision_tower/", "client/connector/", "client/embed_tokens/", "client/image_q",
+                             "client/text_q", "server/llm/", "server/image_q", "server/text_q")) for p in paths)
+
+
+def test_fp16_baseline_sends_float16_and_counts_two_bytes_per_value():
+    config = tiny_config(text_scaling="batch", bound="none")
+    params, stats = qm.init_split_params(config, jax.random.key(0))
+    assert params["client"]["image_quantizer"] == {} and params["server"]["text_quantizer"] == {}
+    out = jax.jit(lambda p, b: qm.client_forward(config, p, stats, b))(params["client"], BATCHES[0])
+    assert out.uplink.image_codes.dtype == jnp.float16 and out.uplink.image_levels == 0
+    linklib.check_uplink(out.uplink)
+    counts = linklib.uplink_counts(jax.device_get(out.uplink))
+    assert counts["uplink_bytes_packed"] == counts["uplink_bytes_ans"] == counts["uplink_bytes_fp16"]
+
+
+def test_bad_configs_batches_and_modes_are_clear_errors(config):
+    with pytest.raises(ValueError, match="image_quantizer.dim=16 but the LLM width is 32"):
+        dataclasses.replace(config, image_quantizer=QuantizerConfig(dim=16))
+    with pytest.raises(ValueError, match="needs 'factory' input ids"):
+        dataclasses.replace(config, model=dataclasses.replace(config.model, convention="llava_hf", image_token_index=5))
+    bad = dict(BATCHES[0], has_image=np.ones(B, np.int32))
+    with pytest.raises(ValueError, match=r"samples \[2\] have \[0\] image placeholders"):
+        qm.check_batch(config, bad)
+    with pytest.raises(KeyError, match="batch lacks \\['has_image'\\]"):
+        qm.check_batch(config, {k: v for k, v in BATCHES[0].items() if k != "has_image"})
+    meshes = split_meshes(2, 6)
+    opts = steplib.make_split_optimizers(OPTIMIZER, 10, qm.init_split_params(config, jax.random.key(0))[0])
+    with pytest.raises(ValueError, match="build them with split_meshes\\(0, 0\\)"):
+        steplib.make_train_step(config, meshes, opts, mode="fused")
+    with pytest.raises(ValueError, match="mode='both'"):
+        steplib.make_train_step(config, meshes, opts, mode="both")
+    with pytest.raises(ValueError, match="no param_groups rule covers"):
+        steplib.make_split_optimizers(dict(OPTIMIZER, param_groups=[("client/.*", 1.0)]), 10,
+                                      qm.init_split_params(config, jax.random.key(0))[0])
