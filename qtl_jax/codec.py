@@ -121,10 +121,10 @@ def decode(data: bytes | bytearray | memoryview, max_elements: int = MAX_ELEMENT
         return np.frombuffer(body, "<f2").astype(np.float16).reshape(shape)
     dtype = np.uint8 if levels <= 256 else np.uint16
     if method == "packed":
-        flat = _decode_packed(body, n, levels)
+        flat = _decode_packed(body, n, levels, dtype)
     else:
-        flat = _decode_ans(body, shape, levels)
-    return flat.astype(dtype, copy=False).reshape(shape)
+        flat = _decode_ans(body, shape, levels, dtype)
+    return flat.reshape(shape)
 
 
 def describe(data: bytes | bytearray | memoryview, max_elements: int = MAX_ELEMENTS) -> dict[str, Any]:
@@ -301,7 +301,7 @@ def _encode_packed(flat: np.ndarray, levels: int) -> bytes:
     return bytes([group]) + np.packbits(bits, bitorder="little").tobytes()
 
 
-def _decode_packed(body: bytes, n: int, levels: int) -> np.ndarray:
+def _decode_packed(body: bytes, n: int, levels: int, dtype: type) -> np.ndarray:
     if len(body) < 1:
         raise ValueError("packed message has no group byte: truncated.")
     group = body[0]
@@ -313,7 +313,9 @@ def _decode_packed(body: bytes, n: int, levels: int) -> np.ndarray:
     if len(body) != expected:
         raise ValueError(f"packed payload is {len(body)} bytes but {n} indices at levels={levels} need {expected}.")
     bits = np.unpackbits(np.frombuffer(body, np.uint8, offset=1), bitorder="little")
-    out = np.empty(n, np.int64)
+    # Every field fits the output dtype (width <= 8 bits for L <= 256), so out-of-range values survive
+    # the store and are caught below.
+    out = np.empty(n, dtype)
     pos = 0
     for start, count, g in ((0, full, group), (full * group, 1 if rest else 0, rest)):
         if count == 0:
@@ -414,7 +416,7 @@ def _encode_ans(flat: np.ndarray, shape: tuple[int, ...], levels: int, model: st
     return bytes([MODELS[kind], width]) + np.packbits(counts_bits, bitorder="little").tobytes() + words
 
 
-def _decode_ans(body: bytes, shape: tuple[int, ...], levels: int) -> np.ndarray:
+def _decode_ans(body: bytes, shape: tuple[int, ...], levels: int, dtype: type) -> np.ndarray:
     if len(body) < 2:
         raise ValueError("ans message has no model header: truncated.")
     kind_id, width = body[0], body[1]
@@ -452,7 +454,7 @@ def _decode_ans(body: bytes, shape: tuple[int, ...], levels: int) -> np.ndarray:
         )
     if not np.any(coded) and payload:
         raise ValueError("ans message has payload words but every channel is constant: corrupt message.")
-    out = np.empty((rows, c), np.int64)
+    out = np.empty((rows, c), dtype)
     try:
         coder = constriction.stream.stack.AnsCoder(np.frombuffer(payload, "<u4").astype(np.uint32))
         for ch, m in enumerate(_models(q)):

@@ -432,6 +432,9 @@ def test_bad_config_and_inputs_raise_clear_errors():
         q.apply(v, x, jnp.ones((3, 5)))
     with pytest.raises(ValueError, match="integer level indices"):
         q.apply(v, jnp.zeros((2, DIM)), method="decode")
+    qe, ve, _ = _make("linear", "ema")
+    with pytest.raises(ValueError, match="batch_stats"):
+        qe.apply({"params": ve["params"]}, x, method="encode")
 
 
 def test_every_level_is_reachable():
