@@ -11,7 +11,7 @@ For each L it prints bits/index (message bytes·8 / n, headers included) for ``p
 (global, channel and auto model), zstd on the uint8 indices and on the packed bytes, and the empirical
 entropy H of the message; then encode/decode throughput in million indices per second.
 
-Usage: python bench/codec_bench.py [--rows 728] [--channels 1280] [--levels 2-32] [--repeat 3]
+Usage (from the repository root): python -m bench.codec_bench [--rows 728] [--channels 1280] [--levels 2-32] [--repeat 3]
 """
 
 from __future__ import annotations
