@@ -258,3 +258,48 @@ def test_tokenizer_loads_offline(tmp_path):
         load_tokenizer(str(tmp_path / "empty") if os.makedirs(tmp_path / "empty") is None else "")
     with pytest.raises(FileNotFoundError, match="never downloads"):
         load_tokenizer("meta-llama/Llama-2-7b-hf")
+
+
+def test_factory_checkpoint_with_openelm_the_papers_llm(base, tmp_path):
+    """The paper's model shape in miniature: SigLIP + mlp2x_gelu + OpenELM (per-layer heads, qk-norm,
+    GQA, tied embeddings) in the Factory layout, whose LLM keys are language_model.transformer.*."""
+    from qtl_jax.models.decoder import DecoderConfig, init_shapes
+    from qtl_jax.weights.llm_maps import llm_rules
+
+    _, _, _, params, tensors, config = base
+    openelm = dict(model_type="openelm", num_transformer_layers=2, model_dim=64, head_dim=16, vocab_size=512,
+                   num_query_heads=[4, 2], num_kv_heads=[2, 1], ffn_multipliers=[0.5, 1.0], ffn_dim_divisor=16,
+                   ffn_with_glu=True, normalize_qk_projections=True, share_input_output_layers=True)
+    llm_cfg = DecoderConfig.from_hf(openelm)
+    rng = np.random.default_rng(1)  # random weights of the right shapes: tracing is cheap, compiling init is not
+    llm_params = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32) * 0.1, init_shapes(llm_cfg))
+    llm_tensors = keymap.export(keymap.flatten(llm_params), llm_rules(llm_cfg))
+    assert any(k.startswith("transformer.layers.1.attn.qkv_proj") for k in llm_tensors)
+    f_tensors, f_cfg = _factory(tensors, config)
+    f_tensors = {k: v for k, v in f_tensors.items() if not k.startswith("language_model.")}
+    f_tensors.update({f"language_model.{k}": np.asarray(v) for k, v in llm_tensors.items()})
+    model, loaded = load_pretrained(_write(str(tmp_path), f_tensors, {**f_cfg, "text_config": openelm}), verbose=False)
+    assert model.config.llm.family == "openelm" and model.config.llm.num_heads == (4, 2)
+    _same(loaded["llm"], llm_params)
+    _same(loaded["vision_tower"], params["vision_tower"])
+    ids = jnp.asarray([[5, -200, 6, 7]])
+    out = jax.jit(model.apply)({"params": loaded}, ids, jnp.zeros((1, 32, 32, 3)))
+    assert out.logits.shape == (1, 4 + 14, 512) and bool(jnp.isfinite(out.logits).all())
+    with pytest.raises(NotImplementedError, match="OpenELM is not in transformers"):
+        export_llava_hf(model, loaded, str(tmp_path / "out"), image_token_index=3)
+
+
+def test_tied_gemma_export_round_trip(tmp_path):
+    torch.manual_seed(5)
+    hf = T.LlavaForConditionalGeneration(T.LlavaConfig(
+        vision_config=T.CLIPVisionConfig(**VISION), text_config=T.GemmaConfig(**{**TEXT, "num_key_value_heads": 1}, head_dim=16),
+        image_token_index=511, vision_feature_layer=-2, vision_feature_select_strategy="default")).eval()
+    hf.save_pretrained(str(tmp_path / "src"))
+    model, params = load_pretrained(str(tmp_path / "src"), verbose=False)
+    assert model.config.llm.tie_word_embeddings and "lm_head" not in params["llm"]
+    again = T.LlavaForConditionalGeneration.from_pretrained(export_llava_hf(model, params, str(tmp_path / "out"))).eval()
+    ids = torch.from_numpy(np.random.default_rng(0).integers(0, 500, (1, 20)))
+    ids[0, 2:18] = 511
+    pixels = torch.from_numpy(np.random.default_rng(1).normal(size=(1, 3, 32, 32)).astype(np.float32))
+    with torch.no_grad():
+        assert (hf(input_ids=ids, pixel_values=pixels).logits - again(input_ids=ids, pixel_values=pixels).logits).abs().max() <= 1e-6
