@@ -5,6 +5,7 @@ import struct
 import time
 import zlib
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qtl_jax import codec
+from qtl_jax.quantizer import Quantizer, QuantizerConfig
 
 HEAD = 12  # magic, version, method, ndim, reserved, levels
 
@@ -273,3 +275,17 @@ def test_fuzz_decode_never_crashes_thousands(data):
 def test_random_bytes_raise_value_error(blob):
     for msg in (blob, b"QTLC\x01" + blob, _reseal(b"QTLC\x01" + blob)):
         _check_decode(msg)
+
+
+@pytest.mark.parametrize("bound", ["linear", "none"])
+def test_quantizer_codes_through_the_wire_reproduce_the_fused_forward(bound):
+    q = Quantizer(QuantizerConfig(dim=16, levels=5, bound=bound))
+    x = jax.random.normal(jax.random.key(0), (2, 6, 16))
+    v = q.init(jax.random.key(1), x)
+    fused = np.asarray(q.apply(v, x).y)
+    codes = q.apply({"params": {k: p for k, p in v.get("params", {}).items() if k == "in_proj"}}, x, method="encode").codes
+    messages = [codec.encode_fp16(codes)] if bound == "none" else [codec.encode(codes, 5, m) for m in ("packed", "ans")]
+    for msg in messages:
+        received = codec.decode(msg)
+        server = {"params": {k: p for k, p in v.get("params", {}).items() if k == "out_proj"}}
+        np.testing.assert_array_equal(np.asarray(q.apply(server, jnp.asarray(received), method="decode")), fused)
