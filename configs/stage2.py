@@ -1,0 +1,58 @@
+r"""Stage 2 (visual instruction tuning): connector + quantizers + the full LLM train; tower frozen.
+
+Paper recipe (method.md §5.1): LLaVA-1.5 mix-665k with the ``llama`` template, initialised from the
+stage-1 checkpoint, AdamW lr 2e-5, no weight decay, 3% warmup then cosine, global batch 16, 1 epoch::
+
+    python train.py --config=configs/stage2.py --workdir=/runs/stage2 \
+        --config.init.from_workdir=/runs/stage1 \
+        --config.data.dataset_dir=$TFDS/llava_json/llava_mix665k/1.0.0 \
+        --config.eval.dataset_dir=$TFDS/llava_json/<held-out>/1.0.0
+
+or from a converted Hugging Face checkpoint (TinyLLaVA Factory / llava-hf / official
+Quantized-TinyLLaVA layouts; the latter's quantizer projections are loaded too) with
+``--config.init.checkpoint=/ckpt/dir`` instead of ``init.from_workdir``. Not run here (no weights/data).
+
+Demo (``configs/stage2.py:demo``): continues the stage-1 demo (default ``init.from_workdir``
+``/tmp/qtl_demo/stage1``) on shapes instructions, then evaluates answer exact match on held-out
+questions::
+
+    python train.py --config=configs/stage2.py:demo --workdir=/tmp/qtl_demo/stage2
+
+Measured on this 2-core CPU machine (shared, loaded): DEMO_STAGE2_FIGURES
+"""
+
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    c = common.base_config()
+    c.stage = 2
+    c.data.template = "llama"
+    c.data.shapes.stream = "instruct"
+    c.eval.template = "llama"
+    c.eval.shapes_stream = "instruct"
+    c.optimizer.param_groups = common.STAGE2_GROUPS
+    c.optimizer.lr = 2e-5
+    c.optimizer.weight_decay = 0.0
+    c.optimizer.warmup_ratio = 0.03
+    c.global_batch_size = 16
+    if arg == "demo":
+        common.demo_overrides(c)
+        c.init.from_workdir = "/tmp/qtl_demo/stage1"
+        c.optimizer.param_groups = common.ALL_GROUPS
+        c.optimizer.lr = 2e-3
+        c.optimizer.weight_decay = 0.0
+        c.global_batch_size = 32
+        c.total_steps = 300
+        c.data.shapes.n_pretrain = 4000
+        c.data.shapes.n_instruct = 4000
+    elif arg == "tiny":  # for tests: the demo's code path at toy size
+        common.tiny_overrides(c)
+        c.optimizer.lr = 1e-3
+        if c.stage == 2:
+            c.init.from_workdir = None
+    elif arg:
+        raise ValueError(f"unknown config variant {arg!r}; use configs/stage2.py, :demo or :tiny")
+    return c

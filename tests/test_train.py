@@ -1,0 +1,179 @@
+"""The training job: configs, train_and_evaluate end to end at toy size, logs, eval, stage chaining, NaN stop."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from configs import stage1, stage2
+from qtl_jax.data.constants import IGNORE_INDEX
+from qtl_jax.train import checkpoint as ckptlib
+from qtl_jax.train import demo_eval, loop
+from qtl_jax.train.metrics_log import read_jsonl
+
+REQUIRED_FIELDS = ("step", "loss", "ce", "uplink_bytes_fp16", "uplink_bytes_packed", "uplink_bytes_ans",
+                   "downlink_bytes", "examples_per_sec", "tokens_per_sec", "step_time", "lr", "dist_image",
+                   "dist_text", "entropy_image", "entropy_text")
+
+
+def tiny(stage: int, data_dir: str, **overrides):
+    c = (stage1 if stage == 1 else stage2).get_config("tiny")
+    c.data.data_dir = data_dir
+    for k, v in overrides.items():
+        node = c
+        *parents, leaf = k.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = v
+    return c
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("shapes_data"))
+
+
+@pytest.fixture(scope="module")
+def stage1_run(tmp_path_factory, data_dir):
+    workdir = str(tmp_path_factory.mktemp("stage1"))
+    result = loop.train_and_evaluate(tiny(1, data_dir), workdir)
+    return workdir, result
+
+
+# ---------------------------------------------------------------------------------------------------
+# Configs.
+
+def test_paper_recipes():
+    c1, c2 = stage1.get_config(), stage2.get_config()
+    assert (c1.optimizer.lr, c1.optimizer.weight_decay, c1.optimizer.warmup_ratio, c1.global_batch_size) == (
+        5e-4, 0.1, 0.02, 64)
+    assert (c2.optimizer.lr, c2.optimizer.weight_decay, c2.optimizer.warmup_ratio, c2.global_batch_size) == (
+        2e-5, 0.0, 0.03, 16)
+    for c in (c1, c2):
+        assert c.optimizer.schedule == "cosine" and c.data.num_epochs == 1 and c.total_steps == -1
+        assert c.quantizer.levels == 4 and c.model.max_length == 2048 and c.model.source == "components"
+    assert c1.data.template == "pretrain" and c2.data.template == "llama"
+    frozen1 = {p for p, v in c1.optimizer.param_groups if v == "frozen"}
+    frozen2 = {p for p, v in c2.optimizer.param_groups if v == "frozen"}
+    assert frozen1 == {r"client/vision_tower/.*", r"client/embed_tokens/.*", r"server/llm/.*"}
+    assert frozen2 == {r"client/vision_tower/.*"}
+
+
+def test_demo_variants_train_everything():
+    for mod in (stage1, stage2):
+        c = mod.get_config("demo")
+        assert c.optimizer.param_groups == ((".*", 1.0),)
+        assert c.data.kind == "shapes" and c.model.source == "random"
+        assert c.model.vision.image_size == 64 and c.model.vision.patch_size == 8 and c.model.llm.hidden_size == 128
+    assert stage2.get_config("demo").init.from_workdir == "/tmp/qtl_demo/stage1"
+    with pytest.raises(ValueError, match="unknown config variant 'nope'"):
+        stage1.get_config("nope")
+
+
+def test_missing_checkpoint_paths_name_the_option(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"--config\.model\.vision_dir="):
+        loop.train_and_evaluate(stage1.get_config(), str(tmp_path / "a"))
+    c = stage1.get_config()
+    c.model.vision_dir = str(tmp_path)
+    c.model.llm_dir = str(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match=r"model\.llm_dir=.*does not exist"):
+        loop.train_and_evaluate(c, str(tmp_path / "b"))
+    c = stage2.get_config()
+    c.init.checkpoint = str(tmp_path / "missing_ckpt")
+    with pytest.raises(FileNotFoundError, match=r"--config\.init\.checkpoint="):
+        loop.train_and_evaluate(c, str(tmp_path / "c"))
+    c = stage2.get_config("demo")
+    c.init.from_workdir = str(tmp_path / "no_stage1")
+    with pytest.raises(FileNotFoundError, match=r"--config\.init\.from_workdir="):
+        loop.train_and_evaluate(c, str(tmp_path / "d"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Evaluation scoring.
+
+def test_answer_spans_and_scores():
+    # Two rows; targets are labels shifted by one. Row 0 has answers at target positions 1-2 and 4;
+    # row 1 one answer at 0-2.
+    labels = np.full((2, 6), IGNORE_INDEX)
+    labels[0, 2:4] = [5, 6]
+    labels[0, 5] = 7
+    labels[1, 1:4] = [5, 6, 8]
+    assert demo_eval.answer_spans(labels[:, 1:]) == [(0, 1, 3), (0, 4, 5), (1, 0, 3)]
+    logits = np.zeros((2, 6, 10))
+    # Row 0: predicts 5, 6 (right) then 3 (wrong); row 1: 5, 6 right, 9 wrong.
+    for row, pos, tok in [(0, 1, 5), (0, 2, 6), (0, 4, 3), (1, 0, 5), (1, 1, 6), (1, 2, 9)]:
+        logits[row, pos, tok] = 1.0
+    t = demo_eval.Tally()
+    t.add(logits, labels, ce=2.0)
+    r = t.results()
+    assert r["exact_match"] == pytest.approx(1 / 3)
+    assert r["token_accuracy"] == pytest.approx(4 / 6)
+    assert r["majority_token_accuracy"] == pytest.approx(2 / 6)  # 5 and 6 twice each
+    assert r["majority_exact_match"] == pytest.approx(1 / 3)  # three distinct answers
+    assert (r["answers"], r["target_tokens"], r["ce"]) == (3, 6, 2.0)
+    with pytest.raises(ValueError, match="no answer tokens"):
+        demo_eval.Tally().results()
+
+
+def test_per_sample_pixels_undoes_placeholder_order():
+    # Sample 1 is text-only; the pipeline puts sample 2's image in row 1 and a zero image last.
+    pixels = np.stack([np.full((2, 2, 3), v, np.float32) for v in (1.0, 3.0, 0.0)])
+    batch = {"pixel_values": pixels, "image_index": np.array([0, -1, 1])}
+    out = loop.per_sample_pixels(batch)["pixel_values"]
+    np.testing.assert_array_equal(out[:, 0, 0, 0], [1.0, 0.0, 3.0])
+
+
+# ---------------------------------------------------------------------------------------------------
+# End to end (toy size).
+
+def test_stage1_writes_metrics_checkpoints_eval(stage1_run):
+    workdir, result = stage1_run
+    records = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    assert [r["step"] for r in records] == list(range(1, 7))
+    for r in records:
+        missing = [k for k in REQUIRED_FIELDS if k not in r]
+        assert not missing, missing
+        assert np.isfinite(r["loss"]) and r["uplink_bytes_ans"] < r["uplink_bytes_packed"] < r["uplink_bytes_fp16"]
+        assert r["loss"] == pytest.approx(r["ce"] + r["dist_image"] + r["dist_text"])
+    assert result["step"] == 6 and result["loss"] == records[-1]["loss"]
+    assert sorted(ckptlib.Checkpointer(workdir).all_steps()) == [3, 6]
+    assert os.listdir(os.path.join(workdir, "tensorboard"))
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["stage"] == 1
+    ev = read_jsonl(os.path.join(workdir, "eval.jsonl"))
+    assert len(ev) == 1 and ev[0]["step"] == 6 and ev[0] == {"step": 6, **result["eval"]}
+    assert 0 <= ev[0]["exact_match"] <= 1 and ev[0]["answers"] == 16  # one caption per held-out sample
+
+
+def test_stage2_starts_from_stage1_params(stage1_run, data_dir, tmp_path):
+    workdir1, _ = stage1_run
+    c = tiny(2, data_dir, **{"init.from_workdir": workdir1, "total_steps": 1, "eval.enabled": False})
+    setup = loop.build_setup(c, str(tmp_path), jax.random.key(0))
+    from qtl_jax.split import mesh as meshlib
+    from qtl_jax.split import step as steplib
+
+    meshes = meshlib.split_meshes(0, 0)
+    fresh = steplib.create_train_state(setup.model, jax.random.key(1), meshes, c.optimizer.to_dict(), 1)
+    started = loop._initial_params(c, setup, fresh)
+    saved, _ = ckptlib.Checkpointer(workdir1).restore(fresh)
+    for a, b in zip(jax.tree.leaves((started.client.params, started.server.params)),
+                    jax.tree.leaves((saved.client.params, saved.server.params))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert int(started.step) == 0  # params only: the new stage starts at step 0 with fresh optimizer state
+    result = loop.train_and_evaluate(c, str(tmp_path / "stage2"))
+    assert result["step"] == 1 and np.isfinite(result["loss"])
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path):
+    workdir = str(tmp_path)
+    c = tiny(1, data_dir, **{"debug.poison_step": 4, "checkpoint_every": 2, "eval.enabled": False})
+    with pytest.raises(loop.NonFiniteLossError, match=r"loss is nan at step 5.*last good checkpoint is step 4"):
+        loop.train_and_evaluate(c, workdir)
+    assert sorted(ckptlib.Checkpointer(workdir).all_steps()) == [2, 4]
+    assert [r["step"] for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))] == [1, 2, 3, 4]
+    # The intact checkpoint resumes: without the poison the run finishes from step 4.
+    c.debug.poison_step = -1
+    result = loop.train_and_evaluate(c, workdir)
+    assert result["step"] == 6 and np.isfinite(result["loss"])
