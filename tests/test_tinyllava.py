@@ -16,7 +16,7 @@ import transformers as T
 
 from qtl_jax import load_pretrained
 from qtl_jax.models.tinyllava import TinyLlava, compute_layout, scatter
-from qtl_jax.weights import keymap, safetensors_io
+from qtl_jax.weights import safetensors_io
 
 TOL = 1e-4
 IMAGE_ID = 511

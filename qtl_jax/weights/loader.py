@@ -17,20 +17,18 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from qtl_jax.data.constants import IMAGE_TOKEN_INDEX
 from qtl_jax.models.connector import Connector, ConnectorConfig
-from qtl_jax.models.decoder import DecoderConfig, dtype_from_name, init_shapes
+from qtl_jax.models.decoder import FAMILIES, DecoderConfig, dtype_from_name, init_shapes
 from qtl_jax.models.tinyllava import TinyLlava, TinyLlavaConfig, abstract_params
 from qtl_jax.models.vision import VisionConfig, VisionTower, vision_rules
 from qtl_jax.weights import keymap, layouts, safetensors_io
-from qtl_jax.weights.llm_maps import llm_rules
 from qtl_jax.weights.keymap import Rule, with_prefix
-from qtl_jax.models.decoder import FAMILIES
+from qtl_jax.weights.llm_maps import llm_rules
 
 # Config fields callers may override at load time.
-_OVERRIDES = ("max_length", "max_images_per_sample", "padding_side", "remat")
+_OVERRIDES = ("max_length", "max_images_per_sample", "padding_side", "remat", "scale_image_embeddings")
 
 
 def _read_json(path: str) -> dict[str, Any]:
@@ -144,7 +142,7 @@ def load_pretrained(
       a SigLIP/CLIP vision checkpoint and a causal LM, for stage 1. The connector
       (``connector_type``) is freshly initialised N(0, 0.02^2) with zero bias from ``key`` (required).
     * ``dtype`` is the compute dtype (params are always fp32); ``overrides``: ``max_length``,
-      ``max_images_per_sample``, ``padding_side``, ``remat``.
+      ``max_images_per_sample``, ``padding_side``, ``remat``, ``scale_image_embeddings``.
     * Quantized-TinyLLaVA checkpoints carry quantizer projections this loader does not load yet:
       pass ``drop_quantizer=True`` to load the base model and skip them explicitly.
     """
