@@ -101,7 +101,11 @@ def run(config, meshes, mode, link=None, steps=STEPS, key=0):
     for i in range(steps):
         state, metrics = step(state, BATCHES[i])
         history.append(metrics)
-    return initial, jax.device_get(state), history
+    devices = {name: {d.id for x in jax.tree_util.tree_leaves(getattr(state, name)) for d in x.devices()}
+               for name in ("client", "server")}
+    kernel = state.server.params["llm"]["layers_0"]["mlp"]["up_proj"]["kernel"]
+    layout = (kernel.sharding.spec, kernel.addressable_shards[0].data.shape)
+    return initial, jax.device_get(state), history, devices, layout
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +133,7 @@ def assert_trees_close(a, b, tol=TOL):
 
 
 def check_same_run(split, fused):
-    (_, s_state, s_hist), (_, f_state, f_hist) = split, fused
+    (_, s_state, s_hist, *_), (_, f_state, f_hist, *_) = split, fused
     for s, f in zip(s_hist, f_hist):
         for k in ("loss", "ce", "dist_image", "dist_text", "entropy_image", "entropy_text", "tokens"):
             np.testing.assert_allclose(s[k], f[k], rtol=TOL, atol=TOL, err_msg=k)
@@ -145,7 +149,7 @@ def test_split_equals_fused_client2_server6_fsdp2(split_2_6, fused):
     run_, _, meshes = split_2_6
     check_same_run(run_, fused)
     # The training actually moved the trained parameters.
-    initial, final, hist = fused
+    initial, final, hist, *_ = fused
     assert not np.allclose(initial[1]["llm"]["layers_1"]["mlp"]["up_proj"]["kernel"],
                            final.server.params["llm"]["layers_1"]["mlp"]["up_proj"]["kernel"])
     assert hist[0]["target_tokens"] > 0 and hist[0]["examples"] == B
@@ -157,19 +161,14 @@ def test_split_equals_fused_client6_fsdp3_server2(config, fused):
 
 
 def test_partitions_live_on_their_own_disjoint_devices(split_2_6):
-    (_, _, _), link, meshes = split_2_6
+    (_, _, _, devices, (spec, shard_shape)), _, meshes = split_2_6
     client_ids = {d.id for d in meshes.client.devices.flat}
     server_ids = {d.id for d in meshes.server.devices.flat}
     assert len(client_ids) == 2 and len(server_ids) == 6 and not client_ids & server_ids
-    state = steplib.create_train_state(tiny_config(), jax.random.key(0), meshes, OPTIMIZER, 10,
-                                       sharding_rules=SHARDING)
-    for leaf in jax.tree_util.tree_leaves(state.client):
-        assert {d.id for d in leaf.devices()} == client_ids
-    for leaf in jax.tree_util.tree_leaves(state.server):
-        assert {d.id for d in leaf.devices()} == server_ids
-    # FSDP over the server's fsdp axis (size 2), per the rules.
-    kernel = state.server.params["llm"]["layers_0"]["mlp"]["up_proj"]["kernel"]
-    assert "fsdp" in kernel.sharding.spec and kernel.addressable_shards[0].data.size == kernel.size // 2
+    # Every leaf of each partition's state (params, optimizer state, statistics) after two steps.
+    assert devices == {"client": client_ids, "server": server_ids}
+    # FSDP over the server's fsdp axis (size 2), per the rules: the [32, 48] kernel is split in two.
+    assert spec == jax.sharding.PartitionSpec(None, "fsdp") and shard_shape == (D, 24)
 
 
 def test_only_integer_arrays_go_up_and_float32_cotangents_come_down(split_2_6):
@@ -201,7 +200,7 @@ def test_a_float_uplink_is_refused():
 
 
 def test_byte_counts_are_the_codec_output_of_the_real_positions(split_2_6):
-    (_, _, hist), link, _ = split_2_6
+    (_, _, hist, *_), link, _ = split_2_6
     for (step, up), (_, down), metrics in zip(link.up, link.down, hist):
         real_images = up.image_codes[:5]
         real_text = up.text_codes[up.text_positions()]
@@ -249,7 +248,7 @@ def test_measure_every_and_bf16_downlink():
 
 
 def test_frozen_parameters_do_not_move_and_the_embedding_copies_are_separate(split_2_6, fused):
-    for (initial, final, _) in (split_2_6[0], fused):
+    for (initial, final, *_) in (split_2_6[0], fused):
         assert_trees_close(initial[0]["vision_tower"], final.client.params["vision_tower"], tol=0)
         # The two embedding copies start equal and are trained independently.
         np.testing.assert_array_equal(initial[0]["embed_tokens"]["embedding"], initial[1]["llm"]["embed_tokens"]["embedding"])
@@ -258,9 +257,10 @@ def test_frozen_parameters_do_not_move_and_the_embedding_copies_are_separate(spl
         assert not np.allclose(initial[0]["connector"]["fc_0"]["kernel"], final.client.params["connector"]["fc_0"]["kernel"])
 
 
-def test_frozen_vision_tower_gets_no_gradient_and_client_keeps_no_backward_for_it(config):
-    """The stop_gradient on frozen leaves: the client's vjp residuals do not depend on the tower weights."""
-    params, stats = qm.init_split_params(config, jax.random.key(1))
+def test_frozen_vision_tower_gets_no_gradient(config, fused):
+    """The stop_gradient on frozen leaves: no gradient (and no backward residuals) for the tower weights."""
+    client, server = fused[0]
+    params, stats = {"client": client, "server": server}, fused[1].client.batch_stats
     opts = steplib.make_split_optimizers(OPTIMIZER, 10, params)
     assert all(jax.tree_util.tree_leaves(opts.client_frozen["vision_tower"]))
     assert not any(jax.tree_util.tree_leaves(opts.client_frozen["connector"]))
@@ -280,7 +280,7 @@ def test_server_reads_nothing_but_real_positions(config, split_2_6):
     """Garbage at placeholder, padding and dummy-image positions leaves the server's loss bit-identical."""
     _, link, _ = split_2_6
     up = link.up[0][1]
-    _, final, _ = split_2_6[0]
+    final = split_2_6[0][1]
     sp = final.server.params
     loss = jax.jit(lambda p, u: qm.server_loss(config, p, u)[0])
     rng = np.random.default_rng(3)
@@ -295,7 +295,7 @@ def test_server_reads_nothing_but_real_positions(config, split_2_6):
 
 def test_eval_step_equals_fused_forward(config, fused):
     meshes = split_meshes(0, 0, devices=jax.devices()[:6])
-    _, final, _ = fused
+    final = fused[1]
     state = jax.device_put(final, jax.sharding.NamedSharding(meshes.client, jax.sharding.PartitionSpec()))
     out = steplib.make_eval_step(config, meshes)(state, BATCHES[0])
     params = {"client": final.client.params, "server": final.server.params}
@@ -318,11 +318,15 @@ def test_param_paths_for_rules(config):
                              "client/text_q", "server/llm/", "server/image_q", "server/text_q")) for p in paths)
 
 
-def test_fp16_baseline_sends_float16_and_counts_two_bytes_per_value():
+def test_fp16_baseline_sends_float16_and_counts_two_bytes_per_value(fused):
     config = tiny_config(text_scaling="batch", bound="none")
-    params, stats = qm.init_split_params(config, jax.random.key(0))
-    assert params["client"]["image_quantizer"] == {} and params["server"]["text_quantizer"] == {}
-    out = jax.jit(lambda p, b: qm.client_forward(config, p, stats, b))(params["client"], BATCHES[0])
+    shapes = jax.eval_shape(lambda k: qm.init_split_params(config, k), jax.random.key(0))
+    assert shapes[0]["client"]["image_quantizer"] == {} and shapes[0]["server"]["text_quantizer"] == {}
+    assert shapes[1] == {}
+    # The base model's params are those of the quantized model, minus the projections.
+    client = {k: v for k, v in fused[0][0].items() if not k.endswith("quantizer")}
+    client.update(image_quantizer={}, text_quantizer={})
+    out = jax.jit(lambda p, b: qm.client_forward(config, p, {}, b))(client, BATCHES[0])
     assert out.uplink.image_codes.dtype == jnp.float16 and out.uplink.image_levels == 0
     linklib.check_uplink(out.uplink)
     counts = linklib.uplink_counts(jax.device_get(out.uplink))
@@ -340,11 +344,11 @@ def test_bad_configs_batches_and_modes_are_clear_errors(config):
     with pytest.raises(KeyError, match="batch lacks \\['has_image'\\]"):
         qm.check_batch(config, {k: v for k, v in BATCHES[0].items() if k != "has_image"})
     meshes = split_meshes(2, 6)
-    opts = steplib.make_split_optimizers(OPTIMIZER, 10, qm.init_split_params(config, jax.random.key(0))[0])
+    shapes = jax.eval_shape(lambda k: qm.init_split_params(config, k)[0], jax.random.key(0))
+    opts = steplib.make_split_optimizers(OPTIMIZER, 10, shapes)
     with pytest.raises(ValueError, match="build them with split_meshes\\(0, 0\\)"):
         steplib.make_train_step(config, meshes, opts, mode="fused")
     with pytest.raises(ValueError, match="mode='both'"):
         steplib.make_train_step(config, meshes, opts, mode="both")
     with pytest.raises(ValueError, match="no param_groups rule covers"):
-        steplib.make_split_optimizers(dict(OPTIMIZER, param_groups=[("client/.*", 1.0)]), 10,
-                                      qm.init_split_params(config, jax.random.key(0))[0])
+        steplib.make_split_optimizers(dict(OPTIMIZER, param_groups=[("client/.*", 1.0)]), 10, shapes)

@@ -124,6 +124,10 @@ def partition_shardings(params: Any, mesh, sharding_rules: Sequence[tuple[str, A
     return param_shardings({partition: params}, mesh, list(sharding_rules))[partition]
 
 
+# Compiled once per config (eager initialisation dispatches thousands of small ops).
+_init_params = jax.jit(qm.init_split_params, static_argnums=0)
+
+
 def create_train_state(
     config: QuantizedTinyLlavaConfig,
     key: jax.Array,
@@ -140,8 +144,7 @@ def create_train_state(
     paths) lay the params out on each sub-mesh's ``fsdp`` axis; optimizer moments follow their params.
     """
     k_init, k_rng = jax.random.split(key)
-    init = jax.jit(lambda k, p: qm.init_split_params(config, k, p))
-    params, batch_stats = init(k_init, None if pretrained is None else dict(pretrained))
+    params, batch_stats = _init_params(config, k_init, None if pretrained is None else dict(pretrained))
     optimizers = make_split_optimizers(optimizer_configs, total_steps, params)
     parts = {}
     for name in PARTITIONS:
