@@ -55,6 +55,8 @@ _MAX_WORD_BITS = 128
 _GLOBAL_TOTALS = (1 << 8, 1 << 12, 1 << 16, 1 << 20)
 _CHANNEL_TOTALS = (1 << 4, 1 << 6, 1 << 8, 1 << 10, 1 << 12)
 
+_DECODE_CHUNK = 1 << 20
+
 _HEAD = struct.Struct("<4sBBBBI")
 _CRC = struct.Struct("<I")
 
@@ -452,7 +454,13 @@ def _decode_ans(body: bytes, shape: tuple[int, ...], levels: int, dtype: type) -
     try:
         coder = constriction.stream.stack.AnsCoder(np.frombuffer(payload, "<u4").astype(np.uint32))
         for ch, m in enumerate(_models(q)):
-            out[:, ch] = coder.decode(m, rows) if m is not None else int(np.argmax(q[ch]))
+            if m is None:
+                out[:, ch] = int(np.argmax(q[ch]))
+                continue
+            # In chunks: constriction returns int32, 4x the output's bytes.
+            for start in range(0, rows, _DECODE_CHUNK):
+                stop = min(start + _DECODE_CHUNK, rows)
+                out[start:stop, ch] = coder.decode(m, stop - start)
         empty = coder.is_empty()
     except (ValueError, RuntimeError, OverflowError) as err:
         raise ValueError(f"ans payload does not decode: {err}") from err
