@@ -9,10 +9,12 @@ from typing import Any
 __version__ = "0.1.0"
 
 
-def load_pretrained(path: str, **kwargs: Any):
+def load_pretrained(path: Any = None, **kwargs: Any):
     """Loads a local checkpoint directory (any supported layout): returns ``(model, params)``.
 
-    Imported lazily so ``import qtl_jax`` stays cheap. See ``qtl_jax.weights.loader.load_pretrained``.
+    ``load_pretrained(dir)`` for a whole checkpoint, or ``load_pretrained(vision_dir=..., llm_dir=...)``
+    for separately pretrained parts (stage 1). Imported lazily so ``import qtl_jax`` stays cheap; see
+    ``qtl_jax.weights.loader.load_pretrained`` for every option.
     """
     from qtl_jax.weights.loader import load_pretrained as _load_pretrained
 
