@@ -352,3 +352,21 @@ def test_bad_configs_batches_and_modes_are_clear_errors(config):
         steplib.make_train_step(config, meshes, opts, mode="both")
     with pytest.raises(ValueError, match="no param_groups rule covers"):
         steplib.make_split_optimizers(dict(OPTIMIZER, param_groups=[("client/.*", 1.0)]), 10, shapes)
+
+
+@pytest.mark.slow
+def test_bf16_compute_with_remat_trains_close_to_fp32(fused):
+    """bf16 compute + remat through the split step: params stay fp32, the wire stays integer / fp32."""
+    base = tiny_config()
+    config = dataclasses.replace(
+        base, model=dataclasses.replace(base.model, dtype=jnp.bfloat16, remat=True),
+        image_quantizer=dataclasses.replace(base.image_quantizer, dtype=jnp.bfloat16),
+        text_quantizer=dataclasses.replace(base.text_quantizer, dtype=jnp.bfloat16),
+    )
+    meshes = split_meshes(2, 6, server_fsdp=2)
+    link = RecordingLink(linklib.InProcessLink(meshes))
+    _, final, hist, *_ = run(config, meshes, "split", link)
+    assert all(x.dtype == np.float32 for x in jax.tree_util.tree_leaves(final.server.params))
+    assert link.up[0][1].text_codes.dtype == np.uint8 and link.down[0][1].text_grad.dtype == np.float32
+    for bf16, fp32 in zip(hist, fused[2]):
+        assert np.isfinite(bf16["loss"]) and abs(bf16["ce"] - fp32["ce"]) < 0.25
