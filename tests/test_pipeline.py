@@ -108,9 +108,10 @@ def test_template_conversation_errors_are_counted_skips(shapes_data):
 
 def test_tokenization_mismatch_is_a_counted_skip(tmp_path):
     # A word-level tokenizer that does not treat "</s>" as special and has a word spanning the end
-    # of one answer and the next question: the template's segment boundaries then move.
+    # of one answer and the next question: the template's segment boundaries then move. "</s>" is in
+    # the vocabulary (templates require their end token) but not special, so it does not split words.
     words = ["<unk>", "<pad>", "<image>", "USER:", "ASSISTANT:", "hi", "yes</s>", "yes</s>USER:",
-             "more", "no</s>"] + templates.VICUNA_SYSTEM.split()
+             "more", "no</s>", "</s>"] + templates.VICUNA_SYSTEM.split()
     tok_obj = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok_obj.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok = PreTrainedTokenizerFast(tokenizer_object=tok_obj, unk_token="<unk>", pad_token="<pad>")
