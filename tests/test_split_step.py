@@ -49,7 +49,7 @@ def tiny_config(text_scaling: str = "ema", **quantizer) -> qm.QuantizedTinyLlava
 def make_batch(seed: int) -> dict[str, np.ndarray]:
     """6 samples: one placeholder at position 1 except sample 2 (text only); samples 3 and 5 padded.
 
-    pixel_values in placeholder order: the 5 real images first, the text-only sample's zeros last.
+    pixel_values[i] is sample i's image (zeros for the text-only sample).
     """
     rng = np.random.default_rng(seed)
     ids = rng.integers(1, VOCAB, (B, T)).astype(np.int32)
@@ -64,9 +64,8 @@ def make_batch(seed: int) -> dict[str, np.ndarray]:
     labels = np.where(np.arange(T) >= 4, ids, -100).astype(np.int32)
     labels[mask == 0] = -100
     pixels = rng.normal(size=(B, 16, 16, 3)).astype(np.float32)
-    pixels[has_image.sum():] = 0
-    return dict(input_ids=ids, attention_mask=mask, labels=labels, pixel_values=pixels, has_image=has_image,
-                image_index=np.array([0, 1, -1, 2, 3, 4], np.int32))
+    pixels[2] = 0
+    return dict(input_ids=ids, attention_mask=mask, labels=labels, pixel_values=pixels, has_image=has_image)
 
 
 BATCHES = [make_batch(s) for s in range(STEPS)]
@@ -299,12 +298,18 @@ def test_eval_step_equals_fused_forward(config, fused):
     state = jax.device_put(final, jax.sharding.NamedSharding(meshes.client, jax.sharding.PartitionSpec()))
     out = steplib.make_eval_step(config, meshes)(state, BATCHES[0])
     params = {"client": final.client.params, "server": final.server.params}
-    logits, layout, _ = jax.jit(lambda p, s, b: qm.forward(config, p, s, b))(params, final.client.batch_stats,
-                                                                         BATCHES[0])
+    forward = jax.jit(lambda p, s, b: qm.forward(config, p, s, b)[:2])
+    logits, layout = forward(params, final.client.batch_stats, BATCHES[0])
     mask = np.asarray(layout.attention_mask) > 0
     np.testing.assert_allclose(np.asarray(out["logits"])[mask], np.asarray(logits)[mask], atol=1e-5, rtol=1e-5)
     np.testing.assert_array_equal(out["labels"], layout.labels)
     assert out["logits"].shape == (B, T + 2, VOCAB) and np.isfinite(float(out["ce"]))
+    # Each sample's image reaches its own placeholder: permuting the samples (the text-only one first)
+    # permutes the outputs. The quantizer statistics are permutation invariant.
+    perm = np.array([2, 5, 0, 4, 1, 3])
+    p_logits, p_layout = forward(params, final.client.batch_stats, {k: v[perm] for k, v in BATCHES[0].items()})
+    np.testing.assert_array_equal(p_layout.attention_mask, np.asarray(layout.attention_mask)[perm])
+    np.testing.assert_allclose(np.asarray(p_logits)[mask[perm]], np.asarray(logits)[perm][mask[perm]], atol=1e-4)
 
 
 def test_param_paths_for_rules(config):

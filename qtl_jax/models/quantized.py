@@ -14,8 +14,10 @@ when both are trained. ``scaling='ema'`` quantizers keep running statistics on t
 
 Data flow of one batch (the ``factory`` convention: one -200 placeholder per image in ``input_ids``):
 
-* client (:func:`client_forward`): images ``[B, H, W, 3]`` in placeholder order, the real ones first
-  and zero images for text-only samples after them (as ``collate_batch`` orders them); tower -> connector -> image quantizer
+* client (:func:`client_forward`): images ``[B, H, W, 3]`` with ``pixel_values[i]`` the image of sample
+  ``i`` (zeros for a text-only sample, ``has_image[i] = 0``; ``qtl_jax.train.loop.per_sample_pixels``
+  turns the input pipeline's placeholder-ordered batches into this) are reordered so the real images
+  come first (the order the placeholders consume them); tower -> connector -> image quantizer
   -> ``image_codes [B, T_img, D]``. Token ids -> the client's embedding table -> vectors ``[B, T, D]``
   with the placeholder and padding positions set to zero (the paper's zero padding) -> text quantizer
   -> ``text_codes [B, T, D]``. The quantizers see every position (the paper's batch statistics include
@@ -188,10 +190,11 @@ def client_forward(
     ids = jnp.asarray(batch["input_ids"], jnp.int32)
     attention = jnp.asarray(batch["attention_mask"], jnp.int32)
     has_image = jnp.asarray(batch["has_image"], jnp.int32)
-    # pixel_values come in placeholder order (the pipeline's collate_batch): row g is the image of the g-th
-    # image-bearing sample, and the zero images of text-only samples fill the rows after the last real one.
-    image_valid = (jnp.arange(has_image.shape[0]) < jnp.sum(has_image > 0)).astype(jnp.int32)
-    pixels = jnp.asarray(batch["pixel_values"], jnp.float32)
+    # pixel_values[i] is sample i's image. Placeholder g (row-major) takes image row g, so the real images
+    # go first, in sample order (a stable sort), and the zero images of text-only samples after them.
+    order = jnp.argsort(1 - has_image, stable=True)
+    image_valid = has_image[order]
+    pixels = jnp.asarray(batch["pixel_values"], jnp.float32)[order]
     image_vectors = model.apply(
         {"params": {"vision_tower": client_params["vision_tower"], "connector": client_params["connector"]}},
         pixels, method=TinyLlava.encode_images,
