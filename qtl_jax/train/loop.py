@@ -325,7 +325,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     is_main = jax.process_index() == 0
-    key = jax.random.key(int(config.seed))
+    # A raw uint32 key rather than a typed one: jax.device_put cannot place typed key arrays on a sharding
+    # that spans several processes, which create_train_state does with the state's rng.
+    key = jax.random.key_data(jax.random.key(int(config.seed)))
     k_state, k_setup = jax.random.split(key)
     setup = build_setup(config, workdir, k_setup)
     config_json = config_to_json(config)
