@@ -28,6 +28,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -157,7 +158,7 @@ def dot_product_attention(
     Query head ``h`` reads key/value head ``h // (H/K)``, the order HF's ``repeat_kv`` produces.
     Scores and softmax are float32. Rows with no allowed key (padding queries) get a uniform
     distribution instead of NaN; their outputs are meaningless and must be ignored by the caller.
-    Kept free of module state so a KV cache can later feed it longer k/v than q.
+    Free of module state, so the KV cache feeds it longer k/v (the whole cache) than q.
     """
     b, t, h, d = q.shape
     kv = k.shape[2]
@@ -230,7 +231,18 @@ class Attention(nn.Module):
     layer: int
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray, allowed: jnp.ndarray) -> jnp.ndarray:
+    def __call__(
+        self,
+        x: jnp.ndarray,
+        cos: jnp.ndarray,
+        sin: jnp.ndarray,
+        allowed: jnp.ndarray,
+        kv_cache: tuple[jnp.ndarray, jnp.ndarray] | None = None,
+        index: jnp.ndarray | None = None,
+    ) -> Any:
+        """Without ``kv_cache``: the attention output. With it (``[B,S,K,d]`` keys and values and the
+        write slot ``index``): ``(output, (keys, values))`` with this chunk's keys/values written at
+        ``index`` and the queries attending over the whole cache (``allowed`` is ``[B,T,S]``)."""
         cfg = self.config
         h, kv, d = cfg.num_heads[self.layer], cfg.num_kv_heads[self.layer], cfg.head_dim
         dense = lambda n, bias, name: nn.Dense(  # noqa: E731
@@ -245,8 +257,15 @@ class Attention(nn.Module):
         if q_norm is not None:
             q, k = q_norm(q), k_norm(k)
         q, k = rope.apply_rotary(q, cos, sin), rope.apply_rotary(k, cos, sin)
-        out = dot_product_attention(q, k, v, allowed, d**-0.5)
-        return dense(cfg.hidden_size, cfg.o_bias, "o_proj")(out)
+        if kv_cache is None:
+            out = dot_product_attention(q, k, v, allowed, d**-0.5)
+            return dense(cfg.hidden_size, cfg.o_bias, "o_proj")(out)
+        cache_k, cache_v = kv_cache
+        start = (0, index, 0, 0)
+        k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
+        v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
+        out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), allowed, d**-0.5)
+        return dense(cfg.hidden_size, cfg.o_bias, "o_proj")(out), (k, v)
 
 
 class MLP(nn.Module):
@@ -275,7 +294,16 @@ class Block(nn.Module):
     layer: int
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray, allowed: jnp.ndarray) -> jnp.ndarray:
+    def __call__(
+        self,
+        x: jnp.ndarray,
+        cos: jnp.ndarray,
+        sin: jnp.ndarray,
+        allowed: jnp.ndarray,
+        kv_cache: tuple[jnp.ndarray, jnp.ndarray] | None = None,
+        index: jnp.ndarray | None = None,
+    ) -> Any:
+        """The block output, or ``(output, (keys, values))`` when given a ``kv_cache`` (see Attention)."""
         cfg = self.config
         norm = lambda name: Norm(  # noqa: E731
             cfg.norm, cfg.norm_eps, cfg.norm_offset, cfg.norm_bias, cfg.dtype, cfg.param_dtype, name=name
@@ -283,10 +311,15 @@ class Block(nn.Module):
         attn = Attention(cfg, self.layer, name="attn")
         mlp = MLP(cfg, self.layer, name="mlp")
         y = norm("input_norm")(x)
+        a = attn(y, cos, sin, allowed, kv_cache, index)
+        if kv_cache is not None:
+            a, kv_cache = a
         if cfg.parallel_residual:
-            return x + attn(y, cos, sin, allowed) + mlp(y)
-        x = x + attn(y, cos, sin, allowed)
-        return x + mlp(norm("post_attention_norm")(x))
+            out = x + a + mlp(y)
+        else:
+            x = x + a
+            out = x + mlp(norm("post_attention_norm")(x))
+        return out if kv_cache is None else (out, kv_cache)
 
 
 class Decoder(nn.Module):
@@ -347,11 +380,99 @@ class Decoder(nn.Module):
         allowed = causal[None] & attention_mask.astype(jnp.bool_)[:, None, :]
         for layer in self.layers:
             x = layer(x, cos, sin, allowed)
+        return self._logits(x)
+
+    def _logits(self, x: jnp.ndarray) -> jnp.ndarray:
+        cfg = self.config
         x = self.norm(x)
         if cfg.tie_word_embeddings:
             table = self.embed_tokens.embedding.astype(cfg.dtype)
             return jnp.einsum("btd,vd->btv", x, table, preferred_element_type=jnp.float32)
         return self.lm_head(x).astype(jnp.float32)
+
+    def forward_cached(
+        self,
+        inputs_embeds: jnp.ndarray,
+        attention_mask: jnp.ndarray,
+        cache: "KVCache",
+        position_ids: jnp.ndarray | None = None,
+        last_only: bool = False,
+    ) -> tuple[jnp.ndarray, "KVCache"]:
+        """Runs a chunk of ``T`` positions against a :class:`KVCache`: ``(logits, updated cache)``.
+
+        The chunk is written at slots ``[cache.index, cache.index + T)``; each query attends to the
+        cached slots holding real tokens (``cache.mask``) up to its own slot. ``position_ids`` default
+        to the number of real tokens before each one (``cache.mask`` plus this chunk's
+        ``attention_mask``), the positions HF ``generate`` derives from its attention mask, so a
+        left-padded prefill followed by one-token steps reproduces HF's greedy search. With
+        ``last_only`` only the last position's logits are computed (``[B, 1, V]``), as a prefill needs.
+        """
+        cfg = self.config
+        b, t, d = inputs_embeds.shape
+        if d != cfg.hidden_size or attention_mask.shape != (b, t):
+            raise ValueError(
+                f"forward_cached takes inputs_embeds [batch, seq, {cfg.hidden_size}] and attention_mask [batch, seq]; "
+                f"got {inputs_embeds.shape} and {attention_mask.shape}"
+            )
+        if cache.mask.shape[0] != b or len(cache.keys) != cfg.num_layers:
+            raise ValueError(
+                f"the cache holds {cache.mask.shape[0]} rows and {len(cache.keys)} layers but the input has {b} rows "
+                f"and the model {cfg.num_layers} layers; build it with init_cache(config, batch={b}, ...)"
+            )
+        chunk_mask = attention_mask.astype(jnp.int32)
+        if position_ids is None:
+            before = jnp.sum(cache.mask, axis=1, keepdims=True)
+            position_ids = jnp.maximum(before + jnp.cumsum(chunk_mask, axis=-1) - 1, 0)
+        index = cache.index
+        mask = jax.lax.dynamic_update_slice(cache.mask, chunk_mask, (0, index))
+        x = inputs_embeds.astype(cfg.dtype)
+        if cfg.embed_scale is not None:
+            x = x * jnp.asarray(cfg.embed_scale, cfg.dtype)
+        cos, sin = rope.cos_sin(position_ids, cfg.rotary_dim, cfg.rope_theta, cfg.dtype)
+        slots = jnp.arange(cache.max_length)
+        causal = slots[None, :] <= (index + jnp.arange(t))[:, None]
+        allowed = causal[None] & mask.astype(jnp.bool_)[:, None, :]
+        keys, values = [], []
+        for i, layer in enumerate(self.layers):
+            x, (k, v) = layer(x, cos, sin, allowed, (cache.keys[i], cache.values[i]), index)
+            keys.append(k)
+            values.append(v)
+        if last_only:
+            x = x[:, -1:]
+        return self._logits(x), KVCache(tuple(keys), tuple(values), mask, index + t)
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Preallocated keys/values of every layer, an explicit pytree passed in and out of the model.
+
+    keys / values: one ``[B, S, K_l, head_dim]`` array per layer (OpenELM varies ``K_l`` per layer).
+    mask: ``[B, S]`` int32, 1 where a slot holds a real (non-padding) token; unwritten slots are 0.
+    index: ``[]`` int32, the next slot to write (the same for every row: prompts are left-padded).
+    """
+
+    keys: tuple[jnp.ndarray, ...]
+    values: tuple[jnp.ndarray, ...]
+    mask: jnp.ndarray
+    index: jnp.ndarray
+
+    @property
+    def max_length(self) -> int:
+        return self.mask.shape[1]
+
+
+def init_cache(config: DecoderConfig, batch: int, max_length: int, dtype: Any = None) -> KVCache:
+    """An empty cache for ``batch`` rows and ``max_length`` positions (dtype defaults to the compute dtype)."""
+    if batch < 1 or max_length < 1:
+        raise ValueError(f"init_cache needs batch >= 1 and max_length >= 1, got batch={batch}, max_length={max_length}")
+    dtype = config.dtype if dtype is None else dtype
+    shape = lambda k: (batch, max_length, k, config.head_dim)  # noqa: E731
+    return KVCache(
+        keys=tuple(jnp.zeros(shape(k), dtype) for k in config.num_kv_heads),
+        values=tuple(jnp.zeros(shape(k), dtype) for k in config.num_kv_heads),
+        mask=jnp.zeros((batch, max_length), jnp.int32),
+        index=jnp.zeros((), jnp.int32),
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -591,8 +712,10 @@ __all__: Sequence[str] = (
     "FAMILIES",
     "Decoder",
     "DecoderConfig",
+    "KVCache",
     "dot_product_attention",
     "dtype_from_name",
+    "init_cache",
     "init_shapes",
     "param_count",
 )
