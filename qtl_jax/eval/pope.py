@@ -8,7 +8,7 @@ answer is "no" if one of the words is exactly "No", "no" or "not", otherwise "ye
 unrelated answer counts as yes). Positive class = yes. Precision, recall and F1 are 0 where their
 denominator is 0 (the official adds 1e-6 to denominators instead, a < 1e-5 difference). Answers are matched
 to labels by question_id (the official zips them in file order, which is the same pairing for files
-written in order). Reported per split as ``<split>/<metric>`` (accuracy, precision, recall, f1 and
+written in order); labels of questions that were not asked (``max_examples``) are left out. Reported per split as ``<split>/<metric>`` (accuracy, precision, recall, f1 and
 yes_ratio in percent) and averaged over splits as ``accuracy`` and ``f1``.
 """
 
@@ -64,16 +64,17 @@ def score(spec: Mapping[str, Any], examples: Sequence[Example], rows: Mapping[st
         path = os.path.join(ann_dir, f"coco_pope_{split}.json")
         if not os.path.isfile(path):
             continue
-        labels = read_jsonl(path)
-        missing = [r["question_id"] for r in labels if str(r["question_id"]) not in by_id]
-        if missing:
-            raise ValueError(f"{path}: question ids {missing[:3]} are not in the question file ({len(missing)} in all).")
+        # Only the questions asked count (max_examples may have subsampled the question file).
+        labels = [r for r in read_jsonl(path) if str(r["question_id"]) in by_id]
+        if not labels:
+            continue
         answers = [rows[by_id[str(r["question_id"])].key]["text"] for r in labels]
         m = split_metrics(answers, [r["label"] for r in labels])
         out.update({f"{split}/{k}": v for k, v in m.items()})
         found.append(split)
     if not found:
         require_file(os.path.join(ann_dir, "coco_pope_random.json"), "POPE label files (coco_pope_<split>.json)")
+        raise ValueError(f"none of the asked POPE questions has a label in {ann_dir}/coco_pope_<split>.json.")
     out["accuracy"] = sum(out[f"{s}/accuracy"] for s in found) / len(found)
     out["f1"] = sum(out[f"{s}/f1"] for s in found) / len(found)
     return out

@@ -85,6 +85,7 @@ def score(spec: Mapping[str, Any], examples: Sequence[Example], rows: Mapping[st
     root = spec["root"]
     problems = read_json(require_file(os.path.join(root, "problems.json"), "ScienceQA problems.json"))
     split = read_json(require_file(os.path.join(root, "pid_splits.json"), "ScienceQA pid_splits.json"))
-    split = split[spec.get("split", "test")]
     answers = {str(ex.question_id): rows[ex.key]["text"] for ex in examples}
+    # Only the problems asked count (max_examples may have subsampled the question file).
+    split = [pid for pid in split[spec.get("split", "test")] if pid in answers]
     return accuracy(problems, split, answers)
