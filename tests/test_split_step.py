@@ -267,7 +267,7 @@ def test_frozen_vision_tower_gets_no_gradient(config, fused):
     @jax.jit
     @jax.grad
     def grads_of(cp):
-        cp = steplib._without_frozen(cp, opts.client_frozen)
+        cp = steplib.without_frozen(cp, opts.client_frozen)
         return qm.client_forward(config, cp, stats, BATCHES[0]).loss
 
     grads = grads_of(params["client"])

@@ -11,6 +11,9 @@ Split mode runs three jit-compiled programs per step:
 3. client again: the backward function applied to (the cotangents the link brought back, 1 for the
    distortion loss) -> client gradients -> the client optimizer update.
 
+The three bodies are public (:func:`client_begin_fn`, :func:`server_update_fn`, :func:`client_finish_fn`)
+so that a client and a server in separate processes run exactly these computations.
+
 Fused mode is one program computing CE + distortion through the straight-through estimator, with the
 same parameter trees and the same per-partition optimizers, so the two modes compute the same update
 (``tests/test_split_step.py`` proves it across device counts).
@@ -171,7 +174,8 @@ def _onto(tree: Any, mesh) -> Any:
     )
 
 
-def _without_frozen(params: Any, frozen: Any) -> Any:
+def without_frozen(params: Any, frozen: Any) -> Any:
+    """``params`` with the leaves ``frozen`` marks cut from the gradient (no backward computed or kept)."""
     return jax.tree_util.tree_map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
 
 
@@ -236,21 +240,31 @@ def make_train_step(
     return _split_step(config, meshes, optimizers, link or InProcessLink(meshes), check_batches)
 
 
-def _split_step(config, meshes: SplitMeshes, optimizers: SplitOptimizers, link: Link, check_batches: bool):
-    tx_c, tx_s = optimizers.client, optimizers.server
-    programs: dict[str, Any] = {}
+def client_begin_fn(config: QuantizedTinyLlavaConfig, optimizers: SplitOptimizers) -> Callable:
+    """Program 1: ``(client: PartitionState, batch) -> (Uplink, backward, metrics, batch_stats)``.
+
+    ``backward`` is ``jax.vjp``'s function of the client params (a pytree holding the residuals): feed it
+    to :func:`client_finish_fn`'s program. Pure and traceable; jit it on the client's devices.
+    """
 
     def client_begin(client: PartitionState, batch):
         def forward(params):
             out = qm.client_forward(config, params, client.batch_stats, batch, train=True)
             return (out.z, out.loss), (out.uplink, out.metrics, out.batch_stats)
 
-        params = _without_frozen(client.params, optimizers.client_frozen)
+        params = without_frozen(client.params, optimizers.client_frozen)
         _, backward, (uplink, metrics, batch_stats) = jax.vjp(forward, params, has_aux=True)
-        uplink = jax.tree_util.tree_map(
-            lambda x: jax.lax.with_sharding_constraint(x, batch_sharding(meshes.client, x.ndim)), uplink
-        )
         return uplink, backward, metrics, batch_stats
+
+    return client_begin
+
+
+def server_update_fn(config: QuantizedTinyLlavaConfig, optimizers: SplitOptimizers) -> Callable:
+    """Program 2: ``(server: PartitionState, uplink) -> (server, Downlink, metrics)`` from the codes alone.
+
+    Cross-entropy from the dequantized codes, gradients for the server params and for the dequantized
+    values (the Downlink), the server optimizer update. Pure and traceable; jit it on the server's devices.
+    """
 
     def server_update(server: PartitionState, uplink: Uplink):
         values = {
@@ -259,18 +273,45 @@ def _split_step(config, meshes: SplitMeshes, optimizers: SplitOptimizers, link: 
         }
 
         def loss(params, values):
-            return qm.server_loss_from_values(config, _without_frozen(params, optimizers.server_frozen), values, uplink)
+            return qm.server_loss_from_values(config, without_frozen(params, optimizers.server_frozen), values, uplink)
 
         (_, metrics), (grads, cot) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(server.params, values)
         down = Downlink(image_grad=cot["image"], text_grad=cot["text"])
-        down = jax.tree_util.tree_map(
-            lambda x: jax.lax.with_sharding_constraint(x, batch_sharding(meshes.server, x.ndim)), down
-        )
-        return _apply(tx_s, server, grads, server.batch_stats), down, metrics
+        return _apply(optimizers.server, server, grads, server.batch_stats), down, metrics
+
+    return server_update
+
+
+def client_finish_fn(optimizers: SplitOptimizers) -> Callable:
+    """Program 3: ``(client, backward, downlink, batch_stats) -> client``: the rest of the backward pass
+    (the downlink as the cotangents of z, 1 for the distortion loss) and the client optimizer update."""
+
+    def client_finish(client: PartitionState, backward, down: Downlink, batch_stats):
+        (grads,) = backward(({"image": down.image_grad, "text": down.text_grad}, jnp.ones((), jnp.float32)))
+        return _apply(optimizers.client, client, grads, batch_stats)
+
+    return client_finish
+
+
+def _split_step(config, meshes: SplitMeshes, optimizers: SplitOptimizers, link: Link, check_batches: bool):
+    programs: dict[str, Any] = {}
+    begin_fn = client_begin_fn(config, optimizers)
+    server_fn = server_update_fn(config, optimizers)
+    finish_fn = client_finish_fn(optimizers)
+
+    def on(mesh, tree):
+        return jax.tree_util.tree_map(lambda x: jax.lax.with_sharding_constraint(x, batch_sharding(mesh, x.ndim)), tree)
+
+    def client_begin(client: PartitionState, batch):
+        uplink, backward, metrics, batch_stats = begin_fn(client, batch)
+        return on(meshes.client, uplink), backward, metrics, batch_stats
+
+    def server_update(server: PartitionState, uplink: Uplink):
+        server, down, metrics = server_fn(server, uplink)
+        return server, on(meshes.server, down), metrics
 
     def client_finish(client: PartitionState, backward, down: Downlink, batch_stats, step):
-        (grads,) = backward(({"image": down.image_grad, "text": down.text_grad}, jnp.ones((), jnp.float32)))
-        return _apply(tx_c, client, grads, batch_stats), step + 1
+        return finish_fn(client, backward, down, batch_stats), step + 1
 
     def compile_for(state: TrainState):
         c_sh, s_sh = _shardings(state.client), _shardings(state.server)
@@ -302,8 +343,8 @@ def _fused_step(config, meshes: SplitMeshes, optimizers: SplitOptimizers, check_
 
     def fused(state: TrainState, batch):
         def loss(cp, sp):
-            cp = _without_frozen(cp, optimizers.client_frozen)
-            sp = _without_frozen(sp, optimizers.server_frozen)
+            cp = without_frozen(cp, optimizers.client_frozen)
+            sp = without_frozen(sp, optimizers.server_frozen)
             out = qm.client_forward(config, cp, state.client.batch_stats, batch, train=True)
             values = {m: qm.straight_through(out.z[m], getattr(out.uplink, f"{m}_codes"), config.levels(m))
                       for m in qm.MODALITIES}
