@@ -366,3 +366,103 @@ def test_bad_input_errors(llava):
         gen.generate(model, params, input_ids=np.full((1, T_IMG), IMAGE_ID), pixel_values=np.zeros((1, 3, 32, 32)))
     with pytest.raises(ValueError, match="needs a tokenizer"):
         gen.generate(model, params, prompts=["hi"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Templated answers, stop handling, quantizers, CLI
+
+
+def _examples():
+    rng = np.random.default_rng(11)
+    image = lambda: PIL.Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8))  # noqa: E731
+    return [
+        (image(), "What is in the image?"),
+        (image(), "How many shapes are there?"),
+        (image(), "Describe the image."),
+        (None, "What is a circle?"),
+    ]
+
+
+def test_generate_answers_is_independent_of_batching(factory):
+    path, model, params, tokenizer = factory
+    from qtl_jax.data.image_processing import ImageProcessor
+
+    processor = ImageProcessor.from_hf(path)
+    template = get_template("llama")
+    examples = _examples()
+    calls = []
+    kw = dict(max_new_tokens=6)
+    four = gen.generate_answers(model, params, tokenizer, template, processor, examples, 4, progress=calls.append, **kw)
+    two = gen.generate_answers(model, params, tokenizer, template, processor, examples, 2, **kw)
+    assert calls == [4]
+    assert four == two and len(four) == 4 and all(isinstance(a, str) for a in four)
+    # The same thing by hand: the template's prompt, generate on token ids, the tokenizer's decode.
+    prompts = [template.prompt(q, has_image=im is not None) for im, q in examples]
+    pixels = np.stack([processor(im) for im, _ in examples[:3]])
+    out = gen.generate(model, params, tokenizer, prompts=prompts, pixel_values=pixels, max_new_tokens=6,
+                       stop_token_ids=gen.stop_token_ids_for(template, tokenizer))
+    assert [t.strip() for t in out.text] == four
+    assert gen.stop_token_ids_for(template, tokenizer) == [tokenizer.convert_tokens_to_ids("</s>")]
+
+
+def test_decode_text_drops_stop_token_and_cuts_at_stop_string(factory):
+    tokenizer = factory[3]
+    ids = tokenizer("a red square and a blue circle", add_special_tokens=False).input_ids
+    eos = tokenizer.eos_token_id
+    rows = np.asarray([ids + [eos, 7], ids + [5, 5]])
+    stops = gen._stop_ids([eos], tokenizer)
+    text = gen._decode_text(tokenizer, rows, np.asarray([len(ids) + 1, len(ids)]), stops, [" and"])
+    assert text == ["a red square", "a red square"]
+    assert gen._decode_text(tokenizer, rows[:1], np.asarray([len(ids) + 1]), stops, []) == ["a red square and a blue circle"]
+
+
+def test_quantized_prompt_matches_the_quantized_forward(factory):
+    """The prompt goes through the split quantizers: the first token is the argmax of G1's fused forward."""
+    from qtl_jax.models import quantized
+    from qtl_jax.quantizer import QuantizerConfig
+
+    _, model, params, _ = factory
+    qcfg = quantized.QuantizedTinyLlavaConfig(model.config, QuantizerConfig(dim=64, levels=4), QuantizerConfig(dim=64, levels=8))
+    split, stats = quantized.init_split_params(qcfg, jax.random.key(4), pretrained=params)
+    # Stronger projections than the N(0, 0.02^2) init, so that quantization visibly changes the vectors.
+    for side, name in (("client", "in_proj"), ("server", "out_proj")):
+        for m in ("image", "text"):
+            p = split[side][f"{m}_quantizer"][name]
+            p["kernel"] = jnp.eye(64) + 0.3 * jax.random.normal(jax.random.key(len(m)), (64, 64))
+    qmodel, qparams, quantizers = gen.split_model(qcfg, split, stats)
+    ids = np.asarray([[5, 9, IMAGE_TOKEN_INDEX, 7, 8, 12, 40], [0, 0, 33, 34, 35, 36, 37]], np.int32)
+    mask = np.asarray([[1] * 7, [0, 0, 1, 1, 1, 1, 1]], np.int32)
+    image = np.random.default_rng(8).normal(size=(1, 32, 32, 3)).astype(np.float32)
+    out = gen.generate(qmodel, qparams, input_ids=ids, attention_mask=mask, pixel_values=image, max_new_tokens=3,
+                       stop_token_ids=(), quantizers=quantizers)
+    batch = {
+        "input_ids": ids, "attention_mask": mask, "labels": np.full(ids.shape, -100, np.int32),
+        "pixel_values": np.concatenate([image, np.zeros_like(image)]), "has_image": np.asarray([1, 0]),
+    }
+    logits, layout, _ = jax.jit(quantized.forward, static_argnums=(0, 4))(qcfg, split, stats, batch, False)
+    last = np.asarray(layout.attention_mask).sum(axis=1) - 1
+    expected = np.asarray(jnp.argmax(logits, axis=-1))[np.arange(2), last]
+    np.testing.assert_array_equal(out.sequences[:, 0], expected)
+    with pytest.raises(ValueError, match="split params"):
+        gen.split_model(qcfg, params)
+
+
+def test_chat_cli_answers_from_a_checkpoint(factory, tmp_path, capsys):
+    from qtl_jax import chat
+    from qtl_jax.data.image_processing import ImageProcessor
+
+    path, model, params, tokenizer = factory
+    image, question = _examples()[0]
+    file = str(tmp_path / "img.png")
+    image.save(file)
+    answer = chat.main([f"--checkpoint={path}", f"--image={file}", f"--prompt={question}", "--max_new_tokens=6", "--stats"])
+    captured = capsys.readouterr()
+    assert captured.out == answer + "\n"
+    assert "tokens/s" in captured.err
+    expected = gen.generate_answers(
+        model, params, tokenizer, get_template("llama"), ImageProcessor.from_hf(path), [(image, question)], 1,
+        max_new_tokens=6,
+    )
+    assert answer == expected[0]
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        chat.main([f"--checkpoint={tmp_path}", f"--image={file}", "--prompt=hi"])
