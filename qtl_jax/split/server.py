@@ -1,0 +1,311 @@
+r"""The split-learning server: holds the server partition (quantizer decoders, LLM, loss) and its optimizer.
+
+It receives integer codes, masks and labels (``Step``), runs the server half of the split step
+(:func:`make_server_update`: the same computation as ``server_update`` in :mod:`qtl_jax.split.step`)
+and answers with ∂loss/∂ẑ at the real positions plus its metrics. It never sees pixels or token ids.
+
+Exactly-once steps: the server applies step ``s`` only when ``s`` is the step it expects next; a request
+for the step it applied last (a client retrying after a lost reply) gets the cached reply and changes
+nothing; anything else is ``FAILED_PRECONDITION`` naming the expected step. ``Join`` aligns the two sides
+after a restart: a client behind the server makes the server rewind to its own checkpoint at the
+client's step; a client ahead of the server is told the server's step and rewinds itself.
+
+Command line (same training config as ``train.py``; network options are flags)::
+
+    python -m qtl_jax.split.server --config=configs/stage1.py:tiny --workdir=/tmp/qtl_server \
+        --address=127.0.0.1:50051 --tls=mutual --ca_cert=pki/ca.pem --cert=pki/server.pem --key=pki/server.key
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+import time
+from concurrent import futures
+from typing import Any
+
+import grpc
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from qtl_jax.models import quantized as qm
+from qtl_jax.split import mesh as meshlib
+from qtl_jax.split import security as seclib
+from qtl_jax.split import step as steplib
+from qtl_jax.split import wire
+from qtl_jax.split.link import Downlink, Uplink
+from qtl_jax.split.proto import split_pb2 as pb
+from qtl_jax.split.proto import split_pb2_grpc as pb_grpc
+
+DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
+
+
+def _without_frozen(params: Any, frozen: Any) -> Any:
+    return jax.tree_util.tree_map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
+
+
+def make_server_update(config: qm.QuantizedTinyLlavaConfig, optimizers: steplib.SplitOptimizers):
+    """``update(server: PartitionState, uplink) -> (server, Downlink, metrics)``, jit-compiled, state donated.
+
+    The server half of :func:`qtl_jax.split.step.make_train_step` (split mode): CE from the dequantized
+    codes, gradients for the server params and for the dequantized values, the server optimizer update.
+    """
+
+    def update(server: steplib.PartitionState, uplink: Uplink):
+        values = {"image": qm.dequantize(uplink.image_codes, uplink.image_levels),
+                  "text": qm.dequantize(uplink.text_codes, uplink.text_levels)}
+
+        def loss(params, values):
+            return qm.server_loss_from_values(config, _without_frozen(params, optimizers.server_frozen), values, uplink)
+
+        (_, metrics), (grads, cot) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(server.params, values)
+        updates, opt_state = optimizers.server.update(grads, server.opt_state, server.params)
+        new = steplib.PartitionState(optax.apply_updates(server.params, updates), opt_state, server.batch_stats)
+        return new, Downlink(image_grad=cot["image"], text_grad=cot["text"]), metrics
+
+    return jax.jit(update, donate_argnums=0)
+
+
+@dataclasses.dataclass
+class ServerOptions:
+    """Network-side settings of :class:`SplitServicer` / :func:`serve`."""
+
+    grad_dtype: str = "float32"  # downlink: 'float32' (exact) or 'bfloat16' (half the bytes)
+    codec_method: str = "ans"  # what clients are told to send ('ans' or 'packed'); both are accepted
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    checkpoint_every: int = 0  # save the server state every n applied steps (0: never)
+    max_workers: int = 4
+
+
+class StepError(Exception):
+    """A request that cannot be served; carries the gRPC status code to answer with."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class SplitServicer(pb_grpc.SplitLearningServicer):
+    """The server partition's state and the two RPCs. Steps are applied one at a time, in order.
+
+    Args:
+      config: the model.
+      state: a :class:`~qtl_jax.split.step.TrainState` whose ``server`` partition is used (the client
+        partition may be empty); ``state.step`` is the next step to apply.
+      optimizers: from :func:`~qtl_jax.split.step.make_split_optimizers`.
+      mesh: the server's device mesh (the batch is split over its devices).
+      geometry: the shapes and levels clients must use.
+      checkpointer: a :class:`qtl_jax.train.checkpoint.Checkpointer` for the server state, or None.
+      update: a program from :func:`make_server_update` for these config and optimizers (default: built
+        here; pass one to share its compilation between servers of one process).
+    """
+
+    def __init__(self, config: qm.QuantizedTinyLlavaConfig, state: steplib.TrainState,
+                 optimizers: steplib.SplitOptimizers, mesh, geometry: wire.Geometry,
+                 options: ServerOptions | None = None, checkpointer=None, update=None):
+        self.config, self.mesh, self.geometry = config, mesh, geometry
+        self.options = options or ServerOptions()
+        self.state = state
+        self.checkpointer = checkpointer
+        self._update = update or make_server_update(config, optimizers)
+        self._lock = threading.Lock()
+        self._last: tuple[int, pb.DownlinkReply] | None = None  # (step, reply) of the last applied step
+        self.applied_steps: list[int] = []  # every step applied, in order (for tests and logs)
+        self.rewinds: list[tuple[int, int]] = []
+
+    @property
+    def step(self) -> int:
+        return int(jax.device_get(self.state.step))
+
+    # -- RPCs -------------------------------------------------------------------------------------
+
+    def Join(self, request: pb.JoinRequest, context) -> pb.JoinReply:
+        try:
+            return self.join(request)
+        except StepError as e:
+            context.abort(e.code, str(e))
+        except wire.VersionError as e:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        except wire.WireError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+
+    def Step(self, request: pb.UplinkRequest, context) -> pb.DownlinkReply:
+        try:
+            return self.apply(request)
+        except StepError as e:
+            context.abort(e.code, str(e))
+        except wire.VersionError as e:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        except wire.WireError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+
+    # -- logic (callable without gRPC) ------------------------------------------------------------
+
+    def join(self, request: pb.JoinRequest) -> pb.JoinReply:
+        wire.check_version(request.protocol_version)
+        problems = self.geometry.mismatch(wire.Geometry.from_proto(request.geometry))
+        if problems:
+            raise wire.WireError("the client's model does not match the server's: " + "; ".join(problems))
+        with self._lock:
+            client_step = int(request.client_step)
+            if client_step < self.step:
+                self._rewind(client_step)
+            return pb.JoinReply(protocol_version=wire.PROTOCOL_VERSION, server_step=self.step,
+                                grad_dtype=wire.GRAD_DTYPES[self.options.grad_dtype],
+                                codec_method=self.options.codec_method)
+
+    def _rewind(self, step: int) -> None:
+        """Back to this server's own checkpoint at ``step`` (a client restarted from an older checkpoint)."""
+        have = [] if self.checkpointer is None else self.checkpointer.all_steps()
+        if step not in have:
+            raise StepError(grpc.StatusCode.FAILED_PRECONDITION,
+                            f"the client restarts at step {step} but the server is at step {self.step} and has no "
+                            f"checkpoint of step {step} (it has {sorted(have)}); restart the client from one of those "
+                            "steps, or give both sides the same checkpoint_every.")
+        self.checkpointer.wait()
+        before = self.step
+        self.state, _ = self.checkpointer.restore(self.state, step=step)
+        # Later checkpoints belong to the abandoned future; the replayed steps will save their own.
+        for later in have:
+            if later > step:
+                self.checkpointer.manager.delete(later)
+        self._last = None
+        self.rewinds.append((before, step))
+
+    def apply(self, request: pb.UplinkRequest) -> pb.DownlinkReply:
+        """Applies the request's step exactly once (a retry of the last step gets the cached reply)."""
+        wire.check_version(request.protocol_version)
+        if request.step < 0:
+            raise wire.WireError(f"step={request.step}: step ids are >= 0.")
+        with self._lock:
+            if self._last is not None and request.step == self._last[0]:
+                reply = pb.DownlinkReply()
+                reply.CopyFrom(self._last[1])
+                reply.replayed = True
+                return reply
+            if request.step != self.step:
+                raise StepError(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"step {request.step} is out of order: the server applies step {self.step} next; "
+                                "call Join with the client's step to realign.")
+            up = wire.uplink_from_proto(request, self.geometry)
+            received = jax.tree_util.tree_map(
+                lambda x: jax.device_put(x, meshlib.batch_sharding(self.mesh, np.ndim(x))), up)
+            server, down, metrics = self._update(self.state.server, received)
+            self.state = self.state.replace(server=server, step=self.state.step + 1)
+            host_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            reply = wire.downlink_to_proto(jax.device_get(down), up, step=request.step,
+                                           grad_dtype=self.options.grad_dtype, metrics=host_metrics)
+            reply.uplink_wire_bytes = request.ByteSize()
+            self._last = (int(request.step), reply)
+            self.applied_steps.append(int(request.step))
+            every = self.options.checkpoint_every
+            if self.checkpointer is not None and every > 0 and self.step % every == 0:
+                self.checkpointer.save(self.state, {}, {})
+            return reply
+
+
+def grpc_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [("grpc.max_receive_message_length", int(max_message_bytes)),
+            ("grpc.max_send_message_length", int(max_message_bytes))]
+
+
+def serve(servicer: SplitServicer, address: str, security: seclib.SecurityConfig) -> tuple[grpc.Server, int]:
+    """Starts a gRPC server for ``servicer`` on ``address`` (``host:0`` picks a free port); returns (server, port)."""
+    interceptors = [seclib.TokenAuthInterceptor(security.token)] if security.token else []
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=servicer.options.max_workers),
+                         interceptors=interceptors, options=grpc_options(servicer.options.max_message_bytes))
+    pb_grpc.add_SplitLearningServicer_to_server(servicer, server)
+    creds = seclib.server_credentials(security)
+    port = server.add_insecure_port(address) if creds is None else server.add_secure_port(address, creds)
+    if port == 0:
+        raise OSError(f"could not listen on {address!r} (address in use or not local?).")
+    server.start()
+    return server, port
+
+
+# ---------------------------------------------------------------------------------------------------
+# Command line
+
+
+def empty_partition() -> steplib.PartitionState:
+    return steplib.PartitionState({}, {}, {})
+
+
+def build_side(config, side: str):
+    """``(setup-like model config, meshes, state, optimizers, geometry)`` for one side from a training config.
+
+    Both sides initialise the model from ``config.seed`` exactly as ``train.py`` does and keep only their
+    own partition, so a network run starts from the same parameters as an in-process one.
+    """
+    from qtl_jax.split import client as clientlib  # the shared setup code lives with the client
+
+    return clientlib.build_side(config, side)
+
+
+def main(argv) -> None:
+    from absl import flags
+
+    from qtl_jax.train import checkpoint as ckptlib
+
+    f = flags.FLAGS
+    config = f.config
+    model, meshes, state, optimizers, geometry = build_side(config, "server")
+    workdir = os.path.abspath(f.workdir)
+    checkpointer = ckptlib.Checkpointer(workdir, keep=int(config.keep_checkpoints))
+    if checkpointer.latest_step() is not None:
+        state, _ = checkpointer.restore(state)
+        print(f"qtl_jax.split.server: resumed {workdir} at step {int(jax.device_get(state.step))}", flush=True)
+    options = ServerOptions(grad_dtype=config.split.downlink_dtype, codec_method=config.split.codec_method,
+                            max_message_bytes=int(f.max_message_mb * (1 << 20)),
+                            checkpoint_every=int(config.checkpoint_every))
+    servicer = SplitServicer(model, state, optimizers, meshes.server, geometry, options, checkpointer)
+    sec = security_from_flags(f, "server")
+    server, port = serve(servicer, f.address, sec)
+    print(f"qtl_jax.split.server: listening on port {port} (tls={sec.tls}, token={'yes' if sec.token else 'no'}), "
+          f"next step {servicer.step}", flush=True)
+    try:
+        while servicer.step < int(config.total_steps):
+            time.sleep(0.2)
+        time.sleep(1.0)  # let the last reply leave before shutting down
+    finally:
+        server.stop(grace=2.0)
+        checkpointer.save(servicer.state, {}, {}) if checkpointer.latest_step() != servicer.step else None
+        checkpointer.close()
+    print(f"qtl_jax.split.server: done at step {servicer.step}", flush=True)
+
+
+def security_from_flags(f, side: str) -> seclib.SecurityConfig:
+    token = None
+    if f.token_file:
+        with open(f.token_file, encoding="utf-8") as fh:
+            token = fh.read().strip()
+    if side == "server":
+        return seclib.SecurityConfig(tls=f.tls, ca_cert=f.ca_cert, server_cert=f.cert, server_key=f.key, token=token)
+    return seclib.SecurityConfig(tls=f.tls, ca_cert=f.ca_cert, client_cert=f.cert, client_key=f.key, token=token,
+                                 server_name=f.server_name)
+
+
+def define_flags(side: str) -> None:
+    from absl import flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "training config, e.g. configs/stage1.py:tiny", lock_config=True)
+    flags.DEFINE_string("workdir", None, f"the {side}'s directory (checkpoints" +
+                        (", metrics.jsonl" if side == "client" else "") + ")", required=True)
+    flags.DEFINE_string("address", "127.0.0.1:50051", "host:port to " + ("listen on" if side == "server" else "connect to"))
+    flags.DEFINE_enum("tls", "none", list(seclib.TLS_MODES), "none | server (TLS) | mutual (mTLS)")
+    flags.DEFINE_string("ca_cert", None, "PEM of the CA that signed the peer's certificate")
+    flags.DEFINE_string("cert", None, f"PEM certificate of this {side}")
+    flags.DEFINE_string("key", None, f"PEM private key of this {side}")
+    flags.DEFINE_string("token_file", None, "file holding the shared bearer token (none: no token check)")
+    flags.DEFINE_float("max_message_mb", DEFAULT_MAX_MESSAGE_BYTES / (1 << 20), "largest gRPC message, MiB")
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    define_flags("server")
+    app.run(main)

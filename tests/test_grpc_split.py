@@ -1,0 +1,476 @@
+"""Split learning over gRPC on 127.0.0.1: equivalence with the in-process split step, security,
+validation at a live server, exactly-once steps, byte accounting, restart of either side.
+
+A tiny random model (1-layer ViT and decoder, D=16, L=4). The server runs in a thread of the test
+process (a real gRPC server on a free loopback port); the client half runs in the test's thread. The
+command-line round trip (two real processes, kill and restart) is in the ``slow`` tests at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import jax
+import numpy as np
+import pytest
+
+from qtl_jax import codec
+from qtl_jax.models import quantized as qm
+from qtl_jax.models.connector import ConnectorConfig
+from qtl_jax.models.decoder import DecoderConfig
+from qtl_jax.models.tinyllava import TinyLlavaConfig
+from qtl_jax.models.vision import VisionConfig
+from qtl_jax.quantizer import QuantizerConfig
+from qtl_jax.split import client as clientlib
+from qtl_jax.split import security as seclib
+from qtl_jax.split import server as serverlib
+from qtl_jax.split import step as steplib
+from qtl_jax.split import wire
+from qtl_jax.split.grpc_link import GrpcLink, StepMismatchError
+from qtl_jax.split.mesh import split_meshes
+from qtl_jax.split.proto import split_pb2 as pb
+from qtl_jax.split.proto import split_pb2_grpc as pb_grpc
+from qtl_jax.train import checkpoint as ckptlib
+
+D, VOCAB, B, T, LEVELS, STEPS = 16, 48, 4, 10, 4, 3
+TOL = 1e-5
+OPTIMIZER = dict(lr=3e-3, weight_decay=0.1, warmup_ratio=0.0, schedule="constant", grad_clip_norm=1.0,
+                 no_decay=[".*/bias", ".*norm.*/scale"], param_groups=[(".*", 1.0)])
+RPC_TIMEOUT = 120.0
+
+
+def tiny_config() -> qm.QuantizedTinyLlavaConfig:
+    vision = VisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                          image_size=16, patch_size=8)
+    llm = DecoderConfig.make(family="llama", vocab_size=VOCAB, hidden_size=D, num_layers=1, num_heads=2,
+                             num_kv_heads=1, intermediate_size=32, head_dim=8, tie_word_embeddings=True)
+    model = TinyLlavaConfig(vision=vision, connector=ConnectorConfig("mlp2x_gelu", 16, D), llm=llm)
+    return qm.QuantizedTinyLlavaConfig(model, QuantizerConfig(dim=D, levels=LEVELS),
+                                       QuantizerConfig(dim=D, levels=LEVELS, scaling="ema"))
+
+
+def make_batch(seed: int) -> dict[str, np.ndarray]:
+    """4 samples: image placeholder at position 1 except sample 2 (text only); sample 3 padded."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1, VOCAB, (B, T)).astype(np.int32)
+    mask = np.ones((B, T), np.int32)
+    has_image = np.ones(B, np.int32)
+    ids[:, 1] = -200
+    has_image[2] = 0
+    ids[2, 1] = 7
+    mask[3, 6:] = 0
+    ids[mask == 0] = 0
+    labels = np.where(np.arange(T) >= 3, ids, -100).astype(np.int32)
+    labels[mask == 0] = -100
+    pixels = rng.normal(size=(B, 16, 16, 3)).astype(np.float32)
+    pixels[2] = 0
+    return dict(input_ids=ids, attention_mask=mask, labels=labels, pixel_values=pixels, has_image=has_image)
+
+
+BATCHES = [make_batch(s) for s in range(STEPS + 1)]
+CONFIG = tiny_config()
+GEOMETRY = wire.geometry_of(CONFIG, B, T)
+
+
+MESHES = split_meshes(0, 0, devices=jax.devices()[:2])
+
+
+def meshes():
+    return MESHES
+
+
+def fresh_state(m=MESHES):
+    state = steplib.create_train_state(CONFIG, jax.random.key(0), m, OPTIMIZER, total_steps=10)
+    return state, PROGRAMS.optimizers
+
+
+class Programs:
+    """One compilation of each side's programs for the whole module (servers and links come and go)."""
+
+    def __init__(self):
+        self._built = None
+
+    def _build(self):
+        if self._built is None:
+            state = steplib.create_train_state(CONFIG, jax.random.key(0), MESHES, OPTIMIZER, total_steps=10)
+            optimizers = steplib.make_split_optimizers(OPTIMIZER, 10, {"client": state.client.params,
+                                                                       "server": state.server.params})
+            self._built = (optimizers, serverlib.make_server_update(CONFIG, optimizers),
+                           clientlib.ClientStep(CONFIG, MESHES.client, optimizers, link=None))
+        return self._built
+
+    @property
+    def optimizers(self):
+        return self._build()[0]
+
+    @property
+    def server_update(self):
+        return self._build()[1]
+
+    def client_step(self, link):
+        step = self._build()[2]
+        step.link = link
+        return step
+
+
+PROGRAMS = Programs()
+
+
+def halves(state):
+    empty = steplib.PartitionState({}, {}, {})
+    return state.replace(server=empty), state.replace(client=empty)
+
+
+class Server:
+    """A live gRPC server on 127.0.0.1 (free port) in this process, with its servicer."""
+
+    def __init__(self, security=None, options=None, checkpointer=None, state=None):
+        m = meshes()
+        full, optimizers = fresh_state(m)
+        _, server_state = halves(full if state is None else state)
+        self.servicer = serverlib.SplitServicer(CONFIG, server_state, optimizers, m.server, GEOMETRY,
+                                                options or serverlib.ServerOptions(), checkpointer,
+                                                update=PROGRAMS.server_update)
+        self.security = security or seclib.SecurityConfig()
+        self.grpc_server, self.port = serverlib.serve(self.servicer, "127.0.0.1:0", self.security)
+        self.target = f"127.0.0.1:{self.port}"
+
+    def stop(self):
+        self.grpc_server.stop(grace=None).wait(10)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """The in-process split step: per-step metrics and the final state."""
+    m = meshes()
+    state, optimizers = fresh_state(m)
+    step = steplib.make_train_step(CONFIG, m, optimizers, mode="split")
+    history = []
+    for i in range(STEPS):
+        state, metrics = step(state, BATCHES[i])
+        history.append(metrics)
+    return history, jax.device_get(state)
+
+
+@pytest.fixture(scope="module")
+def plain_server():
+    server = Server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def networked(plain_server):
+    """The same steps through the network: client here, server partition behind gRPC."""
+    m = meshes()
+    state, optimizers = fresh_state(m)
+    client_state, _ = halves(state)
+    link = GrpcLink(plain_server.target, GEOMETRY, client_id="equivalence", timeout_s=RPC_TIMEOUT)
+    assert link.join(0).server_step == 0
+    step = PROGRAMS.client_step(link)
+    history = []
+    for i in range(STEPS):
+        client_state, metrics = step(client_state, BATCHES[i])
+        history.append(metrics)
+    link.close()
+    return history, jax.device_get(client_state), jax.device_get(plain_server.servicer.state)
+
+
+def assert_trees_close(a, b, tol=TOL):
+    la, lb = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b)
+    assert len(la) == len(lb) and la
+    for (path, x), y in zip(la, lb):
+        np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64), rtol=tol, atol=tol,
+                                   err_msg=jax.tree_util.keystr(path))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Equivalence and bytes
+
+
+def test_network_training_equals_in_process_split(reference, networked):
+    ref_history, ref_state = reference
+    net_history, client_state, server_state = networked
+    for ref, net in zip(ref_history, net_history):
+        for k in ("loss", "ce", "dist_image", "dist_text", "tokens", "target_tokens"):
+            assert net[k] == pytest.approx(ref[k], rel=TOL, abs=TOL), k
+    # Training moved the parameters, and both sides moved them as the in-process step did.
+    assert int(client_state.step) == int(server_state.step) == STEPS
+    assert_trees_close(client_state.client.params, ref_state.client.params)
+    assert_trees_close(client_state.client.batch_stats, ref_state.client.batch_stats)
+    assert_trees_close(client_state.client.opt_state, ref_state.client.opt_state)
+    assert_trees_close(server_state.server.params, ref_state.server.params)
+    assert_trees_close(server_state.server.opt_state, ref_state.server.opt_state)
+    initial, _ = fresh_state(meshes())
+    moved = jax.tree_util.tree_map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
+                                   jax.device_get(initial.server.params), server_state.server.params)
+    assert max(jax.tree_util.tree_leaves(moved)) > 1e-4
+
+
+def test_wire_bytes_are_measured_and_close_to_theory(reference, networked):
+    ref_history, _ = reference
+    net_history, _, _ = networked
+    for ref, net in zip(ref_history, net_history):
+        # The theoretical figures equal the in-process link's (same codes, same positions).
+        for k in ("uplink_bytes_ans", "uplink_bytes_packed", "uplink_bytes_fp16", "uplink_bytes_side", "downlink_bytes"):
+            assert net[k] == ref[k], k
+        # The protobuf framing adds only field tags, lengths and the small header fields.
+        assert 0 < net["wire_uplink_bytes"] - net["uplink_bytes_ans"] < 100
+        assert 0 < net["wire_downlink_bytes"] - net["downlink_bytes"] < 200
+        assert net["wire_replayed"] == 0
+    summary = clientlib.wire_summary(net_history, B)
+    assert summary["steps"] == STEPS and summary["samples"] == STEPS * B
+    assert summary["total"]["wire_uplink_bytes"] == sum(h["wire_uplink_bytes"] for h in net_history)
+    assert summary["wire_uplink_vs_fp16"] < 0.5  # L=4 codes are far smaller than fp16 features
+
+
+# ---------------------------------------------------------------------------------------------------
+# Exactly-once steps
+
+
+def good_request(step: int, client_id: str = "tester") -> pb.UplinkRequest:
+    """A valid uplink for ``step`` built from real codes of the tiny model (one forward, cached)."""
+    up = _real_uplink()
+    return wire.uplink_to_proto(up, step=step, client_id=client_id, geometry=GEOMETRY)
+
+
+_UPLINK = {}
+
+
+def _real_uplink():
+    if "up" not in _UPLINK:
+        m = meshes()
+        state, _ = fresh_state(m)
+        out = jax.jit(lambda p, s, b: qm.client_forward(CONFIG, p, s, b).uplink)(
+            state.client.params, state.client.batch_stats, BATCHES[STEPS])
+        _UPLINK["up"] = jax.device_get(out)
+    return _UPLINK["up"]
+
+
+@pytest.fixture(scope="module")
+def live():
+    """A server for the adversarial tests, with a small message limit and a token."""
+    sec = seclib.SecurityConfig(token="s3cret-token")
+    server = Server(security=sec, options=serverlib.ServerOptions(max_message_bytes=64 << 10))
+    channel = grpc.insecure_channel(server.target)
+    stub = pb_grpc.SplitLearningStub(channel)
+    yield server, stub, seclib.call_metadata(sec)
+    channel.close()
+    server.stop()
+
+
+def call_step(stub, request, metadata):
+    return stub.Step(request, timeout=RPC_TIMEOUT, metadata=metadata)
+
+
+def expect_error(code, fn, *args, match: str = ""):
+    with pytest.raises(grpc.RpcError) as info:
+        fn(*args)
+    assert info.value.code() == code, info.value.details()
+    assert match in (info.value.details() or ""), info.value.details()
+    return info.value.details()
+
+
+def test_retry_of_last_step_returns_cached_reply_without_applying_twice(live):
+    server, stub, md = live
+    start = server.servicer.step
+    first = call_step(stub, good_request(start), md)
+    params_after = jax.device_get(server.servicer.state.server.params)
+    again = call_step(stub, good_request(start), md)
+    assert again.replayed and not first.replayed
+    assert again.image_grad == first.image_grad and again.text_grad == first.text_grad
+    assert server.servicer.step == start + 1 and server.servicer.applied_steps.count(start) == 1
+    assert_trees_close(jax.device_get(server.servicer.state.server.params), params_after, tol=0)
+    # A step from the past (not the last one) or from the future is refused, naming the expected step.
+    expect_error(grpc.StatusCode.FAILED_PRECONDITION, call_step, stub, good_request(start + 5), md,
+                 match=f"applies step {start + 1} next")
+
+
+def test_client_that_loses_the_reply_retries_and_continues(live):
+    """The reply to a step arrives after the client's deadline; the link re-sends the same step id and
+    gets the cached reply; the server applied the step once."""
+    server, _, _ = live
+    start = server.servicer.step
+    original = server.servicer.apply
+    stalled = []
+
+    def apply_then_stall(request):
+        reply = original(request)
+        if not stalled:
+            stalled.append(request.step)
+            time.sleep(4.0)  # the reply leaves after the client's 2 s deadline: it is lost
+        return reply
+
+    server.servicer.apply = apply_then_stall
+    link = GrpcLink(server.target, GEOMETRY, server.security, timeout_s=2.0, retries=3, retry_pause_s=0.1)
+    try:
+        link.uplink(start, _real_uplink())
+        counts = link.take_counts(start)
+        down = link.downlink(start)
+    finally:
+        server.servicer.apply = original
+        link.close()
+    assert stalled == [start] and counts["wire_replayed"] == 1
+    assert server.servicer.applied_steps.count(start) == 1 and server.servicer.step == start + 1
+    assert np.any(down.text_grad != 0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Validation at a live server
+
+
+def test_malformed_messages_get_clear_errors_and_the_server_keeps_serving(live):
+    server, stub, md = live
+    step = server.servicer.step
+    good = good_request(step)
+    up = _real_uplink()
+    labels = np.asarray(up.labels).copy()
+    labels[0, 4] = VOCAB + 3
+    bad_valid = np.asarray(up.image_valid).copy()
+    bad_valid[:] = bad_valid[::-1]
+    two_placeholders = np.asarray(up.image_mask).copy()
+    two_placeholders[0, 5] = 1
+    cases = [
+        (dict(protocol_version=99), grpc.StatusCode.FAILED_PRECONDITION, "protocol_version=99"),
+        (dict(**{"geometry.image_levels": 8}), grpc.StatusCode.INVALID_ARGUMENT, "image_levels: got 8, expected 4"),
+        (dict(**{"geometry.batch_size": B + 1}), grpc.StatusCode.INVALID_ARGUMENT, "batch_size"),
+        (dict(image_codes=good.image_codes[:-7]), grpc.StatusCode.INVALID_ARGUMENT, "image_codes"),
+        (dict(text_codes=b"garbage"), grpc.StatusCode.INVALID_ARGUMENT, "text_codes"),
+        (dict(attention_mask=good.attention_mask[:-1]), grpc.StatusCode.INVALID_ARGUMENT, "attention_mask is"),
+        (dict(attention_mask=bytes([2]) + good.attention_mask[1:]), grpc.StatusCode.INVALID_ARGUMENT, "only 0/1"),
+        (dict(labels=labels.astype("<i4").tobytes()), grpc.StatusCode.INVALID_ARGUMENT, "labels hold"),
+        (dict(image_valid=bad_valid.tobytes()), grpc.StatusCode.INVALID_ARGUMENT, "real images first"),
+        (dict(image_mask=two_placeholders.tobytes()), grpc.StatusCode.INVALID_ARGUMENT, "at most 1"),
+        # Codes of the wrong alphabet: a valid codec message with levels=8 and indices up to 7.
+        (dict(text_codes=codec.encode(
+            np.full((int(up.text_positions().sum()), D), 7, np.uint8), 8)), grpc.StatusCode.INVALID_ARGUMENT,
+         "levels=8"),
+        (dict(step=-1), grpc.StatusCode.INVALID_ARGUMENT, "step=-1"),
+    ]
+    for changes, code, match in cases:
+        req = pb.UplinkRequest()
+        req.CopyFrom(good)
+        for k, v in changes.items():
+            if k.startswith("geometry."):
+                setattr(req.geometry, k.split(".", 1)[1], v)
+            else:
+                setattr(req, k, v)
+        expect_error(code, call_step, stub, req, md, match=match)
+    # Oversized: more than the server's 64 KiB limit.
+    req = pb.UplinkRequest()
+    req.CopyFrom(good)
+    req.image_codes = b"\0" * (80 << 10)
+    expect_error(grpc.StatusCode.RESOURCE_EXHAUSTED, call_step, stub, req, md)
+    # Truncated bytes that are not a protobuf message at all.
+    channel = grpc.insecure_channel(server.target)
+    garbled = channel.unary_unary("/qtl_jax.split.v1.SplitLearning/Step",
+                                  request_serializer=lambda b: b, response_deserializer=lambda b: b)
+    with pytest.raises(grpc.RpcError) as info:
+        garbled(good.SerializeToString()[:-9], timeout=RPC_TIMEOUT, metadata=md)
+    assert info.value.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.INVALID_ARGUMENT)
+    channel.close()
+    # Nothing was applied; the server still serves a good step.
+    assert server.servicer.step == step
+    reply = call_step(stub, good, md)
+    assert reply.step == step and not reply.replayed and server.servicer.step == step + 1
+
+
+def test_missing_or_wrong_token_is_refused(live):
+    server, stub, md = live
+    step = server.servicer.step
+    expect_error(grpc.StatusCode.UNAUTHENTICATED, call_step, stub, good_request(step), (), match="bearer token")
+    expect_error(grpc.StatusCode.UNAUTHENTICATED, call_step, stub, good_request(step),
+                 (("authorization", "Bearer wrong"),))
+    assert server.servicer.step == step
+
+
+# ---------------------------------------------------------------------------------------------------
+# TLS
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    return seclib.make_test_pki(str(tmp_path_factory.mktemp("pki")))
+
+
+def test_mutual_tls_accepts_the_good_client_and_refuses_others(pki):
+    sec = seclib.SecurityConfig(tls="mutual", ca_cert=pki["ca_cert"], server_cert=pki["server_cert"],
+                                server_key=pki["server_key"])
+    server = Server(security=sec)
+    try:
+        def join(client_sec):
+            link = GrpcLink(server.target, GEOMETRY, client_sec, timeout_s=10.0, retries=0)
+            try:
+                return link.join(0)
+            finally:
+                link.close()
+
+        good = seclib.SecurityConfig(tls="mutual", ca_cert=pki["ca_cert"], client_cert=pki["client_cert"],
+                                     client_key=pki["client_key"])
+        assert join(good).server_step == 0
+        rogue = seclib.SecurityConfig(tls="mutual", ca_cert=pki["ca_cert"], client_cert=pki["rogue_cert"],
+                                      client_key=pki["rogue_key"])
+        no_cert = seclib.SecurityConfig(tls="server", ca_cert=pki["ca_cert"])
+        plaintext = seclib.SecurityConfig()
+        for bad in (rogue, no_cert, plaintext):
+            with pytest.raises(grpc.RpcError) as info:
+                join(bad)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE, bad
+        # A client that does not trust the server's CA refuses the server.
+        wrong_ca = seclib.SecurityConfig(tls="mutual", ca_cert=pki["rogue_cert"], client_cert=pki["client_cert"],
+                                         client_key=pki["client_key"])
+        with pytest.raises(grpc.RpcError) as info:
+            join(wrong_ca)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        server.stop()
+
+
+def test_security_config_errors(tmp_path):
+    with pytest.raises(ValueError, match="tls='tcp'"):
+        seclib.SecurityConfig(tls="tcp")
+    with pytest.raises(ValueError, match="server_key is not set"):
+        seclib.server_credentials(seclib.SecurityConfig(tls="server"))
+    with pytest.raises(FileNotFoundError, match="ca_cert="):
+        seclib.open_channel("127.0.0.1:1", seclib.SecurityConfig(tls="server", ca_cert=str(tmp_path / "x.pem")), [])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Restart: the server rewinds to its checkpoint when a restarted client is behind it
+
+
+def test_join_rewinds_server_to_its_checkpoint_and_training_continues(tmp_path):
+    checkpointer = ckptlib.Checkpointer(str(tmp_path / "server"), keep=3)
+    server = Server(options=serverlib.ServerOptions(checkpoint_every=1), checkpointer=checkpointer)
+    try:
+        link = GrpcLink(server.target, GEOMETRY, timeout_s=RPC_TIMEOUT)
+        m = meshes()
+        state, optimizers = fresh_state(m)
+        client_state, _ = halves(state)
+        step = PROGRAMS.client_step(link)
+        client_state, first = step(client_state, BATCHES[0])
+        after_one = jax.device_get(client_state)
+        client_state, second = step(client_state, BATCHES[1])
+        checkpointer.wait()
+        assert server.servicer.step == 2
+        # The client "crashes" and restarts from its state after step 1: the server goes back too.
+        assert link.join(1).server_step == 1 and server.servicer.rewinds == [(2, 1)]
+        with pytest.raises(StepMismatchError):
+            step(jax.device_get(after_one).replace(step=np.int32(5)), BATCHES[1])
+        resumed, again = step(jax.tree_util.tree_map(lambda x: x, after_one), BATCHES[1])
+        assert again["loss"] == pytest.approx(second["loss"], rel=TOL)
+        assert_trees_close(jax.device_get(resumed.client.params), jax.device_get(client_state.client.params))
+        # A client behind every checkpoint the server has is told which steps exist.
+        with pytest.raises(grpc.RpcError) as info:
+            link.join(0)
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "no checkpoint of step 0" in info.value.details()
+        link.close()
+    finally:
+        server.stop()
+        checkpointer.close()
