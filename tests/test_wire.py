@@ -1,0 +1,192 @@
+"""The wire format of the network split: generated code is current, messages round-trip, bad input is a
+:class:`WireError` (never another exception), sizes are what the codec says. Host numpy only, no models."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from qtl_jax import codec
+from qtl_jax.split import wire
+from qtl_jax.split.link import Downlink, Uplink, uplink_counts
+from qtl_jax.split.proto import split_pb2 as pb
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROTO_DIR = os.path.join("qtl_jax", "split", "proto")
+
+
+def make_uplink(rng: np.random.Generator, b=4, t=9, t_img=3, d=5, image_levels=4, text_levels=4,
+                n_images=None) -> tuple[Uplink, wire.Geometry]:
+    """Random but consistent: real images first, one placeholder per image sample, right padding."""
+    n_images = int(rng.integers(0, b + 1)) if n_images is None else n_images
+    attention = np.zeros((b, t), np.uint8)
+    lengths = rng.integers(2, t + 1, b)
+    for i, n in enumerate(lengths):
+        attention[i, :n] = 1
+    image_mask = np.zeros((b, t), np.uint8)
+    with_image = rng.permutation(b)[:n_images]
+    for i in with_image:
+        image_mask[i, int(rng.integers(0, lengths[i]))] = 1
+    image_valid = (np.arange(b) < n_images).astype(np.uint8)
+    labels = np.where(attention > 0, rng.integers(0, 50, (b, t)), -100).astype(np.int32)
+
+    def codes(shape, levels):
+        if levels == 0:
+            return rng.normal(size=shape).astype(np.float16)
+        return rng.integers(0, levels, shape).astype(np.uint8 if levels <= 256 else np.uint16)
+
+    up = Uplink(codes((b, t_img, d), image_levels), codes((b, t, d), text_levels), attention, image_mask,
+                image_valid, labels, image_levels=image_levels, text_levels=text_levels)
+    geometry = wire.Geometry(b, t, t_img, d, image_levels, text_levels, vocab_size=50)
+    return up, geometry
+
+
+def real_parts(up: Uplink):
+    return np.asarray(up.image_codes)[np.asarray(up.image_valid) > 0], np.asarray(up.text_codes)[up.text_positions()]
+
+
+def test_generated_code_matches_the_proto(tmp_path):
+    """split_pb2*.py are committed; regenerating them from split.proto must give the same files."""
+    out = subprocess.run(
+        [sys.executable, "-m", "grpc_tools.protoc", f"-I{PROTO_DIR}={PROTO_DIR}", f"--python_out={tmp_path}",
+         f"--grpc_python_out={tmp_path}", os.path.join(PROTO_DIR, "split.proto")],
+        cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    for name in ("split_pb2.py", "split_pb2_grpc.py"):
+        with open(os.path.join(ROOT, PROTO_DIR, name), encoding="utf-8") as f:
+            committed = f.read()
+        with open(tmp_path / PROTO_DIR / name, encoding="utf-8") as f:
+            assert f.read() == committed, f"{name} is stale: regenerate it (docs/network_split.md)"
+
+
+@pytest.mark.parametrize("method", ["ans", "packed"])
+@pytest.mark.parametrize("levels", [(4, 4), (256, 3), (0, 16), (4, 0)])
+def test_uplink_round_trip(method, levels):
+    up, geometry = make_uplink(np.random.default_rng(1), image_levels=levels[0], text_levels=levels[1], n_images=3)
+    req = wire.uplink_to_proto(up, step=7, client_id="c", geometry=geometry, codec_method=method)
+    got = wire.uplink_from_proto(pb.UplinkRequest.FromString(req.SerializeToString()), geometry)
+    for name in ("attention_mask", "image_mask", "image_valid", "labels"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(up, name))
+    for sent, received in zip(real_parts(up), real_parts(got)):
+        np.testing.assert_array_equal(received, sent)
+    # Positions that did not travel come back as zeros.
+    assert not np.any(np.asarray(got.text_codes)[~up.text_positions()])
+    assert not np.any(np.asarray(got.image_codes)[np.asarray(up.image_valid) == 0])
+    assert (got.image_levels, got.text_levels) == levels
+    # The payload is the codec's: the wire adds only protobuf framing to the theoretical size.
+    theory = uplink_counts(up, method)["uplink_bytes"]
+    assert 0 < req.ByteSize() - theory < 60
+
+
+@given(seed=st.integers(0, 2**32 - 1), b=st.integers(1, 6), t=st.integers(2, 12), levels=st.sampled_from([2, 3, 4, 8, 16]),
+       method=st.sampled_from(["ans", "packed"]))
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_uplink_round_trip_property(seed, b, t, levels, method):
+    up, geometry = make_uplink(np.random.default_rng(seed), b=b, t=t, image_levels=levels, text_levels=levels)
+    req = wire.uplink_to_proto(up, step=0, client_id="p", geometry=geometry, codec_method=method)
+    got = wire.uplink_from_proto(req, geometry)
+    for sent, received in zip(real_parts(up), real_parts(got)):
+        np.testing.assert_array_equal(received, sent)
+
+
+@given(seed=st.integers(0, 2**32 - 1), field=st.sampled_from(["image_codes", "text_codes", "attention_mask",
+                                                               "image_mask", "image_valid", "labels"]),
+       cut=st.integers(0, 40), flip=st.integers(0, 255))
+@settings(max_examples=60, deadline=None)
+def test_corrupted_fields_raise_wire_error_only(seed, field, cut, flip):
+    """Truncated or bit-flipped fields are either still a valid message or a WireError; nothing else."""
+    rng = np.random.default_rng(seed)
+    up, geometry = make_uplink(rng, n_images=2)
+    req = wire.uplink_to_proto(up, step=0, client_id="f", geometry=geometry)
+    data = bytearray(getattr(req, field))
+    if data:
+        data[int(rng.integers(0, len(data)))] ^= flip
+    data = bytes(data[: max(len(data) - cut, 0)])
+    setattr(req, field, data)
+    try:
+        wire.uplink_from_proto(req, geometry)
+    except wire.WireError:
+        pass
+
+
+def test_bad_uplinks_name_the_problem():
+    up, geometry = make_uplink(np.random.default_rng(3), n_images=2)
+    good = wire.uplink_to_proto(up, step=0, client_id="c", geometry=geometry)
+
+    def variant(**fields):
+        req = pb.UplinkRequest()
+        req.CopyFrom(good)
+        for k, v in fields.items():
+            setattr(req, k, v)
+        return req
+
+    with pytest.raises(wire.VersionError, match="protocol_version=2"):
+        wire.uplink_from_proto(variant(protocol_version=2), geometry)
+    with pytest.raises(wire.WireError, match="geometry is missing"):
+        req = variant()
+        req.ClearField("geometry")
+        wire.uplink_from_proto(req, geometry)
+    other = wire.Geometry(**{**geometry.__dict__, "dim": 6})
+    with pytest.raises(wire.WireError, match="dim: got 5, expected 6"):
+        wire.uplink_from_proto(good, other)
+    # Codes for more positions than the masks have: a codec message of the wrong shape.
+    image, text = real_parts(up)
+    with pytest.raises(wire.WireError, match="text_codes: declared shape .* more than max_elements"):
+        wire.uplink_from_proto(variant(text_codes=codec.encode(np.concatenate([text, text[:1]]), 4)), geometry)
+    with pytest.raises(wire.WireError, match="text_codes declares shape"):
+        wire.uplink_from_proto(variant(text_codes=codec.encode(text[:-1], 4)), geometry)
+    # An fp16 message where codes are expected.
+    with pytest.raises(wire.WireError, match="'fp16' message"):
+        wire.uplink_from_proto(variant(image_codes=codec.encode_fp16(image.astype(np.float16))), geometry)
+    # Placeholders without a matching image slot.
+    valid = np.asarray(up.image_valid).copy()
+    valid[2] = 1
+    with pytest.raises(wire.WireError, match="image_valid counts 3 images but image_mask has 2"):
+        wire.uplink_from_proto(variant(image_valid=valid.tobytes()), geometry)
+    # A placeholder at a padding position (move sample 0's placeholder past its end).
+    attention = np.asarray(up.attention_mask).copy()
+    attention[0, -1] = 0
+    mask = np.asarray(up.image_mask).copy()
+    mask[0] = 0
+    mask[0, -1] = 1
+    with pytest.raises(wire.WireError, match="attention_mask is 0"):
+        wire.uplink_from_proto(variant(image_mask=mask.tobytes(), attention_mask=attention.tobytes()), geometry)
+
+
+def test_encode_rejects_unknown_method():
+    up, geometry = make_uplink(np.random.default_rng(0))
+    with pytest.raises(ValueError, match="codec_method='zip'"):
+        wire.uplink_to_proto(up, step=0, client_id="c", geometry=geometry, codec_method="zip")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_downlink_round_trip(dtype):
+    rng = np.random.default_rng(5)
+    up, _ = make_uplink(rng, n_images=2)
+    down = Downlink(rng.normal(size=np.shape(up.image_codes)).astype(np.float32),
+                    rng.normal(size=np.shape(up.text_codes)).astype(np.float32))
+    reply = wire.downlink_to_proto(down, up, step=3, grad_dtype=dtype, metrics={"ce": 1.5})
+    got = wire.downlink_from_proto(pb.DownlinkReply.FromString(reply.SerializeToString()), up, step=3)
+    valid, text_pos = np.asarray(up.image_valid) > 0, up.text_positions()
+    want_image, want_text = down.image_grad[valid], down.text_grad[text_pos]
+    if dtype == "bfloat16":
+        want_image = want_image.astype(ml_dtypes.bfloat16).astype(np.float32)
+        want_text = want_text.astype(ml_dtypes.bfloat16).astype(np.float32)
+    np.testing.assert_array_equal(got.image_grad[valid], want_image)
+    np.testing.assert_array_equal(got.text_grad[text_pos], want_text)
+    assert not np.any(got.text_grad[~text_pos]) and not np.any(got.image_grad[~valid])
+    width = 4 if dtype == "float32" else 2
+    assert len(reply.image_grad) + len(reply.text_grad) == width * (want_image.size + want_text.size)
+    assert dict(reply.metrics) == {"ce": 1.5}
+    with pytest.raises(wire.WireError, match="for step 3, the client sent step 4"):
+        wire.downlink_from_proto(reply, up, step=4)
+    reply.text_grad = reply.text_grad[:-1]
+    with pytest.raises(wire.WireError, match="text_grad is"):
+        wire.downlink_from_proto(reply, up, step=3)
