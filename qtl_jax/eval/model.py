@@ -93,6 +93,11 @@ def _processor(m: Mapping[str, Any], base: TinyLlavaConfig) -> image_processing.
                                            image_std=tuple(m["image_std"]))
 
 
+def _init(qconfig: QuantizedTinyLlavaConfig, key: jax.Array) -> tuple[Params, Params]:
+    # One compiled program instead of thousands of eagerly dispatched initialiser ops.
+    return jax.jit(init_split_params, static_argnums=0)(qconfig, key)
+
+
 def _read_json(path: str) -> dict[str, Any]:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
@@ -144,7 +149,7 @@ def load_from_workdir(workdir: str, template: str, tokenizer_dir: str | None, ke
                 vision_feature_select_strategy=m["vision_feature_select_strategy"], **kwargs)
         base = model.config
     qconfig = _quantized(base, train_cfg["quantizer"])
-    params, stats = init_split_params(qconfig, key)
+    params, stats = _init(qconfig, key)
     like = TrainState(step=None, client=PartitionState(params["client"], None, stats),
                       server=PartitionState(params["server"], None, {}), rng=None)
     client, server, stats, step = ckptlib.restore_params(workdir, like)
@@ -191,7 +196,7 @@ def load_random(config: Any, key: jax.Array) -> LoadedModel:
     tok = shapes_tokenizer.build_shapes_tokenizer(model_max_length=int(m["max_length"]))
     base = random_base_config(m, len(tok))
     qconfig = _quantized(base, config.quantizer)
-    params, stats = init_split_params(qconfig, key)
+    params, stats = _init(qconfig, key)
     return LoadedModel(qconfig, base, params, stats, tok, _processor(m, base), templates.get_template(config.template),
                        f"random init (seed {config.seed})")
 

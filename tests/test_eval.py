@@ -1,0 +1,252 @@
+"""The evaluation runner: file contract, resume after an interruption, the bits sweep, clear errors.
+
+Scoring runs on the built-in shapes benchmark files (written tiny here) with scripted answerers (the
+ground truth, an always-"Yes" model), so the expected numbers are exact; one end-to-end run uses a tiny
+random model through real generation and checks the output files, not its (meaningless) scores.
+"""
+
+import collections
+import json
+import math
+import os
+import types
+
+import pytest
+
+from configs import eval as eval_config
+from qtl_jax.data import benchmark_files
+from qtl_jax.data.shapes import ShapesConfig
+from qtl_jax.eval import mme, runner
+from qtl_jax.eval.answers import answers_path, read_answers, read_json, read_jsonl
+
+STUB = types.SimpleNamespace(source="scripted", levels=lambda: None)
+
+
+@pytest.fixture(scope="module")
+def bench_dir(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("benchmarks"))
+    benchmark_files.write_benchmarks(root, seed=0, cfg=ShapesConfig(image_size=32), n_mme=2, n_pope=3, n_scienceqa=8,
+                                     n_vqa=4)
+    return root
+
+
+def _config(bench_dir, **overrides):
+    c = eval_config.get_config("tiny")
+    c.benchmark_dir = bench_dir
+    c.shapes_benchmarks.enabled = False
+    for k, v in overrides.items():
+        c[k] = v
+    return c
+
+
+def _truth(bench_dir):
+    """``(benchmark, key) -> ground-truth answer`` for every shapes question."""
+    specs = runner.benchmark_specs(_config(bench_dir))
+    truth = {}
+    gt = mme.load_ground_truth(os.path.join(bench_dir, "mme", "MME_Benchmark_release_version"))
+    for ex in runner.BENCHMARKS["mme"].load(specs["mme"]):
+        subtask, image = ex.question_id.split("/")
+        truth["mme", ex.key] = gt[subtask, image[:-4], mme.question_of(ex.prompt)]
+    for split in ("random", "popular", "adversarial"):
+        for r in read_jsonl(os.path.join(bench_dir, "pope", "coco", f"coco_pope_{split}.json")):
+            truth["pope", str(r["question_id"])] = r["label"]
+    for pid, p in read_json(os.path.join(bench_dir, "scienceqa", "problems.json")).items():
+        truth["scienceqa", pid] = "ABCDE"[p["answer"]]
+    for a in read_json(os.path.join(bench_dir, "vqa", "annotations.json"))["annotations"]:
+        truth["vqav2", str(a["question_id"])] = a["multiple_choice_answer"]
+    for d in read_json(os.path.join(bench_dir, "vqa", "textvqa_val.json"))["data"]:
+        truth["textvqa", d["image_id"]] = collections.Counter(d["answers"]).most_common(1)[0][0]
+    return truth
+
+
+class Scripted:
+    """Answers from a table (or a constant); counts what it was asked; can stop after some batches."""
+
+    def __init__(self, table=None, constant=None, fail_after=None):
+        self.table, self.constant, self.fail_after = table, constant, fail_after
+        self.asked = []
+
+    def for_benchmark(self, name):
+        def answer(batch):
+            if self.fail_after is not None and len(self.asked) >= self.fail_after:
+                raise KeyboardInterrupt("simulated kill")
+            self.asked.extend((name, ex.key) for ex in batch)
+            return [self.constant if self.table is None else self.table[name, ex.key] for ex in batch]
+
+        return answer
+
+
+def _run(config, workdir, scripted):
+    """run_benchmarks with one scripted answerer per benchmark (the runner takes one answerer)."""
+    specs = runner.benchmark_specs(config)
+    metrics = {}
+    for name, spec in specs.items():
+        metrics.update(runner.run_benchmarks(STUB, config, workdir, answerer=scripted.for_benchmark(name),
+                                             specs={name: spec}))
+    return metrics
+
+
+def test_ground_truth_answers_score_perfectly(bench_dir, tmp_path):
+    m = _run(_config(bench_dir), str(tmp_path), Scripted(table=_truth(bench_dir)))
+    assert m["mme"]["perception"] == pytest.approx(800.0)  # 4 perception subtasks x 200
+    assert m["mme"]["cognition"] == pytest.approx(400.0)
+    for split in ("random", "popular", "adversarial"):
+        assert m["pope"][f"{split}/accuracy"] == pytest.approx(100.0)
+        assert m["pope"][f"{split}/yes_ratio"] == pytest.approx(50.0)
+    assert m["scienceqa"]["accuracy"] == pytest.approx(100.0)
+    assert m["scienceqa"]["img_accuracy"] == pytest.approx(100.0)
+    assert m["vqav2"]["accuracy"] == pytest.approx(100.0)
+    assert m["textvqa"]["accuracy"] == pytest.approx(100.0)
+
+
+def test_always_yes_scores_and_file_contract(bench_dir, tmp_path):
+    workdir = str(tmp_path)
+    config = _config(bench_dir)
+    specs = runner.benchmark_specs(config)
+    m = runner.run_benchmarks(STUB, config, workdir, answerer=Scripted(constant="Yes").for_benchmark("all"),
+                              specs=specs)
+    # MME: one Yes and one No question per image -> acc 50, acc+ 0, 50 points per subtask.
+    assert m["mme"]["perception"] == pytest.approx(200.0)
+    assert m["mme"]["cognition"] == pytest.approx(100.0)
+    assert m["mme"]["count/acc_plus"] == 0.0
+    # POPE: half the labels are yes -> precision 50, recall 100, F1 2/3.
+    assert m["pope"]["random/accuracy"] == pytest.approx(50.0)
+    assert m["pope"]["f1"] == pytest.approx(200 / 3)
+    assert m["pope"]["adversarial/yes_ratio"] == pytest.approx(100.0)
+    assert m["scienceqa"]["accuracy"] == 0.0  # "Yes" is not an option letter
+    on_disk = json.loads(open(os.path.join(workdir, "metrics.json")).read())
+    assert on_disk == m
+    assert all(isinstance(v, float) for bench in on_disk.values() for v in bench.values())
+    for name in specs:
+        rows = read_jsonl(answers_path(workdir, name))
+        assert {"key", "question_id", "prompt", "text"} <= set(rows[0])
+    table = open(os.path.join(workdir, "results.md")).read()
+    assert "| pope | f1 | 66.67 |" in table
+    assert os.path.isfile(os.path.join(workdir, "results", "mme", "mme_results", "existence.txt"))
+    assert os.path.isfile(os.path.join(workdir, "results", "vqav2", "vqav2_submission.json"))
+
+
+def test_interrupted_evaluation_resumes(bench_dir, tmp_path):
+    config = _config(bench_dir, batch_size=4)
+    truth = _truth(bench_dir)
+    spec = {"pope": runner.benchmark_specs(config)["pope"]}
+    workdir = str(tmp_path / "run")
+    first = Scripted(table=truth, fail_after=8)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_benchmarks(STUB, config, workdir, answerer=first.for_benchmark("pope"), specs=spec)
+    path = answers_path(workdir, "pope")
+    assert len(read_answers(path)) == 8
+    with open(path, "a") as f:
+        f.write('{"key": "99", "question_id": 99, "te')  # a line torn by the kill
+    second = Scripted(table=truth)
+    resumed = runner.run_benchmarks(STUB, config, workdir, answerer=second.for_benchmark("pope"), specs=spec)
+    total = len(runner.BENCHMARKS["pope"].load(spec["pope"]))
+    assert len(second.asked) == total - 8
+    assert not set(first.asked) & set(second.asked)
+    keys = [r["key"] for r in read_jsonl(path)]
+    assert len(keys) == len(set(keys)) == total
+    fresh = runner.run_benchmarks(STUB, config, str(tmp_path / "fresh"), answerer=Scripted(table=truth)
+                                  .for_benchmark("pope"), specs=spec)
+    assert resumed == fresh
+    # A finished evaluation asks nothing more.
+    third = Scripted(table=truth)
+    runner.run_benchmarks(STUB, config, workdir, answerer=third.for_benchmark("pope"), specs=spec)
+    assert third.asked == []
+
+
+def test_subsample_keeps_mme_pairs(bench_dir):
+    specs = runner.benchmark_specs(_config(bench_dir))
+    b = runner.BENCHMARKS["mme"]
+    examples = b.load(specs["mme"])
+    picked = runner.subsample(examples, 6, b.group)
+    counts = collections.Counter(ex.question_id for ex in picked)
+    assert len(picked) == 6 and set(counts.values()) == {2}
+    assert runner.subsample(examples, 0, b.group) == examples
+
+
+def test_configuration_errors(bench_dir, tmp_path):
+    c = _config(bench_dir)
+    c.benchmarks.pope.kind = "popee"
+    with pytest.raises(ValueError, match="use one of"):
+        runner.benchmark_specs(c)
+    c = _config(None)
+    with pytest.raises(ValueError, match="set --config.benchmark_dir"):
+        runner.benchmark_specs(c)
+    c = _config(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="pope question file"):
+        runner.BENCHMARKS["pope"].load(runner.benchmark_specs(c)["pope"])
+    bad = tmp_path / "answers.jsonl"
+    bad.write_text('{"key": "1", "text": "a"}\nnot json\n{"key": "2", "text": "b"}\n')
+    with pytest.raises(ValueError, match="is not JSON"):
+        read_answers(str(bad))
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    import jax
+
+    from qtl_jax.eval import model as model_lib
+
+    return model_lib.load_random(eval_config.get_config("tiny"), jax.random.key(0))
+
+
+def test_tiny_model_generates_answers(bench_dir, tmp_path, tiny_model):
+    """Real generation (random tiny model, prompt through the quantizers): the files, not the scores."""
+    config = _config(bench_dir, max_examples=4)
+    specs = {"pope": runner.benchmark_specs(config)["pope"]}
+    metrics = runner.run_benchmarks(tiny_model, config, str(tmp_path), specs=specs)
+    assert json.loads(open(os.path.join(tmp_path, "metrics.json")).read()) == metrics
+    rows = read_answers(answers_path(str(tmp_path), "pope"))
+    assert len(rows) == 4 and all(isinstance(r["text"], str) for r in rows.values())
+    assert 0.0 <= metrics["pope"]["accuracy"] <= 100.0
+    assert "random init" in open(os.path.join(tmp_path, "results.md")).read()
+
+
+def test_sweep_contract(bench_dir, tmp_path, tiny_model):
+    """sweep.json / sweep.png / the uplink bytes from the real codec, with scripted answers."""
+    from qtl_jax.eval import sweep
+
+    config = _config(bench_dir, max_examples=6)
+    config.sweep.levels = (2,)
+    config.sweep.bytes_samples = 2
+    specs = runner.benchmark_specs(config)
+    specs = {k: specs[k] for k in ("pope", "scienceqa")}
+    answers = iter(["Yes", "No"] * 100)
+    entries = sweep.run_sweep(tiny_model, config, str(tmp_path), specs,
+                              answerer_for=lambda at: lambda batch: [next(answers) for _ in batch])
+    on_disk = json.loads(open(os.path.join(tmp_path, "sweep.json")).read())
+    assert on_disk == entries
+    assert [(e["levels"], e["bits"], e["baseline"]) for e in on_disk] == [(2, 1.0, False), (65536, 16.0, True)]
+    for e in on_disk:
+        assert set(e["scores"]) == {"pope", "scienceqa"} and e["pope"] == e["scores"]["pope"]
+        assert set(e["uplink_bytes_per_sample"]) == {"fp16", "packed", "ans"}
+    low, base = (e["uplink_bytes_per_sample"] for e in on_disk)
+    # Fixed-width packing at L=2 costs 1 bit per value against fp16's 16 (plus headers); fp16 does not depend on L.
+    assert low["packed"] < low["fp16"] / 8
+    assert math.isclose(low["fp16"], base["fp16"])
+    assert os.path.getsize(os.path.join(tmp_path, "sweep.png")) > 10_000
+    assert "| 65536 (baseline) | 16 |" in open(os.path.join(tmp_path, "sweep.md")).read()
+    selection = json.loads(open(os.path.join(tmp_path, "sweep_selection.json")).read())
+    assert set(selection) == {"image", "text"} and all(2 <= s["levels"] <= 32 for s in selection.values())
+    assert os.path.isfile(os.path.join(tmp_path, "sweep", "L2", "metrics.json"))
+
+
+def test_with_levels(tiny_model):
+    import dataclasses
+
+    at8 = tiny_model.with_levels(8)
+    assert at8.levels() == 8 and at8.qconfig.text_quantizer.levels == 8 and tiny_model.levels() == 4
+    assert at8.params is tiny_model.params  # the same weights
+    with pytest.raises(ValueError, match="no quantizer projections"):
+        dataclasses.replace(tiny_model, qconfig=None).with_levels(8)
+
+
+@pytest.mark.slow
+def test_tiny_config_full_run(tmp_path):
+    """``configs/eval.py:tiny`` as the CLI runs it: shapes files, five benchmarks, sweep L=2,4 + baseline."""
+    config = eval_config.get_config("tiny")
+    runner.evaluate(config, str(tmp_path))
+    metrics = json.loads(open(os.path.join(tmp_path, "metrics.json")).read())
+    assert set(metrics) == {"mme", "pope", "scienceqa", "vqav2", "textvqa"}
+    sweep = json.loads(open(os.path.join(tmp_path, "sweep.json")).read())
+    assert [e["levels"] for e in sweep] == [2, 4, 65536]
