@@ -250,3 +250,42 @@ def test_tiny_config_full_run(tmp_path):
     assert set(metrics) == {"mme", "pope", "scienceqa", "vqav2", "textvqa"}
     sweep = json.loads(open(os.path.join(tmp_path, "sweep.json")).read())
     assert [e["levels"] for e in sweep] == [2, 4, 65536]
+
+
+def test_loads_a_train_workdir_checkpoint(tmp_path, tiny_model):
+    """An Orbax checkpoint written by the training Checkpointer comes back with the run's model and L."""
+    import jax
+    import numpy as np
+
+    from configs import stage2
+    from qtl_jax.eval import model as model_lib
+    from qtl_jax.split.step import PartitionState, TrainState
+    from qtl_jax.train.checkpoint import Checkpointer
+    from qtl_jax.train.loop import config_to_json
+
+    train_cfg = stage2.get_config("tiny")
+    # The same architecture as the eval tiny model, trained (here: saved) at L=8.
+    train_cfg.model = eval_config.get_config("tiny").model
+    train_cfg.quantizer.levels = 8
+    params = jax.tree.map(lambda x: x + 0.5, tiny_model.params)  # distinct from any fresh init
+    state = TrainState(step=jax.numpy.int32(7), client=PartitionState(params["client"], {}, {}),
+                       server=PartitionState(params["server"], {}, {}), rng=jax.random.PRNGKey(1))
+    workdir = str(tmp_path / "run")
+    ckpt = Checkpointer(workdir)
+    ckpt.save(state, {}, config_to_json(train_cfg))
+    ckpt.close()
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(config_to_json(train_cfg), f)
+
+    config = eval_config.get_config("tiny")
+    config.checkpoint = workdir
+    loaded = model_lib.load_model(config)
+    assert loaded.levels() == 8 and "(step 7)" in loaded.source
+    same = jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))), loaded.params, params)
+    assert all(jax.tree.leaves(same))
+    config.checkpoint = str(tmp_path / "nothing")
+    with pytest.raises(FileNotFoundError, match="not a local directory"):
+        model_lib.load_model(config)
+    os.makedirs(config.checkpoint)
+    with pytest.raises(FileNotFoundError, match="neither a train.py workdir"):
+        model_lib.load_model(config)
