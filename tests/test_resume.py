@@ -27,6 +27,8 @@ def _env():
     env = dict(os.environ)
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
     env["JAX_PLATFORMS"] = "cpu"
+    # Compile time dominates these toy runs; every run of a test uses the same setting, so they stay comparable.
+    env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
     env["PYTHONPATH"] = ROOT
     return env
 

@@ -21,6 +21,8 @@ REQUIRED_FIELDS = ("step", "loss", "ce", "uplink_bytes_fp16", "uplink_bytes_pack
 def tiny(stage: int, data_dir: str, **overrides):
     c = (stage1 if stage == 1 else stage2).get_config("tiny")
     c.data.data_dir = data_dir
+    # Disjoint one-device client and server meshes: the real split, and the cheapest compiles.
+    c.mesh.client_devices = c.mesh.server_devices = 1
     for k, v in overrides.items():
         node = c
         *parents, leaf = k.split(".")
@@ -35,11 +37,29 @@ def data_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("shapes_data"))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def fast_compiles():
+    # Compile time dominates toy runs (flax examples' train_test does the same).
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", False)
+
+
 @pytest.fixture(scope="module")
 def stage1_run(tmp_path_factory, data_dir):
+    """A toy stage 1 whose batch 4 (0-based) is poisoned: it stops at step 5; the rerun resumes at step 4."""
     workdir = str(tmp_path_factory.mktemp("stage1"))
-    result = loop.train_and_evaluate(tiny(1, data_dir), workdir)
-    return workdir, result
+    c = tiny(1, data_dir, **{"debug.poison_step": 4, "checkpoint_every": 2})
+    with pytest.raises(loop.NonFiniteLossError) as stopped:
+        loop.train_and_evaluate(c, workdir)
+    at_stop = {
+        "message": str(stopped.value),
+        "checkpoints": sorted(ckptlib.Checkpointer(workdir).all_steps()),
+        "logged": [r["step"] for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))],
+    }
+    c.debug.poison_step = -1
+    result = loop.train_and_evaluate(c, workdir)
+    return workdir, result, at_stop
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -128,52 +148,50 @@ def test_per_sample_pixels_undoes_placeholder_order():
 # ---------------------------------------------------------------------------------------------------
 # End to end (toy size).
 
-def test_stage1_writes_metrics_checkpoints_eval(stage1_run):
-    workdir, result = stage1_run
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(stage1_run):
+    _, _, at_stop = stage1_run
+    assert "loss is nan at step 5" in at_stop["message"]
+    assert "last good checkpoint is step 4" in at_stop["message"] and "intact" in at_stop["message"]
+    assert at_stop["checkpoints"] == [2, 4]  # nothing was saved after the bad step
+    assert at_stop["logged"] == [1, 2, 3, 4]
+
+
+def test_stage1_resumes_and_writes_metrics_checkpoints_eval(stage1_run):
+    workdir, result, _ = stage1_run
     records = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-    assert [r["step"] for r in records] == list(range(1, 7))
+    assert [r["step"] for r in records] == list(range(1, 7))  # resumed at 4, no duplicate lines
     for r in records:
         missing = [k for k in REQUIRED_FIELDS if k not in r]
         assert not missing, missing
         assert np.isfinite(r["loss"]) and r["uplink_bytes_ans"] < r["uplink_bytes_packed"] < r["uplink_bytes_fp16"]
         assert r["loss"] == pytest.approx(r["ce"] + r["dist_image"] + r["dist_text"])
     assert result["step"] == 6 and result["loss"] == records[-1]["loss"]
-    assert sorted(ckptlib.Checkpointer(workdir).all_steps()) == [3, 6]
+    assert sorted(ckptlib.Checkpointer(workdir).all_steps()) == [4, 6]  # keep_checkpoints=2
     assert os.listdir(os.path.join(workdir, "tensorboard"))
     with open(os.path.join(workdir, "config.json")) as f:
         assert json.load(f)["stage"] == 1
     ev = read_jsonl(os.path.join(workdir, "eval.jsonl"))
-    assert len(ev) == 1 and ev[0]["step"] == 6 and ev[0] == {"step": 6, **result["eval"]}
+    assert len(ev) == 1 and ev[0] == {"step": 6, **result["eval"]}
     assert 0 <= ev[0]["exact_match"] <= 1 and ev[0]["answers"] == 16  # one caption per held-out sample
+    assert ev[0]["majority_token_accuracy"] < 1
 
 
 def test_stage2_starts_from_stage1_params(stage1_run, data_dir, tmp_path):
-    workdir1, _ = stage1_run
-    c = tiny(2, data_dir, **{"init.from_workdir": workdir1, "total_steps": 1, "eval.enabled": False})
-    setup = loop.build_setup(c, str(tmp_path), jax.random.key(0))
+    workdir1 = stage1_run[0]
+    c = tiny(2, data_dir, **{"init.from_workdir": workdir1})
+    setup = loop.build_setup(c, str(tmp_path), jax.random.key_data(jax.random.key(0)))
     from qtl_jax.split import mesh as meshlib
     from qtl_jax.split import step as steplib
 
-    meshes = meshlib.split_meshes(0, 0)
-    fresh = steplib.create_train_state(setup.model, jax.random.key(1), meshes, c.optimizer.to_dict(), 1)
+    meshes = meshlib.split_meshes(1, 1)
+    fresh = steplib.create_train_state(setup.model, jax.random.key_data(jax.random.key(1)), meshes,
+                                       c.optimizer.to_dict(), 6)
     started = loop._initial_params(c, setup, fresh)
     saved, _ = ckptlib.Checkpointer(workdir1).restore(fresh)
     for a, b in zip(jax.tree.leaves((started.client.params, started.server.params)),
                     jax.tree.leaves((saved.client.params, saved.server.params))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert int(started.step) == 0  # params only: the new stage starts at step 0 with fresh optimizer state
-    result = loop.train_and_evaluate(c, str(tmp_path / "stage2"))
-    assert result["step"] == 1 and np.isfinite(result["loss"])
-
-
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path):
-    workdir = str(tmp_path)
-    c = tiny(1, data_dir, **{"debug.poison_step": 4, "checkpoint_every": 2, "eval.enabled": False})
-    with pytest.raises(loop.NonFiniteLossError, match=r"loss is nan at step 5.*last good checkpoint is step 4"):
-        loop.train_and_evaluate(c, workdir)
-    assert sorted(ckptlib.Checkpointer(workdir).all_steps()) == [2, 4]
-    assert [r["step"] for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))] == [1, 2, 3, 4]
-    # The intact checkpoint resumes: without the poison the run finishes from step 4.
-    c.debug.poison_step = -1
-    result = loop.train_and_evaluate(c, workdir)
-    assert result["step"] == 6 and np.isfinite(result["loss"])
+    # Params only: the new stage starts at step 0 with its own fresh optimizer state.
+    assert int(started.step) == 0
+    assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves(started.client.opt_state)
+               if np.asarray(x).dtype == np.float32)
