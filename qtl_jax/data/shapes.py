@@ -234,7 +234,7 @@ def _polygon(kind: str, cx: float, cy: float, r: float) -> list[tuple[float, flo
             pts.append((cx + rr * math.cos(a), cy + rr * math.sin(a)))
         return pts
     if kind == "cross":
-        t = 0.38 * r  # half arm thickness
+        t = 0.3 * r  # half arm thickness: thin arms keep small crosses unlike circles
         return [(cx - t, cy - r), (cx + t, cy - r), (cx + t, cy - t), (cx + r, cy - t), (cx + r, cy + t),
                 (cx + t, cy + t), (cx + t, cy + r), (cx - t, cy + r), (cx - t, cy + t), (cx - r, cy + t),
                 (cx - r, cy - t), (cx - t, cy - t)]
