@@ -466,3 +466,41 @@ def test_chat_cli_answers_from_a_checkpoint(factory, tmp_path, capsys):
     assert answer == expected[0]
     with pytest.raises(FileNotFoundError, match="no config.json"):
         chat.main([f"--checkpoint={tmp_path}", f"--image={file}", "--prompt=hi"])
+
+
+def test_chat_cli_answers_from_a_train_workdir(tmp_path, capsys):
+    """An Orbax workdir: the latest checkpoint's quantized model, its tokenizer, template and processor."""
+    from configs import eval as eval_config
+    from configs import stage2
+    from qtl_jax import chat
+    from qtl_jax.eval import model as model_lib
+    from qtl_jax.split.step import PartitionState, TrainState
+    from qtl_jax.train.checkpoint import Checkpointer
+    from qtl_jax.train.loop import config_to_json
+
+    tiny = model_lib.load_random(eval_config.get_config("tiny"), jax.random.key(0))
+    train_cfg = stage2.get_config("tiny")
+    train_cfg.model = eval_config.get_config("tiny").model
+    params = jax.tree.map(lambda x: x + 0.01, tiny.params)
+    state = TrainState(step=jnp.int32(3), client=PartitionState(params["client"], {}, {}),
+                       server=PartitionState(params["server"], {}, {}), rng=jax.random.PRNGKey(1))
+    workdir = str(tmp_path / "run")
+    ckpt = Checkpointer(workdir)
+    ckpt.save(state, {}, config_to_json(train_cfg))
+    ckpt.close()
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(config_to_json(train_cfg), f)
+    assert chat.is_train_workdir(workdir)
+
+    size = tiny.base.vision.image_size
+    file = str(tmp_path / "img.png")
+    PIL.Image.fromarray(np.random.default_rng(0).integers(0, 255, (size, size, 3), dtype=np.uint8)).save(file)
+    answer = chat.main([f"--checkpoint={workdir}", f"--image={file}", "--prompt=What shape is it?", "--max_new_tokens=4"])
+    assert capsys.readouterr().out == answer + "\n"
+    model, qparams, quantizers = gen.split_model(tiny.qconfig, params, tiny.batch_stats)
+    template = get_template(train_cfg.data.template)
+    expected = gen.generate_answers(model, qparams, tiny.tokenizer, template, tiny.image_processor,
+                                    [(PIL.Image.open(file).convert("RGB"), "What shape is it?")], 1, max_new_tokens=4,
+                                    quantizers=quantizers)
+    assert answer == expected[0]
+    assert answer  # the random tiny model says something ('Position curious Below Below')
