@@ -36,7 +36,7 @@ def _env():
 def _train(workdir, data_dir, *extra):
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config=configs/stage1.py:tiny", f"--workdir={workdir}",
            f"--config.data.data_dir={data_dir}", "--config.total_steps=8", "--config.checkpoint_every=3",
-           "--config.eval.enabled=False", *extra]
+           "--config.eval.enabled=False", "--config.mesh.client_devices=1", "--config.mesh.server_devices=1", *extra]
     return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
