@@ -5,6 +5,8 @@ workdir (its latest Orbax checkpoint) or a converted Hugging Face directory; var
 ``--config=configs/eval.py:demo``. Rerunning with the same workdir resumes from the answers already written.
 """
 
+import logging as pylogging
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -17,7 +19,9 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if flags.FLAGS["verbosity"].using_default_value:
+        # Orbax and JAX log every file operation at INFO through Python logging; --verbosity=0 brings them back.
         logging.set_verbosity(logging.WARNING)
+        pylogging.getLogger().setLevel(pylogging.WARNING)
     from qtl_jax.eval.runner import evaluate
 
     evaluate(_CONFIG.value, _WORKDIR.value)

@@ -12,7 +12,8 @@ mm-vet, MMMU); each benchmark's files are configurable under ``--config.benchmar
 
 Demo (``configs/eval.py:demo``): the stage-2 demo model (``/tmp/qtl_demo/stage2``, from
 ``python train.py --config=configs/stage2.py:demo``) on the built-in shapes benchmarks (MME, POPE,
-ScienceQA-IMG, VQAv2, TextVQA layouts; 48 questions each), then the bits sweep L = 2..32 + the 16-bit
+ScienceQA-IMG, VQAv2, TextVQA layouts; 32 questions each, generated tokens
+re-quantized as the from-scratch demo model was trained), then the bits sweep L = 2..32 + the 16-bit
 baseline::
 
     python eval.py --config=configs/eval.py:demo --workdir=/tmp/qtl_demo/eval
@@ -84,6 +85,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.shapes_benchmarks = ml_collections.ConfigDict(dict(
         enabled=False, seed=0, image_size=64, n_mme=30, n_pope=50, n_scienceqa=200, n_vqa=200))
 
+    # 'kv_cache': the paper (only the prompt is quantized); 'requantized': generated tokens go through the
+    # quantizers too (models trained from scratch through them, like the demo; qtl_jax/eval/requantized.py).
+    c.generation = "kv_cache"
     c.batch_size = 1
     c.max_new_tokens = 128
     c.max_examples = 0  # per benchmark; 0 = every question
@@ -96,9 +100,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.checkpoint = "/tmp/qtl_demo/stage2"
         c.benchmarks = _benchmarks(SHAPES_BENCHMARKS)
         c.shapes_benchmarks.enabled = True
+        c.generation = "requantized"  # the demo model was trained from scratch through the quantizers
         c.batch_size = 16
         c.max_new_tokens = 8
-        c.max_examples = 48
+        c.max_examples = 32
         c.sweep.enabled = True
     if arg == "tiny":
         c.checkpoint = None

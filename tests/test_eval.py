@@ -289,3 +289,26 @@ def test_loads_a_train_workdir_checkpoint(tmp_path, tiny_model):
     os.makedirs(config.checkpoint)
     with pytest.raises(FileNotFoundError, match="neither a train.py workdir"):
         model_lib.load_model(config)
+
+
+def test_requantized_first_token_matches_kv_cache_generation(bench_dir):
+    """Both answerers compute the first token from the same quantized prompt; with frozen (ema) scaling
+    statistics padding cannot change the codes, so the two independent implementations must agree."""
+    import jax
+
+    from qtl_jax.eval import model as model_lib
+
+    config = eval_config.get_config("tiny")
+    config.quantizer.scaling = "ema"
+    config.max_new_tokens = 1
+    loaded = model_lib.load_random(config, jax.random.key(3))
+    examples = runner.BENCHMARKS["scienceqa"].load(runner.benchmark_specs(_config(bench_dir))["scienceqa"])[:6]
+    assert any(ex.image is None for ex in examples) and any(ex.image for ex in examples)
+    config.generation = "kv_cache"
+    reference = runner.make_answerer(loaded, config)(examples)
+    assert len(set(reference)) > 1  # not one constant token, so agreement means something
+    config.generation = "requantized"
+    assert runner.make_answerer(loaded, config)(examples) == reference
+    config.generation = "beam"
+    with pytest.raises(ValueError, match="use 'kv_cache'"):
+        runner.make_answerer(loaded, config)

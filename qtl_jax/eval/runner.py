@@ -111,8 +111,17 @@ def prepare_shapes_benchmarks(config: Any) -> None:
 
 
 def make_answerer(loaded: LoadedModel, config: Any) -> Answerer:
-    """Greedy answers from :func:`qtl_jax.generate.generate_answers`, the prompt through the quantizers."""
+    """Greedy answers: ``config.generation='kv_cache'`` (the paper: :func:`qtl_jax.generate.generate_answers`,
+    only the prompt through the quantizers) or ``'requantized'`` (every token through them, see
+    :mod:`qtl_jax.eval.requantized`)."""
     import PIL.Image
+
+    if config.generation == "requantized":
+        from qtl_jax.eval.requantized import make_requantized_answerer
+
+        return make_requantized_answerer(loaded, int(config.max_new_tokens))
+    if config.generation != "kv_cache":
+        raise ValueError(f"generation={config.generation!r}: use 'kv_cache' (the paper) or 'requantized'.")
 
     from qtl_jax import generate
 

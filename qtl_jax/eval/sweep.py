@@ -30,6 +30,7 @@ import functools
 import json
 import math
 import os
+import shutil
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -225,6 +226,10 @@ def run_sweep(loaded: LoadedModel, config: Any, workdir: str, specs: Mapping[str
     for lv, is_base in plan:
         at = loaded.with_levels(lv)
         sub = os.path.join(workdir, "sweep", f"L{lv}")
+        if lv == loaded.levels() and not os.path.isdir(os.path.join(sub, "answers")) and \
+                os.path.isdir(os.path.join(workdir, "answers")):
+            # The main evaluation already answered at the trained L: resume from its answers.
+            shutil.copytree(os.path.join(workdir, "answers"), os.path.join(sub, "answers"))
         answerer = answerer_for(at) if answerer_for else runner.make_answerer(at, config)
         print(f"sweep: L={lv}{' (baseline)' if is_base else ''}", flush=True)
         metrics = runner.run_benchmarks(at, config, sub, answerer=answerer, specs=specs)
