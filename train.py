@@ -6,6 +6,8 @@ Multi-host: set ``--coordinator_address=HOST:PORT --num_processes=N --process_id
 launcher JAX auto-detects: SLURM, TPU pods) to call ``jax.distributed.initialize`` first.
 """
 
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -22,7 +24,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     # Orbax and TFDS log every file operation at INFO; --verbosity=0 brings them back.
-    if flags.FLAGS["verbosity"].using_default_value:
+    if not any(a.startswith(("--verbosity", "-v")) for a in sys.argv[1:]):
         logging.set_verbosity(logging.WARNING)
     import jax
 
