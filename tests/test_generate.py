@@ -38,9 +38,14 @@ def build_llava(seed: int = 0) -> T.LlavaForConditionalGeneration:
         image_token_index=IMAGE_ID, vision_feature_layer=-2, vision_feature_select_strategy="full",
     )
     model = T.LlavaForConditionalGeneration(cfg).eval()
-    # Random init puts every logit within ~0.1 of the others; sharper logits keep argmax away from fp ties.
     with torch.no_grad():
+        # Random init puts every logit within ~0.1 of the others; sharper logits keep argmax away from fp ties.
         model.lm_head.weight.mul_(8.0)
+        # And its attention is nearly uniform, so positions would hardly matter; sharpen it so that a wrong
+        # position id (e.g. one counting the padding) changes the tokens.
+        for name, p in model.named_parameters():
+            if "language_model" in name and ("q_proj" in name or "k_proj" in name):
+                p.mul_(6.0)
     return model
 
 
@@ -443,6 +448,10 @@ def test_quantized_prompt_matches_the_quantized_forward(factory):
     last = np.asarray(layout.attention_mask).sum(axis=1) - 1
     expected = np.asarray(jnp.argmax(logits, axis=-1))[np.arange(2), last]
     np.testing.assert_array_equal(out.sequences[:, 0], expected)
+    # The quantizers matter here: the same prompts unquantized give other tokens (so the check above has teeth).
+    plain = gen.generate(model, params, input_ids=ids, attention_mask=mask, pixel_values=image, max_new_tokens=3,
+                         stop_token_ids=())
+    assert (plain.sequences != out.sequences).any()
     with pytest.raises(ValueError, match="split params"):
         gen.split_model(qcfg, params)
 
