@@ -195,3 +195,21 @@ def test_stage2_starts_from_stage1_params(stage1_run, data_dir, tmp_path):
     assert int(started.step) == 0
     assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves(started.client.opt_state)
                if np.asarray(x).dtype == np.float32)
+
+
+def test_stage2_starts_from_a_hugging_face_checkpoint(data_dir, tmp_path):
+    from qtl_jax.models.tinyllava import init_params
+    from qtl_jax.weights.export import export_llava_hf
+
+    c = tiny(2, data_dir)
+    reference = loop.build_setup(c, str(tmp_path), jax.random.key_data(jax.random.key(0)))
+    tcfg = reference.model.model
+    params = jax.jit(init_params, static_argnums=0)(tcfg, jax.random.key(3))
+    export_llava_hf(tcfg, params, str(tmp_path / "hf"), image_token_index=tcfg.llm.vocab_size - 1)
+    c.init.checkpoint = str(tmp_path / "hf")
+    setup = loop.build_setup(c, str(tmp_path), jax.random.key_data(jax.random.key(0)))
+    # The llava-hf checkpoint comes back in the Factory convention the split model and the pipeline use.
+    assert setup.model.model.convention == "factory" and setup.model.model.image_token_index == -200
+    assert setup.model.model.llm == tcfg.llm and setup.model.model.vision == tcfg.vision
+    for a, b in zip(jax.tree.leaves(setup.pretrained), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

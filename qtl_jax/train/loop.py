@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from qtl_jax.data.constants import IMAGE_TOKEN_INDEX
 from qtl_jax.data import image_processing, llava_tfds, pipeline, shapes_tokenizer, templates
 from qtl_jax.models.connector import ConnectorConfig
 from qtl_jax.models.decoder import DecoderConfig, dtype_from_name
@@ -147,7 +148,10 @@ def build_setup(config: ml_collections.ConfigDict, workdir: str, key: jax.Array)
         except NotImplementedError:  # an official Quantized-TinyLLaVA checkpoint: base model + projections
             model, pretrained = loader.load_pretrained(path, dtype=m["dtype"], drop_quantizer=True, **overrides)
             quantizer_params = loader.load_quantizer_params(path)
-        tcfg = model.config
+        # The split model and the input pipeline use the Factory convention (one -200 placeholder per image,
+        # expanded by the model); a llava-hf checkpoint's weights are the same, only its ids differ.
+        tcfg = dataclasses.replace(model.config, convention="factory", image_token_index=IMAGE_TOKEN_INDEX,
+                                   scale_image_embeddings=model.config.scales_images)
     elif m["source"] == "components":
         from qtl_jax.weights import loader
 
