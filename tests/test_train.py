@@ -213,3 +213,15 @@ def test_stage2_starts_from_a_hugging_face_checkpoint(data_dir, tmp_path):
     assert setup.model.model.llm == tcfg.llm and setup.model.model.vision == tcfg.vision
     for a, b in zip(jax.tree.leaves(setup.pretrained), jax.tree.leaves(params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_step_count_from_epochs():
+    c = stage1.get_config()
+    assert loop.count_steps(c, 558_128) == 558_128 // 64  # the paper's 1 epoch of LLaVA-Pretrain: 8720 steps
+    c.data.num_epochs = 2
+    assert loop.count_steps(c, 130) == 4
+    c.total_steps = 7
+    assert loop.count_steps(c, 130) == 7
+    c.total_steps = -1
+    with pytest.raises(ValueError, match="no full batch of global_batch_size=64"):
+        loop.count_steps(c, 63)
