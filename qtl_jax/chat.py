@@ -5,8 +5,9 @@
 ``DIR`` is either a local checkpoint directory that :func:`qtl_jax.load_pretrained` reads (TinyLLaVA
 Factory, llava-hf, legacy LLaVA) holding the LLM's tokenizer files and a ``preprocessor_config.json``
 (SigLIP / CLIP image processor), or a ``train.py`` workdir (Orbax ``checkpoints/`` + ``config.json``),
-whose latest checkpoint is answered with the prompt through the trained quantizers. Without ``--image`` the prompt is answered as text only. The answer
-goes to stdout; ``--stats`` adds the generation speed on stderr.
+whose latest checkpoint is answered with the prompt through the trained quantizers. Without ``--image``
+the prompt is answered as text only. The answer goes to stdout; ``--stats`` adds the generation speed
+on stderr.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top_p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0, help="PRNG seed for sampling")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype (Hugging Face directories; a workdir uses its run's)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="compute dtype (Hugging Face directories; a workdir uses its run's)")
     p.add_argument("--tokenizer_dir", default=None,
                    help="tokenizer directory, if not the checkpoint's (a train.py workdir finds its run's tokenizer)")
     p.add_argument("--stats", action="store_true", help="print tokens and tokens/s to stderr")
@@ -76,7 +78,9 @@ def main(argv: Sequence[str] | None = None) -> str:
         family = model.config.llm.family
         name = args.template or DEFAULT_TEMPLATES.get(family)
         if name is None:
-            raise SystemExit(f"no default template for a {family} LLM; pass --template (one of {', '.join(TEMPLATE_NAMES)})")
+            raise SystemExit(
+                f"no default template for a {family} LLM; pass --template (one of {', '.join(TEMPLATE_NAMES)})"
+            )
         template = get_template(name)
         tokenizer = load_tokenizer(args.tokenizer_dir or args.checkpoint)
         processor = ImageProcessor.from_hf(args.checkpoint) if args.image is not None else None

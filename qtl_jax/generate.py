@@ -75,7 +75,9 @@ class PromptQuantizers:
     batch_stats: Params = dataclasses.field(default_factory=dict)
 
 
-def split_model(config: Any, params: Params, batch_stats: Params | None = None) -> tuple[TinyLlava, Params, PromptQuantizers]:
+def split_model(
+    config: Any, params: Params, batch_stats: Params | None = None
+) -> tuple[TinyLlava, Params, PromptQuantizers]:
     """``(model, params, quantizers)`` for :func:`generate` from a quantized split model.
 
     ``config`` is a ``QuantizedTinyLlavaConfig`` and ``params`` its ``{'client': ..., 'server': ...}``
@@ -246,7 +248,9 @@ def compiled_programs() -> dict[str, Callable]:
 # Host-side preparation
 
 
-def _left_align(input_ids: np.ndarray, attention_mask: np.ndarray, width: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+def _left_align(
+    input_ids: np.ndarray, attention_mask: np.ndarray, width: int, pad_id: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Moves each row's real tokens to the right end of a ``width``-wide row (left padding)."""
     b = input_ids.shape[0]
     ids = np.full((b, width), pad_id, np.int32)
@@ -305,7 +309,9 @@ def _stop_ids(stop_token_ids: Iterable[int] | int | None, tokenizer: Any) -> np.
     return np.asarray(ids + [-1] * (8 - len(ids)), np.int32)
 
 
-def _decode_text(tokenizer: Any, rows: np.ndarray, lengths: np.ndarray, stop_ids: np.ndarray, stop_strings: Sequence[str]) -> list[str]:
+def _decode_text(
+    tokenizer: Any, rows: np.ndarray, lengths: np.ndarray, stop_ids: np.ndarray, stop_strings: Sequence[str]
+) -> list[str]:
     texts = []
     stops = set(int(i) for i in stop_ids if i >= 0)
     for row, n in zip(rows, lengths):
@@ -405,8 +411,10 @@ def generate(
         v = config.vision
         expected = (v.image_size, v.image_size, v.num_channels)
         if tuple(np.shape(pixel_values)[1:]) != expected:
-            raise ValueError(f"pixel_values must be [N_img, {expected[0]}, {expected[1]}, {expected[2]}] (channels last), "
-                             f"got {np.shape(pixel_values)}")
+            raise ValueError(
+                f"pixel_values must be [N_img, {expected[0]}, {expected[1]}, {expected[2]}] (channels last), "
+                f"got {np.shape(pixel_values)}"
+            )
 
     real = mask.sum(axis=1)
     merged_real = real + (placeholders * (t_img - 1) if config.convention == "factory" else 0)
@@ -465,7 +473,9 @@ def _quantized_vectors(
         "labels": jnp.full(ids_l.shape, -100, jnp.int32), "pixel_values": jnp.asarray(pixels),
         "has_image": jnp.asarray(has_image),
     }
-    image_vectors, text_vectors = _encode_quantized(qcfg, quantizers.client, quantizers.server, quantizers.batch_stats, batch)
+    image_vectors, text_vectors = _encode_quantized(
+        qcfg, quantizers.client, quantizers.server, quantizers.batch_stats, batch
+    )
     pad = text_length - ids.shape[1]
     text_vectors = jnp.pad(text_vectors, ((0, 0), (pad, 0), (0, 0)))
     return image_vectors, text_vectors
@@ -475,7 +485,8 @@ def stop_token_ids_for(template: Template, tokenizer: Any) -> list[int]:
     """The template's end token (when it is one token) and the tokenizer's eos."""
     ids = []
     token_id = tokenizer.convert_tokens_to_ids(template.stop_str)
-    if token_id is not None and token_id != tokenizer.unk_token_id and tokenizer.convert_ids_to_tokens(token_id) == template.stop_str:
+    single_token = token_id is not None and token_id != tokenizer.unk_token_id
+    if single_token and tokenizer.convert_ids_to_tokens(token_id) == template.stop_str:
         ids.append(int(token_id))
     if tokenizer.eos_token_id is not None:
         ids.append(int(tokenizer.eos_token_id))
@@ -519,7 +530,8 @@ def generate_answers(
                 images.append(np.asarray(image_processor(image), np.float32))
         out = generate(
             model, params, tokenizer, prompts=prompts, pixel_values=np.stack(images) if images else None,
-            max_new_tokens=max_new_tokens, stop_token_ids=stops, stop_strings=[template.stop_str] if template.stop_str else (),
+            max_new_tokens=max_new_tokens, stop_token_ids=stops,
+            stop_strings=[template.stop_str] if template.stop_str else (),
             temperature=temperature, top_p=top_p, rng=None if rng is None else jax.random.fold_in(rng, index),
             quantizers=quantizers, buckets=buckets,
         )

@@ -3,8 +3,6 @@
 Tiny random-init transformers LLaVA models are built offline, saved, and loaded with load_pretrained.
 """
 
-import contextlib
-import io
 import json
 import os
 
