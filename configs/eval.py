@@ -18,8 +18,10 @@ baseline::
 
     python eval.py --config=configs/eval.py:demo --workdir=/tmp/qtl_demo/eval
 
-Measured on this 2-core CPU machine (shared with other jobs): see docs/evaluation.md for the run's real
-output, table and plot. ``:tiny`` is the same path with a random tiny model (tests).
+Measured on this 2-core CPU machine (shared with five other jobs): 4 min 19 s for the evaluation and the
+sweep; at the trained L=4: MME perception 50.0, POPE F1 66.6 (always "yes"), ScienceQA-IMG 38.5, TextVQA
+55.0, VQAv2 40.3 (32 questions each; docs/evaluation.md has the output, the sweep table and the plot).
+``:tiny`` is the same path with a random tiny model (tests).
 """
 
 import ml_collections

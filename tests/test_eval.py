@@ -312,3 +312,35 @@ def test_requantized_first_token_matches_kv_cache_generation(bench_dir):
     config.generation = "beam"
     with pytest.raises(ValueError, match="use 'kv_cache'"):
         runner.make_answerer(loaded, config)
+
+
+def test_loads_a_hugging_face_directory_without_quantizers(bench_dir, tmp_path):
+    """A llava-hf checkpoint (no quantizer tensors) is evaluated as a plain TinyLLaVA and cannot be swept."""
+    import torch
+    import transformers as T
+
+    from qtl_jax.data.shapes_tokenizer import build_shapes_tokenizer
+    from qtl_jax.eval import model as model_lib
+
+    torch.manual_seed(0)
+    vision = T.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                  image_size=32, patch_size=8)
+    text = T.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=320)
+    hf = T.LlavaForConditionalGeneration(T.LlavaConfig(vision_config=vision, text_config=text, image_token_index=319,
+                                                       vision_feature_layer=-2,
+                                                       vision_feature_select_strategy="full")).eval()
+    path = str(tmp_path / "llava_hf")
+    hf.save_pretrained(path)
+    build_shapes_tokenizer().save_pretrained(path)
+    config = eval_config.get_config("tiny")
+    config.checkpoint = path
+    config.max_new_tokens = 2
+    config.generation = "kv_cache"
+    loaded = model_lib.load_model(config)
+    assert loaded.qconfig is None and loaded.levels() is None
+    examples = [ex for ex in runner.BENCHMARKS["pope"].load(runner.benchmark_specs(_config(bench_dir))["pope"])][:2]
+    answers = runner.make_answerer(loaded, config)(examples)
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    with pytest.raises(ValueError, match="no quantizer projections"):
+        loaded.with_levels(4)
