@@ -47,10 +47,10 @@ class InversionConfig:
     dim: int
     image_size: int
     grid: int
-    hidden: int = 256
-    channels: tuple[int, ...] = (64, 32, 16, 16)
-    steps: int = 600
-    batch_size: int = 64
+    hidden: int = 128
+    channels: tuple[int, ...] = (32, 16, 8, 8)
+    steps: int = 500
+    batch_size: int = 32
     learning_rate: float = 2e-3
     weight_decay: float = 1e-4
 
@@ -70,6 +70,11 @@ class InversionConfig:
             problems.append(f"steps and batch_size must be >= 1, got {self.steps}, {self.batch_size}")
         if problems:
             raise ValueError("invalid InversionConfig:\n  " + "\n  ".join(problems))
+
+    def architecture(self) -> "InversionConfig":
+        """This config with the training-loop fields neutralised: the key the jitted steps compile on, so
+        runs that differ only in steps, batch size or learning rate share one compilation."""
+        return dataclasses.replace(self, steps=1, batch_size=1, learning_rate=0.0)
 
 
 class InversionDecoder(nn.Module):
@@ -142,26 +147,30 @@ class TrainedInverter(NamedTuple):
     losses: np.ndarray
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _train_step(cfg: InversionConfig, tx: optax.GradientTransformation, params, opt_state, x, y):
-    def loss_fn(p):
-        return jnp.mean(jnp.square(InversionDecoder(cfg).apply({"params": p}, x) - y))
+def learning_rate(cfg: InversionConfig, step: int) -> float:
+    """Cosine decay from ``cfg.learning_rate`` to 0 over ``cfg.steps``."""
+    return 0.5 * cfg.learning_rate * (1.0 + math.cos(math.pi * min(step, cfg.steps) / cfg.steps))
 
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+
+def _adam(weight_decay: float) -> optax.GradientTransformation:
+    # The learning rate is applied outside (a traced scalar), so the schedule never forces a recompile.
+    return optax.chain(optax.scale_by_adam(), optax.add_decayed_weights(weight_decay))
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _predict(cfg: InversionConfig, params, x):
-    return InversionDecoder(cfg).apply({"params": params}, x)
+def _train_step(arch: InversionConfig, params, opt_state, x, y, lr):
+    def loss_fn(p):
+        return jnp.mean(jnp.square(InversionDecoder(arch).apply({"params": p}, x) - y))
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = _adam(arch.weight_decay).update(grads, opt_state, params)
+    params = jax.tree_util.tree_map(lambda p, u: p - lr * u, params, updates)
+    return params, opt_state, loss
 
 
-@functools.lru_cache(maxsize=None)
-def _optimizer(cfg: InversionConfig) -> optax.GradientTransformation:
-    # Cached per config so the jitted step (static on the optimizer) compiles once for every setting.
-    schedule = optax.cosine_decay_schedule(cfg.learning_rate, cfg.steps)
-    return optax.adamw(schedule, weight_decay=cfg.weight_decay)
+@functools.partial(jax.jit, static_argnums=0)
+def _predict(arch: InversionConfig, params, x):
+    return InversionDecoder(arch).apply({"params": params}, x)
 
 
 def _check_pairs(cfg: InversionConfig, values: np.ndarray, images: np.ndarray) -> None:
@@ -185,9 +194,9 @@ def train_inverter(cfg: InversionConfig, values: np.ndarray, images: np.ndarray,
     x_all = standardizer(values)
     y_all = np.asarray(images, np.float32)
     k_init, k_data = jax.random.split(key)
-    params = InversionDecoder(cfg).init(k_init, jnp.zeros((1, cfg.num_tokens, cfg.dim), jnp.float32))["params"]
-    tx = _optimizer(cfg)
-    opt_state = tx.init(params)
+    arch = cfg.architecture()
+    params = InversionDecoder(arch).init(k_init, jnp.zeros((1, cfg.num_tokens, cfg.dim), jnp.float32))["params"]
+    opt_state = _adam(cfg.weight_decay).init(params)
     rng = np.random.default_rng(np.asarray(jax.random.key_data(k_data)).ravel())
     n, per_epoch = len(x_all), len(x_all) // cfg.batch_size
     order = rng.permutation(n)
@@ -197,7 +206,8 @@ def train_inverter(cfg: InversionConfig, values: np.ndarray, images: np.ndarray,
         if i == 0 and step:
             order = rng.permutation(n)
         idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-        params, opt_state, loss = _train_step(cfg, tx, params, opt_state, x_all[idx], y_all[idx])
+        lr = jnp.float32(learning_rate(cfg, step))
+        params, opt_state, loss = _train_step(arch, params, opt_state, x_all[idx], y_all[idx], lr)
         losses.append(loss)
     losses = np.asarray(jax.device_get(losses), np.float32)
     if not np.all(np.isfinite(losses)):
@@ -216,5 +226,5 @@ def reconstruct(inverter: TrainedInverter, values: np.ndarray, batch_size: int =
         chunk = x[i:i + batch_size]
         # Pad the last chunk so every call has one shape (one compile).
         padded = np.concatenate([chunk, np.zeros((batch_size - len(chunk),) + chunk.shape[1:], chunk.dtype)])
-        out.append(np.asarray(_predict(cfg, inverter.params, padded))[:len(chunk)])
+        out.append(np.asarray(_predict(cfg.architecture(), inverter.params, padded))[:len(chunk)])
     return np.concatenate(out, axis=0)

@@ -68,7 +68,7 @@ class PrivacyConfig:
       n_attacker, n_victim: samples in each set.
       encode_batch: samples per client message (the paper's scaling statistics are per message).
       steps, batch_size, learning_rate, hidden, channels: the inversion decoder (see InversionConfig);
-        ``channels=None`` picks 4 levels of width for the model's grid.
+        ``channels=None`` halves 32 channels per up-convolution, at least 8.
       ridge: the text attacker's ridge penalty.
       grid_examples: victim images shown in the picture.
       seed: PRNG seed of the decoders' init and minibatches.
@@ -80,10 +80,10 @@ class PrivacyConfig:
     n_attacker: int = 2048
     n_victim: int = 256
     encode_batch: int = 32
-    steps: int = 600
-    batch_size: int = 64
+    steps: int = 500
+    batch_size: int = 32
     learning_rate: float = 2e-3
-    hidden: int = 256
+    hidden: int = 128
     channels: tuple[int, ...] | None = None
     ridge: float = 1e-3
     grid_examples: int = 8
@@ -257,7 +257,7 @@ def inversion_config(client: Client, pc: PrivacyConfig) -> inversion.InversionCo
     tcfg = client.model
     grid = tcfg.vision.image_size // tcfg.vision.patch_size
     ups = int(np.log2(tcfg.vision.image_size // grid))
-    channels = pc.channels or tuple(max(64 >> i, 8) for i in range(ups + 1))
+    channels = pc.channels or tuple(max(32 >> i, 8) for i in range(ups + 1))
     return inversion.InversionConfig(
         num_tokens=tcfg.num_image_tokens, dim=tcfg.llm.hidden_size, image_size=tcfg.vision.image_size, grid=grid,
         hidden=pc.hidden, channels=channels, steps=pc.steps, batch_size=pc.batch_size, learning_rate=pc.learning_rate)
@@ -353,26 +353,25 @@ def table_markdown(results: Mapping[str, Any]) -> str:
 
 
 def save_grid(path: str, results: Mapping[str, Any], n: int) -> None:
-    """Victim originals (first column) and each setting's reconstructions, one row per image."""
+    """Victim originals (first row) and each setting's reconstructions of them, one row per setting."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     truth = results["victim_images"][:n]
-    columns = [("original", truth)] + [
-        (f"{name}\n{results['settings'][name]['psnr']:.1f} dB / {results['settings'][name]['ssim']:.2f}", rec[:n])
+    rows = [("original", truth)] + [
+        (f"{name}\n{results['settings'][name]['psnr']:.1f} dB\nSSIM {results['settings'][name]['ssim']:.2f}", rec[:n])
         for name, rec in results["reconstructions"].items()]
-    fig, axes = plt.subplots(len(truth), len(columns), figsize=(1.3 * len(columns), 1.3 * len(truth) + 0.5),
-                             squeeze=False)
-    for j, (title, images) in enumerate(columns):
-        for i in range(len(truth)):
+    fig, axes = plt.subplots(len(rows), len(truth), figsize=(1.2 * len(truth) + 0.9, 1.2 * len(rows)), squeeze=False)
+    for i, (label, images) in enumerate(rows):
+        for j in range(len(truth)):
             ax = axes[i, j]
-            ax.imshow(np.clip(images[i], 0, 1), interpolation="nearest")
+            ax.imshow(np.clip(images[j], 0, 1), interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
-            if i == 0:
-                ax.set_title(title, fontsize=7)
+            if j == 0:
+                ax.set_ylabel(label, fontsize=7)
     fig.tight_layout(pad=0.2)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
