@@ -1,7 +1,6 @@
 """The benchmark scoring rules on crafted answers with hand-computed expectations."""
 
 import json
-import os
 
 import pytest
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -233,7 +232,3 @@ def evaluate(config: Any, workdir: str) -> dict[str, Any]:
 
         out["sweep"] = sweep.run_sweep(loaded, config, workdir, specs)
     return out
-
-
-def bits(levels: int) -> float:
-    return math.log2(levels)

@@ -1,0 +1,5 @@
+"""Evaluation: benchmark readers and official scoring rules, the resumable runner and the bits sweep.
+
+``python eval.py --config=configs/eval.py --workdir=DIR`` runs :func:`qtl_jax.eval.runner.evaluate`;
+docs/evaluation.md describes the outputs, the scoring rules and the sweep.
+"""
