@@ -474,3 +474,115 @@ def test_join_rewinds_server_to_its_checkpoint_and_training_continues(tmp_path):
     finally:
         server.stop()
         checkpointer.close()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Two real processes (slow): the command lines, equality with train.py, kill and restart each side
+
+TINY = ["--config=configs/stage1.py:tiny", "--config.eval.enabled=False", "--config.checkpoint_every=2"]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROCESS_TIMEOUT = 400
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(module: str, workdir, port: int, *extra: str, log=None) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", module, *TINY, f"--workdir={workdir}", f"--address=127.0.0.1:{port}", *extra]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=log or subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def losses(workdir) -> dict[int, dict]:
+    from qtl_jax.train.metrics_log import read_jsonl
+
+    return {r["step"]: r for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))}
+
+
+def wait_for(predicate, what: str, timeout: float = PROCESS_TIMEOUT):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def in_process_run(tmp_path_factory):
+    """train.py on the tiny config (split mode, in-process link): the reference per-step metrics."""
+    workdir = tmp_path_factory.mktemp("train_py")
+    out = subprocess.run([sys.executable, "train.py", *TINY, f"--workdir={workdir}"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=PROCESS_TIMEOUT)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return losses(workdir)
+
+
+@pytest.mark.slow
+def test_command_lines_train_like_train_py(in_process_run, tmp_path):
+    port = free_port()
+    server = launch("qtl_jax.split.server", tmp_path / "server", port)
+    try:
+        client = subprocess.run(
+            [sys.executable, "-m", "qtl_jax.split.client", *TINY, f"--workdir={tmp_path / 'client'}",
+             f"--address=127.0.0.1:{port}"], cwd=ROOT, capture_output=True, text=True, timeout=PROCESS_TIMEOUT)
+        assert client.returncode == 0, client.stdout[-3000:] + client.stderr[-3000:]
+        assert server.wait(timeout=60) == 0
+    finally:
+        server.kill()
+        server.wait(10)
+    assert "uplink, on the wire (protobuf)" in client.stdout
+    net = losses(tmp_path / "client")
+    assert sorted(net) == sorted(in_process_run) == list(range(1, 7))
+    for step, ref in in_process_run.items():
+        assert net[step]["loss"] == pytest.approx(ref["loss"], rel=1e-5), step
+        for k in ("uplink_bytes_ans", "uplink_bytes_packed", "uplink_bytes_fp16", "downlink_bytes"):
+            assert net[step][k] == ref[k], (step, k)
+        assert net[step]["wire_uplink_bytes"] > net[step]["uplink_bytes_ans"]
+    with open(tmp_path / "client" / "wire_summary.json", encoding="utf-8") as f:
+        summary = __import__("json").load(f)
+    assert summary["steps"] == 6 and summary["samples"] == 48
+
+
+@pytest.mark.slow
+def test_kill_and_restart_each_side_and_the_run_continues(in_process_run, tmp_path):
+    """SIGKILL the client after step 3 (its checkpoint: step 2) and restart it: the server rewinds to its
+    own checkpoint of step 2. Then SIGKILL the server after step 3 again and restart it: it resumes from
+    its latest checkpoint, the client's retries reach it and the two realign through Join. The run ends
+    with the uninterrupted run's per-step losses."""
+    port = free_port()
+    client_args = ["--config.debug.step_delay=1.0", "--retries=200", "--rpc_timeout_s=120"]
+    cdir, sdir = tmp_path / "client", tmp_path / "server"
+
+    def read(path):
+        with open(path) as f:
+            return f.read()
+
+    with open(tmp_path / "server.log", "w") as slog, open(tmp_path / "client.log", "w") as clog:
+        procs = [launch("qtl_jax.split.server", sdir, port, log=slog),
+                 launch("qtl_jax.split.client", cdir, port, *client_args, log=clog)]
+        try:
+            wait_for(lambda: 3 in losses(cdir), "client step 3")
+            procs[1].kill()
+            procs[1].wait(10)
+            procs.append(launch("qtl_jax.split.client", cdir, port, *client_args, log=clog))
+            wait_for(lambda: "resumed" in read(tmp_path / "client.log"), "the client's resume")
+            wait_for(lambda: 3 in losses(cdir), "client step 3 after the client restart")
+            procs[0].kill()
+            procs[0].wait(10)
+            procs.append(launch("qtl_jax.split.server", sdir, port, log=slog))
+            assert procs[2].wait(timeout=PROCESS_TIMEOUT) == 0, read(tmp_path / "client.log")[-3000:]
+            assert procs[3].wait(timeout=60) == 0, read(tmp_path / "server.log")[-3000:]
+        finally:
+            for p in procs:
+                p.kill()
+                p.wait(10)
+    client_log, server_log = read(tmp_path / "client.log"), read(tmp_path / "server.log")
+    assert "qtl_jax.split.client: resumed" in client_log and "at step 2" in client_log
+    assert "qtl_jax.split.server: resumed" in server_log and "done at step 6" in server_log
+    net = losses(cdir)
+    assert sorted(net) == list(range(1, 7))
+    for step, ref in in_process_run.items():
+        assert net[step]["loss"] == pytest.approx(ref["loss"], rel=1e-5), step

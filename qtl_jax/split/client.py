@@ -284,11 +284,16 @@ def format_summary(summary: Mapping[str, Any]) -> str:
 
 
 def main(argv) -> None:
-    from absl import flags
+    from absl import app, flags, logging
 
     from qtl_jax.split.server import security_from_flags
 
     f = flags.FLAGS
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    # Orbax and TFDS log every file operation at INFO; --verbosity=0 brings them back.
+    if f["verbosity"].using_default_value:
+        logging.set_verbosity(logging.WARNING)
     config = f.config
     # The geometry comes from the model, which run() builds; it sets link.geometry before the first call.
     link = GrpcLink(f.address, None, security_from_flags(f, "client"), client_id=f.client_id,

@@ -7,7 +7,7 @@ lives in another process, so unlike :class:`~qtl_jax.split.link.InProcessLink` n
 between the two calls on this side.
 
 Retries: a call that fails with ``UNAVAILABLE`` or ``DEADLINE_EXCEEDED`` (server restarting, reply lost)
-is sent again with the same step id, up to ``retries`` times with a growing pause; the server applies a
+is sent again with the same step id, up to ``retries`` times with a growing pause (at most 5 s); the server applies a
 step once and answers a retry of it from its cache, so a retry never updates twice.
 
 Byte accounting from the wire: ``take_counts(step)`` gives ``wire_uplink_bytes`` / ``wire_downlink_bytes``
@@ -82,7 +82,7 @@ class GrpcLink(Link):
             except grpc.RpcError as e:
                 if e.code() not in RETRYABLE or attempt == self.retries:
                     raise
-                time.sleep(self.retry_pause_s * (attempt + 1))
+                time.sleep(min(self.retry_pause_s * (attempt + 1), 5.0))
         raise AssertionError("unreachable")
 
     def join(self, client_step: int) -> pb.JoinReply:

@@ -246,11 +246,16 @@ def build_side(config, side: str):
 
 
 def main(argv) -> None:
-    from absl import flags
+    from absl import app, flags, logging
 
     from qtl_jax.train import checkpoint as ckptlib
 
     f = flags.FLAGS
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    # Orbax and TFDS log every file operation at INFO; --verbosity=0 brings them back.
+    if f["verbosity"].using_default_value:
+        logging.set_verbosity(logging.WARNING)
     config = f.config
     model, meshes, state, optimizers, geometry = build_side(config, "server")
     workdir = os.path.abspath(f.workdir)
@@ -272,7 +277,9 @@ def main(argv) -> None:
         time.sleep(1.0)  # let the last reply leave before shutting down
     finally:
         server.stop(grace=2.0)
-        checkpointer.save(servicer.state, {}, {}) if checkpointer.latest_step() != servicer.step else None
+        checkpointer.wait()  # a save of the last step may still be in flight
+        if checkpointer.latest_step() != servicer.step:
+            checkpointer.save(servicer.state, {}, {})
         checkpointer.close()
     print(f"qtl_jax.split.server: done at step {servicer.step}", flush=True)
 
