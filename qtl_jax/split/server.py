@@ -174,6 +174,8 @@ class SplitServicer(pb_grpc.SplitLearningServicer):
                 self.checkpointer.manager.delete(later)
         self._last = None
         self.rewinds.append((before, step))
+        print(f"qtl_jax.split.server: rewound from step {before} to its checkpoint of step {step} (a client "
+              "restarted there)", flush=True)
 
     def apply(self, request: pb.UplinkRequest) -> pb.DownlinkReply:
         """Applies the request's step exactly once (a retry of the last step gets the cached reply)."""
