@@ -263,6 +263,13 @@ def inversion_config(client: Client, pc: PrivacyConfig) -> inversion.InversionCo
         hidden=pc.hidden, channels=channels, steps=pc.steps, batch_size=pc.batch_size, learning_rate=pc.learning_rate)
 
 
+def level_entropy_bits(values: np.ndarray) -> float:
+    """Empirical entropy (bits per value) of the grid values on the wire: how many levels are really used."""
+    _, counts = np.unique(values, return_counts=True)
+    p = counts / counts.sum()
+    return float(-np.sum(p * np.log2(p)))
+
+
 def setting_name(levels: int) -> str:
     return "fp16" if levels == FP16 else f"L={levels}"
 
@@ -321,6 +328,9 @@ def evaluate(client: Client, pc: PrivacyConfig, log=print) -> dict[str, Any]:
             "psnr": float(np.mean(psnr)), "psnr_std": float(np.std(psnr)),
             "ssim": float(np.mean(ssim)), "ssim_std": float(np.std(ssim)),
             "decoder_final_train_mse": float(np.mean(trained.losses[-20:])),
+            # Only meaningful for the quantized settings (fp16 values are nearly all distinct).
+            "image_code_entropy_bits": level_entropy_bits(victim_wire.image_values) if levels else None,
+            "text_code_entropy_bits": level_entropy_bits(victim_wire.text_values) if levels else None,
             "token_accuracy_known_in_proj": text_attack.token_accuracy(known, victim_wire.text_tokens),
             "token_accuracy_learned_map": text_attack.token_accuracy(learned, victim_wire.text_tokens),
             "victim_text_tokens": int(len(victim_wire.text_tokens)),
@@ -340,15 +350,18 @@ def evaluate(client: Client, pc: PrivacyConfig, log=print) -> dict[str, Any]:
 
 def table_markdown(results: Mapping[str, Any]) -> str:
     """The results as a markdown table (one row per setting, then the trivial references)."""
-    lines = ["| setting | bits/value | PSNR (dB) | SSIM | token acc. (knows in_proj) | token acc. (learned map) |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| setting | bits/value | PSNR (dB) | SSIM | token acc. (knows in_proj) | token acc. (learned map) "
+             "| code entropy image / text (bits) |",
+             "|---|---|---|---|---|---|---|"]
     for name, r in results["settings"].items():
         bits = "16" if r["levels"] == FP16 else f"{r['bits_per_value']:g}"
         lines.append(f"| {name} | {bits} | {r['psnr']:.2f} ± {r['psnr_std']:.2f} | {r['ssim']:.3f} ± {r['ssim_std']:.3f} | "
-                     f"{r['token_accuracy_known_in_proj']:.3f} | {r['token_accuracy_learned_map']:.3f} |")
+                     f"{r['token_accuracy_known_in_proj']:.3f} | {r['token_accuracy_learned_map']:.3f} | "
+                     + ("–" if r["image_code_entropy_bits"] is None else
+                        f"{r['image_code_entropy_bits']:.2f} / {r['text_code_entropy_bits']:.2f}") + " |")
     b = results["mean_image_baseline"]
     lines.append(f"| reference: attacker's mean image / most frequent token | – | {b['psnr']:.2f} | {b['ssim']:.3f} | "
-                 f"{results['majority_token_accuracy']:.3f} | {results['majority_token_accuracy']:.3f} |")
+                 f"{results['majority_token_accuracy']:.3f} | {results['majority_token_accuracy']:.3f} | – |")
     return "\n".join(lines)
 
 
