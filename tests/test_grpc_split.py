@@ -287,6 +287,9 @@ def test_retry_of_last_step_returns_cached_reply_without_applying_twice(live):
     assert again.image_grad == first.image_grad and again.text_grad == first.text_grad
     assert server.servicer.step == start + 1 and server.servicer.applied_steps.count(start) == 1
     assert_trees_close(jax.device_get(server.servicer.state.server.params), params_after, tol=0)
+    # The same step id with different content (another client, or a changed batch) is not a retry.
+    other = good_request(start, client_id="someone-else")
+    expect_error(grpc.StatusCode.FAILED_PRECONDITION, call_step, stub, other, md, match="different request")
     # A step from the past (not the last one) or from the future is refused, naming the expected step.
     expect_error(grpc.StatusCode.FAILED_PRECONDITION, call_step, stub, good_request(start + 5), md,
                  match=f"applies step {start + 1} next")

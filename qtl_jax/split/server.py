@@ -19,6 +19,7 @@ Command line (same training config as ``train.py``; network options are flags)::
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import threading
 import time
@@ -112,7 +113,8 @@ class SplitServicer(pb_grpc.SplitLearningServicer):
         self.checkpointer = checkpointer
         self._update = update or make_server_update(config, optimizers)
         self._lock = threading.Lock()
-        self._last: tuple[int, pb.DownlinkReply] | None = None  # (step, reply) of the last applied step
+        # (step, digest of the request, reply) of the last applied step, for retries.
+        self._last: tuple[int, bytes, pb.DownlinkReply] | None = None
         self.applied_steps: list[int] = []  # every step applied, in order (for tests and logs)
         self.rewinds: list[tuple[int, int]] = []
 
@@ -184,8 +186,12 @@ class SplitServicer(pb_grpc.SplitLearningServicer):
             raise wire.WireError(f"step={request.step}: step ids are >= 0.")
         with self._lock:
             if self._last is not None and request.step == self._last[0]:
+                if _digest(request) != self._last[1]:
+                    raise StepError(grpc.StatusCode.FAILED_PRECONDITION,
+                                    f"step {request.step} was already applied from a different request; a retry must "
+                                    f"resend the same message. The server applies step {self.step} next.")
                 reply = pb.DownlinkReply()
-                reply.CopyFrom(self._last[1])
+                reply.CopyFrom(self._last[2])
                 reply.replayed = True
                 return reply
             if request.step != self.step:
@@ -201,12 +207,16 @@ class SplitServicer(pb_grpc.SplitLearningServicer):
             reply = wire.downlink_to_proto(jax.device_get(down), up, step=request.step,
                                            grad_dtype=self.options.grad_dtype, metrics=host_metrics)
             reply.uplink_wire_bytes = request.ByteSize()
-            self._last = (int(request.step), reply)
+            self._last = (int(request.step), _digest(request), reply)
             self.applied_steps.append(int(request.step))
             every = self.options.checkpoint_every
             if self.checkpointer is not None and every > 0 and self.step % every == 0:
                 self.checkpointer.save(self.state, {}, {})
             return reply
+
+
+def _digest(request: pb.UplinkRequest) -> bytes:
+    return hashlib.sha256(request.SerializeToString(deterministic=True)).digest()
 
 
 def grpc_options(max_message_bytes: int) -> list[tuple[str, int]]:
