@@ -435,6 +435,26 @@ def test_mutual_tls_accepts_the_good_client_and_refuses_others(pki):
         server.stop()
 
 
+def test_server_tls_with_token(pki):
+    sec = seclib.SecurityConfig(tls="server", server_cert=pki["server_cert"], server_key=pki["server_key"],
+                                token="tls-token")
+    server = Server(security=sec)
+    try:
+        def join(client_sec):
+            link = GrpcLink(server.target, GEOMETRY, client_sec, timeout_s=10.0, retries=0)
+            try:
+                return link.join(0)
+            finally:
+                link.close()
+
+        assert join(seclib.SecurityConfig(tls="server", ca_cert=pki["ca_cert"], token="tls-token")).server_step == 0
+        with pytest.raises(grpc.RpcError) as info:
+            join(seclib.SecurityConfig(tls="server", ca_cert=pki["ca_cert"], token="guess"))
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        server.stop()
+
+
 def test_security_config_errors(tmp_path):
     with pytest.raises(ValueError, match="tls='tcp'"):
         seclib.SecurityConfig(tls="tcp")
