@@ -21,6 +21,7 @@ step, and the run continues.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -112,8 +113,6 @@ def _model_only(config) -> qm.QuantizedTinyLlavaConfig:
     from qtl_jax.models.decoder import dtype_from_name
     from qtl_jax.quantizer import QuantizerConfig
     from qtl_jax.train import loop
-
-    import dataclasses
 
     m = config.model.to_dict()
     tokenizer = shapes_tokenizer.build_shapes_tokenizer(model_max_length=m["max_length"])

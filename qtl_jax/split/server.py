@@ -28,7 +28,6 @@ from typing import Any
 
 import grpc
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
