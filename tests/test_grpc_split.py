@@ -145,11 +145,16 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def reference():
+def in_process_step():
+    """The in-process split step (InProcessLink), compiled once for the module."""
+    return steplib.make_train_step(CONFIG, MESHES, PROGRAMS.optimizers, mode="split")
+
+
+@pytest.fixture(scope="module")
+def reference(in_process_step):
     """The in-process split step: per-step metrics and the final state."""
-    m = meshes()
-    state, optimizers = fresh_state(m)
-    step = steplib.make_train_step(CONFIG, m, optimizers, mode="split")
+    state, _ = fresh_state()
+    step = in_process_step
     history = []
     for i in range(STEPS):
         state, metrics = step(state, BATCHES[i])
@@ -461,6 +466,61 @@ def test_security_config_errors(tmp_path):
         seclib.server_credentials(seclib.SecurityConfig(tls="server"))
     with pytest.raises(FileNotFoundError, match="ca_cert="):
         seclib.open_channel("127.0.0.1:1", seclib.SecurityConfig(tls="server", ca_cert=str(tmp_path / "x.pem")), [])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Several clients (sequential split learning)
+
+
+def test_two_clients_take_turns_and_match_in_process_sequential_training(in_process_step):
+    """Clients 'a' and 'b' (each its own client partition and data) against one server partition,
+    turns a0, b0, a1, b1; compared with the in-process split step run in the same order."""
+    m = meshes()
+    order = [("a", 0), ("b", 1), ("a", 2), ("b", 3)]
+    # In process: one server partition, the client partition swapped per turn.
+    init, _ = fresh_state(m)
+    ref_step = in_process_step
+    server_part = init.server
+    clients = {"a": init.client, "b": fresh_state(m)[0].client}
+    ref_losses = []
+    for who, b in order:
+        state, metrics = ref_step(init.replace(client=clients[who], server=server_part), BATCHES[b])
+        clients[who], server_part = state.client, state.server
+        ref_losses.append(metrics["loss"])
+    ref = jax.device_get((clients, server_part))
+
+    server = Server(options=serverlib.ServerOptions(clients=("a", "b"), turn_timeout_s=20.0))
+    try:
+        links = {c: GrpcLink(server.target, GEOMETRY, client_id=c, timeout_s=RPC_TIMEOUT) for c in "ab"}
+        states = {c: halves(fresh_state(m)[0])[0] for c in "ab"}
+        losses_ = []
+        for who, b in order:
+            states[who], metrics = PROGRAMS.client_step(links[who])(states[who], BATCHES[b])
+            losses_.append(metrics["loss"])
+        np.testing.assert_allclose(losses_, ref_losses, rtol=TOL)
+        for c in "ab":
+            assert_trees_close(jax.device_get(states[c].client.params), ref[0][c].params)
+        assert_trees_close(jax.device_get(server.servicer.state.server.params), ref[1].params)
+        assert server.servicer.applied_by == ["a", "b", "a", "b"] and server.servicer.applied_steps == [0, 0, 1, 1]
+        # Joining tells each client its own next step.
+        assert links["b"].join(2).server_step == 2
+        # b's step 2 before a's waits for its turn, then goes through.
+        stub = pb_grpc.SplitLearningStub(links["b"].channel)
+        result = {}
+        waiter = __import__("threading").Thread(
+            target=lambda: result.setdefault("reply", stub.Step(good_request(2, "b"), timeout=RPC_TIMEOUT)))
+        waiter.start()
+        time.sleep(0.5)
+        assert "reply" not in result and server.servicer.step == 4
+        stub.Step(good_request(2, "a"), timeout=RPC_TIMEOUT)
+        waiter.join(RPC_TIMEOUT)
+        assert result["reply"].step == 2 and server.servicer.applied_by[-2:] == ["a", "b"]
+        # An id outside the turn order is refused.
+        expect_error(grpc.StatusCode.PERMISSION_DENIED, stub.Step, good_request(3, "c"), match="not one of")
+        for link in links.values():
+            link.close()
+    finally:
+        server.stop()
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -125,12 +125,14 @@ def _model_only(config) -> qm.QuantizedTinyLlavaConfig:
     return qm.QuantizedTinyLlavaConfig(model=tcfg, image_quantizer=qcfgs[0], text_quantizer=qcfgs[1])
 
 
-def build_side(config, side: str, workdir: str | None = None):
+def build_side(config, side: str, workdir: str | None = None, schedule_steps: int | None = None):
     """``(model, meshes, state, optimizers, geometry[, setup])`` of one side, initialised as ``train.py`` does.
 
     Both sides draw the full initial state from ``config.seed`` and keep only their own partition (the
     other is empty), so both start from the parameters an in-process run starts from. The server needs
     no data for a random-init shapes config; other model sources go through the training setup.
+    ``schedule_steps``: the optimizer schedule's length (default ``total_steps``; a server with several
+    clients applies ``total_steps`` per client).
     """
     from qtl_jax.train import loop
 
@@ -152,7 +154,7 @@ def build_side(config, side: str, workdir: str | None = None):
     meshes = meshlib.split_meshes(mc.client_devices, mc.server_devices, client_fsdp=mc.client_fsdp,
                                   server_fsdp=mc.server_fsdp)
     opt_cfg = config.optimizer.to_dict()
-    total = int(config.total_steps)
+    total = int(schedule_steps or config.total_steps)
     state = steplib.create_train_state(model, k_state, meshes, opt_cfg, total, pretrained,
                                        sharding_rules=list(config.sharding))
     optimizers = steplib.make_split_optimizers(opt_cfg, total, {"client": state.client.params,

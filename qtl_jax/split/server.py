@@ -78,6 +78,12 @@ class ServerOptions:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     checkpoint_every: int = 0  # save the server state every n applied steps (0: never)
     max_workers: int = 4
+    # Sequential split learning with several clients: the client ids allowed, in turn order. Client k's
+    # local step s is the server's global step s * len(clients) + k; a request that comes before its turn
+    # waits (up to turn_timeout_s, then UNAVAILABLE, which the client's link retries). Empty: one client,
+    # any id, local step = global step.
+    clients: tuple[str, ...] = ()
+    turn_timeout_s: float = 60.0
 
 
 class StepError(Exception):
@@ -112,9 +118,11 @@ class SplitServicer(pb_grpc.SplitLearningServicer):
         self.checkpointer = checkpointer
         self._update = update or make_server_update(config, optimizers)
         self._lock = threading.Lock()
-        # (step, digest of the request, reply) of the last applied step, for retries.
-        self._last: tuple[int, bytes, pb.DownlinkReply] | None = None
-        self.applied_steps: list[int] = []  # every step applied, in order (for tests and logs)
+        self._turn = threading.Condition(self._lock)
+        # Per client turn: (local step, digest of the request, reply) of its last applied step, for retries.
+        self._last: dict[int, tuple[int, bytes, pb.DownlinkReply]] = {}
+        self.applied_steps: list[int] = []  # every (local) step applied, in order (for tests and logs)
+        self.applied_by: list[str] = []  # the client of each applied step
         self.rewinds: list[tuple[int, int]] = []
 
     @property
@@ -150,13 +158,33 @@ class SplitServicer(pb_grpc.SplitLearningServicer):
         problems = self.geometry.mismatch(wire.Geometry.from_proto(request.geometry))
         if problems:
             raise wire.WireError("the client's model does not match the server's: " + "; ".join(problems))
+        k = self._client_turn(request.client_id)
         with self._lock:
             client_step = int(request.client_step)
-            if client_step < self.step:
+            if client_step < self._local_step(k):
+                if self.options.clients:
+                    raise StepError(grpc.StatusCode.FAILED_PRECONDITION,
+                                    f"client {request.client_id!r} restarts at its step {client_step} but the shared server "
+                                    f"is at its step {self._local_step(k)}; with several clients the server does not "
+                                    "rewind (the others' steps would be lost): restore that client from a later checkpoint.")
                 self._rewind(client_step)
-            return pb.JoinReply(protocol_version=wire.PROTOCOL_VERSION, server_step=self.step,
+            return pb.JoinReply(protocol_version=wire.PROTOCOL_VERSION, server_step=self._local_step(k),
                                 grad_dtype=wire.GRAD_DTYPES[self.options.grad_dtype],
                                 codec_method=self.options.codec_method)
+
+    def _client_turn(self, client_id: str) -> int:
+        """Client ``client_id``'s place in the turn order (0 with a single client)."""
+        if not self.options.clients:
+            return 0
+        if client_id not in self.options.clients:
+            raise StepError(grpc.StatusCode.PERMISSION_DENIED,
+                            f"client_id={client_id!r} is not one of this server's clients {list(self.options.clients)}.")
+        return self.options.clients.index(client_id)
+
+    def _local_step(self, k: int) -> int:
+        """How many steps client ``k`` has had applied: its next local step."""
+        n = max(len(self.options.clients), 1)
+        return max(0, (self.step - k + n - 1) // n)
 
     def _rewind(self, step: int) -> None:
         """Back to this server's own checkpoint at ``step`` (a client restarted from an older checkpoint)."""
@@ -173,7 +201,7 @@ class SplitServicer(pb_grpc.SplitLearningServicer):
         for later in have:
             if later > step:
                 self.checkpointer.manager.delete(later)
-        self._last = None
+        self._last = {}
         self.rewinds.append((before, step))
         print(f"qtl_jax.split.server: rewound from step {before} to its checkpoint of step {step} (a client "
               "restarted there)", flush=True)
@@ -183,31 +211,42 @@ class SplitServicer(pb_grpc.SplitLearningServicer):
         wire.check_version(request.protocol_version)
         if request.step < 0:
             raise wire.WireError(f"step={request.step}: step ids are >= 0.")
+        k = self._client_turn(request.client_id)
+        n = max(len(self.options.clients), 1)
+        target = int(request.step) * n + k  # the global step this request is
         with self._lock:
-            if self._last is not None and request.step == self._last[0]:
-                if _digest(request) != self._last[1]:
+            last = self._last.get(k)
+            if last is not None and request.step == last[0]:
+                if _digest(request) != last[1]:
                     raise StepError(grpc.StatusCode.FAILED_PRECONDITION,
                                     f"step {request.step} was already applied from a different request; a retry must "
-                                    f"resend the same message. The server applies step {self.step} next.")
+                                    f"resend the same message. The server applies step {self._local_step(k)} next.")
                 reply = pb.DownlinkReply()
-                reply.CopyFrom(self._last[2])
+                reply.CopyFrom(last[2])
                 reply.replayed = True
                 return reply
-            if request.step != self.step:
+            if n > 1 and target > self.step:
+                if not self._turn.wait_for(lambda: self.step >= target, timeout=self.options.turn_timeout_s):
+                    raise StepError(grpc.StatusCode.UNAVAILABLE,
+                                    f"client {request.client_id!r} step {request.step} is still waiting for its turn "
+                                    f"(the server is at global step {self.step}); retry.")
+            if target != self.step:
                 raise StepError(grpc.StatusCode.FAILED_PRECONDITION,
-                                f"step {request.step} is out of order: the server applies step {self.step} next; "
-                                "call Join with the client's step to realign.")
+                                f"step {request.step} is out of order: the server applies step {self._local_step(k)} "
+                                "next; call Join with the client's step to realign.")
             up = wire.uplink_from_proto(request, self.geometry)
             received = jax.tree_util.tree_map(
                 lambda x: jax.device_put(x, meshlib.batch_sharding(self.mesh, np.ndim(x))), up)
             server, down, metrics = self._update(self.state.server, received)
             self.state = self.state.replace(server=server, step=self.state.step + 1)
-            host_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            host_metrics = {name: float(v) for name, v in jax.device_get(metrics).items()}
             reply = wire.downlink_to_proto(jax.device_get(down), up, step=request.step,
                                            grad_dtype=self.options.grad_dtype, metrics=host_metrics)
             reply.uplink_wire_bytes = request.ByteSize()
-            self._last = (int(request.step), _digest(request), reply)
+            self._last[k] = (int(request.step), _digest(request), reply)
             self.applied_steps.append(int(request.step))
+            self.applied_by.append(request.client_id)
+            self._turn.notify_all()
             every = self.options.checkpoint_every
             if self.checkpointer is not None and every > 0 and self.step % every == 0:
                 self.checkpointer.save(self.state, {}, {})
@@ -245,7 +284,7 @@ def empty_partition() -> steplib.PartitionState:
     return steplib.PartitionState({}, {}, {})
 
 
-def build_side(config, side: str):
+def build_side(config, side: str, schedule_steps: int | None = None):
     """``(setup-like model config, meshes, state, optimizers, geometry)`` for one side from a training config.
 
     Both sides initialise the model from ``config.seed`` exactly as ``train.py`` does and keep only their
@@ -253,7 +292,7 @@ def build_side(config, side: str):
     """
     from qtl_jax.split import client as clientlib  # the shared setup code lives with the client
 
-    return clientlib.build_side(config, side)
+    return clientlib.build_side(config, side, schedule_steps=schedule_steps)
 
 
 def main(argv) -> None:
@@ -268,7 +307,9 @@ def main(argv) -> None:
     if f["verbosity"].using_default_value:
         logging.set_verbosity(logging.WARNING)
     config = f.config
-    model, meshes, state, optimizers, geometry = build_side(config, "server")
+    clients = tuple(c for c in (f.clients or "").split(",") if c)
+    rounds = int(config.total_steps) * max(len(clients), 1)  # the server applies every client's steps
+    model, meshes, state, optimizers, geometry = build_side(config, "server", schedule_steps=rounds)
     workdir = os.path.abspath(f.workdir)
     checkpointer = ckptlib.Checkpointer(workdir, keep=int(config.keep_checkpoints))
     if checkpointer.latest_step() is not None:
@@ -276,14 +317,14 @@ def main(argv) -> None:
         print(f"qtl_jax.split.server: resumed {workdir} at step {int(jax.device_get(state.step))}", flush=True)
     options = ServerOptions(grad_dtype=config.split.downlink_dtype, codec_method=config.split.codec_method,
                             max_message_bytes=int(f.max_message_mb * (1 << 20)),
-                            checkpoint_every=int(config.checkpoint_every))
+                            checkpoint_every=int(config.checkpoint_every), clients=clients)
     servicer = SplitServicer(model, state, optimizers, meshes.server, geometry, options, checkpointer)
     sec = security_from_flags(f, "server")
     server, port = serve(servicer, f.address, sec)
     print(f"qtl_jax.split.server: listening on port {port} (tls={sec.tls}, token={'yes' if sec.token else 'no'}), "
           f"next step {servicer.step}", flush=True)
     try:
-        while servicer.step < int(config.total_steps):
+        while servicer.step < rounds:
             time.sleep(0.2)
         time.sleep(1.0)  # let the last reply leave before shutting down
     finally:
@@ -319,6 +360,9 @@ def define_flags(side: str) -> None:
     flags.DEFINE_string("cert", None, f"PEM certificate of this {side}")
     flags.DEFINE_string("key", None, f"PEM private key of this {side}")
     flags.DEFINE_string("token_file", None, "file holding the shared bearer token (none: no token check)")
+    if side == "server":
+        flags.DEFINE_string("clients", "", "sequential split learning: comma-separated client ids in turn order "
+                            "(each client runs total_steps; empty: one client)")
     flags.DEFINE_float("max_message_mb", DEFAULT_MAX_MESSAGE_BYTES / (1 << 20), "largest gRPC message, MiB")
 
 
