@@ -20,13 +20,13 @@ trains the vision tower and the LLM: the paper's frozen-tower recipe presumes pr
 
     python train.py --config=configs/stage1.py:demo --workdir=/tmp/qtl_demo/stage1
 
-Measured on this 2-core CPU machine while five other engineers' jobs kept the load average at 8-10
-(so wall times are ~3-5x what an idle machine gives; not measured idle): corpus preparation (4000 +
-4000 samples as TFDS) 40 s, first step (three compiles) 34 s, median step 2.1 s; 150 steps x 32, loss
-6.34 -> 0.63; held-out captions (256, seed 1000): token accuracy 0.699 (majority-token baseline 0.107),
-whole-caption exact match 0.000 (majority 0.008; 20-word captions rarely come out whole after 150 steps).
-Stage 1 + stage 2 + both evaluations: 30 min 48 s wall under that load, 9.5 CPU-minutes (user 7 min 35 s,
-sys 1 min 57 s), so about 5-6 min on 2 idle cores by CPU time.
+Measured on this 2-core CPU machine while five other engineers' jobs kept the load average at 9-10
+(so wall times are several times an idle machine's; not measured idle): corpus preparation (4000 +
+4000 samples as TFDS) about 40 s, first step (three compiles) 24 s, median step 1.8 s; 150 steps x 32,
+loss 6.36 -> 0.64; held-out captions (256, seed 1000): token accuracy 0.690 (majority-token baseline
+0.107), whole-caption exact match 0.000 (majority 0.008; 20-word captions rarely come out whole after
+150 steps). Stage 1 + stage 2 + both evaluations: 17 min 13 s wall under that load, 9.4 CPU-minutes
+(user 7 min 34 s, sys 1 min 53 s), so roughly 5-6 min on 2 idle cores by CPU time.
 """
 
 import ml_collections

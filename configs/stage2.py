@@ -18,13 +18,13 @@ questions::
 
     python train.py --config=configs/stage2.py:demo --workdir=/tmp/qtl_demo/stage2
 
-Measured on this 2-core CPU machine while five other engineers' jobs kept the load average at 8-10
-(wall times ~3-5x an idle machine's; not measured idle): first step (compiles) 22 s, median step 3.2 s;
-300 steps x 32, loss 6.97 -> 0.59 (CE of the last 10 steps 0.54); held-out instructions (256
-conversations, seed 1000, 378 answers): answer exact match 0.302 vs majority-answer baseline 0.069,
-token accuracy 0.734 vs majority-token 0.191. Wire per step (32 examples, last step): fp16 baseline
-1,061,224 B, fixed-width 2-bit packed 159,626 B, ANS 91,964 B; downlink (fp32 gradients) 2,060,800 B.
-Stage 1 + stage 2 + evaluations: 9.5 CPU-minutes (see configs/stage1.py).
+Measured on this 2-core CPU machine while five other engineers' jobs kept the load average at 9-10
+(wall times several times an idle machine's; not measured idle): first step (compiles) 26 s, median
+step 1.9 s; 300 steps x 32, loss 7.23 -> 0.59 (CE of the last 10 steps 0.55); held-out instructions
+(256 conversations, seed 1000, 378 answers): answer exact match 0.275 vs majority-answer baseline
+0.069, token accuracy 0.728 vs majority-token 0.191. Wire per step (32 examples, last step): fp16
+baseline 1,061,224 B, fixed-width 2-bit packed 159,626 B, ANS 90,020 B; downlink (fp32 gradients)
+2,060,800 B. Stage 1 + stage 2 + evaluations: 17 min 13 s wall loaded, 9.4 CPU-minutes (configs/stage1.py).
 """
 
 import ml_collections
