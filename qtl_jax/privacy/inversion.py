@@ -65,7 +65,8 @@ class InversionConfig:
         else:
             ups = int(math.log2(ratio))
             if len(self.channels) != ups + 1:
-                problems.append(f"channels needs {ups + 1} entries (patch grid + {ups} up-convolutions), got {self.channels}")
+                problems.append(
+                    f"channels needs {ups + 1} entries (patch grid + {ups} up-convolutions), got {self.channels}")
         if self.steps < 1 or self.batch_size < 1:
             problems.append(f"steps and batch_size must be >= 1, got {self.steps}, {self.batch_size}")
         if problems:
@@ -179,7 +180,8 @@ def _check_pairs(cfg: InversionConfig, values: np.ndarray, images: np.ndarray) -
     if np.ndim(values) != 3 or tuple(np.shape(values)[1:]) != want_v:
         raise ValueError(f"values must be [N, {want_v[0]}, {want_v[1]}], got {np.shape(values)}.")
     if np.ndim(images) != 4 or tuple(np.shape(images)[1:]) != want_i or len(images) != len(values):
-        raise ValueError(f"images must be [N={len(values)}, {want_i[0]}, {want_i[1]}, 3] in [0, 1], got {np.shape(images)}.")
+        raise ValueError(
+            f"images must be [N={len(values)}, {want_i[0]}, {want_i[1]}, 3] in [0, 1], got {np.shape(images)}.")
     if len(values) < cfg.batch_size:
         raise ValueError(f"{len(values)} training pairs are fewer than batch_size={cfg.batch_size}.")
 

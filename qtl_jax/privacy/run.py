@@ -38,6 +38,8 @@ from qtl_jax.models.tinyllava import TinyLlavaConfig
 from qtl_jax.models.vision import VisionConfig
 from qtl_jax.privacy import inversion, metrics, text_attack
 from qtl_jax.quantizer import QuantizerConfig
+from qtl_jax.split import step as steplib
+from qtl_jax.train import checkpoint as ckptlib
 
 FP16 = 0  # the "levels" of the 16-bit baseline (bound='none')
 
@@ -138,7 +140,8 @@ def model_config(m: Mapping[str, Any], vocab_size: int) -> TinyLlavaConfig:
     llm_kwargs["vocab_size"] = llm_kwargs["vocab_size"] or vocab_size
     llm = DecoderConfig.make(**llm_kwargs)
     return TinyLlavaConfig(
-        vision=vision, connector=ConnectorConfig(m.get("connector_type", "mlp2x_gelu"), vision.hidden_size, llm.hidden_size),
+        vision=vision,
+        connector=ConnectorConfig(m.get("connector_type", "mlp2x_gelu"), vision.hidden_size, llm.hidden_size),
         llm=llm, vision_feature_layer=m.get("vision_feature_layer", -2),
         vision_feature_select_strategy=m.get("vision_feature_select_strategy", "patch"), max_length=m["max_length"],
     )
@@ -161,9 +164,6 @@ def _processor(tcfg: TinyLlavaConfig, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
 def load_client(checkpoint: str | None, key: jax.Array, random_model: str = "demo") -> Client:
     """The client half of a train.py shapes run's latest checkpoint, or a random-init one."""
-    from qtl_jax.split import step as steplib
-    from qtl_jax.train import checkpoint as ckptlib
-
     if checkpoint is None:
         if random_model not in RANDOM_MODELS:
             raise ValueError(f"random_model={random_model!r}: use one of {sorted(RANDOM_MODELS)}.")
@@ -176,13 +176,15 @@ def load_client(checkpoint: str | None, key: jax.Array, random_model: str = "dem
 
     path = os.path.join(checkpoint, "config.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"--checkpoint={checkpoint!r} has no config.json; pass the --workdir of a train.py run.")
+        raise FileNotFoundError(
+            f"--checkpoint={checkpoint!r} has no config.json; pass the --workdir of a train.py run.")
     with open(path, encoding="utf-8") as f:
         run = json.load(f)
     if run.get("data", {}).get("kind") != "shapes" or run["model"].get("source") != "random":
         raise ValueError(
-            f"--checkpoint={checkpoint!r} is not a shapes-corpus demo run (data.kind={run.get('data', {}).get('kind')!r}, "
-            f"model.source={run['model'].get('source')!r}); the privacy run attacks models trained on the built-in corpus "
+            f"--checkpoint={checkpoint!r} is not a shapes-corpus demo run "
+            f"(data.kind={run.get('data', {}).get('kind')!r}, model.source={run['model'].get('source')!r}); "
+            "the privacy run attacks models trained on the built-in corpus "
             "(e.g. python train.py --config=configs/stage1.py:demo)."
         )
     m, q = run["model"], run["quantizer"]
@@ -309,7 +311,8 @@ def evaluate(client: Client, pc: PrivacyConfig, log=print) -> dict[str, Any]:
         train_wire = encode(client, levels, attacker, pc.encode_batch)
         victim_wire = encode(client, levels, victim, pc.encode_batch)
         key, k = jax.random.split(key)
-        trained = inversion.train_inverter(icfg, train_wire.image_values, train_images[:len(train_wire.image_values)], k)
+        pairs = len(train_wire.image_values)
+        trained = inversion.train_inverter(icfg, train_wire.image_values, train_images[:pairs], k)
         recon = inversion.reconstruct(trained, victim_wire.image_values)
         reconstructions[name] = recon
         psnr, ssim = metrics.psnr(truth, recon), metrics.ssim(truth, recon)
@@ -355,12 +358,14 @@ def table_markdown(results: Mapping[str, Any]) -> str:
              "|---|---|---|---|---|---|---|"]
     for name, r in results["settings"].items():
         bits = "16" if r["levels"] == FP16 else f"{r['bits_per_value']:g}"
-        lines.append(f"| {name} | {bits} | {r['psnr']:.2f} ± {r['psnr_std']:.2f} | {r['ssim']:.3f} ± {r['ssim_std']:.3f} | "
+        lines.append(f"| {name} | {bits} | {r['psnr']:.2f} ± {r['psnr_std']:.2f} | "
+                     f"{r['ssim']:.3f} ± {r['ssim_std']:.3f} | "
                      f"{r['token_accuracy_known_in_proj']:.3f} | {r['token_accuracy_learned_map']:.3f} | "
                      + ("–" if r["image_code_entropy_bits"] is None else
                         f"{r['image_code_entropy_bits']:.2f} / {r['text_code_entropy_bits']:.2f}") + " |")
     b = results["mean_image_baseline"]
-    lines.append(f"| reference: attacker's mean image / most frequent token | – | {b['psnr']:.2f} | {b['ssim']:.3f} | "
+    lines.append(f"| reference: attacker's mean image / most frequent token | – | {b['psnr']:.2f} | "
+                 f"{b['ssim']:.3f} | "
                  f"{results['majority_token_accuracy']:.3f} | {results['majority_token_accuracy']:.3f} | – |")
     return "\n".join(lines)
 
@@ -414,7 +419,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     d = PrivacyConfig()
     p.add_argument("--workdir", required=True, help="where results.json, results.md and privacy_grid.png go")
     p.add_argument("--checkpoint", default=None, help="workdir of a train.py shapes run to attack (latest checkpoint)")
-    p.add_argument("--model", default="demo", choices=sorted(RANDOM_MODELS), help="random-init size without --checkpoint")
+    p.add_argument("--model", default="demo", choices=sorted(RANDOM_MODELS),
+                   help="random-init size without --checkpoint")
     p.add_argument("--levels", default=",".join(map(str, d.levels)), help="comma-separated L (fp16 is always added)")
     for name in ("attacker_seed", "victim_seed", "n_attacker", "n_victim", "encode_batch", "steps", "batch_size",
                  "hidden", "grid_examples", "seed"):
