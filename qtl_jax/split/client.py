@@ -30,9 +30,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 
 from qtl_jax.models import quantized as qm
 from qtl_jax.split import mesh as meshlib
@@ -46,10 +44,6 @@ BYTE_KEYS = ("wire_uplink_bytes", "wire_downlink_bytes", "uplink_bytes", "uplink
              "uplink_bytes_fp16", "uplink_bytes_side", "downlink_bytes", "uplink_values")
 
 
-def _without_frozen(params: Any, frozen: Any) -> Any:
-    return jax.tree_util.tree_map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
-
-
 class ClientStep:
     """``step(state, batch) -> (state, metrics)`` for a state whose ``client`` partition is this side's.
 
@@ -61,22 +55,13 @@ class ClientStep:
                  link: GrpcLink):
         self.config, self.mesh, self.link = config, mesh, link
 
-        def client_begin(client: steplib.PartitionState, batch):
-            def forward(params):
-                out = qm.client_forward(config, params, client.batch_stats, batch, train=True)
-                return (out.z, out.loss), (out.uplink, out.metrics, out.batch_stats)
-
-            params = _without_frozen(client.params, optimizers.client_frozen)
-            _, backward, (uplink, metrics, batch_stats) = jax.vjp(forward, params, has_aux=True)
-            return uplink, backward, metrics, batch_stats
+        # The same programs as the in-process split step, so a network run computes what it computes.
+        finish = steplib.client_finish_fn(optimizers)
 
         def client_finish(client: steplib.PartitionState, backward, down: Downlink, batch_stats, step):
-            (grads,) = backward(({"image": down.image_grad, "text": down.text_grad}, jnp.ones((), jnp.float32)))
-            updates, opt_state = optimizers.client.update(grads, client.opt_state, client.params)
-            new = steplib.PartitionState(optax.apply_updates(client.params, updates), opt_state, batch_stats)
-            return new, step + 1
+            return finish(client, backward, down, batch_stats), step + 1
 
-        self._begin = jax.jit(client_begin)
+        self._begin = jax.jit(steplib.client_begin_fn(config, optimizers))
         self._finish = jax.jit(client_finish, donate_argnums=0)
 
     def _put(self, x):

@@ -24,49 +24,29 @@ import os
 import threading
 import time
 from concurrent import futures
-from typing import Any
-
 import grpc
 import jax
 import numpy as np
-import optax
 
 from qtl_jax.models import quantized as qm
 from qtl_jax.split import mesh as meshlib
 from qtl_jax.split import security as seclib
 from qtl_jax.split import step as steplib
 from qtl_jax.split import wire
-from qtl_jax.split.link import Downlink, Uplink
 from qtl_jax.split.proto import split_pb2 as pb
 from qtl_jax.split.proto import split_pb2_grpc as pb_grpc
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 
 
-def _without_frozen(params: Any, frozen: Any) -> Any:
-    return jax.tree_util.tree_map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
-
-
 def make_server_update(config: qm.QuantizedTinyLlavaConfig, optimizers: steplib.SplitOptimizers):
     """``update(server: PartitionState, uplink) -> (server, Downlink, metrics)``, jit-compiled, state donated.
 
-    The server half of :func:`qtl_jax.split.step.make_train_step` (split mode): CE from the dequantized
-    codes, gradients for the server params and for the dequantized values, the server optimizer update.
+    Exactly the server program of the in-process split step (:func:`qtl_jax.split.step.server_update_fn`):
+    CE from the dequantized codes, gradients for the server params and for the dequantized values, the
+    server optimizer update.
     """
-
-    def update(server: steplib.PartitionState, uplink: Uplink):
-        values = {"image": qm.dequantize(uplink.image_codes, uplink.image_levels),
-                  "text": qm.dequantize(uplink.text_codes, uplink.text_levels)}
-
-        def loss(params, values):
-            return qm.server_loss_from_values(config, _without_frozen(params, optimizers.server_frozen), values, uplink)
-
-        (_, metrics), (grads, cot) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(server.params, values)
-        updates, opt_state = optimizers.server.update(grads, server.opt_state, server.params)
-        new = steplib.PartitionState(optax.apply_updates(server.params, updates), opt_state, server.batch_stats)
-        return new, Downlink(image_grad=cot["image"], text_grad=cot["text"]), metrics
-
-    return jax.jit(update, donate_argnums=0)
+    return jax.jit(steplib.server_update_fn(config, optimizers), donate_argnums=0)
 
 
 @dataclasses.dataclass
