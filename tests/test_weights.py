@@ -26,7 +26,7 @@ TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
             vocab_size=512)
 
 
-def _same(a, b):
+def assert_same_params(a, b):
     fa, fb = keymap.flatten(a), keymap.flatten(b)
     assert fa.keys() == fb.keys()
     for k in fa:
@@ -86,7 +86,7 @@ def test_llava_hf_newer_naming(base, tmp_path, nested):
     ])
     model, loaded = load_pretrained(_write(str(tmp_path), renamed, config), verbose=False)
     assert layouts.detect(renamed).name == "llava_hf"
-    _same(loaded, params)
+    assert_same_params(loaded, params)
 
 
 def test_sharded_checkpoint(base, tmp_path):
@@ -99,7 +99,7 @@ def test_sharded_checkpoint(base, tmp_path):
     json.dump({"metadata": {}, "weight_map": weight_map}, open(tmp_path / "model.safetensors.index.json", "w"))
     json.dump(config, open(tmp_path / "config.json", "w"))
     _, loaded = load_pretrained(str(tmp_path), verbose=False)
-    _same(loaded, params)
+    assert_same_params(loaded, params)
 
 
 def _factory(tensors, config):
@@ -118,7 +118,7 @@ def test_factory_legacy_and_quantized_layouts(base, tmp_path):
     _, _, _, params, tensors, config = base
     f_tensors, f_cfg = _factory(tensors, config)
     model, factory = load_pretrained(_write(str(tmp_path / "factory"), f_tensors, f_cfg), verbose=False)
-    _same(factory, params)
+    assert_same_params(factory, params)
     assert (model.config.convention, model.config.vision_feature_select_strategy) == ("factory", "patch")
 
     # Legacy LLaVA / TinyLLaVABench: LLM at model.* + lm_head, config = the LLM's config + mm_* fields.
@@ -134,7 +134,7 @@ def test_factory_legacy_and_quantized_layouts(base, tmp_path):
         load_pretrained(legacy_dir, verbose=False)
     model, loaded = load_pretrained(legacy_dir, vision_config=config["vision_config"], verbose=False)
     assert layouts.detect(legacy).name == "legacy_llava" and model.config.vision_feature_select_strategy == "patch"
-    _same(loaded, params)
+    assert_same_params(loaded, params)
 
     # Official Quantized-TinyLLaVA = Factory + VQ.quantizer_{image,text} projections.
     q = dict(f_tensors)
@@ -147,7 +147,7 @@ def test_factory_legacy_and_quantized_layouts(base, tmp_path):
     with pytest.raises(NotImplementedError, match="Quantized-TinyLLaVA .* drop_quantizer=True"):
         load_pretrained(q_dir, verbose=False)
     _, loaded = load_pretrained(q_dir, drop_quantizer=True, verbose=False)
-    _same(loaded, params)
+    assert_same_params(loaded, params)
     qp = loader.load_quantizer_params(q_dir)
     np.testing.assert_array_equal(qp["text"]["in_proj"]["kernel"], q["VQ.quantizer_text.quantizer.in_proj.0.weight"].T)
     np.testing.assert_array_equal(qp["image"]["out_proj"]["bias"], q["VQ.quantizer_image.quantizer.out_proj.bias"])
@@ -193,7 +193,7 @@ def test_export_round_trip_through_transformers(base, tmp_path, naming):
         b = again(input_ids=torch.from_numpy(ids), pixel_values=pixels).logits.numpy()
     assert np.abs(a - b).max() <= 1e-6
     _, reloaded = load_pretrained(out, verbose=False)
-    _same(reloaded, params)
+    assert_same_params(reloaded, params)
 
 
 def test_export_of_factory_model_needs_a_real_image_token(base, tmp_path):
@@ -222,11 +222,11 @@ def test_component_checkpoints_start_stage1(base, tmp_path):
     # The keyword form (qtl_jax.load_pretrained's stub still requires a positional path; see the report).
     _, same = loader.load_pretrained(vision_dir=str(tmp_path / "siglip"), llm_dir=str(tmp_path / "llm"),
                                      key=jax.random.key(7), verbose=False)
-    _same(same, params)  # the fresh connector is a function of the key
+    assert_same_params(same, params)  # the fresh connector is a function of the key
     k = np.asarray(params["connector"]["fc_0"]["kernel"])
     assert k.shape == (32, 64) and 0.015 < k.std() < 0.025 and not np.asarray(params["connector"]["fc_1"]["bias"]).any()
     vcfg, vparams = load_vision(str(tmp_path / "siglip"))
-    _same(vparams, params["vision_tower"])
+    assert_same_params(vparams, params["vision_tower"])
     np.testing.assert_array_equal(
         np.asarray(params["vision_tower"]["layers_1"]["fc1"]["kernel"]),
         siglip.vision_model.encoder.layers[1].mlp.fc1.weight.detach().numpy().T,
@@ -280,8 +280,8 @@ def test_factory_checkpoint_with_openelm_the_papers_llm(base, tmp_path):
     f_tensors.update({f"language_model.{k}": np.asarray(v) for k, v in llm_tensors.items()})
     model, loaded = load_pretrained(_write(str(tmp_path), f_tensors, {**f_cfg, "text_config": openelm}), verbose=False)
     assert model.config.llm.family == "openelm" and model.config.llm.num_heads == (4, 2)
-    _same(loaded["llm"], llm_params)
-    _same(loaded["vision_tower"], params["vision_tower"])
+    assert_same_params(loaded["llm"], llm_params)
+    assert_same_params(loaded["vision_tower"], params["vision_tower"])
     ids = jnp.asarray([[5, -200, 6, 7]])
     out = jax.jit(model.apply)({"params": loaded}, ids, jnp.zeros((1, 32, 32, 3)))
     assert out.logits.shape == (1, 4 + 14, 512) and bool(jnp.isfinite(out.logits).all())
