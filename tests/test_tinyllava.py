@@ -18,6 +18,8 @@ from qtl_jax import load_pretrained
 from qtl_jax.models.tinyllava import TinyLlava, compute_layout, scatter
 from qtl_jax.weights import safetensors_io
 
+import checkpoint_files  # tests/ helper
+
 TOL = 1e-4
 IMAGE_ID = 511
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=8)
@@ -104,25 +106,6 @@ def test_llava_hf_logits_match_transformers(llava_cases, case):
     assert np.asarray(out.layout.is_image).sum() == 3 * t_img
 
 
-def _rename(tensors, renames):
-    out = {}
-    for k, v in tensors.items():
-        for old, new in renames:
-            if k.startswith(old):
-                k = new + k[len(old) :]
-                break
-        out[k] = np.asarray(v)
-    return out
-
-
-def _write(path, tensors, config):
-    os.makedirs(path, exist_ok=True)
-    safetensors_io.write_file(os.path.join(path, "model.safetensors"), tensors)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config, f)
-    return path
-
-
 FACTORY_RENAMES = [
     ("vision_tower.", "vision_tower._vision_tower.vision_model."),
     ("multi_modal_projector.linear_1.", "connector._connector.0."),
@@ -149,8 +132,8 @@ def factory_case(tmp_path_factory):
         "tokenizer_padding_side": "right",
         "tokenizer_model_max_length": 2048,
     }
-    tensors = _rename(safetensors_io.read_dir(src), FACTORY_RENAMES)
-    path = _write(str(tmp_path_factory.mktemp("factory")), tensors, factory_cfg)
+    tensors = checkpoint_files.rename(safetensors_io.read_dir(src), FACTORY_RENAMES)
+    path = checkpoint_files.write(str(tmp_path_factory.mktemp("factory")), tensors, factory_cfg)
     return hf, path, tensors, {}
 
 
@@ -355,7 +338,7 @@ def test_factory_gemma_scales_image_features_as_transformers_4_did(llava_cases, 
     llava_cfg = json.load(open(os.path.join(path, "config.json")))
     cfg = {"model_type": "tinyllava", "text_config": llava_cfg["text_config"], "vision_config": llava_cfg["vision_config"],
            "connector_type": "mlp2x_gelu", "vision_feature_layer": -2, "vision_feature_select_strategy": "patch"}
-    factory_dir = _write(str(tmp_path), _rename(safetensors_io.read_dir(path), FACTORY_RENAMES), cfg)
+    factory_dir = checkpoint_files.write(str(tmp_path), checkpoint_files.rename(safetensors_io.read_dir(path), FACTORY_RENAMES), cfg)
     model, params = load_pretrained(factory_dir, verbose=False)
     assert model.config.scales_images
     ids = np.array([[5, -200, 6, 7, 8]])

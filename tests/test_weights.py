@@ -21,6 +21,8 @@ from qtl_jax.weights.export import export_llava_hf
 from qtl_jax.weights import loader
 from qtl_jax.weights.loader import load_vision
 
+import checkpoint_files  # tests/ helper
+
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=8)
 TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=512)
@@ -31,25 +33,6 @@ def assert_same_params(a, b):
     assert fa.keys() == fb.keys()
     for k in fa:
         np.testing.assert_array_equal(np.asarray(fa[k]), np.asarray(fb[k]), err_msg=k)
-
-
-def _rename(tensors, renames):
-    out = {}
-    for k, v in tensors.items():
-        for old, new in renames:
-            if k.startswith(old):
-                k = new + k[len(old) :]
-                break
-        out[k] = np.asarray(v)
-    return out
-
-
-def _write(path, tensors, config):
-    os.makedirs(path, exist_ok=True)
-    safetensors_io.write_file(os.path.join(path, "model.safetensors"), tensors)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config, f)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -80,11 +63,11 @@ def test_detects_and_says_which_layout(base, capsys):
 def test_llava_hf_newer_naming(base, tmp_path, nested):
     _, _, _, params, tensors, config = base
     vision = "model.vision_tower.vision_model." if nested else "model.vision_tower."
-    renamed = _rename(tensors, [
+    renamed = checkpoint_files.rename(tensors, [
         ("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."),
         ("vision_tower.", vision), ("multi_modal_projector.", "model.multi_modal_projector."),
     ])
-    model, loaded = load_pretrained(_write(str(tmp_path), renamed, config), verbose=False)
+    model, loaded = load_pretrained(checkpoint_files.write(str(tmp_path), renamed, config), verbose=False)
     assert layouts.detect(renamed).name == "llava_hf"
     assert_same_params(loaded, params)
 
@@ -103,7 +86,7 @@ def test_sharded_checkpoint(base, tmp_path):
 
 
 def _factory(tensors, config):
-    tensors = _rename(tensors, [
+    tensors = checkpoint_files.rename(tensors, [
         ("vision_tower.", "vision_tower._vision_tower.vision_model."),
         ("multi_modal_projector.linear_1.", "connector._connector.0."),
         ("multi_modal_projector.linear_2.", "connector._connector.2."),
@@ -117,19 +100,19 @@ def _factory(tensors, config):
 def test_factory_legacy_and_quantized_layouts(base, tmp_path):
     _, _, _, params, tensors, config = base
     f_tensors, f_cfg = _factory(tensors, config)
-    model, factory = load_pretrained(_write(str(tmp_path / "factory"), f_tensors, f_cfg), verbose=False)
+    model, factory = load_pretrained(checkpoint_files.write(str(tmp_path / "factory"), f_tensors, f_cfg), verbose=False)
     assert_same_params(factory, params)
     assert (model.config.convention, model.config.vision_feature_select_strategy) == ("factory", "patch")
 
     # Legacy LLaVA / TinyLLaVABench: LLM at model.* + lm_head, config = the LLM's config + mm_* fields.
-    legacy = _rename(f_tensors, [
+    legacy = checkpoint_files.rename(f_tensors, [
         ("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
         ("vision_tower._vision_tower.", "model.vision_tower.vision_tower."), ("connector._connector.", "model.mm_projector."),
     ])
     legacy_cfg = {**config["text_config"], "model_type": "llava_qwen2", "mm_projector_type": "mlp2x_gelu",
                   "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch",
                   "mm_vision_tower": "google/siglip-so400m-patch14-384"}
-    legacy_dir = _write(str(tmp_path / "legacy"), legacy, legacy_cfg)
+    legacy_dir = checkpoint_files.write(str(tmp_path / "legacy"), legacy, legacy_cfg)
     with pytest.raises(ValueError, match="pass vision_config="):
         load_pretrained(legacy_dir, verbose=False)
     model, loaded = load_pretrained(legacy_dir, vision_config=config["vision_config"], verbose=False)
@@ -143,7 +126,7 @@ def test_factory_legacy_and_quantized_layouts(base, tmp_path):
         for p, src in (("in_proj", "in_proj.0"), ("out_proj", "out_proj")):  # in_proj is an nn.Sequential
             q[f"VQ.quantizer_{m}.quantizer.{src}.weight"] = rng.normal(size=(64, 64)).astype(np.float32)
             q[f"VQ.quantizer_{m}.quantizer.{src}.bias"] = rng.normal(size=(64,)).astype(np.float32)
-    q_dir = _write(str(tmp_path / "quantized"), q, {**f_cfg, "vq_type": "FSQ", "discrete_size": 4})
+    q_dir = checkpoint_files.write(str(tmp_path / "quantized"), q, {**f_cfg, "vq_type": "FSQ", "discrete_size": 4})
     with pytest.raises(NotImplementedError, match="Quantized-TinyLLaVA .* drop_quantizer=True"):
         load_pretrained(q_dir, verbose=False)
     _, loaded = load_pretrained(q_dir, drop_quantizer=True, verbose=False)
@@ -158,7 +141,7 @@ def test_factory_legacy_and_quantized_layouts(base, tmp_path):
     want = jax.eval_shape(quantizer.init, jax.random.key(0), jnp.zeros((2, 64)))["params"]
     assert keymap.shapes(want) == keymap.shapes(qp["image"])
     q["VQ.quantizer_image.quantizer.width"] = np.ones(1, np.float32)  # e.g. the broken ADSQ's extra parameter
-    _write(q_dir, q, {**f_cfg, "vq_type": "FSQ", "discrete_size": 4})
+    checkpoint_files.write(q_dir, q, {**f_cfg, "vq_type": "FSQ", "discrete_size": 4})
     with pytest.raises(keymap.WeightMismatchError, match="VQ.quantizer_image.quantizer.width"):
         loader.load_quantizer_params(q_dir)
 
@@ -166,12 +149,12 @@ def test_factory_legacy_and_quantized_layouts(base, tmp_path):
 def test_unknown_layout_and_mismatched_keys_are_reported(base, tmp_path):
     _, _, _, _, tensors, config = base
     with pytest.raises(layouts.UnknownLayoutError, match="cannot tell the checkpoint layout .*'connector._connector"):
-        load_pretrained(_write(str(tmp_path / "odd"), {"encoder.w": np.zeros(2, np.float32)}, config), verbose=False)
+        load_pretrained(checkpoint_files.write(str(tmp_path / "odd"), {"encoder.w": np.zeros(2, np.float32)}, config), verbose=False)
     bad = dict(tensors)
     bad["multi_modal_projector.linear_3.weight"] = np.zeros((64, 64), np.float32)
     del bad["language_model.model.norm.weight"]
     with pytest.raises(keymap.WeightMismatchError) as e:
-        load_pretrained(_write(str(tmp_path / "bad"), bad, config), verbose=False)
+        load_pretrained(checkpoint_files.write(str(tmp_path / "bad"), bad, config), verbose=False)
     msg = str(e.value)
     assert "unmapped" in msg and "multi_modal_projector.linear_3.weight" in msg
     assert "missing" in msg and "llm/norm/scale" in msg
@@ -199,7 +182,7 @@ def test_export_round_trip_through_transformers(base, tmp_path, naming):
 def test_export_of_factory_model_needs_a_real_image_token(base, tmp_path):
     _, _, _, params, tensors, config = base
     f_tensors, f_cfg = _factory(tensors, config)
-    model, loaded = load_pretrained(_write(str(tmp_path / "f"), f_tensors, f_cfg), verbose=False)
+    model, loaded = load_pretrained(checkpoint_files.write(str(tmp_path / "f"), f_tensors, f_cfg), verbose=False)
     with pytest.raises(ValueError, match="image_token_index=<id"):
         export_llava_hf(model, loaded, str(tmp_path / "out"))
     out = export_llava_hf(model, loaded, str(tmp_path / "out"), image_token_index=511)
@@ -278,7 +261,7 @@ def test_factory_checkpoint_with_openelm_the_papers_llm(base, tmp_path):
     f_tensors, f_cfg = _factory(tensors, config)
     f_tensors = {k: v for k, v in f_tensors.items() if not k.startswith("language_model.")}
     f_tensors.update({f"language_model.{k}": np.asarray(v) for k, v in llm_tensors.items()})
-    model, loaded = load_pretrained(_write(str(tmp_path), f_tensors, {**f_cfg, "text_config": openelm}), verbose=False)
+    model, loaded = load_pretrained(checkpoint_files.write(str(tmp_path), f_tensors, {**f_cfg, "text_config": openelm}), verbose=False)
     assert model.config.llm.family == "openelm" and model.config.llm.num_heads == (4, 2)
     assert_same_params(loaded["llm"], llm_params)
     assert_same_params(loaded["vision_tower"], params["vision_tower"])
