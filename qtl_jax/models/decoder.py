@@ -23,6 +23,7 @@ The client side of split learning runs only :meth:`Decoder.embed`; the server ru
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -33,6 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from qtl_jax.models import rope
+from qtl_jax.models.attention import dot_product_attention
 
 FAMILIES = ("llama", "qwen2", "phi", "gemma", "stablelm", "openelm")
 NORMS = ("rms", "layer")
@@ -150,24 +152,36 @@ class DecoderConfig:
         return _hf_dict(self)
 
 
-def dot_product_attention(
-    q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, allowed: jnp.ndarray, scale: float
-) -> jnp.ndarray:
-    """Grouped-query attention. q ``[B,T,H,d]``, k/v ``[B,S,K,d]``, allowed ``[B,T,S]`` bool.
+class DenseParams(nn.Module):
+    """The parameters of an ``nn.Dense`` (same names, shapes and initialisers), without applying them."""
 
-    Query head ``h`` reads key/value head ``h // (H/K)``, the order HF's ``repeat_kv`` produces.
-    Scores and softmax are float32. Rows with no allowed key (padding queries) get a uniform
-    distribution instead of NaN; their outputs are meaningless and must be ignored by the caller.
-    Free of module state, so the KV cache feeds it longer k/v (the whole cache) than q.
+    features: int
+    use_bias: bool
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, in_features: int) -> tuple[jnp.ndarray, jnp.ndarray | None]:
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (in_features, self.features), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype) if self.use_bias else None
+        return kernel, bias
+
+
+def fused_dense(
+    x: jnp.ndarray, outputs: Sequence[tuple[int, str]], use_bias: bool, dtype: Any, param_dtype: Any
+) -> list[jnp.ndarray]:
+    """Several ``nn.Dense`` layers on the same input as one GEMM; the parameter tree is unchanged.
+
+    Must be called inside a compact module. Why: at small widths one [N, D] x [D, sum(F)] GEMM runs
+    much closer to peak than several narrow ones, and its backward is one GEMM for dx instead of a sum
+    of several. Concatenating the kernels costs a copy of the weights, small next to the activations.
     """
-    b, t, h, d = q.shape
-    kv = k.shape[2]
-    q = q.reshape(b, t, kv, h // kv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, h * d)
+    params = [DenseParams(n, use_bias, param_dtype, name=name)(x.shape[-1]) for n, name in outputs]
+    kernel = jnp.concatenate([k for k, _ in params], axis=1).astype(dtype)
+    y = jnp.dot(x.astype(dtype), kernel)
+    if use_bias:
+        y = y + jnp.concatenate([b for _, b in params]).astype(dtype)
+    splits = list(itertools.accumulate(n for n, _ in outputs))[:-1]
+    return jnp.split(y, splits, axis=-1)
 
 
 class Norm(nn.Module):
@@ -249,9 +263,10 @@ class Attention(nn.Module):
             n, use_bias=bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name
         )
         b, t, _ = x.shape
-        q = dense(h * d, cfg.qkv_bias, "q_proj")(x).reshape(b, t, h, d)
-        k = dense(kv * d, cfg.qkv_bias, "k_proj")(x).reshape(b, t, kv, d)
-        v = dense(kv * d, cfg.qkv_bias, "v_proj")(x).reshape(b, t, kv, d)
+        q, k, v = fused_dense(
+            x, [(h * d, "q_proj"), (kv * d, "k_proj"), (kv * d, "v_proj")], cfg.qkv_bias, cfg.dtype, cfg.param_dtype
+        )
+        q, k, v = q.reshape(b, t, h, d), k.reshape(b, t, kv, d), v.reshape(b, t, kv, d)
         # Every family with qk-norm (OpenELM, Phi, StableLM) normalises before RoPE.
         q_norm, k_norm = _qk_norm(cfg, h, "q_norm"), _qk_norm(cfg, kv, "k_norm")
         if q_norm is not None:
@@ -281,7 +296,9 @@ class MLP(nn.Module):
         )
         act = ACTIVATIONS[cfg.activation]
         if cfg.gated_mlp:
-            y = act(dense(width, "gate_proj")(x)) * dense(width, "up_proj")(x)
+            gate, up = fused_dense(x, [(width, "gate_proj"), (width, "up_proj")], cfg.mlp_bias, cfg.dtype,
+                                   cfg.param_dtype)
+            y = act(gate) * up
         else:
             y = act(dense(width, "up_proj")(x))
         return dense(cfg.hidden_size, "down_proj")(y)

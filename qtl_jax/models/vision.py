@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from qtl_jax.models.attention import dot_product_attention
+
 Array = jax.Array
 
 _ACTIVATIONS = {
@@ -175,10 +177,8 @@ class _Attention(nn.Module):
         dense = lambda name: nn.Dense(cfg.hidden_size, dtype=self.dtype, name=name)  # noqa: E731
         split = lambda t: t.reshape(*t.shape[:-1], heads, head_dim)  # noqa: E731
         q, k, v = (split(dense(n)(x)) for n in ("q_proj", "k_proj", "v_proj"))
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * head_dim**-0.5
         # Softmax in fp32 even for bf16 compute: the reference does the same and it is what keeps bf16 close.
-        probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(self.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(*x.shape[:-1], cfg.hidden_size)
+        out = dot_product_attention(q, k, v, None, head_dim**-0.5)
         return dense("out_proj")(out)
 
 
