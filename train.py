@@ -23,6 +23,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from qtl_jax import xla_flags
+
+    xla_flags.apply_defaults()  # before the first JAX computation; see qtl_jax/xla_flags.py
     # Orbax and TFDS log every file operation at INFO; --verbosity=0 brings them back.
     if not any(a.startswith(("--verbosity", "-v")) for a in sys.argv[1:]):
         logging.set_verbosity(logging.WARNING)

@@ -10,6 +10,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Keep the 2-core CI machine from oversubscribing: torch and XLA both spawn thread pools.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
+from qtl_jax import xla_flags  # noqa: E402  (imports no JAX)
+
+# The same XLA options as train.py, so the tests exercise what users run.
+xla_flags.apply_defaults()
+
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")

@@ -253,11 +253,15 @@ def straight_through(z: Array, codes: Array, levels: int) -> Array:
 
 def cross_entropy(logits: Array, labels: Array) -> tuple[Array, Array]:
     """Next-token cross-entropy averaged over targets != -100; returns ``(mean, number of targets)``."""
-    logits = logits[:, :-1].astype(jnp.float32)
-    targets = labels[:, 1:]
+    # Shift the labels rather than slice the logits, and pick the target logit with a compare-select
+    # rather than a gather: on CPU both avoid copying the [B, T, V] logits and their gradient (a slice
+    # becomes a pad in the backward pass, a gather a scatter).
+    logits = logits.astype(jnp.float32)
+    targets = jnp.concatenate([labels[:, 1:], jnp.full_like(labels[:, :1], IGNORE_INDEX)], axis=1)
     valid = targets != IGNORE_INDEX
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(logp, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
+    vocab = jnp.arange(logits.shape[-1], dtype=targets.dtype)
+    picked = jnp.sum(jnp.where(vocab == targets[..., None], logits, 0.0), axis=-1)
+    nll = jax.nn.logsumexp(logits, axis=-1) - picked
     count = jnp.sum(valid)
     return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(count, 1).astype(jnp.float32), count
 

@@ -283,6 +283,9 @@ def main(argv) -> None:
     f = flags.FLAGS
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from qtl_jax import xla_flags
+
+    xla_flags.apply_defaults()  # before the first JAX computation; see qtl_jax/xla_flags.py
     # Orbax and TFDS log every file operation at INFO; --verbosity=0 brings them back.
     if f["verbosity"].using_default_value:
         logging.set_verbosity(logging.WARNING)
