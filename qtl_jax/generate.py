@@ -11,9 +11,17 @@ One call runs three jit-compiled programs:
    embedding table, one position per step, until every row emitted a stop token or ``max_new_tokens``.
 
 Shapes are bucketed so that prompts of different lengths reuse the compiled programs: the text
-length, the merged length and the cache length (merged + new tokens) are each rounded up to the
-next entry of ``buckets`` (powers of two by default). ``max_new_tokens``, the stop ids and the
-sampling settings are traced values, so changing them does not recompile either.
+length and the merged length are rounded up to the next entry of ``buckets`` (powers of two and the
+midpoints 1.5 x 2^k by default, so at most a third of a prefill is padding), and the cache length to
+merged + ``max_new_tokens`` rounded up to a multiple of :data:`CACHE_MULTIPLE` (never beyond the
+next bucket). ``max_new_tokens``, the stop ids and the sampling settings are traced values, so
+changing them recompiles nothing as long as the cache length stays the same.
+
+Why the cache is sized that tightly: every decode step attends over (and, on XLA:CPU, copies into
+the heads-major layout of the attention) the whole cache, so its cost grows with the cache length,
+not with the number of tokens written so far; at the demo size a cache of the next power of two
+(256 for 81 + 32 positions) made each step ~1.6x slower than one of 128. For the same reason the
+prefill attends only over the prompt's own slots and the cache is padded afterwards.
 
 Positions follow HF ``generate``: every real token's position is the number of real tokens before
 it, so left padding does not shift them.
@@ -38,8 +46,12 @@ from qtl_jax.models.tinyllava import TinyLlava, TinyLlavaConfig, compute_layout,
 Array = jax.Array
 Params = dict[str, Any]
 
-# Powers of two from 16: few distinct shapes, at most 2x padding.
-DEFAULT_BUCKETS: tuple[int, ...] = tuple(2**k for k in range(4, 17))
+# Powers of two and their 1.5x midpoints from 16 (16, 24, 32, 48, 64, 96, ...): two shapes per octave,
+# at most 1.5x padding. Plain powers of two padded the demo benchmark's 81-token prompt to 128.
+DEFAULT_BUCKETS: tuple[int, ...] = tuple(sorted({2**k for k in range(4, 17)} | {3 * 2**k for k in range(3, 16)}))
+
+# The cache length is merged + max_new_tokens rounded up to a multiple of this (capped by the next bucket).
+CACHE_MULTIPLE = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +113,13 @@ def bucket(n: int, buckets: Sequence[int]) -> int:
         f"length {n} exceeds the largest bucket {max(buckets)}; pass buckets= with a larger entry "
         "(or shorten the prompt / max_new_tokens)"
     )
+
+
+def cache_length(merged_length: int, max_new_tokens: int, buckets: Sequence[int]) -> int:
+    """Cache slots for a ``merged_length`` prompt and ``max_new_tokens``: the needed length rounded up to a
+    multiple of :data:`CACHE_MULTIPLE`, or the next bucket when that is shorter."""
+    needed = merged_length + max_new_tokens
+    return min(bucket(needed, buckets), -(-needed // CACHE_MULTIPLE) * CACHE_MULTIPLE)
 
 
 def top_p_mask(logits: Array, top_p: Array | float) -> Array:
@@ -169,7 +188,7 @@ def _prefill(
     input_ids: Array,
     attention_mask: Array,
     merged_length: int,
-    cache_length: int,
+    cache_slots: int,
 ) -> tuple[Array, KVCache]:
     left = dataclasses.replace(config, padding_side="left")
     num_images = 0 if image_vectors is None else image_vectors.shape[0]
@@ -181,15 +200,22 @@ def _prefill(
     if config.scales_images:
         scale = jnp.where(layout.is_image[..., None] > 0, config.llm.embed_scale, 1.0)
         merged = merged * scale.astype(merged.dtype)
-    cache = init_cache(_llm(config).config, merged.shape[0], cache_length)
+    # The prompt fills slots [0, L) of an empty cache, so it attends only over a cache of its own length
+    # L; the free slots are appended after (zeros, mask 0), rather than attended over here.
+    cache = init_cache(_llm(config).config, merged.shape[0], merged.shape[1])
     logits, cache = _llm(config).apply(
         {"params": llm_params}, merged, layout.attention_mask, cache, layout.position_ids, True,
         method=Decoder.forward_cached,
     )
+    free = cache_slots - merged.shape[1]
+    pad = lambda a: jnp.pad(a, [(0, 0), (0, free)] + [(0, 0)] * (a.ndim - 2))  # noqa: E731
+    cache = KVCache(tuple(map(pad, cache.keys)), tuple(map(pad, cache.values)), pad(cache.mask), cache.index)
     return logits[:, -1], cache
 
 
-@functools.partial(jax.jit, static_argnums=(0, 10, 11))
+# The cache is donated and returned: XLA donates only into an output of the same shape, and with that
+# alias the loop updates the prefill's buffers in place instead of first copying them into its own.
+@functools.partial(jax.jit, static_argnums=(0, 10, 11), donate_argnums=3)
 def _decode(
     config: TinyLlavaConfig,
     llm_params: Params,
@@ -203,11 +229,11 @@ def _decode(
     key: Array,
     width: int,
     greedy: bool,
-) -> tuple[Array, Array]:
+) -> tuple[Array, Array, KVCache]:
     llm = _llm(config)
     scale = config.llm.embed_scale
     b = first_logits.shape[0]
-    keys = jax.random.split(key, width)
+    keys = None if greedy else jax.random.split(key, width)
 
     def choose(logits, i):
         if greedy:
@@ -235,8 +261,8 @@ def _decode(
         lengths = lengths + (~done).astype(jnp.int32)
         return i + 1, token, cache, out, done | jnp.isin(token, stop_ids), lengths
 
-    _, _, _, out, _, lengths = jax.lax.while_loop(cond, body, state)
-    return out, lengths
+    _, _, cache, out, _, lengths = jax.lax.while_loop(cond, body, state)
+    return out, lengths, cache
 
 
 def compiled_programs() -> dict[str, Callable]:
@@ -420,7 +446,7 @@ def generate(
     merged_real = real + (placeholders * (t_img - 1) if config.convention == "factory" else 0)
     text_length = bucket(int(real.max()), buckets)
     merged_length = bucket(int(merged_real.max()), buckets) if config.convention == "factory" else text_length
-    cache_length = bucket(merged_length + int(max_new_tokens), buckets)
+    cache_len = cache_length(merged_length, int(max_new_tokens), buckets)
     ids_b, mask_b = _left_align(ids, mask, text_length, 0)
     ids_b = np.where(mask_b > 0, ids_b, 0).astype(np.int32)
 
@@ -433,13 +459,13 @@ def generate(
     stop_ids = _stop_ids(stop_token_ids, tokenizer)
     first_logits, cache = _prefill(
         config, params["llm"], image_vectors, text_vectors, jnp.asarray(ids_b), jnp.asarray(mask_b),
-        merged_length, cache_length,
+        merged_length, cache_len,
     )
     key = jax.random.key(0) if rng is None else rng
-    sequences, lengths = _decode(
+    sequences, lengths, _ = _decode(
         config, params["llm"], first_logits, cache, jnp.int32(max_new_tokens), jnp.asarray(stop_ids),
         jnp.int32(pad_token_id), jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p), key,
-        cache_length - merged_length, bool(greedy),
+        cache_len - merged_length, bool(greedy),
     )
     sequences = np.asarray(sequences)[:, : int(max_new_tokens)]
     lengths = np.asarray(lengths)
@@ -542,10 +568,12 @@ def generate_answers(
 
 
 __all__: Sequence[str] = (
+    "CACHE_MULTIPLE",
     "DEFAULT_BUCKETS",
     "GenerationOutput",
     "PromptQuantizers",
     "bucket",
+    "cache_length",
     "compiled_programs",
     "generate",
     "generate_answers",
