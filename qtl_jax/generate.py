@@ -207,10 +207,18 @@ def _prefill(
         {"params": llm_params}, merged, layout.attention_mask, cache, layout.position_ids, True,
         method=Decoder.forward_cached,
     )
-    free = cache_slots - merged.shape[1]
-    pad = lambda a: jnp.pad(a, [(0, 0), (0, free)] + [(0, 0)] * (a.ndim - 2))  # noqa: E731
-    cache = KVCache(tuple(map(pad, cache.keys)), tuple(map(pad, cache.values)), pad(cache.mask), cache.index)
-    return logits[:, -1], cache
+    return logits[:, -1], _grow_cache(config, cache, cache_slots)
+
+
+def _grow_cache(config: TinyLlavaConfig, cache: KVCache, slots: int) -> KVCache:
+    """``cache`` with empty slots appended up to ``slots``; padding to the shapes of ``init_cache`` keeps
+    this independent of the cache's layout (which axis holds the slots)."""
+    target = jax.eval_shape(lambda: init_cache(_llm(config).config, cache.mask.shape[0], slots))
+    grow = lambda a, t: jnp.pad(a, [(0, n - m) for m, n in zip(a.shape, t.shape)])  # noqa: E731
+    return KVCache(
+        tuple(map(grow, cache.keys, target.keys)), tuple(map(grow, cache.values, target.values)),
+        grow(cache.mask, target.mask), cache.index,
+    )
 
 
 # The cache is donated and returned: XLA donates only into an output of the same shape, and with that
