@@ -136,6 +136,18 @@ def top_p_mask(logits: Array, top_p: Array | float) -> Array:
     return jnp.take_along_axis(keep_sorted, inverse, axis=-1)
 
 
+def greedy_token(logits: Array) -> Array:
+    """``[..., V]`` logits -> ``[...]`` int32 ``argmax``: the first index among ties, NaN counting as the largest.
+
+    The same result as ``jnp.argmax`` from two plain reductions. Why: XLA:CPU lowers argmax to one variadic
+    (value, index) reduction that does not vectorise; at the demo size it took ~15 % of every decode step.
+    """
+    best = jnp.max(logits, axis=-1, keepdims=True)  # NaN when the row holds one
+    hit = (logits == best) | jnp.isnan(logits)
+    index = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    return jnp.min(jnp.where(hit, index, logits.shape[-1]), axis=-1)
+
+
 def sample_token(logits: Array, key: Array, temperature: Array | float, top_p: Array | float) -> Array:
     """``[B, V]`` logits -> ``[B]`` token ids drawn from ``softmax(logits / temperature)`` over the top-p nucleus."""
     scaled = logits.astype(jnp.float32) / temperature
@@ -245,7 +257,7 @@ def _decode(
 
     def choose(logits, i):
         if greedy:
-            return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+            return greedy_token(logits)
         return sample_token(logits, keys[i], temperature, top_p)
 
     first = choose(first_logits, 0)
@@ -585,6 +597,7 @@ __all__: Sequence[str] = (
     "compiled_programs",
     "generate",
     "generate_answers",
+    "greedy_token",
     "sample_token",
     "split_model",
     "stop_token_ids_for",

@@ -293,8 +293,27 @@ def test_prompts_in_one_bucket_do_not_recompile(llava):
         run(60, 8)
 
 
+def test_cache_is_sized_to_prompt_plus_new_tokens():
+    # The demo benchmark's shapes: an 81-token prompt lands in the 96 bucket (not 128), and 96 + 32 new
+    # tokens need exactly 128 slots (the next power of two after padding used to give 256).
+    assert gen.bucket(81, gen.DEFAULT_BUCKETS) == 96
+    assert gen.cache_length(96, 32, gen.DEFAULT_BUCKETS) == 128
+    assert gen.cache_length(96, 33, gen.DEFAULT_BUCKETS) == 144  # a multiple of CACHE_MULTIPLE
+    assert gen.cache_length(16, 4, (8, 16, 32, 64)) == 32
+    assert gen.cache_length(8, 2, (8, 16, 32, 64)) == 16  # the next bucket when it is shorter
+    with pytest.raises(ValueError, match="exceeds the largest bucket 64"):
+        gen.cache_length(60, 8, (8, 16, 32, 64))
+
+
 # ----------------------------------------------------------------------------------------------------
 # Sampling
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.sampled_from([-np.inf, -1.0, 0.0, 0.5, 2.0, np.nan]), min_size=1, max_size=9))
+def test_greedy_token_is_argmax_with_ties_and_nan(values):
+    logits = jnp.asarray(np.tile(np.asarray(values, np.float32), (2, 1)))
+    assert np.array_equal(np.asarray(gen.greedy_token(logits)), np.asarray(jnp.argmax(logits, axis=-1)))
 
 
 @settings(max_examples=40, deadline=None)
