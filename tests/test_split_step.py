@@ -375,3 +375,22 @@ def test_bf16_compute_with_remat_trains_close_to_fp32(fused):
     assert link.up[0][1].text_codes.dtype == np.uint8 and link.down[0][1].text_grad.dtype == np.float32
     for bf16, fp32 in zip(hist, fused[2]):
         assert np.isfinite(bf16["loss"]) and abs(bf16["ce"] - fp32["ce"]) < 0.25
+
+
+@pytest.mark.parametrize("mode", ["fused", "split"])
+def test_each_program_compiles_once(config, mode, caplog):
+    # The initial state must already be laid out (committed) like the step's outputs: otherwise the
+    # second step misses jit's cache and recompiles the whole program (seen on one-device meshes).
+    meshes = split_meshes(0, 0, devices=jax.devices()[:1])
+    state = steplib.create_train_state(config, jax.random.key(0), meshes, OPTIMIZER, total_steps=10)
+    optimizers = steplib.make_split_optimizers(OPTIMIZER, 10, {"client": state.client.params,
+                                                               "server": state.server.params})
+    link = linklib.InProcessLink(meshes) if mode == "split" else None
+    step = steplib.make_train_step(config, meshes, optimizers, mode=mode, link=link)
+    with jax.log_compiles(True), caplog.at_level("WARNING"):
+        for i in range(3):
+            state, _ = step(state, BATCHES[i % len(BATCHES)])
+    compiled = [r.getMessage().split(" ")[1] for r in caplog.records if r.getMessage().startswith("Compiling jit(")]
+    programs = ["jit(fused)"] if mode == "fused" else ["jit(client_begin)", "jit(server_update)", "jit(client_finish)"]
+    for name in programs:
+        assert compiled.count(name) == 1, compiled

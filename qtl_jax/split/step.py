@@ -168,9 +168,12 @@ def create_train_state(
 
 
 def _onto(tree: Any, mesh) -> Any:
+    # Uncommitted leaves (jit outputs that depend on no committed input, e.g. the moments' zeros on a
+    # one-device mesh) are committed here: the step's outputs are committed, and a state whose
+    # commitment changes after the first step would make jit compile the whole step a second time.
     devices = set(mesh.devices.flat)
     return jax.tree_util.tree_map(
-        lambda x: x if set(x.devices()) == devices else jax.device_put(x, replicated(mesh)), tree
+        lambda x: x if x.committed and set(x.devices()) == devices else jax.device_put(x, replicated(mesh)), tree
     )
 
 
