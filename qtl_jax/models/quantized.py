@@ -251,17 +251,38 @@ def straight_through(z: Array, codes: Array, levels: int) -> Array:
     return jax.lax.stop_gradient(values) + (z - jax.lax.stop_gradient(z))
 
 
+@jax.custom_vjp
+def _token_nll(logits: Array, targets: Array) -> Array:
+    """``logsumexp(logits) - logits[target]`` per position; ``targets`` must lie in ``[0, V)``."""
+    return _token_nll_fwd(logits, targets)[0]
+
+
+def _token_nll_fwd(logits, targets):
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return lse - picked, (logits, lse, targets)
+
+
+def _token_nll_bwd(residuals, g):
+    # d nll / d logits = softmax - onehot: one fused pass over [B, T, V], where autodiff of the
+    # logsumexp and the gather makes several (and a scatter), which dominate the loss at a 32k vocabulary.
+    logits, lse, targets = residuals
+    vocab = jnp.arange(logits.shape[-1], dtype=targets.dtype)
+    d = jnp.exp(logits - lse[..., None]) - (vocab == targets[..., None]).astype(logits.dtype)
+    return d * g[..., None], np.zeros(targets.shape, jax.dtypes.float0)
+
+
+_token_nll.defvjp(_token_nll_fwd, _token_nll_bwd)
+
+
 def cross_entropy(logits: Array, labels: Array) -> tuple[Array, Array]:
     """Next-token cross-entropy averaged over targets != -100; returns ``(mean, number of targets)``."""
-    # Shift the labels rather than slice the logits, and pick the target logit with a compare-select
-    # rather than a gather: on CPU both avoid copying the [B, T, V] logits and their gradient (a slice
-    # becomes a pad in the backward pass, a gather a scatter).
+    # Shift the labels rather than slice the logits: a slice of [B, T, V] is a copy, and a pad of its
+    # gradient in the backward pass.
     logits = logits.astype(jnp.float32)
     targets = jnp.concatenate([labels[:, 1:], jnp.full_like(labels[:, :1], IGNORE_INDEX)], axis=1)
     valid = targets != IGNORE_INDEX
-    vocab = jnp.arange(logits.shape[-1], dtype=targets.dtype)
-    picked = jnp.sum(jnp.where(vocab == targets[..., None], logits, 0.0), axis=-1)
-    nll = jax.nn.logsumexp(logits, axis=-1) - picked
+    nll = _token_nll(logits, jnp.where(valid, targets, 0))
     count = jnp.sum(valid)
     return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(count, 1).astype(jnp.float32), count
 
