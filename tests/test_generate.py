@@ -184,7 +184,7 @@ def test_decoder_cache_matches_full_forward():
     assert int(cache.index) == 9
     np.testing.assert_array_equal(np.asarray(cache.mask)[:, :9], mask)
     assert not np.asarray(cache.mask)[:, 9:].any()
-    assert [k.shape for k in cache.keys] == [(2, 16, 2, 8), (2, 16, 1, 8)]
+    assert [k.shape for k in cache.keys] == [(2, 2, 16, 8), (2, 1, 16, 8)]  # heads-major
     with pytest.raises(ValueError, match="cache holds 3 rows"):
         model.apply({"params": params}, x, mask, init_cache(cfg, 3, 16), method=Decoder.forward_cached)
 

@@ -74,20 +74,28 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 def dot_product_attention(q: Array, k: Array, v: Array, allowed: Array | None, scale: float) -> Array:
     """Grouped-query attention ``[B,T,H,d] x [B,S,K,d] -> [B,T,H*d]`` (see the module docstring)."""
+    if k.ndim != 4 or k.shape != v.shape:
+        raise ValueError(f"k and v must both be [B,S,K,d], got k {k.shape}, v {v.shape}")
+    return dot_product_attention_heads_major(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), allowed, scale)
+
+
+def dot_product_attention_heads_major(q: Array, k: Array, v: Array, allowed: Array | None, scale: float) -> Array:
+    """As :func:`dot_product_attention` with keys/values already heads-major, ``[B,K,S,d]``: a KV cache kept
+    in this layout is read in place by every decode step instead of being transposed (copied) per step."""
     b, t, h, d = q.shape
-    kv = k.shape[2]
-    if h % kv or k.shape != v.shape or k.shape[0] != b or k.shape[3] != d:
+    kv = k.shape[1]
+    if k.ndim != 4 or h % kv or k.shape != v.shape or k.shape[0] != b or k.shape[3] != d:
         raise ValueError(
-            f"attention shapes do not fit: q {q.shape}, k {k.shape}, v {v.shape}; expected q [B,T,H,d] and "
-            "k = v [B,S,K,d] with H a multiple of K"
+            f"attention shapes do not fit: q {q.shape}, heads-major k {k.shape}, v {v.shape}; expected "
+            "q [B,T,H,d] and k = v [B,K,S,d] (i.e. [B,S,K,d] before the transpose) with H a multiple of K"
         )
-    if allowed is not None and allowed.shape != (b, t, k.shape[1]):
-        raise ValueError(f"allowed must be [B,T,S] = {(b, t, k.shape[1])}, got {allowed.shape}")
+    if allowed is not None and allowed.shape != (b, t, k.shape[2]):
+        raise ValueError(f"allowed must be [B,T,S] = {(b, t, k.shape[2])}, got {allowed.shape}")
     if allowed is not None:
         allowed = allowed.astype(jnp.bool_)
     g = h // kv
     # Heads-major layouts, with a key/value head's G query heads stacked along the rows: every product is
     # then a plain batched GEMM over B*K and every softmax reduction runs along the contiguous last axis.
     qh = q.reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, d)
-    out = _attention(qh, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), allowed, float(scale))
+    out = _attention(qh, k, v, allowed, float(scale))
     return out.reshape(b, kv, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h * d)

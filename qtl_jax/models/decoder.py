@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from qtl_jax.models import rope
-from qtl_jax.models.attention import dot_product_attention
+from qtl_jax.models.attention import dot_product_attention, dot_product_attention_heads_major
 
 FAMILIES = ("llama", "qwen2", "phi", "gemma", "stablelm", "openelm")
 NORMS = ("rms", "layer")
@@ -254,9 +254,9 @@ class Attention(nn.Module):
         kv_cache: tuple[jnp.ndarray, jnp.ndarray] | None = None,
         index: jnp.ndarray | None = None,
     ) -> Any:
-        """Without ``kv_cache``: the attention output. With it (``[B,S,K,d]`` keys and values and the
-        write slot ``index``): ``(output, (keys, values))`` with this chunk's keys/values written at
-        ``index`` and the queries attending over the whole cache (``allowed`` is ``[B,T,S]``)."""
+        """Without ``kv_cache``: the attention output. With it (heads-major ``[B,K,S,d]`` keys and values
+        and the write slot ``index``): ``(output, (keys, values))`` with this chunk's keys/values written
+        at ``index`` and the queries attending over the whole cache (``allowed`` is ``[B,T,S]``)."""
         cfg = self.config
         h, kv, d = cfg.num_heads[self.layer], cfg.num_kv_heads[self.layer], cfg.head_dim
         dense = lambda n, bias, name: nn.Dense(  # noqa: E731
@@ -276,10 +276,11 @@ class Attention(nn.Module):
             out = dot_product_attention(q, k, v, allowed, d**-0.5)
             return dense(cfg.hidden_size, cfg.o_bias, "o_proj")(out)
         cache_k, cache_v = kv_cache
-        start = (0, index, 0, 0)
-        k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
-        v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
-        out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), allowed, d**-0.5)
+        # Only this chunk is transposed into the cache's heads-major layout; the cache itself is read as is.
+        start = (0, 0, index, 0)
+        k = jax.lax.dynamic_update_slice(cache_k, k.transpose(0, 2, 1, 3).astype(cache_k.dtype), start)
+        v = jax.lax.dynamic_update_slice(cache_v, v.transpose(0, 2, 1, 3).astype(cache_v.dtype), start)
+        out = dot_product_attention_heads_major(q, k.astype(q.dtype), v.astype(q.dtype), allowed, d**-0.5)
         return dense(cfg.hidden_size, cfg.o_bias, "o_proj")(out), (k, v)
 
 
@@ -463,7 +464,8 @@ class Decoder(nn.Module):
 class KVCache:
     """Preallocated keys/values of every layer, an explicit pytree passed in and out of the model.
 
-    keys / values: one ``[B, S, K_l, head_dim]`` array per layer (OpenELM varies ``K_l`` per layer).
+    keys / values: one ``[B, K_l, S, head_dim]`` array per layer (OpenELM varies ``K_l`` per layer), heads-major
+      as attention reads them: a decode step then attends over the cache without transposing (copying) it.
     mask: ``[B, S]`` int32, 1 where a slot holds a real (non-padding) token; unwritten slots are 0.
     index: ``[]`` int32, the next slot to write (the same for every row: prompts are left-padded).
     """
@@ -483,7 +485,7 @@ def init_cache(config: DecoderConfig, batch: int, max_length: int, dtype: Any = 
     if batch < 1 or max_length < 1:
         raise ValueError(f"init_cache needs batch >= 1 and max_length >= 1, got batch={batch}, max_length={max_length}")
     dtype = config.dtype if dtype is None else dtype
-    shape = lambda k: (batch, max_length, k, config.head_dim)  # noqa: E731
+    shape = lambda k: (batch, k, max_length, config.head_dim)  # noqa: E731
     return KVCache(
         keys=tuple(jnp.zeros(shape(k), dtype) for k in config.num_kv_heads),
         values=tuple(jnp.zeros(shape(k), dtype) for k in config.num_kv_heads),
