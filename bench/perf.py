@@ -37,9 +37,13 @@ import dataclasses
 import json
 import os
 import platform
+import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -103,14 +107,51 @@ def _median_time(fn: Callable[[], Any], runs: int) -> float:
     return statistics.median(times)
 
 
+def _spread(times: list[float]) -> dict[str, float]:
+    """Median and interquartile range of timings (the IQR shows this machine's drift within one run)."""
+    q = np.percentile(np.asarray(times), [25, 50, 75])
+    return dict(median=float(q[1]), iqr=float(q[2] - q[0]))
+
+
+def _error(e: BaseException) -> str:
+    """One line naming the failure, stored as ``*_error`` so the other measurements still run."""
+    first = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {first}"[:300]
+
+
+def on_gpu() -> bool:
+    return jax.default_backend() == "gpu"
+
+
+def _sync_torch() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def torch_device() -> str:
+    """'cuda' when JAX runs on a GPU (both frameworks then share the card), else 'cpu'.
+
+    ``QTL_BENCH_TORCH_DEVICE`` overrides it: the torch memory worker sets it so that it never starts
+    JAX's GPU backend (which would reserve most of the card's memory in that process).
+    """
+    import torch
+
+    forced = os.environ.get("QTL_BENCH_TORCH_DEVICE")
+    if forced:
+        return forced
+    return "cuda" if on_gpu() and torch.cuda.is_available() else "cpu"
+
+
 # ----------------------------------------------------------------------------------------------------
 # Roofline
 
 
-def matmul_peak(n: int = 2048, runs: int = 5) -> float:
-    """FLOP/s of a jitted fp32 n x n matmul on the default device (median of ``runs``)."""
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+def matmul_peak(n: int = 2048, runs: int = 5, dtype: Any = jnp.float32) -> float:
+    """FLOP/s of a jitted n x n matmul in ``dtype`` on the default device (median of ``runs``)."""
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
     dot = jax.jit(jnp.dot)
     dot(a, b).block_until_ready()
     return 2.0 * n**3 / _median_time(lambda: dot(a, b).block_until_ready(), runs)
@@ -154,7 +195,8 @@ def make_batch(s: Size, seed: int = 0) -> dict[str, np.ndarray]:
 # Ours: the jitted split / fused train step
 
 
-def quantized_config(s: Size):
+def quantized_config(s: Size, dtype: Any = jnp.float32):
+    """Our model at size ``s``; ``dtype`` is the compute dtype (parameters stay fp32)."""
     from qtl_jax.models import quantized as qm
     from qtl_jax.models.connector import ConnectorConfig
     from qtl_jax.models.decoder import DecoderConfig
@@ -169,8 +211,9 @@ def quantized_config(s: Size):
                              num_heads=s.llm_heads, num_kv_heads=s.llm_kv_heads, intermediate_size=s.llm_intermediate,
                              head_dim=s.head_dim, tie_word_embeddings=True)
     model = TinyLlavaConfig(vision=vision, connector=ConnectorConfig("mlp2x_gelu", s.vision_hidden, s.llm_hidden),
-                            llm=llm, max_length=s.merged_len)
-    q = dict(dim=s.llm_hidden, levels=s.levels, dist_weight=DIST_WEIGHT, clip_sigma=CLIP_SIGMA)
+                            llm=llm, max_length=s.merged_len, dtype=dtype)
+    # The quantizers' projections follow the compute dtype; their scaling and rounding stay fp32.
+    q = dict(dim=s.llm_hidden, levels=s.levels, dist_weight=DIST_WEIGHT, clip_sigma=CLIP_SIGMA, dtype=dtype)
     return qm.QuantizedTinyLlavaConfig(model, QuantizerConfig(**q), QuantizerConfig(**q))
 
 
@@ -178,13 +221,13 @@ OPTIMIZER = dict(lr=1e-4, weight_decay=0.0, warmup_ratio=0.0, schedule="constant
                  no_decay=[], param_groups=[(".*", 1.0)])
 
 
-def time_ours(s: Size, mode: str, steps: int, warmup: int = 2) -> float:
-    """Median seconds of our jitted train step (every parameter trains), compile excluded."""
+def build_ours(s: Size, mode: str, dtype: Any = jnp.float32):
+    """(step, state, batch) of our jitted train step at size ``s`` (every parameter trains)."""
     from qtl_jax.split import link as linklib
     from qtl_jax.split import step as steplib
     from qtl_jax.split.mesh import split_meshes
 
-    config = quantized_config(s)
+    config = quantized_config(s, dtype)
     # One device: the reference runs on one process too, and sharding a tiny model only adds collectives.
     meshes = split_meshes(0, 0, devices=jax.devices()[:1])
     state = steplib.create_train_state(config, jax.random.key(0), meshes, OPTIMIZER, total_steps=1000)
@@ -192,7 +235,12 @@ def time_ours(s: Size, mode: str, steps: int, warmup: int = 2) -> float:
                                                                  "server": state.server.params})
     link = linklib.InProcessLink(meshes, measure=False) if mode == "split" else None
     step = steplib.make_train_step(config, meshes, optimizers, mode=mode, link=link)
-    batch = make_batch(s)
+    return step, state, make_batch(s)
+
+
+def time_ours(s: Size, mode: str, steps: int, warmup: int = 2, dtype: Any = jnp.float32) -> list[float]:
+    """Seconds of each timed step of our jitted train step (every parameter trains), compile excluded."""
+    step, state, batch = build_ours(s, mode, dtype)
     for _ in range(warmup):
         state, _ = step(state, batch)
     times = []
@@ -203,7 +251,109 @@ def time_ours(s: Size, mode: str, steps: int, warmup: int = 2) -> float:
         times.append(time.perf_counter() - start)
     if not np.isfinite(metrics["loss"]):
         raise FloatingPointError(f"our {mode} step gave a non-finite loss {metrics['loss']}")
-    return statistics.median(times)
+    return times
+
+
+def xla_step_bytes(s: Size) -> dict[str, int]:
+    """XLA's own memory figure for our fused step program: argument + output + temp bytes (aliased excluded).
+
+    The fused program is the one jitted function of ``make_train_step(mode='fused')``; it is taken from
+    the step's closure after one call (the factory does not expose it), lowered on the same device batch
+    and compiled again, so nothing here changes the step.
+    """
+    from qtl_jax.split import step as steplib
+
+    step, state, batch = build_ours(s, "fused")
+    state, _ = step(state, batch)
+    programs = next((c.cell_contents for c in step.__closure__ or ()
+                     if isinstance(c.cell_contents, dict) and "fused" in c.cell_contents), None)
+    if programs is None:
+        raise LookupError("make_train_step(mode='fused') no longer keeps its program in a 'programs' dict; "
+                          "update bench.perf.xla_step_bytes to reach the jitted step")
+    from qtl_jax.split.mesh import split_meshes
+
+    meshes = split_meshes(0, 0, devices=jax.devices()[:1])
+    m = programs["fused"].lower(state, steplib._device_batch(batch, meshes.client)).compile().memory_analysis()
+    if m is None:
+        raise RuntimeError("this backend's compiled.memory_analysis() returned None")
+    out = dict(argument=m.argument_size_in_bytes, output=m.output_size_in_bytes, temp=m.temp_size_in_bytes,
+               alias=m.alias_size_in_bytes)
+    # Donated state aliases its outputs: count those bytes once.
+    out["total"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Quantizers and codec at the step's shapes
+
+
+def quantizer_time(s: Size, runs: int = 10) -> float:
+    """Median seconds of forward + backward of both quantizers at the step's shapes, jitted standalone.
+
+    The image quantizer sees [batch, image_tokens, D], the text quantizer [batch, text_len, D] (the step
+    quantizes every text position), in the paper's configuration (batch scaling, straight-through, cosine
+    distortion); the gradient is taken w.r.t. both projections and the input, as in the step.
+    """
+    from qtl_jax.quantizer import Quantizer, QuantizerConfig
+
+    cfg = QuantizerConfig(dim=s.llm_hidden, levels=s.levels, dist_weight=DIST_WEIGHT, clip_sigma=CLIP_SIGMA)
+    q = Quantizer(cfg)
+    shapes = {"image": (s.batch, s.image_tokens, s.llm_hidden), "text": (s.batch, s.text_len, s.llm_hidden)}
+    keys = dict(zip(shapes, jax.random.split(jax.random.key(0), 2)))
+    xs = {m: jax.random.normal(keys[m], shp) for m, shp in shapes.items()}
+    params = {m: q.init(jax.random.key(1), xs[m])["params"] for m in shapes}
+    cts = {m: jax.random.normal(jax.random.key(2), shp) for m, shp in shapes.items()}
+
+    def loss(p, x):
+        total = 0.0
+        for m in shapes:
+            out = q.apply({"params": p[m]}, x[m], train=True)
+            total = total + jnp.sum(out.y * cts[m]) + out.loss  # a fixed cotangent for the reconstruction
+        return total
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    jax.block_until_ready(grad(params, xs))
+    return _median_time(lambda: jax.block_until_ready(grad(params, xs)), runs)
+
+
+def step_codes(s: Size) -> dict[str, np.ndarray]:
+    """The integer codes one step sends (image and text), from the paper's quantizer at a fresh init."""
+    from qtl_jax.quantizer import Quantizer, QuantizerConfig
+
+    q = Quantizer(QuantizerConfig(dim=s.llm_hidden, levels=s.levels, dist_weight=DIST_WEIGHT, clip_sigma=CLIP_SIGMA))
+    out = {}
+    for i, (m, n) in enumerate((("image", s.image_tokens), ("text", s.text_len))):
+        x = jax.random.normal(jax.random.key(10 + i), (s.batch, n, s.llm_hidden))
+        variables = q.init(jax.random.key(1), x)
+        out[m] = np.asarray(q.apply(variables, x, method="encode").codes)
+    return out
+
+
+def codec_figures(s: Size, runs: int = 5) -> dict[str, float]:
+    """Host seconds to encode + decode one step's codes (packed and ANS), bits per index and entropy."""
+    from qtl_jax import codec
+
+    codes = step_codes(s)
+    n = sum(c.size for c in codes.values())
+    r: dict[str, float] = {}
+    for method in ("packed", "ans"):
+        messages = {m: codec.encode(c, s.levels, method) for m, c in codes.items()}
+        for m, c in codes.items():
+            if not np.array_equal(codec.decode(messages[m]), c):
+                raise RuntimeError(f"codec {method} did not round-trip the {m} codes")
+
+        def roundtrip(method=method):
+            for c in codes.values():
+                codec.decode(codec.encode(c, s.levels, method))
+
+        r[f"codec_{method}_s"] = _median_time(roundtrip, runs)
+        r[f"codec_{method}_bits_per_index"] = 8.0 * sum(len(b) for b in messages.values()) / n
+    r["codec_bits_per_index"] = r["codec_ans_bits_per_index"]
+    # Each modality is one message with its own histogram: the entropy target is per message, summed.
+    r["entropy_bits_per_index"] = sum(codec.empirical_entropy_bits(c, s.levels) for c in codes.values()) / n
+    r["codec_overhead_vs_entropy"] = r["codec_bits_per_index"] / r["entropy_bits_per_index"] - 1.0
+    r["codec_indices_per_step"] = float(n)
+    return r
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -291,38 +441,152 @@ def torch_reference(s: Size):
     return Reference()
 
 
-def time_torch(s: Size, steps: int, compile_: bool, warmup: int = 3) -> tuple[float, float]:
-    """(median step seconds, seconds spent in the warm-up steps: the compile for torch.compile)."""
+def build_torch(s: Size, compile_: bool = False, bf16: bool = False):
+    """A zero-argument reference train step (on ``torch_device()``) and the model it trains."""
     import torch
 
+    device = torch_device()
     torch.manual_seed(0)
-    model = torch_reference(s).train()
+    model = torch_reference(s).train().to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
     b = make_batch(s)
-    args = (torch.from_numpy(b["input_ids"]).long(), torch.from_numpy(b["attention_mask"]).long(),
-            torch.from_numpy(b["labels"]).long(), torch.from_numpy(b["pixel_values"].transpose(0, 3, 1, 2).copy()))
+    args = tuple(t.to(device) for t in (
+        torch.from_numpy(b["input_ids"]).long(), torch.from_numpy(b["attention_mask"]).long(),
+        torch.from_numpy(b["labels"]).long(), torch.from_numpy(b["pixel_values"].transpose(0, 3, 1, 2).copy())))
     forward = torch.compile(model) if compile_ else model
 
     def step():
         opt.zero_grad(set_to_none=True)
-        loss = forward(*args)
+        # bf16 compute with fp32 parameters and optimizer, as ours with dtype=bfloat16.
+        with torch.autocast(device, torch.bfloat16, enabled=bf16):
+            loss = forward(*args)
         loss.backward()
         opt.step()
         return loss
 
+    return step, model
+
+
+def time_torch(s: Size, steps: int, compile_: bool, warmup: int = 3, bf16: bool = False) -> tuple[list[float], float]:
+    """(seconds of each timed step, seconds spent in the warm-up steps: the compile for torch.compile)."""
+    import torch
+
+    step, _ = build_torch(s, compile_, bf16)
     start = time.perf_counter()
     for _ in range(warmup):
         step()
+    _sync_torch()
     warm = time.perf_counter() - start
     loss = None
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
         loss = step()
+        _sync_torch()  # CUDA launches are asynchronous: wait for the step before reading the clock
         times.append(time.perf_counter() - t0)
     if not torch.isfinite(loss):
         raise FloatingPointError(f"the torch reference gave a non-finite loss {float(loss)}")
-    return statistics.median(times), warm
+    return times, warm
+
+
+# ----------------------------------------------------------------------------------------------------
+# Peak memory, each framework in a fresh process
+
+
+def _rss_bytes() -> int:
+    """Current resident set size (Linux /proc; the high-water mark alone cannot give a baseline)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _maxrss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+
+
+class _RssSampler:
+    """Samples the current RSS every ``interval`` seconds in a thread; ``peak`` is the largest sample.
+
+    ``ru_maxrss`` alone cannot isolate the step: it also holds the imports' transient peak, which can
+    exceed everything after it. XLA and torch release the GIL while they compute, so the thread runs.
+    """
+
+    def __init__(self, interval: float = 5e-4):
+        import threading
+
+        self.interval, self.peak = interval, _rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss_bytes())
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_bytes())
+
+
+def memory_worker(framework: str, size: str, steps: int = 2) -> dict[str, Any]:
+    """Runs ``steps`` train steps (after one warm-up) of one framework in this process; its peak memory.
+
+    ``rss_growth_bytes``: peak RSS during the steps minus the RSS after imports + model build (ours: params
+    and AdamW state, which ``create_train_state`` makes; torch: params, AdamW state is made lazily in the
+    first step). The peak is ``ru_maxrss`` when the steps raised it, else the largest RSS sampled every
+    0.5 ms during the steps. It so counts activations, gradients, torch's optimizer state and, for ours, the XLA
+    compiler's working memory and executables. ``device_peak_bytes`` (GPU only): the device allocator's
+    peak over the whole process (parameters and optimizer state included).
+    """
+    s = SIZES[size]
+    if framework == "ours":
+        step, state, batch = build_ours(s, "split")
+        jax.block_until_ready(state)
+        base, base_max = _rss_bytes(), _maxrss_bytes()
+        with _RssSampler() as sampler:
+            for _ in range(1 + steps):
+                state, _ = step(state, batch)
+            jax.block_until_ready(state)
+        stats = jax.devices()[0].memory_stats() if on_gpu() else None
+        device_peak = stats.get("peak_bytes_in_use") if stats else None
+    elif framework == "torch":
+        import torch
+
+        step, _ = build_torch(s)
+        _sync_torch()
+        base, base_max = _rss_bytes(), _maxrss_bytes()
+        if torch.cuda.is_available() and torch_device() == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        with _RssSampler() as sampler:
+            for _ in range(1 + steps):
+                step()
+            _sync_torch()
+        device_peak = torch.cuda.max_memory_allocated() if torch_device() == "cuda" else None
+    else:
+        raise ValueError(f"unknown framework {framework!r}: use 'ours' or 'torch'")
+    end_max = _maxrss_bytes()
+    peak = end_max if end_max > base_max else sampler.peak
+    return dict(rss_growth_bytes=peak - base, peak_rss_bytes=peak, base_rss_bytes=base,
+                device_peak_bytes=device_peak)
+
+
+def measure_memory(framework: str, size: str, timeout_s: float = 900.0) -> dict[str, Any]:
+    """:func:`memory_worker` in a fresh ``python -m bench.perf --_worker`` process (peaks are per process)."""
+    cmd = [sys.executable, "-m", "bench.perf", f"--_worker={framework}", f"--sizes={size}"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    if framework == "torch":
+        env.update(QTL_BENCH_TORCH_DEVICE=torch_device(), JAX_PLATFORMS="cpu")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=root, env=env)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"memory worker for {framework} exited {proc.returncode}: {tail}")
+    return json.loads(lines[-1])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -379,37 +643,119 @@ def time_generation(s: Size, batches: tuple[int, ...], runs: int) -> dict[str, f
 # Driver
 
 
+def _guarded(r: dict[str, Any], name: str, fn: Callable[[], None], log: Callable[[str], None]) -> None:
+    """Runs one measurement; a failure is recorded as ``r[name + '_error']`` and the benchmark goes on."""
+    log(f"[{r['size']}] {name}")
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 -- recorded, the rest of the benchmark still runs
+        r[f"{name}_error"] = _error(e)
+        log(f"[{r['size']}] {name} FAILED: {r[f'{name}_error']}\n{traceback.format_exc(limit=4)}")
+
+
 def bench_size(name: str, s: Size, steps: int, torch_compile: bool, gen_runs: int, peak: float,
-               log: Callable[[str], None]) -> dict[str, Any]:
+               log: Callable[[str], None], gen: bool = True, memory: bool = True,
+               peak_bf16: float | None = None) -> dict[str, Any]:
     import torch
 
     r: dict[str, Any] = dict(size=name, config=dataclasses.asdict(s), image_tokens=s.image_tokens,
                              merged_len=s.merged_len, timed_steps=steps)
-    log(f"[{name}] ours split step")
-    r["ours_step_s"] = time_ours(s, "split", steps)
-    log(f"[{name}] ours fused step")
-    r["ours_fused_step_s"] = time_ours(s, "fused", steps)
-    log(f"[{name}] torch eager step")
-    r["torch_eager_step_s"], _ = time_torch(s, steps, compile_=False)
+    r.update(step_flops(s))
+
+    def put_times(prefix: str, times: list[float]) -> None:
+        sp = _spread(times)
+        r[f"{prefix}_step_s"], r[f"{prefix}_step_s_iqr"] = sp["median"], sp["iqr"]
+
+    def ours():
+        put_times("ours", time_ours(s, "split", steps))
+        r["ours_examples_per_s"] = s.batch / r["ours_step_s"]
+        r["ours_step_flops_per_s"] = r["train_step_flops"] / r["ours_step_s"]
+        r["fraction_of_matmul_peak"] = r["ours_step_flops_per_s"] / peak
+
+    def fused():
+        put_times("ours_fused", time_ours(s, "fused", steps))
+
+    def eager():
+        times, _ = time_torch(s, steps, compile_=False)
+        put_times("torch_eager", times)
+        r["torch_eager_examples_per_s"] = s.batch / r["torch_eager_step_s"]
+        r["torch_eager_fraction_of_matmul_peak"] = r["train_step_flops"] / r["torch_eager_step_s"] / peak
+
+    def compiled():
+        times, r["torch_compile_warmup_s"] = time_torch(s, steps, compile_=True)
+        put_times("torch_compile", times)
+
+    _guarded(r, "ours", ours, log)
+    _guarded(r, "ours_fused", fused, log)
+    _guarded(r, "torch_eager", eager, log)
     if torch_compile:
-        log(f"[{name}] torch.compile step")
-        try:
-            r["torch_compile_step_s"], r["torch_compile_warmup_s"] = time_torch(s, steps, compile_=True)
-        except Exception as e:  # noqa: BLE001 -- recorded, the rest of the benchmark still runs
-            r["torch_compile_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+        _guarded(r, "torch_compile", compiled, log)
     else:
         r["torch_compile_error"] = "skipped (--no-torch-compile)"
-    r["ratio_vs_torch_eager"] = r["ours_step_s"] / r["torch_eager_step_s"]
-    r["ratio_fused_vs_torch_eager"] = r["ours_fused_step_s"] / r["torch_eager_step_s"]
-    r["ours_examples_per_s"] = s.batch / r["ours_step_s"]
-    r["torch_eager_examples_per_s"] = s.batch / r["torch_eager_step_s"]
-    r.update(step_flops(s))
-    r["ours_step_flops_per_s"] = r["train_step_flops"] / r["ours_step_s"]
-    r["fraction_of_matmul_peak"] = r["ours_step_flops_per_s"] / peak
-    r["torch_eager_fraction_of_matmul_peak"] = r["train_step_flops"] / r["torch_eager_step_s"] / peak
-    log(f"[{name}] generation")
-    r.update(time_generation(s, (1, 8), gen_runs))
+    if "ours_step_s" in r and "torch_eager_step_s" in r:
+        r["ratio_vs_torch_eager"] = r["ours_step_s"] / r["torch_eager_step_s"]
+    if "ours_fused_step_s" in r and "torch_eager_step_s" in r:
+        r["ratio_fused_vs_torch_eager"] = r["ours_fused_step_s"] / r["torch_eager_step_s"]
+
+    if peak_bf16 is not None:  # GPU: bf16 compute (fp32 params and optimizer) in both frameworks, and MFU
+        def ours_bf16():
+            put_times("ours_bf16", time_ours(s, "split", steps, dtype=jnp.bfloat16))
+            r["mfu"] = r["train_step_flops"] / r["ours_bf16_step_s"] / peak_bf16
+
+        def torch_bf16():
+            put_times("torch_bf16", time_torch(s, steps, compile_=False, bf16=True)[0])
+            r["torch_bf16_mfu"] = r["train_step_flops"] / r["torch_bf16_step_s"] / peak_bf16
+
+        _guarded(r, "ours_bf16", ours_bf16, log)
+        _guarded(r, "torch_bf16", torch_bf16, log)
+        if "ours_bf16_step_s" in r and "torch_bf16_step_s" in r:
+            r["ratio_bf16_vs_torch"] = r["ours_bf16_step_s"] / r["torch_bf16_step_s"]
+
+    def quantizer():
+        r["quantizer_step_s"] = quantizer_time(s)
+        r["quantizer_share_of_step"] = r["quantizer_step_s"] / r["ours_step_s"]
+
+    def codec_():
+        r.update(codec_figures(s))
+        r["codec_share_of_step"] = r["codec_ans_s"] / r["ours_step_s"]
+        r["codec_packed_share_of_step"] = r["codec_packed_s"] / r["ours_step_s"]
+
+    if "ours_step_s" in r:
+        _guarded(r, "quantizer", quantizer, log)
+        _guarded(r, "codec", codec_, log)
+        if "quantizer_share_of_step" in r and "codec_share_of_step" in r:
+            r["quantizer_and_codec_share_of_step"] = r["quantizer_share_of_step"] + r["codec_share_of_step"]
+
+    if memory:
+        def mem(framework: str, key: str):
+            m = measure_memory(framework, name)
+            r[f"{key}_peak_rss_growth_bytes"] = float(m["rss_growth_bytes"])
+            r[f"{key}_peak_rss_bytes"] = float(m["peak_rss_bytes"])
+            if m["device_peak_bytes"] is not None:
+                r[f"{key}_device_peak_bytes"] = float(m["device_peak_bytes"])
+            # The headline figure: the device allocator's peak on GPU, the RSS growth on CPU.
+            r[f"{key}_peak_mem_bytes"] = float(m["device_peak_bytes"] if m["device_peak_bytes"] is not None
+                                               else m["rss_growth_bytes"])
+
+        def xla():
+            b = xla_step_bytes(s)
+            r["ours_xla_step_bytes"] = float(b["total"])
+            r.update({f"ours_xla_{k}_bytes": float(v) for k, v in b.items() if k != "total"})
+
+        r["peak_mem_kind"] = "device allocator peak" if on_gpu() else "RSS growth over imports + model build"
+        _guarded(r, "ours_mem", lambda: mem("ours", "ours"), log)
+        _guarded(r, "torch_eager_mem", lambda: mem("torch", "torch_eager"), log)
+        _guarded(r, "ours_xla_mem", xla, log)
+
+    if gen:
+        def generation():
+            r.update(time_generation(s, (1, 8), gen_runs))
+
+        _guarded(r, "gen", generation, log)
+    else:
+        r["gen_error"] = "skipped (--no-gen)"
     r["torch_threads"] = torch.get_num_threads()
+    r["torch_device"] = torch_device()
     return r
 
 
@@ -430,6 +776,21 @@ TABLE_ROWS = [
     ("gen_tokens_per_s_ours", "generation tokens/s, ours, batch 8"),
     ("gen_tokens_per_s_torch", "generation tokens/s, transformers, batch 8"),
     ("gen_token_agreement", "greedy tokens equal to transformers' (batch 8)"),
+    ("ours_step_s_iqr", "our split step, interquartile range (s)"),
+    ("torch_eager_step_s_iqr", "PyTorch eager step, interquartile range (s)"),
+    ("ours_peak_mem_bytes", "our peak memory (bytes; see peak_mem_kind)"),
+    ("torch_eager_peak_mem_bytes", "PyTorch eager peak memory (bytes)"),
+    ("ours_xla_step_bytes", "XLA's fused-step memory: args + outputs + temps - aliased (bytes)"),
+    ("quantizer_share_of_step", "both quantizers fwd+bwd / our split step"),
+    ("codec_share_of_step", "ANS encode+decode of the step's codes (host) / our split step"),
+    ("codec_packed_share_of_step", "packed encode+decode / our split step"),
+    ("codec_bits_per_index", "ANS bits per index (headers included)"),
+    ("entropy_bits_per_index", "empirical entropy, bits per index"),
+    ("codec_overhead_vs_entropy", "ANS bits / entropy - 1"),
+    ("ours_bf16_step_s", "our split step, bf16 compute (s, median)"),
+    ("torch_bf16_step_s", "PyTorch eager, bf16 autocast (s, median)"),
+    ("mfu", "our bf16 step, MFU (vs measured bf16 matmul peak)"),
+    ("torch_bf16_mfu", "PyTorch bf16 step, MFU"),
 ]
 
 
@@ -441,40 +802,82 @@ def _fmt(v: Any) -> str:
 
 def markdown(report: dict[str, Any]) -> str:
     sizes = report["sizes"]
-    lines = [f"Machine: {report['machine']}; matmul peak (fp32 {report['matmul_n']}^2, jnp): "
-             f"{report['matmul_peak_flops']:.3e} FLOP/s", "",
+    head = (f"Machine: {report['machine']}; matmul peak (fp32 {report['matmul_n']}^2, jnp): "
+            f"{report['matmul_peak_flops']:.3e} FLOP/s")
+    if "matmul_peak_bf16_flops" in report:
+        head += (f"; bf16 matmul peak ({report['matmul_bf16_n']}^2): {report['matmul_peak_bf16_flops']:.3e} FLOP/s. "
+                 "fp32 rows: TF32 allowed for fp32 matmuls in both frameworks")
+    lines = [head, "",
              "| metric | " + " | ".join(sizes) + " |", "|---|" + "---:|" * len(sizes)]
     for key, label in TABLE_ROWS:
         lines.append(f"| {label} | " + " | ".join(_fmt(sizes[n].get(key, "n/a")) for n in sizes) + " |")
     for n, r in sizes.items():
-        if "torch_compile_error" in r:
-            lines.append(f"\n{n}: torch.compile not measured: {r['torch_compile_error']}")
+        for key in sorted(k for k in r if k.endswith("_error")):
+            lines.append(f"\n{n}: {key[:-len('_error')]} not measured: {r[key]}")
     return "\n".join(lines) + "\n"
 
 
+def _size_set(value: str | None, sizes: list[str]) -> set[str]:
+    """``--flag`` alone means every size; ``--flag=mid,demo`` those sizes only."""
+    if value is None:
+        return set()
+    return set(sizes) if value == "all" else {v.strip() for v in value.split(",") if v.strip()}
+
+
 def run(sizes: list[str], out: str, steps: int = 10, torch_compile: bool = True, gen_runs: int = 3,
-        matmul_n: int = 2048, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Runs the benchmark for ``sizes`` (keys of :data:`SIZES`), writes ``out/perf.{json,md}``, returns the JSON."""
+        matmul_n: int = 2048, log: Callable[[str], None] = print, steps_per_size: dict[str, int] | None = None,
+        no_torch_compile: set[str] = frozenset(), no_gen: set[str] = frozenset(), no_mem: set[str] = frozenset(),
+        matmul_bf16_n: int = 8192) -> dict[str, Any]:
+    """Runs the benchmark for ``sizes`` (keys of :data:`SIZES`), writes ``out/perf.{json,md}``, returns the JSON.
+
+    ``steps_per_size`` overrides ``steps`` for some sizes; ``no_*`` name sizes that skip torch.compile,
+    generation or the memory workers. The JSON is written even when a measurement failed (its
+    ``*_error`` key says why) or the run is interrupted part way (the sizes finished so far).
+    """
     unknown = [n for n in sizes if n not in SIZES]
     if unknown:
         raise ValueError(f"unknown size(s) {unknown}: choose from {sorted(SIZES)}")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    steps_per_size = steps_per_size or {}
+    if min([steps, *steps_per_size.values()]) < 1:
+        raise ValueError(f"steps must be >= 1, got {steps} (per size: {steps_per_size})")
     import torch
 
+    gpu = on_gpu()
+    if gpu:
+        # fp32 matmuls may use TF32 in both frameworks (JAX's default precision on GPU already does).
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     log(f"matmul peak ({matmul_n}^2 fp32)")
     peak = matmul_peak(matmul_n)
     report: dict[str, Any] = dict(
-        machine=f"{platform.machine()}, {os.cpu_count()} CPUs, jax {jax.__version__} on {jax.devices()[0].platform}, "
-                f"torch {torch.__version__} ({torch.get_num_threads()} threads)",
+        machine=f"{platform.machine()}, {os.cpu_count()} CPUs, jax {jax.__version__} on {jax.devices()[0].platform}"
+                f" ({jax.devices()[0].device_kind}), torch {torch.__version__} ({torch.get_num_threads()} threads,"
+                f" {torch_device()})",
         matmul_n=matmul_n, matmul_peak_flops=peak, sizes={})
-    for name in sizes:
-        report["sizes"][name] = bench_size(name, SIZES[name], steps, torch_compile, gen_runs, peak, log)
+    peak_bf16 = None
+    if gpu:
+        log(f"matmul peak ({matmul_bf16_n}^2 bf16)")
+        try:
+            peak_bf16 = matmul_peak(matmul_bf16_n, runs=10, dtype=jnp.bfloat16)
+            report.update(matmul_bf16_n=matmul_bf16_n, matmul_peak_bf16_flops=peak_bf16)
+        except Exception as e:  # noqa: BLE001 -- recorded; the fp32 figures still run
+            report["matmul_peak_bf16_error"] = _error(e)
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "perf.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    with open(os.path.join(out, "perf.md"), "w") as f:
-        f.write(markdown(report))
+
+    def write() -> None:
+        with open(os.path.join(out, "perf.json"), "w") as f:
+            json.dump(report, f, indent=2)
+        with open(os.path.join(out, "perf.md"), "w") as f:
+            f.write(markdown(report))
+
+    try:
+        for name in sizes:
+            report["sizes"][name] = bench_size(
+                name, SIZES[name], steps_per_size.get(name, steps), torch_compile and name not in no_torch_compile,
+                gen_runs, peak, log, gen=name not in no_gen, memory=name not in no_mem, peak_bf16=peak_bf16)
+            write()  # after every size, so a later failure or a kill keeps what was measured
+    finally:
+        write()
     return report
 
 
@@ -483,12 +886,25 @@ def main() -> None:
     parser.add_argument("--sizes", default="demo", help=f"comma-separated, from {sorted(SIZES)}")
     parser.add_argument("--out", default="bench_out", help="directory for perf.json and perf.md")
     parser.add_argument("--steps", type=int, default=10, help="timed train steps (after 2 warm-up steps for ours, 3 for torch)")
+    parser.add_argument("--steps-mid", type=int, default=3, help="timed train steps for the mid size (slow on CPU)")
     parser.add_argument("--gen-runs", type=int, default=5, help="timed generation calls per batch size")
     parser.add_argument("--matmul-n", type=int, default=2048)
-    parser.add_argument("--no-torch-compile", action="store_true", help="skip torch.compile (its compile is slow)")
+    parser.add_argument("--matmul-bf16-n", type=int, default=8192, help="GPU only: the bf16 peak for MFU")
+    parser.add_argument("--no-torch-compile", nargs="?", const="all", default=None,
+                        help="skip torch.compile (its compile is slow): every size, or '=mid,demo'")
+    parser.add_argument("--no-gen", nargs="?", const="all", default=None, help="skip generation: every size, or '=mid'")
+    parser.add_argument("--no-mem", nargs="?", const="all", default=None,
+                        help="skip the peak-memory subprocesses: every size, or '=mid'")
+    parser.add_argument("--_worker", choices=("ours", "torch"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    report = run([n.strip() for n in args.sizes.split(",") if n.strip()], args.out, args.steps,
-                 not args.no_torch_compile, args.gen_runs, args.matmul_n)
+    sizes = [n.strip() for n in args.sizes.split(",") if n.strip()]
+    if args._worker:  # internal: one framework's peak memory in a fresh process (see measure_memory)
+        print(json.dumps(memory_worker(args._worker, sizes[0])), flush=True)
+        return
+    report = run(sizes, args.out, args.steps, True, args.gen_runs, args.matmul_n,
+                 steps_per_size={"mid": args.steps_mid}, no_torch_compile=_size_set(args.no_torch_compile, sizes),
+                 no_gen=_size_set(args.no_gen, sizes), no_mem=_size_set(args.no_mem, sizes),
+                 matmul_bf16_n=args.matmul_bf16_n)
     print(markdown(report))
 
 
