@@ -11,8 +11,8 @@ parity test against ``transformers`` holds unchanged.
 
 Shapes: ``q [B,T,H,d]``, ``k``/``v`` ``[B,S,K,d]`` with ``H`` a multiple of ``K`` (grouped-query: query
 head ``h`` reads key/value head ``h // (H/K)``, the order of HF's ``repeat_kv``), ``allowed [B,T,S]`` bool
-or ``None`` (every key visible). Rows with no allowed key get a uniform distribution instead of NaN;
-their outputs are meaningless (padding queries) and their gradients are zero.
+or ``None`` (every key visible). Rows with no allowed key (padding queries) output zeros instead of NaN
+and get zero gradients; their outputs are meaningless and must be ignored by the caller.
 """
 
 from __future__ import annotations
@@ -27,22 +27,27 @@ Array = jax.Array
 _MASKED = float(jnp.finfo(jnp.float32).min)
 
 
-def _masked(s: Array, allowed: Array | None, fill: float) -> Array:
-    # s is [B,K,G*T,S]; viewing it as [B,K,G,T,S] is free in row-major and lets allowed [B,T,S] broadcast.
+def _where_allowed(allowed: Array | None, x: Array, fill: float) -> Array:
+    # x is [B,K,G*T,S]; viewing it as [B,K,G,T,S] is free in row-major and lets allowed [B,T,S] broadcast.
     if allowed is None:
-        return s
-    b, kv, rows, cols = s.shape
+        return x
+    b, kv, rows, cols = x.shape
     t = allowed.shape[1]
-    s = jnp.where(allowed[:, None, None], s.reshape(b, kv, rows // t, t, cols), fill)
-    return s.reshape(b, kv, rows, cols)
+    return jnp.where(allowed[:, None, None], x.reshape(b, kv, rows // t, t, cols), fill).reshape(x.shape)
 
 
-def _forward(q: Array, k: Array, v: Array, allowed: Array | None, scale: float) -> tuple[Array, Array]:
-    s = _masked(jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32) * scale, allowed, _MASKED)
-    e = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
-    probs = e / jnp.sum(e, axis=-1, keepdims=True)
-    out = jnp.einsum("bkqs,bksd->bkqd", probs.astype(v.dtype), v)
-    return out, probs
+def _forward(q: Array, k: Array, v: Array, allowed: Array | None, scale: float) -> tuple[Array, tuple]:
+    # The mask is applied inside the max and the exp rather than to the scores, and the rows are
+    # normalised on the [.., rows, d] output rather than on the [.., rows, S] probabilities: two fewer
+    # passes over the score tensor, which is what attention costs on CPU at small head dims.
+    s = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32) * scale
+    m = jax.lax.stop_gradient(jnp.max(_where_allowed(allowed, s, _MASKED), axis=-1, keepdims=True))
+    e = _where_allowed(allowed, jnp.exp(s - m), 0.0)
+    total = jnp.sum(e, axis=-1, keepdims=True)
+    # Rows with no allowed key (padding queries) have total 0: their output is 0 and their gradient too.
+    inv = jnp.where(total > 0, 1.0 / jnp.where(total > 0, total, 1.0), 0.0)
+    out = jnp.einsum("bkqs,bksd->bkqd", e.astype(v.dtype), v, preferred_element_type=jnp.float32) * inv
+    return out.astype(v.dtype), (e, inv)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -51,18 +56,19 @@ def _attention(q: Array, k: Array, v: Array, allowed: Array | None, scale: float
 
 
 def _attention_fwd(q, k, v, allowed, scale):
-    out, probs = _forward(q, k, v, allowed, scale)
-    return out, (q, k, v, allowed, probs, out)
+    out, (e, inv) = _forward(q, k, v, allowed, scale)
+    return out, (q, k, v, allowed, e, inv, out)
 
 
 def _attention_bwd(scale, residuals, d_out):
-    q, k, v, allowed, probs, out = residuals
-    dv = jnp.einsum("bkqs,bkqd->bksd", probs.astype(v.dtype), d_out.astype(v.dtype))
+    # With P = E / l: dV = P^T dO = E^T (dO / l), and dS = P * (dP - rowsum(dO * O)); E is 0 wherever
+    # a key is masked (whole padding rows included), so no mask is needed here.
+    q, k, v, allowed, e, inv, out = residuals
+    d_out32 = d_out.astype(jnp.float32)
+    dv = jnp.einsum("bkqs,bkqd->bksd", e.astype(v.dtype), (d_out32 * inv).astype(v.dtype))
     dp = jnp.einsum("bkqd,bksd->bkqs", d_out, v, preferred_element_type=jnp.float32)
-    # rowsum(dO * O) == rowsum(P * dP): the softmax Jacobian's correction term, from [.., rows, d] tensors.
-    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
-    # Masked entries already have probability 0, except in rows with no allowed key at all.
-    ds = _masked(probs * (dp - delta) * scale, allowed, 0.0)
+    delta = jnp.sum(d_out32 * out.astype(jnp.float32), axis=-1, keepdims=True)
+    ds = e * (dp - delta) * (inv * scale)
     dq = jnp.einsum("bkqs,bksd->bkqd", ds.astype(q.dtype), k)
     dk = jnp.einsum("bkqs,bkqd->bksd", ds.astype(k.dtype), q)
     d_allowed = None if allowed is None else jnp.zeros(allowed.shape, jax.dtypes.float0)
