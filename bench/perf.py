@@ -655,7 +655,7 @@ def _guarded(r: dict[str, Any], name: str, fn: Callable[[], None], log: Callable
 
 def bench_size(name: str, s: Size, steps: int, torch_compile: bool, gen_runs: int, peak: float,
                log: Callable[[str], None], gen: bool = True, memory: bool = True,
-               peak_bf16: float | None = None) -> dict[str, Any]:
+               peak_bf16: float | None = None, mem_workers: bool = True) -> dict[str, Any]:
     import torch
 
     r: dict[str, Any] = dict(size=name, config=dataclasses.asdict(s), image_tokens=s.image_tokens,
@@ -743,8 +743,11 @@ def bench_size(name: str, s: Size, steps: int, torch_compile: bool, gen_runs: in
             r.update({f"ours_xla_{k}_bytes": float(v) for k, v in b.items() if k != "total"})
 
         r["peak_mem_kind"] = "device allocator peak" if on_gpu() else "RSS growth over imports + model build"
-        _guarded(r, "ours_mem", lambda: mem("ours", "ours"), log)
-        _guarded(r, "torch_eager_mem", lambda: mem("torch", "torch_eager"), log)
+        if mem_workers:
+            _guarded(r, "ours_mem", lambda: mem("ours", "ours"), log)
+            _guarded(r, "torch_eager_mem", lambda: mem("torch", "torch_eager"), log)
+        else:
+            r["ours_mem_error"] = r["torch_eager_mem_error"] = "skipped (--no-mem-workers)"
         _guarded(r, "ours_xla_mem", xla, log)
 
     if gen:
@@ -827,7 +830,7 @@ def _size_set(value: str | None, sizes: list[str]) -> set[str]:
 def run(sizes: list[str], out: str, steps: int = 10, torch_compile: bool = True, gen_runs: int = 3,
         matmul_n: int = 2048, log: Callable[[str], None] = print, steps_per_size: dict[str, int] | None = None,
         no_torch_compile: set[str] = frozenset(), no_gen: set[str] = frozenset(), no_mem: set[str] = frozenset(),
-        matmul_bf16_n: int = 8192) -> dict[str, Any]:
+        matmul_bf16_n: int = 8192, mem_workers: bool = True) -> dict[str, Any]:
     """Runs the benchmark for ``sizes`` (keys of :data:`SIZES`), writes ``out/perf.{json,md}``, returns the JSON.
 
     ``steps_per_size`` overrides ``steps`` for some sizes; ``no_*`` name sizes that skip torch.compile,
@@ -874,7 +877,8 @@ def run(sizes: list[str], out: str, steps: int = 10, torch_compile: bool = True,
         for name in sizes:
             report["sizes"][name] = bench_size(
                 name, SIZES[name], steps_per_size.get(name, steps), torch_compile and name not in no_torch_compile,
-                gen_runs, peak, log, gen=name not in no_gen, memory=name not in no_mem, peak_bf16=peak_bf16)
+                gen_runs, peak, log, gen=name not in no_gen, memory=name not in no_mem, peak_bf16=peak_bf16,
+                mem_workers=mem_workers)
             write()  # after every size, so a later failure or a kill keeps what was measured
     finally:
         write()
@@ -895,6 +899,8 @@ def main() -> None:
     parser.add_argument("--no-gen", nargs="?", const="all", default=None, help="skip generation: every size, or '=mid'")
     parser.add_argument("--no-mem", nargs="?", const="all", default=None,
                         help="skip the peak-memory subprocesses: every size, or '=mid'")
+    parser.add_argument("--no-mem-workers", action="store_true",
+                        help="keep XLA's memory figure but skip the two peak-memory subprocesses")
     parser.add_argument("--_worker", choices=("ours", "torch"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     sizes = [n.strip() for n in args.sizes.split(",") if n.strip()]
@@ -904,7 +910,7 @@ def main() -> None:
     report = run(sizes, args.out, args.steps, True, args.gen_runs, args.matmul_n,
                  steps_per_size={"mid": args.steps_mid}, no_torch_compile=_size_set(args.no_torch_compile, sizes),
                  no_gen=_size_set(args.no_gen, sizes), no_mem=_size_set(args.no_mem, sizes),
-                 matmul_bf16_n=args.matmul_bf16_n)
+                 matmul_bf16_n=args.matmul_bf16_n, mem_workers=not args.no_mem_workers)
     print(markdown(report))
 
 
