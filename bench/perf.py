@@ -486,6 +486,9 @@ def time_torch(s: Size, steps: int, compile_: bool, warmup: int = 3, bf16: bool 
         times.append(time.perf_counter() - t0)
     if not torch.isfinite(loss):
         raise FloatingPointError(f"the torch reference gave a non-finite loss {float(loss)}")
+    del step
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # hand the cached blocks back: JAX shares the card in this process
     return times, warm
 
 
@@ -579,6 +582,8 @@ def measure_memory(framework: str, size: str, timeout_s: float = 900.0) -> dict[
     cmd = [sys.executable, "-m", "bench.perf", f"--_worker={framework}", f"--sizes={size}"]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    # The parent holds its own buffers on the same GPU: the worker must not reserve most of the card.
+    env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     if framework == "torch":
         env.update(QTL_BENCH_TORCH_DEVICE=torch_device(), JAX_PLATFORMS="cpu")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=root, env=env)
@@ -643,23 +648,36 @@ def time_generation(s: Size, batches: tuple[int, ...], runs: int) -> dict[str, f
 # Driver
 
 
-def _guarded(r: dict[str, Any], name: str, fn: Callable[[], None], log: Callable[[str], None]) -> None:
-    """Runs one measurement; a failure is recorded as ``r[name + '_error']`` and the benchmark goes on."""
+def _guarded_base(r: dict[str, Any], name: str, fn: Callable[[], None], log: Callable[[str], None],
+             checkpoint: Callable[[], None] = lambda: None) -> None:
+    """Runs one measurement; a failure is recorded as ``r[name + '_error']`` and the benchmark goes on.
+
+    ``checkpoint`` (writing the JSON) runs after each one, so a run killed part way keeps what it measured.
+    """
     log(f"[{r['size']}] {name}")
+    start = time.perf_counter()
     try:
         fn()
     except Exception as e:  # noqa: BLE001 -- recorded, the rest of the benchmark still runs
         r[f"{name}_error"] = _error(e)
         log(f"[{r['size']}] {name} FAILED: {r[f'{name}_error']}\n{traceback.format_exc(limit=4)}")
+    r.setdefault("wall_s", {})[name] = round(time.perf_counter() - start, 2)
+    checkpoint()
 
 
 def bench_size(name: str, s: Size, steps: int, torch_compile: bool, gen_runs: int, peak: float,
                log: Callable[[str], None], gen: bool = True, memory: bool = True,
-               peak_bf16: float | None = None, mem_workers: bool = True) -> dict[str, Any]:
+               peak_bf16: float | None = None, mem_workers: bool = True, r: dict[str, Any] | None = None,
+               checkpoint: Callable[[], None] = lambda: None) -> dict[str, Any]:
+    """Every measurement of one size into ``r`` (a new dict if None), which is returned."""
+    import functools
+
     import torch
 
-    r: dict[str, Any] = dict(size=name, config=dataclasses.asdict(s), image_tokens=s.image_tokens,
-                             merged_len=s.merged_len, timed_steps=steps)
+    r = {} if r is None else r
+    r.update(size=name, config=dataclasses.asdict(s), image_tokens=s.image_tokens, merged_len=s.merged_len,
+             timed_steps=steps)
+    _guarded = functools.partial(_guarded_base, checkpoint=checkpoint)
     r.update(step_flops(s))
 
     def put_times(prefix: str, times: list[float]) -> None:
@@ -875,11 +893,10 @@ def run(sizes: list[str], out: str, steps: int = 10, torch_compile: bool = True,
 
     try:
         for name in sizes:
-            report["sizes"][name] = bench_size(
-                name, SIZES[name], steps_per_size.get(name, steps), torch_compile and name not in no_torch_compile,
-                gen_runs, peak, log, gen=name not in no_gen, memory=name not in no_mem, peak_bf16=peak_bf16,
-                mem_workers=mem_workers)
-            write()  # after every size, so a later failure or a kill keeps what was measured
+            report["sizes"][name] = {}
+            bench_size(name, SIZES[name], steps_per_size.get(name, steps), torch_compile and name not in no_torch_compile,
+                       gen_runs, peak, log, gen=name not in no_gen, memory=name not in no_mem, peak_bf16=peak_bf16,
+                       mem_workers=mem_workers, r=report["sizes"][name], checkpoint=write)
     finally:
         write()
     return report
@@ -903,6 +920,13 @@ def main() -> None:
                         help="keep XLA's memory figure but skip the two peak-memory subprocesses")
     parser.add_argument("--_worker", choices=("ours", "torch"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    # `timeout` sends SIGTERM: turn it into an exception so run()'s finally still writes the JSON.
+    import signal
+
+    def _terminate(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, _terminate)
     sizes = [n.strip() for n in args.sizes.split(",") if n.strip()]
     if args._worker:  # internal: one framework's peak memory in a fresh process (see measure_memory)
         print(json.dumps(memory_worker(args._worker, sizes[0])), flush=True)

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# bench.perf on the GPU machine, in one call (see docs/performance.md, "On a GPU").
+#
+# From the repository root, on the device machine, with `.whl` carried (it holds the wheels of the
+# packages bench.perf imports that the GPU image lacks: constriction, zstandard):
+#     bash bench/device_run.sh
+# WHEELS, BENCH_ARGS and BENCH_TIMEOUT_S override the defaults below.
+# Writes $OUT/perf/perf.{json,md}, $OUT/perf.log (everything printed) and $OUT/env.txt.
+# Budget: ~5 minutes on an H100/H200 including every compile. The benchmark is killed (SIGTERM, which
+# bench.perf turns into writing its JSON) at BENCH_TIMEOUT_S seconds, so the call ends well inside the
+# 10-minute limit with whatever was measured.
+set -u -o pipefail
+OUT=${OUT:-/tmp/bench_out}
+mkdir -p "$OUT/perf"
+export PYTHONUNBUFFERED=1
+# JAX and torch share the card in one process, and the memory workers run beside it: no preallocation
+# (peak_bytes_in_use still reports what was really used).
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
+export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+
+WHEELS=${WHEELS:-.whl}
+if compgen -G "$WHEELS/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl \
+    || { echo "wheel install failed" | tee "$OUT/env.txt"; exit 1; }
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
+  python3 - <<'PY'
+import importlib
+for name in ("jax", "jaxlib", "flax", "optax", "torch", "transformers", "numpy", "constriction"):
+    try:
+        print(name, importlib.import_module(name).__version__)
+    except Exception as e:  # a missing package is reported here, and bench.perf's own error says where
+        print(name, "MISSING:", type(e).__name__, e)
+import jax
+print("jax backend", jax.default_backend(), jax.devices())
+PY
+} 2>&1 | tee "$OUT/env.txt"
+
+# demo: 20 timed steps, torch.compile included (its compile is the slowest part here, ~1 min).
+# mid: 10 timed steps, no torch.compile and no generation (each would cost minutes of compile).
+# BENCH_ARGS replaces these (a dry run on a CPU: BENCH_ARGS="--sizes=micro --steps=2 --no-torch-compile").
+BENCH_ARGS=${BENCH_ARGS:---sizes=demo,mid --steps=20 --steps-mid=10 --gen-runs=5 --no-torch-compile=mid --no-gen=mid}
+# shellcheck disable=SC2086  # BENCH_ARGS is a list of options
+timeout --signal=TERM "${BENCH_TIMEOUT_S:-500}" python3 -m bench.perf --out="$OUT/perf" $BENCH_ARGS 2>&1 \
+  | tee "$OUT/perf.log"
+rc=$?
+echo "bench.perf exit status: $rc" | tee -a "$OUT/perf.log"
+ls -la "$OUT/perf" | tee -a "$OUT/perf.log"
+exit $rc
