@@ -43,9 +43,9 @@ PY
 # demo: 20 timed steps, torch.compile included (its compile is the slowest part here, ~1 min).
 # mid: 10 timed steps, no torch.compile and no generation (each would cost minutes of compile).
 # BENCH_ARGS replaces these (a dry run on a CPU: BENCH_ARGS="--sizes=micro --steps=2 --no-torch-compile").
-BENCH_ARGS=${BENCH_ARGS:---sizes=demo,mid --steps=20 --steps-mid=10 --gen-runs=5 --no-torch-compile=mid --no-gen=mid}
+BENCH_ARGS=${BENCH_ARGS:---sizes=demo,mid --matmul-n=8192 --steps=20 --steps-mid=10 --gen-runs=5 --no-torch-compile=mid --no-gen=mid}
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of options
-timeout --signal=TERM "${BENCH_TIMEOUT_S:-500}" python3 -m bench.perf --out="$OUT/perf" $BENCH_ARGS 2>&1 \
+timeout --signal=TERM "${BENCH_TIMEOUT_S:-540}" python3 -m bench.perf --out="$OUT/perf" $BENCH_ARGS 2>&1 \
   | tee "$OUT/perf.log"
 rc=$?
 echo "bench.perf exit status: $rc" | tee -a "$OUT/perf.log"

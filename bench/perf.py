@@ -894,8 +894,8 @@ def run(sizes: list[str], out: str, steps: int = 10, torch_compile: bool = True,
     try:
         for name in sizes:
             report["sizes"][name] = {}
-            bench_size(name, SIZES[name], steps_per_size.get(name, steps), torch_compile and name not in no_torch_compile,
-                       gen_runs, peak, log, gen=name not in no_gen, memory=name not in no_mem, peak_bf16=peak_bf16,
+            bench_size(name, SIZES[name], steps_per_size.get(name, steps),
+                       torch_compile and name not in no_torch_compile, gen_runs, peak, log, gen=name not in no_gen, memory=name not in no_mem, peak_bf16=peak_bf16,
                        mem_workers=mem_workers, r=report["sizes"][name], checkpoint=write)
     finally:
         write()
@@ -926,16 +926,19 @@ def main() -> None:
     def _terminate(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
 
-    signal.signal(signal.SIGTERM, _terminate)
-    sizes = [n.strip() for n in args.sizes.split(",") if n.strip()]
-    if args._worker:  # internal: one framework's peak memory in a fresh process (see measure_memory)
-        print(json.dumps(memory_worker(args._worker, sizes[0])), flush=True)
-        return
-    report = run(sizes, args.out, args.steps, True, args.gen_runs, args.matmul_n,
-                 steps_per_size={"mid": args.steps_mid}, no_torch_compile=_size_set(args.no_torch_compile, sizes),
-                 no_gen=_size_set(args.no_gen, sizes), no_mem=_size_set(args.no_mem, sizes),
-                 matmul_bf16_n=args.matmul_bf16_n, mem_workers=not args.no_mem_workers)
-    print(markdown(report))
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        sizes = [n.strip() for n in args.sizes.split(",") if n.strip()]
+        if args._worker:  # internal: one framework's peak memory in a fresh process (see measure_memory)
+            print(json.dumps(memory_worker(args._worker, sizes[0])), flush=True)
+            return
+        report = run(sizes, args.out, args.steps, True, args.gen_runs, args.matmul_n,
+                     steps_per_size={"mid": args.steps_mid}, no_torch_compile=_size_set(args.no_torch_compile, sizes),
+                     no_gen=_size_set(args.no_gen, sizes), no_mem=_size_set(args.no_mem, sizes),
+                     matmul_bf16_n=args.matmul_bf16_n, mem_workers=not args.no_mem_workers)
+        print(markdown(report))
+    finally:
+        signal.signal(signal.SIGTERM, previous)  # main() may be called in-process (the test)
 
 
 if __name__ == "__main__":
