@@ -895,8 +895,9 @@ def run(sizes: list[str], out: str, steps: int = 10, torch_compile: bool = True,
         for name in sizes:
             report["sizes"][name] = {}
             bench_size(name, SIZES[name], steps_per_size.get(name, steps),
-                       torch_compile and name not in no_torch_compile, gen_runs, peak, log, gen=name not in no_gen, memory=name not in no_mem, peak_bf16=peak_bf16,
-                       mem_workers=mem_workers, r=report["sizes"][name], checkpoint=write)
+                       torch_compile and name not in no_torch_compile, gen_runs, peak, log,
+                       gen=name not in no_gen, memory=name not in no_mem, peak_bf16=peak_bf16, mem_workers=mem_workers,
+                       r=report["sizes"][name], checkpoint=write)
     finally:
         write()
     return report
@@ -906,7 +907,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="demo", help=f"comma-separated, from {sorted(SIZES)}")
     parser.add_argument("--out", default="bench_out", help="directory for perf.json and perf.md")
-    parser.add_argument("--steps", type=int, default=10, help="timed train steps (after 2 warm-up steps for ours, 3 for torch)")
+    parser.add_argument("--steps", type=int, default=10,
+                        help="timed train steps (after 2 warm-up steps for ours, 3 for torch)")
     parser.add_argument("--steps-mid", type=int, default=3, help="timed train steps for the mid size (slow on CPU)")
     parser.add_argument("--gen-runs", type=int, default=5, help="timed generation calls per batch size")
     parser.add_argument("--matmul-n", type=int, default=2048)
