@@ -30,9 +30,11 @@ fi
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
   python3 - <<'PY'
 import importlib
-for name in ("jax", "jaxlib", "flax", "optax", "torch", "transformers", "numpy", "constriction"):
+import importlib.metadata
+for name in ("jax", "jaxlib", "flax", "optax", "torch", "transformers", "numpy", "constriction", "zstandard"):
     try:
-        print(name, importlib.import_module(name).__version__)
+        importlib.import_module(name)
+        print(name, importlib.metadata.version(name))
     except Exception as e:  # a missing package is reported here, and bench.perf's own error says where
         print(name, "MISSING:", type(e).__name__, e)
 import jax

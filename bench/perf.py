@@ -672,8 +672,6 @@ def bench_size(name: str, s: Size, steps: int, torch_compile: bool, gen_runs: in
     """Every measurement of one size into ``r`` (a new dict if None), which is returned."""
     import functools
 
-    import torch
-
     r = {} if r is None else r
     r.update(size=name, config=dataclasses.asdict(s), image_tokens=s.image_tokens, merged_len=s.merged_len,
              timed_steps=steps)
@@ -775,8 +773,12 @@ def bench_size(name: str, s: Size, steps: int, torch_compile: bool, gen_runs: in
         _guarded(r, "gen", generation, log)
     else:
         r["gen_error"] = "skipped (--no-gen)"
-    r["torch_threads"] = torch.get_num_threads()
-    r["torch_device"] = torch_device()
+    try:
+        import torch
+
+        r["torch_threads"], r["torch_device"] = torch.get_num_threads(), torch_device()
+    except ImportError:
+        pass  # the torch measurements above already recorded the failure
     return r
 
 
@@ -861,19 +863,22 @@ def run(sizes: list[str], out: str, steps: int = 10, torch_compile: bool = True,
     steps_per_size = steps_per_size or {}
     if min([steps, *steps_per_size.values()]) < 1:
         raise ValueError(f"steps must be >= 1, got {steps} (per size: {steps_per_size})")
-    import torch
-
     gpu = on_gpu()
-    if gpu:
-        # fp32 matmuls may use TF32 in both frameworks (JAX's default precision on GPU already does).
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    try:
+        import torch
+
+        if gpu:
+            # fp32 matmuls may use TF32 in both frameworks (JAX's default precision on GPU already does).
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        torch_text = f"torch {torch.__version__} ({torch.get_num_threads()} threads, {torch_device()})"
+    except ImportError as e:  # ours is still measured; every torch figure records its own error
+        torch_text = f"torch not importable ({_error(e)})"
     log(f"matmul peak ({matmul_n}^2 fp32)")
     peak = matmul_peak(matmul_n)
     report: dict[str, Any] = dict(
         machine=f"{platform.machine()}, {os.cpu_count()} CPUs, jax {jax.__version__} on {jax.devices()[0].platform}"
-                f" ({jax.devices()[0].device_kind}), torch {torch.__version__} ({torch.get_num_threads()} threads,"
-                f" {torch_device()})",
+                f" ({jax.devices()[0].device_kind}), {torch_text}",
         matmul_n=matmul_n, matmul_peak_flops=peak, sizes={})
     peak_bf16 = None
     if gpu:
