@@ -252,6 +252,42 @@ def _unpack_bits(bits: np.ndarray, rows: int, width: int, limbs: int) -> np.ndar
     return words.astype(np.uint64)
 
 
+# Field widths that tile bytes exactly: packed with shifts on whole bytes instead of one byte per bit
+# (8x less memory traffic); the bit layout is the same LSB-first stream as the general path.
+_BYTE_ALIGNED = (1, 2, 4, 8, 16)
+
+
+def _pack_aligned(flat: np.ndarray, width: int) -> np.ndarray:
+    if width == 8:
+        return flat.astype(np.uint8)
+    if width == 16:
+        return flat.astype("<u2").view(np.uint8)
+    per = 8 // width
+    padded = np.zeros(-(-flat.size // per) * per, np.uint8)
+    padded[: flat.size] = flat
+    fields = padded.reshape(-1, per)
+    out = fields[:, 0].copy()
+    for j in range(1, per):
+        out |= fields[:, j] << np.uint8(width * j)
+    return out
+
+
+def _unpack_aligned(data: np.ndarray, n: int, width: int, dtype: type) -> np.ndarray:
+    if width == 8:
+        return data.astype(dtype)
+    if width == 16:
+        return data.view("<u2").astype(dtype)
+    per = 8 // width
+    mask = np.uint8((1 << width) - 1)
+    fields = np.empty((data.size, per), np.uint8)
+    for j in range(per):
+        fields[:, j] = (data >> np.uint8(width * j)) & mask
+    flat = fields.reshape(-1)
+    if flat[n:].any():
+        raise ValueError("nonzero padding bits after the packed payload: corrupt message.")
+    return flat[:n].astype(dtype)
+
+
 def _word_bits(levels: int, group: int) -> int:
     return (levels**group - 1).bit_length()
 
@@ -278,6 +314,8 @@ def _encode_packed(flat: np.ndarray, levels: int) -> bytes:
     group = _radix_group(levels)
     if group == 1:
         width = _word_bits(levels, 1)
+        if width in _BYTE_ALIGNED:
+            return bytes([1]) + _pack_aligned(flat, width).tobytes()
         dtype = np.uint8 if width <= 8 else np.uint16
         bits = _pack_bits(flat.astype(dtype), width)
         return bytes([1]) + np.packbits(bits, bitorder="little").tobytes()
@@ -313,6 +351,11 @@ def _decode_packed(body: bytes, n: int, levels: int, dtype: type) -> np.ndarray:
     expected = 1 + -(-total_bits // 8)
     if len(body) != expected:
         raise ValueError(f"packed payload is {len(body)} bytes but {n} indices at levels={levels} need {expected}.")
+    if group == 1 and _word_bits(levels, 1) in _BYTE_ALIGNED:
+        out = _unpack_aligned(np.frombuffer(body, np.uint8, offset=1), n, _word_bits(levels, 1), dtype)
+        if n and out.max() >= levels:
+            raise ValueError(f"packed index {int(out.max())} >= levels={levels}: corrupt payload.")
+        return out
     bits = np.unpackbits(np.frombuffer(body, np.uint8, offset=1), bitorder="little")
     # Every field fits the output dtype (width <= 8 bits for L <= 256), so out-of-range values survive
     # the store and are caught below.
@@ -371,6 +414,18 @@ def _cost_bits(counts: np.ndarray, q: np.ndarray) -> float:
     return float(per.sum())
 
 
+def _histogram(flat: np.ndarray, c: int, levels: int) -> np.ndarray:
+    """Counts ``[c, levels]`` of each level per channel (position mod ``c``)."""
+    if c == 1:
+        return np.bincount(flat, minlength=levels)[None]
+    rows = flat.reshape(-1, c)
+    if levels <= 16:
+        # A few compare-and-sum passes beat building a ``channel * L + index`` key per element.
+        return np.stack([np.count_nonzero(rows == v, axis=0) for v in range(levels)], axis=1).astype(np.int64)
+    ch = np.arange(flat.size, dtype=np.int64) % c
+    return np.bincount(ch * levels + flat, minlength=c * levels).reshape(c, levels)
+
+
 def _choose_model(flat: np.ndarray, shape: tuple[int, ...], levels: int, model: str):
     best = None
     kinds = ("global", "channel") if model == "auto" else (model,)
@@ -380,8 +435,7 @@ def _choose_model(flat: np.ndarray, shape: tuple[int, ...], levels: int, model: 
         raise ValueError(f"model='channel' supports at most {MAX_CHANNELS} channels (last axis), got {shape[-1]}.")
     for kind in kinds:
         c = _channels(shape, kind)
-        ch = np.arange(flat.size, dtype=np.int64) % c
-        counts = np.bincount(ch * levels + flat, minlength=c * levels).reshape(c, levels)
+        counts = _histogram(flat, c, levels)
         for total in _GLOBAL_TOTALS if kind == "global" else _CHANNEL_TOTALS:
             q = _quantize_counts(counts, total)
             width = max(int(q.max()).bit_length(), 1)
