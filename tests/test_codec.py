@@ -307,3 +307,20 @@ def test_quantizer_codes_through_the_wire_reproduce_the_fused_forward(bound):
         received = codec.decode(msg)
         server = {"params": {k: p for k, p in v.get("params", {}).items() if k == "out_proj"}}
         np.testing.assert_array_equal(np.asarray(q.apply(server, jnp.asarray(received), method="decode")), fused)
+
+
+@pytest.mark.parametrize("levels", [2, 4, 16, 256, 65536])
+def test_packed_bit_layout_is_lsb_first_for_byte_aligned_widths(levels):
+    # The byte-aligned fast path must write the same stream as the general one: index i at bits
+    # [w*i, w*(i+1)) of the payload, least significant bit first, zero padding.
+    width = (levels - 1).bit_length()
+    rng = np.random.default_rng(levels)
+    x = rng.integers(0, levels, 37).astype(np.uint16 if levels > 256 else np.uint8)
+    bits = [(int(v) >> b) & 1 for v in x for b in range(width)]
+    bits += [0] * (-len(bits) % 8)
+    expected = bytes(sum(bits[i + j] << j for j in range(8)) for i in range(0, len(bits), 8))
+    message = codec.encode(x, levels, "packed")
+    payload = message[-4 - len(expected):-4]  # the body ends with the payload, then the CRC
+    assert payload == expected
+    assert message[-5 - len(expected)] == 1  # group byte: one index per field
+    np.testing.assert_array_equal(codec.decode(message), x)
