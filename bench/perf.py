@@ -830,6 +830,8 @@ def markdown(report: dict[str, Any]) -> str:
     if "matmul_peak_bf16_flops" in report:
         head += (f"; bf16 matmul peak ({report['matmul_bf16_n']}^2): {report['matmul_peak_bf16_flops']:.3e} FLOP/s. "
                  "fp32 rows: TF32 allowed for fp32 matmuls in both frameworks")
+    if report.get("xla_flags"):
+        head += f"; XLA_FLAGS: `{report['xla_flags']}`"
     lines = [head, "",
              "| metric | " + " | ".join(sizes) + " |", "|---|" + "---:|" * len(sizes)]
     for key, label in TABLE_ROWS:
@@ -879,7 +881,7 @@ def run(sizes: list[str], out: str, steps: int = 10, torch_compile: bool = True,
     report: dict[str, Any] = dict(
         machine=f"{platform.machine()}, {os.cpu_count()} CPUs, jax {jax.__version__} on {jax.devices()[0].platform}"
                 f" ({jax.devices()[0].device_kind}), {torch_text}",
-        matmul_n=matmul_n, matmul_peak_flops=peak, sizes={})
+        matmul_n=matmul_n, matmul_peak_flops=peak, xla_flags=os.environ.get("XLA_FLAGS", ""), sizes={})
     peak_bf16 = None
     if gpu:
         log(f"matmul peak ({matmul_bf16_n}^2 bf16)")
@@ -927,6 +929,9 @@ def main() -> None:
                         help="keep XLA's memory figure but skip the two peak-memory subprocesses")
     parser.add_argument("--_worker", choices=("ours", "torch"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    from qtl_jax import xla_flags
+
+    xla_flags.apply_defaults()  # the XLA options train.py uses (qtl_jax/xla_flags.py), before any computation
     # `timeout` sends SIGTERM: turn it into an exception so run()'s finally still writes the JSON.
     import signal
 
