@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qtl_jax.precision import upcast
+
 SCALINGS = ("batch", "ema", "token")
 BOUNDS = ("linear", "tanh", "none")
 # Largest L: indices must fit uint16, and float32 must resolve the grid (2/(L-1) >> float32 eps).
@@ -85,7 +87,7 @@ def round_to_levels(z: jax.Array, levels: int) -> tuple[jax.Array, jax.Array]:
     z = jnp.asarray(z)
     if not jnp.issubdtype(z.dtype, jnp.floating):
         raise ValueError(f"round_to_levels expects a floating-point z, got dtype {z.dtype}.")
-    z32 = z.astype(jnp.float32)
+    z32 = upcast(z)
     h = (levels - 1) / 2
     o = ((levels - 1) % 2) / 2
     half = levels // 2
@@ -95,7 +97,7 @@ def round_to_levels(z: jax.Array, levels: int) -> tuple[jax.Array, jax.Array]:
     indices = (r + half).astype(index_dtype(levels))
     # Value from the canonical grid formula plus an exact zero that carries the identity gradient, so
     # the fused forward and the server's dequantize() agree bit for bit.
-    z_hat = jax.lax.stop_gradient(dequantize(indices, levels)) + (z32 - jax.lax.stop_gradient(z32))
+    z_hat = jax.lax.stop_gradient(dequantize(indices, levels).astype(z32.dtype)) + (z32 - jax.lax.stop_gradient(z32))
     return z_hat, indices
 
 
@@ -104,11 +106,11 @@ def moments(u: jax.Array, mask: jax.Array | None = None, axis: Any = None) -> tu
 
     ``mask`` has u's shape without the last (channel) axis; it is broadcast over channels.
     """
-    u = u.astype(jnp.float32)
+    u = upcast(u)
     if mask is None:
         w = jnp.ones_like(u)
     else:
-        w = jnp.broadcast_to(jnp.asarray(mask, jnp.float32)[..., None], u.shape)
+        w = jnp.broadcast_to(jnp.asarray(mask, u.dtype)[..., None], u.shape)
     n = jnp.sum(w, axis=axis, keepdims=axis is not None)
     mean = jnp.sum(w * u, axis=axis, keepdims=axis is not None) / jnp.maximum(n, 1.0)
     centered = w * (u - mean)
@@ -123,7 +125,7 @@ def linear_scale(u: jax.Array, mean: jax.Array, std: jax.Array, clip_sigma: floa
     zero-width range finite). Gradients flow through mean and std; clipped elements pass theirs to the
     bounds. Returns ``(z, clipped)`` with ``clipped`` the boolean mask of elements outside [lo, hi].
     """
-    u = u.astype(jnp.float32)
+    u = upcast(u)
     lo = mean - clip_sigma * std
     hi = mean + clip_sigma * std
     z = 2.0 * (jnp.clip(u, lo, hi) - lo + SCALE_EPS) / (hi - lo + SCALE_EPS) - 1.0
@@ -147,7 +149,7 @@ def tanh_bound(u: jax.Array, levels: int) -> jax.Array:
     o = ((levels - 1) % 2) / 2
     half_l = h * (1.0 + TANH_EPS)
     shift = math.atanh(o / half_l)
-    return jnp.tanh(u.astype(jnp.float32) + shift) * (half_l / h)
+    return jnp.tanh(upcast(u) + shift) * (half_l / h)
 
 
 def cosine_distortion(z: jax.Array, z_hat: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -155,14 +157,14 @@ def cosine_distortion(z: jax.Array, z_hat: jax.Array, mask: jax.Array | None = N
 
     With ``mask`` the mean runs over the rows it keeps (the official code averages over all rows).
     """
-    z_hat = jax.lax.stop_gradient(z_hat.astype(jnp.float32))
-    z = z.astype(jnp.float32)
+    z = upcast(z)
+    z_hat = jax.lax.stop_gradient(z_hat.astype(z.dtype))
     dot = jnp.sum(z * z_hat, axis=-1)
     norms = jnp.linalg.norm(z, axis=-1) * jnp.linalg.norm(z_hat, axis=-1)
     per_row = 1.0 - dot / (norms + COSINE_EPS)
     if mask is None:
         return jnp.mean(per_row)
-    w = jnp.asarray(mask, jnp.float32)
+    w = jnp.asarray(mask, per_row.dtype)
     return jnp.sum(w * per_row) / jnp.maximum(jnp.sum(w), 1.0)
 
 
@@ -335,17 +337,17 @@ class Quantizer(nn.Module):
         self._check_input(x, mask)
         valid = None if mask is None else jnp.asarray(mask, jnp.float32)
         if cfg.bound == "none":
-            z = x.astype(jnp.float32)
+            z = upcast(x)
             codes = x.astype(jnp.float16)
-            err = jnp.square(codes.astype(jnp.float32) - z)
+            err = jnp.square(codes.astype(z.dtype) - z)
             mse = jnp.mean(err) if valid is None else _masked_mean(err, valid)
             return Encoded(codes, z, jnp.zeros((), jnp.float32), {"mse": mse})
 
-        u = self.in_proj(x).astype(jnp.float32)
+        u = upcast(self.in_proj(x))
         if cfg.bound == "linear":
             mean, std = self._statistics(u, mask, train)
             z, clipped = linear_scale(u, mean, std, cfg.clip_sigma)
-            clip_rate = _masked_mean(clipped.astype(jnp.float32), valid)
+            clip_rate = _masked_mean(clipped.astype(z.dtype), valid)
         else:
             z = tanh_bound(u, cfg.levels)
             clip_rate = jnp.zeros((), jnp.float32)

@@ -23,8 +23,8 @@ import transformers
 from qtl_jax.models.decoder import Decoder
 from qtl_jax.weights import keymap, safetensors_io
 from qtl_jax.weights.llm_maps import llm_rules, load_causal_lm
+from tolerances import layers_tolerance, rounding_tolerance
 
-TOL = 1e-4
 BATCH, SEQ, VOCAB = 3, 20, 160
 
 # name -> (config class, kwargs). Together: GQA, 3 query heads, tied and untied heads, partial rotary,
@@ -71,6 +71,12 @@ OPENELM_CONFIG = dict(
     rms_norm_eps=1e-6,
     rope_freq_constant=3.0,
 )
+
+
+def _tolerance(reference, config) -> float:
+    """Float32 rounding of two differently ordered implementations (tests/tolerances.py), this config's sizes."""
+    width = max(config.hidden_size, int(np.max(config.intermediate_size)), SEQ)
+    return layers_tolerance(reference, width=width, layers=config.num_layers)
 
 
 def _unit_scale(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
@@ -155,7 +161,8 @@ def test_hf_family_logits_match_torch(hf_case, name):
     assert SEQ > _slowest_period(cfg.head_dim, cfg.partial_rotary_factor, cfg.rope_theta)
     diff = np.abs(case["out"] - case["ref"])[real].max()
     print(f"{name}: max |jax - torch| {diff:.2e}, logit std {case['ref'][real].std():.2f}")
-    assert diff <= TOL, f"{name}: max |jax - torch| = {diff:.2e}"
+    tol = _tolerance(case["ref"][real], cfg)
+    assert diff <= tol, f"{name}: max |jax - torch| = {diff:.2e} > {tol:.2e}"
 
 
 @pytest.mark.parametrize("name", ["llama", "phi"])
@@ -168,7 +175,7 @@ def test_default_positions_match_hf_forward_for_right_padding(hf_case, name):
         ).logits.numpy()
     rows = [0, 1]
     real = case["mask"][rows].astype(bool)
-    assert np.abs(case["out"][rows] - ref[rows])[real].max() <= TOL
+    assert np.abs(case["out"][rows] - ref[rows])[real].max() <= _tolerance(ref[rows][real], case["model"].config)
 
 
 @pytest.mark.parametrize("name", sorted(HF_CASES))
@@ -190,7 +197,7 @@ def test_to_hf_and_export_round_trip_through_transformers(hf_case, name):
             position_ids=torch.from_numpy(pos),
         ).logits.numpy()
     real = case["mask"].astype(bool)
-    assert np.abs(logits - case["ref"])[real].max() <= 1e-5
+    assert np.abs(logits - case["ref"])[real].max() <= _tolerance(case["ref"][real], config)
 
 
 def test_sharded_checkpoint_loads_the_same_params(hf_case, tmp_path):
@@ -216,8 +223,13 @@ def test_bf16_compute_stays_close_to_fp32(hf_case, name):
     # Measured (docs/models_llm.md): max 0.035, mean 0.0058 at max |logit| 3.71, i.e. about 1%.
     top1_agree = (out.argmax(-1) == case["ref"].argmax(-1))[real].mean()
     print(f"{name} bf16 vs fp32: max {diff.max():.4f} mean {diff.mean():.4f} max|logit| {scale:.2f} top1 {top1_agree:.3f}")
-    assert diff.max() <= 0.03 * scale, (diff.max(), diff.mean(), scale)
-    assert diff.mean() <= 0.005 * scale
+    # bf16 compute rounds the input of each of the ~8 matmuls on the path of 2 layers to 8 significant bits
+    # (relative error <= eps/2, eps = 2^-7, on every CPU alike: the float32 accumulation order is
+    # negligible beside it); the errors add: at most 8 * eps/2 = 4 eps of the logit scale, and well under
+    # one eps on average.
+    eps = float(jnp.finfo(jnp.bfloat16).eps)
+    assert diff.max() <= 4 * eps * scale, (diff.max(), diff.mean(), scale)
+    assert diff.mean() <= 0.64 * eps * scale
     assert top1_agree >= 0.9
 
 
@@ -239,9 +251,13 @@ def test_remat_gives_same_logits_and_gradients(hf_case):
 
     l0, g0 = loss_fn(plain)(params)
     l1, g1 = loss_fn(remat)(params)
-    np.testing.assert_allclose(l1, l0, rtol=1e-6)
+    # Remat recomputes the same ops, possibly fused differently: rounding-order differences only.
+    depth = 2 * (6 * plain.config.num_layers + 2)  # forward and backward
+    width = max(plain.config.hidden_size, max(np.atleast_1d(plain.config.intermediate_size)), SEQ)
+    np.testing.assert_allclose(l1, l0, rtol=0, atol=rounding_tolerance(np.float32, width, depth, float(l0)))
     for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+        scale = float(np.abs(np.asarray(a)).max())
+        np.testing.assert_allclose(a, b, rtol=0, atol=rounding_tolerance(np.float32, width, depth, scale))
     assert float(jnp.abs(g0["layers_0"]["attn"]["q_proj"]["kernel"]).max()) > 0
 
 
@@ -294,8 +310,9 @@ def test_openelm_logits_match_mlx(openelm_case):
         ref = np.array(case["ref_model"](mx.array(case["ids"][row][real][None])))[0]
         assert ref.std() > 0.5
         worst = max(worst, float(np.abs(case["out"][row][real] - ref).max()))
-    print(f"openelm: max |jax - mlx| {worst:.2e}")
-    assert worst <= TOL, f"openelm: max |jax - mlx| = {worst:.2e}"
+    tol = _tolerance(case["out"][case["mask"].astype(bool)], cfg)
+    print(f"openelm: max |jax - mlx| {worst:.2e} (tolerance {tol:.2e})")
+    assert worst <= tol, f"openelm: max |jax - mlx| = {worst:.2e}"
 
 
 @pytest.mark.slow
@@ -339,4 +356,4 @@ def test_openelm_270m_shapes_match_mlx(tmp_path):
     assert 271e6 < sum(x.size for x in jax.tree.leaves(params)) < 272e6
     out = np.asarray(_forward(model)(params, ids, np.ones_like(ids)))
     assert ref.std() > 0.3
-    assert np.abs(out - ref).max() <= TOL  # measured 1.3e-05
+    assert np.abs(out - ref).max() <= _tolerance(ref, model.config)  # measured 1.3e-05

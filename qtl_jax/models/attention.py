@@ -22,6 +22,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from qtl_jax.precision import accum_dtype
+
 Array = jax.Array
 
 _MASKED = float(jnp.finfo(jnp.float32).min)
@@ -40,13 +42,13 @@ def _forward(q: Array, k: Array, v: Array, allowed: Array | None, scale: float) 
     # The mask is applied inside the max and the exp rather than to the scores, and the rows are
     # normalised on the [.., rows, d] output rather than on the [.., rows, S] probabilities: two fewer
     # passes over the score tensor, which is what attention costs on CPU at small head dims.
-    s = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32) * scale
+    s = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=accum_dtype(q.dtype)) * scale
     m = jax.lax.stop_gradient(jnp.max(_where_allowed(allowed, s, _MASKED), axis=-1, keepdims=True))
     e = _where_allowed(allowed, jnp.exp(s - m), 0.0)
     total = jnp.sum(e, axis=-1, keepdims=True)
     # Rows with no allowed key (padding queries) have total 0: their output is 0 and their gradient too.
     inv = jnp.where(total > 0, 1.0 / jnp.where(total > 0, total, 1.0), 0.0)
-    out = jnp.einsum("bkqs,bksd->bkqd", e.astype(v.dtype), v, preferred_element_type=jnp.float32) * inv
+    out = jnp.einsum("bkqs,bksd->bkqd", e.astype(v.dtype), v, preferred_element_type=accum_dtype(v.dtype)) * inv
     return out.astype(v.dtype), (e, inv)
 
 
@@ -64,10 +66,10 @@ def _attention_bwd(scale, residuals, d_out):
     # With P = E / l: dV = P^T dO = E^T (dO / l), and dS = P * (dP - rowsum(dO * O)); E is 0 wherever
     # a key is masked (whole padding rows included), so no mask is needed here.
     q, k, v, allowed, e, inv, out = residuals
-    d_out32 = d_out.astype(jnp.float32)
+    d_out32 = d_out.astype(accum_dtype(d_out.dtype))
     dv = jnp.einsum("bkqs,bkqd->bksd", e.astype(v.dtype), (d_out32 * inv).astype(v.dtype))
-    dp = jnp.einsum("bkqd,bksd->bkqs", d_out, v, preferred_element_type=jnp.float32)
-    delta = jnp.sum(d_out32 * out.astype(jnp.float32), axis=-1, keepdims=True)
+    dp = jnp.einsum("bkqd,bksd->bkqs", d_out, v, preferred_element_type=accum_dtype(v.dtype))
+    delta = jnp.sum(d_out32 * out.astype(d_out32.dtype), axis=-1, keepdims=True)
     ds = e * (dp - delta) * (inv * scale)
     dq = jnp.einsum("bkqs,bksd->bkqd", ds.astype(q.dtype), k)
     dk = jnp.einsum("bkqs,bkqd->bksd", ds.astype(k.dtype), q)

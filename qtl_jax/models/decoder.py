@@ -35,6 +35,7 @@ import jax.numpy as jnp
 
 from qtl_jax.models import rope
 from qtl_jax.models.attention import dot_product_attention, dot_product_attention_heads_major
+from qtl_jax.precision import accum_dtype, upcast
 
 FAMILIES = ("llama", "qwen2", "phi", "gemma", "stablelm", "openelm")
 NORMS = ("rms", "layer")
@@ -196,7 +197,7 @@ class Norm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        x32 = x.astype(jnp.float32)
+        x32 = upcast(x)
         if self.kind == "rms":
             y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
         else:
@@ -206,9 +207,9 @@ class Norm(nn.Module):
         # With an offset the neutral weight is 0 (Gemma), otherwise 1.
         init = nn.initializers.zeros if self.offset else nn.initializers.ones
         scale = self.param("scale", init, (x.shape[-1],), self.param_dtype)
-        y = y * (scale.astype(jnp.float32) + self.offset)
+        y = y * (scale.astype(x32.dtype) + self.offset)
         if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros, (x.shape[-1],), self.param_dtype).astype(jnp.float32)
+            y = y + self.param("bias", nn.initializers.zeros, (x.shape[-1],), self.param_dtype).astype(x32.dtype)
         return y.astype(self.dtype)
 
 
@@ -405,8 +406,8 @@ class Decoder(nn.Module):
         x = self.norm(x)
         if cfg.tie_word_embeddings:
             table = self.embed_tokens.embedding.astype(cfg.dtype)
-            return jnp.einsum("btd,vd->btv", x, table, preferred_element_type=jnp.float32)
-        return self.lm_head(x).astype(jnp.float32)
+            return jnp.einsum("btd,vd->btv", x, table, preferred_element_type=accum_dtype(cfg.dtype))
+        return upcast(self.lm_head(x))
 
     def forward_cached(
         self,

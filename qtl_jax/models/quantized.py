@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qtl_jax import quantizer as qlib
+from qtl_jax.precision import accum_dtype, upcast
 from qtl_jax.data.constants import IGNORE_INDEX
 from qtl_jax.models.tinyllava import TinyLlava, TinyLlavaConfig, compute_layout, init_params, scatter
 from qtl_jax.quantizer import Quantizer, QuantizerConfig
@@ -238,11 +239,24 @@ def client_forward(
     return ClientOutput(uplink, z, loss, metrics, new_stats)
 
 
-def dequantize(codes: Array, levels: int) -> Array:
-    """Grid values (or the fp16 baseline's values, levels=0) as float32: what the server decodes."""
+def dequantize(codes: Array, levels: int, dtype: Any = jnp.float32) -> Array:
+    """Grid values (or the fp16 baseline's values, levels=0) as ``dtype``: what the server decodes."""
     if levels == 0:
-        return jnp.asarray(codes).astype(jnp.float32)
-    return qlib.dequantize(codes, levels)
+        return jnp.asarray(codes).astype(dtype)
+    return qlib.dequantize(codes, levels).astype(dtype)
+
+
+def server_values(config: QuantizedTinyLlavaConfig, uplink: Uplink) -> dict[str, Array]:
+    """``{'image', 'text'}`` dequantized values of an uplink, in the model's accumulation dtype.
+
+    float32 for float32/bf16 models (the values' gradient, the downlink, is then float32 too); float64
+    for a float64 model, so that a float64 run stays float64 across the cut.
+    """
+    dtype = accum_dtype(config.model.dtype)
+    return {
+        "image": dequantize(uplink.image_codes, uplink.image_levels, dtype),
+        "text": dequantize(uplink.text_codes, uplink.text_levels, dtype),
+    }
 
 
 def straight_through(z: Array, codes: Array, levels: int) -> Array:
@@ -279,12 +293,12 @@ def cross_entropy(logits: Array, labels: Array) -> tuple[Array, Array]:
     """Next-token cross-entropy averaged over targets != -100; returns ``(mean, number of targets)``."""
     # Shift the labels rather than slice the logits: a slice of [B, T, V] is a copy, and a pad of its
     # gradient in the backward pass.
-    logits = logits.astype(jnp.float32)
+    logits = upcast(logits)
     targets = jnp.concatenate([labels[:, 1:], jnp.full_like(labels[:, :1], IGNORE_INDEX)], axis=1)
     valid = targets != IGNORE_INDEX
     nll = _token_nll(logits, jnp.where(valid, targets, 0))
     count = jnp.sum(valid)
-    return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(count, 1).astype(jnp.float32), count
+    return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(count, 1).astype(logits.dtype), count
 
 
 def server_layout(config: QuantizedTinyLlavaConfig, uplink: Uplink):
@@ -335,11 +349,7 @@ def server_loss_from_values(
 
 def server_loss(config: QuantizedTinyLlavaConfig, server_params: Params, uplink: Uplink) -> tuple[Array, dict[str, Array]]:
     """The server half from the codes alone: dequantize -> out_proj -> merge -> decoder -> CE."""
-    values = {
-        "image": dequantize(uplink.image_codes, uplink.image_levels),
-        "text": dequantize(uplink.text_codes, uplink.text_levels),
-    }
-    return server_loss_from_values(config, server_params, values, uplink)
+    return server_loss_from_values(config, server_params, server_values(config, uplink), uplink)
 
 
 def forward(

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from qtl_jax.models.attention import dot_product_attention
+from qtl_jax.precision import accum_dtype
 
 Array = jax.Array
 
@@ -189,7 +190,7 @@ class _EncoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         cfg = self.config
-        norm = lambda name: nn.LayerNorm(cfg.layer_norm_eps, dtype=jnp.float32, name=name)  # noqa: E731
+        norm = lambda name: nn.LayerNorm(cfg.layer_norm_eps, dtype=accum_dtype(self.dtype), name=name)  # noqa: E731
         h = norm("layer_norm1")(x).astype(self.dtype)
         x = x + _Attention(cfg, self.dtype, name="self_attn")(h)
         h = norm("layer_norm2")(x).astype(self.dtype)
@@ -240,14 +241,14 @@ class VisionTower(nn.Module):
         pos = nn.Embed(cfg.num_positions, cfg.hidden_size, name="position_embedding").embedding
         x = x + pos.astype(x.dtype)[None]
         if cfg.kind == "clip":
-            x = nn.LayerNorm(cfg.layer_norm_eps, dtype=jnp.float32, name="pre_layrnorm")(x).astype(self.dtype)
+            x = nn.LayerNorm(cfg.layer_norm_eps, dtype=accum_dtype(self.dtype), name="pre_layrnorm")(x).astype(self.dtype)
         layer_cls = nn.remat(_EncoderLayer) if self.remat else _EncoderLayer
         hidden_states = [x]
         for i in range(cfg.num_hidden_layers):
             x = layer_cls(cfg, self.dtype, name=f"layers_{i}")(x)
             hidden_states.append(x)
         # Kept so the checkpoint round-trips losslessly; under jit it is dead code for LLaVA features.
-        last = nn.LayerNorm(cfg.layer_norm_eps, dtype=jnp.float32, name="post_layernorm")(x)
+        last = nn.LayerNorm(cfg.layer_norm_eps, dtype=accum_dtype(self.dtype), name="post_layernorm")(x)
         return tuple(hidden_states), last
 
 

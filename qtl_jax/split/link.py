@@ -198,6 +198,8 @@ class InProcessLink(Link):
         return _put(msg, self.meshes.server)
 
     def downlink(self, step: int, msg: Downlink) -> Downlink:
+        # Back in the server's own dtype on arrival: float32 (float64 in the tests' float64 runs).
+        dtypes = jax.tree_util.tree_map(lambda g: g.dtype, msg)
         if self.downlink_dtype != "float32":
             dt = jnp.dtype(self.downlink_dtype)
             msg = jax.tree_util.tree_map(lambda g: g.astype(dt), msg)
@@ -205,7 +207,7 @@ class InProcessLink(Link):
         if up is not None:
             self._counts.setdefault(step, {}).update(downlink_counts(msg, up, self.downlink_dtype))
         out = _put(msg, self.meshes.client)
-        return jax.tree_util.tree_map(lambda g: g.astype(jnp.float32), out)
+        return jax.tree_util.tree_map(lambda g, dt: g.astype(dt), out, dtypes)
 
     def take_counts(self, step: int) -> dict[str, int]:
         return self._counts.pop(step, {})

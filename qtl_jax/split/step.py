@@ -270,10 +270,7 @@ def server_update_fn(config: QuantizedTinyLlavaConfig, optimizers: SplitOptimize
     """
 
     def server_update(server: PartitionState, uplink: Uplink):
-        values = {
-            "image": qm.dequantize(uplink.image_codes, uplink.image_levels),
-            "text": qm.dequantize(uplink.text_codes, uplink.text_levels),
-        }
+        values = qm.server_values(config, uplink)
 
         def loss(params, values):
             return qm.server_loss_from_values(config, without_frozen(params, optimizers.server_frozen), values, uplink)
@@ -290,7 +287,7 @@ def client_finish_fn(optimizers: SplitOptimizers) -> Callable:
     (the downlink as the cotangents of z, 1 for the distortion loss) and the client optimizer update."""
 
     def client_finish(client: PartitionState, backward, down: Downlink, batch_stats):
-        (grads,) = backward(({"image": down.image_grad, "text": down.text_grad}, jnp.ones((), jnp.float32)))
+        (grads,) = backward(({"image": down.image_grad, "text": down.text_grad}, jnp.ones((), down.image_grad.dtype)))
         return _apply(optimizers.client, client, grads, batch_stats)
 
     return client_finish
@@ -386,10 +383,7 @@ def make_eval_step(config: QuantizedTinyLlavaConfig, meshes: SplitMeshes) -> Cal
 
     @jax.jit
     def server(part: PartitionState, uplink: Uplink):
-        values = {
-            "image": qm.dequantize(uplink.image_codes, uplink.image_levels),
-            "text": qm.dequantize(uplink.text_codes, uplink.text_levels),
-        }
+        values = qm.server_values(config, uplink)
         logits, layout = qm.server_logits(config, part.params, values, uplink)
         ce, _ = qm.cross_entropy(logits, layout.labels)
         return {"logits": logits, "attention_mask": layout.attention_mask, "labels": layout.labels, "ce": ce}
