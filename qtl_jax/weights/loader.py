@@ -1,6 +1,6 @@
 """``load_pretrained``: a local TinyLLaVA-style checkpoint directory -> ``(TinyLlava, params)``.
 
-Reads ``config.json`` + safetensors (single file or sharded via the index json) with NumPy only,
+Reads ``config.json`` + safetensors (single file or sharded via the index json; no torch),
 detects the layout from the tensor names (:mod:`qtl_jax.weights.layouts`), builds the config from
 ``config.json`` and converts through the layout's declarative key map. Every tensor must be consumed
 and every parameter filled; otherwise one :class:`~qtl_jax.weights.keymap.WeightMismatchError`
