@@ -258,7 +258,7 @@ def load_quantizer_params(path: str) -> dict[str, Any]:
     the base-model tensors are ignored here (load them with ``load_pretrained(path, drop_quantizer=True)``).
     """
     checkpoint = safetensors_io.read_dir(path)
-    vq = {k: v for k, v in checkpoint.items() if k.startswith("VQ.")}
+    vq = {k: checkpoint[k] for k in checkpoint if k.startswith("VQ.")}  # reads only these tensors
     if not vq:
         raise ValueError(f"{path} has no VQ.* tensors; it is not an official Quantized-TinyLLaVA checkpoint")
     widths = {v.shape[0] for k, v in vq.items() if k.endswith(".bias")}

@@ -39,6 +39,9 @@ class Checkpoint(Mapping[str, np.ndarray]):
     def __getitem__(self, name: str) -> np.ndarray:
         return self._where[name].get_tensor(name)
 
+    def __contains__(self, name: object) -> bool:
+        return name in self._where  # without reading the tensor, as Mapping's default would
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)
 
