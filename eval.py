@@ -18,6 +18,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from qtl_jax import xla_flags
+
+    xla_flags.apply_defaults()  # before the first JAX computation; see qtl_jax/xla_flags.py
     if flags.FLAGS["verbosity"].using_default_value:
         # Orbax and JAX log every file operation at INFO through Python logging; --verbosity=0 brings them back.
         logging.set_verbosity(logging.WARNING)

@@ -1,4 +1,12 @@
-"""Pieces shared by ``configs/stage1.py`` and ``configs/stage2.py``: the full config skeleton and presets.
+"""Pieces the configs share: the training config skeleton, the model sections and the presets.
+
+A preset is chosen after a colon, ``--config=configs/stage1.py:demo`` (:func:`parse_arg`, big_vision's
+convention); no preset is the paper's setting. The training presets (:func:`train_presets`):
+
+* ``demo``: the 64 px demo model from random init on the built-in shapes corpus, everything trains;
+* ``tiny``: the demo's code path at test size (seconds per run);
+* ``paper_random``: the paper's exact shapes (OpenELM-270M + SigLIP-so400m at 384 px) with random
+  weights, 4 steps at batch 4 on the shapes corpus.
 
 Every field the training loop reads exists here, so ``--config.a.b=value`` overrides work on any of them
 (``lock_config=True`` rejects typos). Optional paths are ``placeholder(str)``: None until set.
@@ -12,6 +20,9 @@ partitions' trees, prefixed by the partition name (``qtl_jax.split.step.make_spl
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import ml_collections
 from ml_collections import config_dict
@@ -37,10 +48,18 @@ STAGE2_GROUPS = (
 ALL_GROUPS = ((r".*", 1.0),)
 
 
+# OpenELM-270M's per-layer shapes, as Apple's config.json derives them (qkv_multipliers 0.5..1.0 with 4 GQA
+# groups; ffn_multipliers round(linspace(0.5, 4.0, 16), 2) x 1280 rounded by make_divisible to multiples of
+# 256). tests/test_configs.py checks them against qtl_jax.weights.hf_config reading Apple's fields.
+OPENELM_270M_HEADS = (12,) * 5 + (16,) * 7 + (20,) * 4
+OPENELM_270M_KV_HEADS = (3,) * 5 + (4,) * 7 + (5,) * 4
+OPENELM_270M_FFN = (768, 1024, 1280, 1536, 1792, 2048, 2560, 2816, 3072, 3328, 3584, 3840, 4352, 4608, 4864, 5120)
+
+
 def paper_model() -> ml_collections.ConfigDict:
     """OpenELM-270M-Instruct + SigLIP-so400m from local converted checkpoints (nothing is downloaded)."""
     m = ml_collections.ConfigDict()
-    # 'components': vision_dir + llm_dir (stage 1); 'random': the dims below, random init (demo).
+    # 'components': vision_dir + llm_dir (stage 1); 'random': the dims below, random init.
     m.source = "components"
     m.vision_dir = config_dict.placeholder(str)  # e.g. /ckpt/siglip-so400m-patch14-384 (safetensors + config.json)
     m.llm_dir = config_dict.placeholder(str)  # e.g. /ckpt/OpenELM-270M-Instruct
@@ -51,13 +70,16 @@ def paper_model() -> ml_collections.ConfigDict:
     m.max_length = 2048
     m.dtype = "float32"  # compute dtype: 'float32' or 'bfloat16' (params stay float32)
     m.remat = False  # rematerialise blocks in the backward pass (memory for compute)
-    # Only read when source='random'.
+    # Only read when source='random'. SigLIP-so400m-patch14-384: 27 x 27 = 729 patches (728 with 'patch').
     m.vision = ml_collections.ConfigDict(dict(
         kind="siglip", hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
         image_size=384, patch_size=14))
+    # OpenELM-270M: 271,527,168 parameters. RMSNorm (eps 1e-6), gated SiLU and RoPE base 10000 are the
+    # decoder's defaults.
     m.llm = ml_collections.ConfigDict(dict(
-        family="openelm", vocab_size=32000, hidden_size=1280, num_layers=16, num_heads=16, num_kv_heads=4,
-        intermediate_size=3072, head_dim=64, tie_word_embeddings=True))
+        family="openelm", vocab_size=32000, hidden_size=1280, num_layers=16, num_heads=OPENELM_270M_HEADS,
+        num_kv_heads=OPENELM_270M_KV_HEADS, intermediate_size=OPENELM_270M_FFN, head_dim=64, qk_norm="rms",
+        tie_word_embeddings=True))
     # Image processor (SigLIP: resize to the tower's size, rescale 1/255, normalise mean/std 0.5).
     m.image_mean = (0.5, 0.5, 0.5)
     m.image_std = (0.5, 0.5, 0.5)
@@ -79,16 +101,34 @@ def demo_model() -> ml_collections.ConfigDict:
     return m
 
 
+def tiny_model() -> ml_collections.ConfigDict:
+    """Test-sized: a 1-layer tower at 32 px and a 1-layer decoder (d=32); seconds per run."""
+    m = demo_model()
+    m.max_length = 96
+    m.vision = ml_collections.ConfigDict(dict(
+        kind="siglip", hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        image_size=32, patch_size=8))
+    m.llm = ml_collections.ConfigDict(dict(
+        family="llama", vocab_size=0, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+        intermediate_size=64, head_dim=16, tie_word_embeddings=True))
+    return m
+
+
+def paper_quantizer() -> ml_collections.ConfigDict:
+    """The paper's quantizer (method.md §3): L=4, batch statistics, ±3 std linear bound, distortion 0.25."""
+    return ml_collections.ConfigDict(dict(
+        levels=4, scaling="batch", bound="linear", dist_weight=0.25, clip_sigma=3.0, ema_momentum=0.99))
+
+
 def base_config() -> ml_collections.ConfigDict:
-    """The skeleton every stage config fills in."""
+    """Every field the training loop reads, set to the paper's stage-1 recipe (stage 2 changes a few)."""
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.stage = 1
     c.model = paper_model()
 
     # One quantizer config for both modalities (the paper uses the same L for image and text).
-    c.quantizer = ml_collections.ConfigDict(dict(
-        levels=4, scaling="batch", bound="linear", dist_weight=0.25, clip_sigma=3.0, ema_momentum=0.99))
+    c.quantizer = paper_quantizer()
 
     # Where the weights come from besides model.source: a previous stage's workdir (its latest checkpoint's
     # params, quantizers included) or a converted Hugging Face checkpoint directory.
@@ -107,7 +147,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.num_epochs = 1
     c.data.worker_count = 0
     c.data.read_threads = 2
-    # Shapes corpus sizes (data.kind='shapes'); 'kind' picks the pretrain (captions) or instruct stream.
+    # Shapes corpus sizes (data.kind='shapes'); 'stream' picks the pretrain (captions) or instruct stream.
     c.data.shapes = ml_collections.ConfigDict(dict(
         stream="pretrain", seed=0, n_pretrain=2000, n_instruct=2000, text_only_fraction=0.1))
 
@@ -148,12 +188,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.enabled = True  # evaluate at the end of the stage (demo_eval)
     c.eval.dataset_dir = config_dict.placeholder(str)
     c.eval.split = "validation"
-    c.eval.template = "llama"
+    c.eval.template = "pretrain"
     c.eval.num_examples = 256
     c.eval.batch_size = 32
     # For data.kind='shapes': a held-out corpus drawn with this seed (never the training seed).
     c.eval.shapes_seed = 1000
-    c.eval.shapes_stream = "instruct"
+    c.eval.shapes_stream = "pretrain"
 
     # For tests: poison_step: the batch of this step (0-based) has NaN pixels (-1: never); step_delay:
     # seconds to sleep after each step (so a test can kill a run midway).
@@ -161,39 +201,98 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-def demo_overrides(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The shared part of both demo variants: tiny model, shapes data, tiny meshes, frequent checkpoints."""
-    c.model = demo_model()
-    c.data.kind = "shapes"
-    c.data.read_threads = 2
-    c.mesh.client_devices = 0
-    c.mesh.server_devices = 0
-    c.sharding = ((r".*", "replicate"),)
-    c.split.measure_every = 1
-    c.checkpoint_every = 100
-    c.log_every = 1
-    c.eval.num_examples = 256
-    c.eval.batch_size = 64
+def parse_arg(arg: str | None, **spec: Any) -> ml_collections.ConfigDict:
+    """``get_config``'s one string argument as named, typed values (big_vision's ``parse_arg`` convention).
+
+    ``configs/x.py:demo`` gives the first ``spec`` entry the value ``'demo'``; ``:a=1,b=two`` sets entries by
+    name; a lone name of a boolean entry (``:flag``) sets it True. Values take the type of their default in
+    ``spec``; a name not in ``spec`` is an error naming the known ones.
+    """
+    arg = (arg or "").strip()
+    if arg and "," not in arg and "=" not in arg:
+        arg = f"{arg}=True" if isinstance(spec.get(arg), bool) else f"{next(iter(spec))}={arg}"
+    values = ml_collections.ConfigDict(dict(spec), type_safe=False)
+    for item in filter(None, arg.split(",")):
+        name, _, raw = item.partition("=")
+        if name not in spec:
+            raise ValueError(f"unknown config argument {name!r} in {arg!r}; known: {', '.join(spec)}.")
+        default = spec[name]
+        if isinstance(default, bool):
+            if raw.lower() not in ("true", "false", ""):
+                raise ValueError(f"config argument {name}={raw!r}: use true or false.")
+            values[name] = raw.lower() == "true"
+        else:
+            values[name] = type(default)(raw)
+    return values
+
+
+def apply_preset(c: ml_collections.ConfigDict, arg: str | None,
+                 presets: Mapping[str, Callable[[ml_collections.ConfigDict], None]]) -> ml_collections.ConfigDict:
+    """Applies the preset ``arg`` names (``--config=configs/x.py:<preset>``) to ``c``; none: ``c`` as it is."""
+    preset = parse_arg(arg, preset="").preset
+    if preset and preset not in presets:
+        raise ValueError(f"unknown config variant {preset!r}; use no variant (the paper's setting) or one of: "
+                         f"{', '.join(presets)}.")
+    if preset:
+        presets[preset](c)
     return c
 
 
-def tiny_overrides(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Test-sized demo: the demo's code path with a 1-layer tower and decoder, 32 px images, seconds per run."""
-    demo_overrides(c)
-    c.model.max_length = 96
-    c.model.vision = ml_collections.ConfigDict(dict(
-        kind="siglip", hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        image_size=32, patch_size=8))
-    c.model.llm = ml_collections.ConfigDict(dict(
-        family="llama", vocab_size=0, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
-        intermediate_size=64, head_dim=16, tie_word_embeddings=True))
+def _demo(c: ml_collections.ConfigDict) -> None:
+    # From random initialisation every part trains: the paper freezes parts because they are pretrained.
+    c.model = demo_model()
+    c.data.kind = "shapes"
+    c.data.shapes.n_pretrain = 4000
+    c.data.shapes.n_instruct = 4000
+    c.global_batch_size = 32
     c.optimizer.param_groups = ALL_GROUPS
+    c.sharding = ((r".*", "replicate"),)
+    c.checkpoint_every = 100
+    c.eval.batch_size = 64
+
+
+def _tiny(c: ml_collections.ConfigDict) -> None:
+    # The demo's code path at toy size, for tests.
+    _demo(c)
+    c.model = tiny_model()
+    c.data.shapes.n_pretrain = 64
+    c.data.shapes.n_instruct = 64
     c.global_batch_size = 8
     c.total_steps = 6
     c.checkpoint_every = 3
-    c.data.shapes.n_pretrain = 64
-    c.data.shapes.n_instruct = 64
+    c.optimizer.lr = 1e-3
     c.eval.num_examples = 16
     c.eval.batch_size = 8
     c.progress_bar = False
-    return c
+
+
+def _paper_random(c: ml_collections.ConfigDict) -> None:
+    # The published shapes with random weights, a few steps on the shapes corpus rendered at the tower's
+    # 384 px: the paper's configuration with nothing downloaded (to run, benchmark and test it). The stage's
+    # own frozen/trainable split stays. Random weights have nothing to evaluate.
+    c.model.source = "random"
+    c.data.kind = "shapes"
+    c.data.shapes.n_pretrain = 64
+    c.data.shapes.n_instruct = 64
+    c.global_batch_size = 4
+    c.total_steps = 4
+    c.eval.enabled = False
+
+
+def train_presets(**stage: Callable[[ml_collections.ConfigDict], None]) -> dict[str, Callable]:
+    """The training presets ``demo``, ``tiny`` and ``paper_random``; ``stage`` adds a stage's own changes
+    to a preset (e.g. ``demo=`` its learning rate and step count), applied after the shared ones."""
+    shared = {"demo": _demo, "tiny": _tiny, "paper_random": _paper_random}
+    unknown = set(stage) - set(shared)
+    if unknown:
+        raise ValueError(f"no shared preset {sorted(unknown)}; presets: {', '.join(shared)}.")
+
+    def compose(name: str) -> Callable[[ml_collections.ConfigDict], None]:
+        def apply(c: ml_collections.ConfigDict) -> None:
+            shared[name](c)
+            if name in stage:
+                stage[name](c)
+
+        return apply
+
+    return {name: compose(name) for name in shared}

@@ -1,27 +1,23 @@
 r"""Evaluation: the paper's benchmarks on local files in the LLaVA / TinyLLaVA eval-kit layout.
 
-Paper setting (method.md §6): greedy decoding, one question at a time (batch_size=1: with the paper's
-scaling='batch' quantizer the scaling statistics come from the one example), the ``llama`` template::
-
     python eval.py --config=configs/eval.py --workdir=/runs/eval \
         --config.checkpoint=/runs/stage2 --config.benchmark_dir=/data/llava_eval
 
+The paper's setting (method.md §6): greedy decoding, one question at a time (batch_size=1: with the paper's
+scaling='batch' quantizer the scaling statistics come from the one example), the ``llama`` template.
 ``benchmark_dir`` holds LLaVA's ``playground/data/eval`` folders (MME, pope, scienceqa, textvqa, vqav2, gqa,
-mm-vet, MMMU); each benchmark's files are configurable under ``--config.benchmarks.<name>.*``. Not run here
-(no weights or benchmark data on this machine).
-
-Demo (``configs/eval.py:demo``): the stage-2 demo model (``/tmp/qtl_demo/stage2``, from
-``python train.py --config=configs/stage2.py:demo``) on the built-in shapes benchmarks (MME, POPE,
-ScienceQA-IMG, VQAv2, TextVQA layouts; 32 questions each, generated tokens
-re-quantized as the from-scratch demo model was trained), then the bits sweep L = 2..32 + the 16-bit
-baseline::
+mm-vet, MMMU); each benchmark's files are configurable under ``--config.benchmarks.<name>.*``. Presets::
 
     python eval.py --config=configs/eval.py:demo --workdir=/tmp/qtl_demo/eval
+    python eval.py --config=configs/eval.py:tiny --workdir=/tmp/qtl_tiny/eval
+    python eval.py --config=configs/eval.py:paper_random --workdir=/tmp/qtl_paper/eval
 
-Measured on this 2-core CPU machine (shared with five other jobs): 4 min 19 s for the evaluation and the
-sweep; at the trained L=4: MME perception 50.0, POPE F1 66.6 (always "yes"), ScienceQA-IMG 38.5, TextVQA
-55.0, VQAv2 40.3 (32 questions each; docs/evaluation.md has the output, the sweep table and the plot).
-``:tiny`` is the same path with a random tiny model (tests).
+``demo``: the stage-2 demo model (``/tmp/qtl_demo/stage2``, from ``configs/stage2.py:demo``) on the
+built-in shapes benchmarks (MME, POPE, ScienceQA-IMG, VQAv2, TextVQA layouts; 32 questions each, generated
+tokens re-quantized as the from-scratch demo model was trained), then the bits sweep L = 2..32 + the 16-bit
+baseline. ``tiny``: the same path with a random tiny model (tests). ``paper_random``: the paper's shapes
+with random weights on a few shapes questions at 384 px (cost, not scores). Measured results are in
+docs/evaluation.md and README.md.
 """
 
 import ml_collections
@@ -65,6 +61,44 @@ def _benchmarks(table) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({name: dict(spec) for name, spec in table.items()})
 
 
+def _demo(c: ml_collections.ConfigDict) -> None:
+    c.checkpoint = "/tmp/qtl_demo/stage2"
+    c.benchmarks = _benchmarks(SHAPES_BENCHMARKS)
+    c.shapes_benchmarks.enabled = True
+    c.generation = "requantized"  # the demo model was trained from scratch through the quantizers
+    c.batch_size = 16
+    c.max_new_tokens = 8
+    c.max_examples = 32
+    c.sweep.enabled = True
+
+
+def _tiny(c: ml_collections.ConfigDict) -> None:
+    _demo(c)
+    c.checkpoint = None
+    c.model = common.tiny_model()
+    c.model.max_length = 256  # prompts of the shapes benchmarks plus the answer
+    c.shapes_benchmarks.update(dict(image_size=32, n_mme=2, n_pope=2, n_scienceqa=6, n_vqa=4))
+    c.max_examples = 0
+    c.max_new_tokens = 3
+    c.batch_size = 8
+    c.progress = False
+    c.sweep.levels = (2, 4)
+    c.sweep.bytes_samples = 3
+
+
+def _paper_random(c: ml_collections.ConfigDict) -> None:
+    # The paper's decoding (kv_cache, one question at a time) at its shapes, with random weights.
+    c.model = common.paper_model()
+    c.model.source = "random"
+    c.benchmarks = _benchmarks(SHAPES_BENCHMARKS)
+    c.shapes_benchmarks.update(dict(enabled=True, image_size=384, n_mme=1, n_pope=3, n_scienceqa=4, n_vqa=2))
+    c.max_examples = 4
+    c.max_new_tokens = 8
+
+
+PRESETS = {"demo": _demo, "tiny": _tiny, "paper_random": _paper_random}
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
@@ -77,8 +111,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.image_mean = (0.5, 0.5, 0.5)
     c.image_std = (0.5, 0.5, 0.5)
     # Quantizer settings for Hugging Face / random models (a train.py workdir brings its own).
-    c.quantizer = ml_collections.ConfigDict(dict(
-        levels=4, scaling="batch", bound="linear", dist_weight=0.25, clip_sigma=3.0, ema_momentum=0.99))
+    c.quantizer = common.paper_quantizer()
     c.model = common.demo_model()  # only read without a checkpoint
     c.levels = 0  # evaluate at this L instead of the trained one (0: as trained)
 
@@ -98,32 +131,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.sweep = ml_collections.ConfigDict(dict(
         enabled=False, levels=(2, 4, 8, 16, 32), baseline=True, bytes_samples=16, selection_max_samples=200_000))
 
-    if arg in ("demo", "tiny"):
-        c.checkpoint = "/tmp/qtl_demo/stage2"
-        c.benchmarks = _benchmarks(SHAPES_BENCHMARKS)
-        c.shapes_benchmarks.enabled = True
-        c.generation = "requantized"  # the demo model was trained from scratch through the quantizers
-        c.batch_size = 16
-        c.max_new_tokens = 8
-        c.max_examples = 32
-        c.sweep.enabled = True
-    if arg == "tiny":
-        c.checkpoint = None
-        c.model = common.demo_model()
-        c.model.max_length = 256
-        c.model.vision = ml_collections.ConfigDict(dict(
-            kind="siglip", hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-            image_size=32, patch_size=8))
-        c.model.llm = ml_collections.ConfigDict(dict(
-            family="llama", vocab_size=0, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
-            intermediate_size=64, head_dim=16, tie_word_embeddings=True))
-        c.shapes_benchmarks.update(dict(image_size=32, n_mme=2, n_pope=2, n_scienceqa=6, n_vqa=4))
-        c.max_examples = 0
-        c.max_new_tokens = 3
-        c.batch_size = 8
-        c.progress = False
-        c.sweep.levels = (2, 4)
-        c.sweep.bytes_samples = 3
-    elif arg not in (None, "", "demo"):
-        raise ValueError(f"unknown config variant {arg!r}; use configs/eval.py, :demo or :tiny")
-    return c
+    return common.apply_preset(c, arg, PRESETS)

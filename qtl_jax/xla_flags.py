@@ -8,7 +8,10 @@ PyTorch reference, docs/performance.md). XLA aborts on a flag it does not know, 
 only for the jaxlib versions it was checked on.
 
 XLA reads ``XLA_FLAGS`` once, when the first backend starts: call :func:`apply_defaults` before any JAX
-computation (``train.py``, ``eval.py`` and ``bench/perf.py`` do). A flag the user already set in
+computation. ``train.py``, ``eval.py``, the split client and server, ``bench/perf.py`` and
+``tests/conftest.py`` do, so training, evaluation and the tests run under the same options. For
+evaluation, generation at the demo size was measured both ways (docs/cpu_optimisation.md): batch 1, the
+paper's evaluation setting, was faster with the default in every pair. A flag the user already set in
 ``XLA_FLAGS`` (by name, whatever its value) is left alone, so every default can be overridden or undone.
 """
 
@@ -31,6 +34,12 @@ def with_defaults(current: str, defaults: tuple[str, ...] = CPU_DEFAULTS) -> str
     present = {_name(f) for f in current.split()}
     added = [f for f in defaults if _name(f) not in present]
     return " ".join([current.strip(), *added]).strip()
+
+
+def with_flag(current: str, flag: str) -> str:
+    """``current`` XLA_FLAGS with ``flag`` set: any flag of the same name is replaced, the others kept."""
+    kept = [f for f in current.split() if _name(f) != _name(flag)]
+    return " ".join([*kept, flag])
 
 
 def apply_defaults(environ: MutableMapping[str, str] | None = None, jaxlib_version: str | None = None) -> bool:

@@ -16,6 +16,7 @@ import pytest
 from qtl_jax.models import rope
 from qtl_jax.models.decoder import Decoder, DecoderConfig, dot_product_attention, init_shapes
 from qtl_jax.weights import keymap, safetensors_io
+from qtl_jax.weights.hf_config import decoder_config_from_hf, decoder_config_to_hf
 from qtl_jax.weights.llm_maps import llm_rules, load_causal_lm
 from tolerances import layers_tolerance, rounding_tolerance
 
@@ -38,7 +39,7 @@ OPENELM_270M = dict(
 
 def test_unknown_model_type_is_a_clear_error():
     with pytest.raises(ValueError, match=r"unsupported causal-LM model_type 'mistral'.*llama, qwen2, phi, gemma"):
-        DecoderConfig.from_hf({**LLAMA_HF, "model_type": "mistral"})
+        decoder_config_from_hf({**LLAMA_HF, "model_type": "mistral"})
 
 
 def test_bad_head_counts_are_reported_per_layer():
@@ -57,15 +58,15 @@ def test_odd_rotary_dim_is_rejected():
 
 def test_scaled_rope_and_sliding_window_are_refused_not_ignored():
     with pytest.raises(NotImplementedError, match="rope type 'llama3'"):
-        DecoderConfig.from_hf({**LLAMA_HF, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
+        decoder_config_from_hf({**LLAMA_HF, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
     with pytest.raises(NotImplementedError, match="sliding_window"):
-        DecoderConfig.from_hf({**LLAMA_HF, "model_type": "qwen2", "use_sliding_window": True})
+        decoder_config_from_hf({**LLAMA_HF, "model_type": "qwen2", "use_sliding_window": True})
 
 
 def test_v4_and_v5_rope_fields_read_the_same():
-    old = DecoderConfig.from_hf({**LLAMA_HF, "model_type": "phi", "rope_theta": 500.0, "partial_rotary_factor": 0.4,
+    old = decoder_config_from_hf({**LLAMA_HF, "model_type": "phi", "rope_theta": 500.0, "partial_rotary_factor": 0.4,
                                  "hidden_size": 40, "num_attention_heads": 2, "num_key_value_heads": 2})
-    new = DecoderConfig.from_hf({
+    new = decoder_config_from_hf({
         **{k: v for k, v in LLAMA_HF.items() if k != "rope_theta"}, "model_type": "phi", "hidden_size": 40,
         "num_attention_heads": 2, "num_key_value_heads": 2,
         "rope_parameters": {"rope_type": "default", "rope_theta": 500.0, "partial_rotary_factor": 0.4},
@@ -75,28 +76,28 @@ def test_v4_and_v5_rope_fields_read_the_same():
 
 
 def test_family_specific_options():
-    gemma = DecoderConfig.from_hf({**LLAMA_HF, "model_type": "gemma", "head_dim": 24, "hidden_act": "gelu",
+    gemma = decoder_config_from_hf({**LLAMA_HF, "model_type": "gemma", "head_dim": 24, "hidden_act": "gelu",
                                    "hidden_activation": "gelu_pytorch_tanh"})
     assert (gemma.norm_offset, gemma.embed_scale, gemma.head_dim) == (1.0, math.sqrt(32), 24)
     assert gemma.activation == "gelu_pytorch_tanh" and gemma.tie_word_embeddings
-    phi = DecoderConfig.from_hf({**LLAMA_HF, "model_type": "phi"})
+    phi = decoder_config_from_hf({**LLAMA_HF, "model_type": "phi"})
     assert phi.parallel_residual and not phi.gated_mlp and phi.lm_head_bias and phi.norm == "layer"
     assert phi.partial_rotary_factor == 0.5 and phi.activation == "gelu_new"
-    stablelm = DecoderConfig.from_hf({**LLAMA_HF, "model_type": "stablelm", "qk_layernorm": True})
+    stablelm = decoder_config_from_hf({**LLAMA_HF, "model_type": "stablelm", "qk_layernorm": True})
     assert stablelm.qk_norm == "layer_per_head" and stablelm.partial_rotary_factor == 0.25
-    qwen2 = DecoderConfig.from_hf({**LLAMA_HF, "model_type": "qwen2"})
+    qwen2 = decoder_config_from_hf({**LLAMA_HF, "model_type": "qwen2"})
     assert qwen2.qkv_bias and not qwen2.o_bias and not qwen2.tie_word_embeddings
 
 
 def test_openelm_270m_shapes_from_apples_config():
-    cfg = DecoderConfig.from_hf(OPENELM_270M)
+    cfg = decoder_config_from_hf(OPENELM_270M)
     assert cfg.num_heads == (12,) * 5 + (16,) * 7 + (20,) * 4
     assert cfg.num_kv_heads == (3,) * 5 + (4,) * 7 + (5,) * 4
     assert cfg.intermediate_size[0] == 768 and cfg.intermediate_size[-1] == 5120
     assert all(w % 256 == 0 for w in cfg.intermediate_size)
     assert cfg.qk_norm == "rms" and cfg.tie_word_embeddings and cfg.activation == "swish"
     # Explicit per-layer lists, as the saved config.json carries them, win over the multipliers.
-    listed = DecoderConfig.from_hf({**OPENELM_270M, "num_query_heads": list(cfg.num_heads),
+    listed = decoder_config_from_hf({**OPENELM_270M, "num_query_heads": list(cfg.num_heads),
                                     "num_kv_heads": list(cfg.num_kv_heads)})
     assert listed == cfg
     # ~270M parameters, computed without allocating them.
@@ -105,21 +106,21 @@ def test_openelm_270m_shapes_from_apples_config():
 
 
 def test_to_hf_round_trips_and_refuses_what_transformers_cannot_express():
-    cfg = DecoderConfig.from_hf({**LLAMA_HF, "attention_bias": True, "bos_token_id": 1, "eos_token_id": [2, 3]})
-    out = cfg.to_hf()
+    cfg = decoder_config_from_hf({**LLAMA_HF, "attention_bias": True, "bos_token_id": 1, "eos_token_id": [2, 3]})
+    out = decoder_config_to_hf(cfg)
     assert out["architectures"] == ["LlamaForCausalLM"] and out["eos_token_id"] == [2, 3]
-    assert DecoderConfig.from_hf(out) == cfg
+    assert decoder_config_from_hf(out) == cfg
     with pytest.raises(NotImplementedError, match="OpenELM is not in transformers"):
-        DecoderConfig.from_hf(OPENELM_270M).to_hf()
+        decoder_config_to_hf(decoder_config_from_hf(OPENELM_270M))
     mixed = DecoderConfig.make(family="llama", vocab_size=8, hidden_size=16, num_layers=2, num_heads=(4, 2),
                                num_kv_heads=2, intermediate_size=8, head_dim=4)
     with pytest.raises(NotImplementedError, match="same num_heads in every layer"):
-        mixed.to_hf()
+        decoder_config_to_hf(mixed)
     import dataclasses
 
     odd = dataclasses.replace(cfg, lm_head_bias=True)  # llama has no lm_head bias option
     with pytest.raises(NotImplementedError, match="lm_head_bias"):
-        odd.to_hf()
+        decoder_config_to_hf(odd)
 
 
 # ---- building blocks --------------------------------------------------------------------------------
@@ -174,7 +175,7 @@ def test_grouped_attention_equals_repeated_kv_heads():
 
 @pytest.fixture(scope="module")
 def llama():
-    cfg = DecoderConfig.from_hf(LLAMA_HF)
+    cfg = decoder_config_from_hf(LLAMA_HF)
     model = Decoder(cfg)
     params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 4, 32)), jnp.ones((1, 4), jnp.int32))["params"]
     # Unit-scale weights so logits are not ~0.
@@ -197,7 +198,7 @@ def test_init_creates_every_parameter_with_stable_names(llama):
     assert flat["norm/scale"] == (32,)
     assert flat == keymap.shapes(init_shapes(cfg))
     assert len(flat) == 3 + 2 * 9
-    tied_flat = keymap.shapes(init_shapes(DecoderConfig.from_hf({**LLAMA_HF, "tie_word_embeddings": True})))
+    tied_flat = keymap.shapes(init_shapes(decoder_config_from_hf({**LLAMA_HF, "tie_word_embeddings": True})))
     assert "lm_head/kernel" not in tied_flat and "embed_tokens/embedding" in tied_flat
 
 
@@ -234,7 +235,7 @@ def test_explicit_position_ids_override_the_default(llama):
 
 
 def test_gemma_scales_inputs_in_call_not_in_embed():
-    cfg = DecoderConfig.from_hf({**LLAMA_HF, "model_type": "gemma", "head_dim": 8})
+    cfg = decoder_config_from_hf({**LLAMA_HF, "model_type": "gemma", "head_dim": 8})
     model = Decoder(cfg)
     params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 2, 32)), jnp.ones((1, 2)))["params"]
     table = params["embed_tokens"]["embedding"]

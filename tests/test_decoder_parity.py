@@ -22,6 +22,7 @@ import transformers
 
 from qtl_jax.models.decoder import Decoder
 from qtl_jax.weights import keymap, safetensors_io
+from qtl_jax.weights.hf_config import decoder_config_to_hf
 from qtl_jax.weights.llm_maps import llm_rules, load_causal_lm
 from tolerances import layers_tolerance, rounding_tolerance
 
@@ -180,10 +181,10 @@ def test_default_positions_match_hf_forward_for_right_padding(hf_case, name):
 
 @pytest.mark.parametrize("name", sorted(HF_CASES))
 def test_to_hf_and_export_round_trip_through_transformers(hf_case, name):
-    """to_hf() builds the same transformers model; exported params load strictly and give the same logits."""
+    """decoder_config_to_hf builds the same transformers model; exported params load strictly and give the same logits."""
     case = hf_case(name)
     config = case["model"].config
-    hf_cfg = transformers.AutoConfig.for_model(**config.to_hf())
+    hf_cfg = transformers.AutoConfig.for_model(**decoder_config_to_hf(config))
     hf_model = transformers.AutoModelForCausalLM.from_config(hf_cfg).eval()
     exported = keymap.export(keymap.flatten(jax.tree.map(np.asarray, case["params"])), llm_rules(config))
     state = {k: torch.from_numpy(np.array(v)) for k, v in exported.items()}

@@ -14,7 +14,7 @@ import types
 import pytest
 
 from configs import eval as eval_config
-from qtl_jax.data import benchmark_files
+from qtl_jax.data.shapes import benchmarks as benchmark_files
 from qtl_jax.data.shapes import ShapesConfig
 from qtl_jax.eval import mme, runner
 from qtl_jax.eval.answers import answers_path, read_answers, read_json, read_jsonl
@@ -319,7 +319,7 @@ def test_loads_a_hugging_face_directory_without_quantizers(bench_dir, tmp_path):
     import torch
     import transformers as T
 
-    from qtl_jax.data.shapes_tokenizer import build_shapes_tokenizer
+    from qtl_jax.data.shapes.tokenizer import build_shapes_tokenizer
     from qtl_jax.eval import model as model_lib
 
     torch.manual_seed(0)

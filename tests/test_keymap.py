@@ -1,4 +1,4 @@
-"""The declarative key maps and the NumPy safetensors reader/writer."""
+"""The declarative key maps and the safetensors checkpoint directories."""
 
 import json
 import os
@@ -87,14 +87,48 @@ def test_safetensors_round_trip_with_bf16_and_shards(tmp_path):
     assert sorted(st.read_dir(str(shard))) == ["a", "b"]
 
 
-def test_safetensors_agrees_with_the_reference_library(tmp_path):
-    from safetensors.numpy import load_file, save_file
+def test_the_library_handles_bf16_so_the_module_only_adds_directories(tmp_path):
+    """bfloat16 without torch was the reason for a hand-written reader; safetensors.numpy and
+    safetensors.flax read and write it (0.8.0), so the module now defers to the library."""
+    import jax.numpy as jnp
+    import safetensors.flax
+    import safetensors.numpy
 
-    t = {"w": np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32)}
-    save_file(t, str(tmp_path / "ref.safetensors"))
-    np.testing.assert_array_equal(st.read_file(str(tmp_path / "ref.safetensors"))["w"], t["w"])
-    st.write_file(str(tmp_path / "ours.safetensors"), t)
-    np.testing.assert_array_equal(load_file(str(tmp_path / "ours.safetensors"))["w"], t["w"])
+    b = (np.arange(6, dtype=np.float32).reshape(2, 3) / 7).astype(ml_dtypes.bfloat16)
+    safetensors.numpy.save_file({"b": b}, str(tmp_path / "np.safetensors"))
+    safetensors.flax.save_file({"b": jnp.asarray(b)}, str(tmp_path / "flax.safetensors"))
+    for name in ("np", "flax"):
+        for got in (st.read_file(str(tmp_path / f"{name}.safetensors"))["b"],
+                    safetensors.numpy.load_file(str(tmp_path / f"{name}.safetensors"))["b"],
+                    np.asarray(safetensors.flax.load_file(str(tmp_path / f"{name}.safetensors"))["b"])):
+            assert got.dtype == ml_dtypes.bfloat16
+            np.testing.assert_array_equal(got.view(np.uint16), b.view(np.uint16))
+
+
+def test_write_file_stores_views_as_they_read_which_the_library_alone_does_not(tmp_path):
+    import safetensors.numpy
+
+    kernel = np.arange(12, dtype=np.float32).reshape(3, 4).T  # a transposed view, as exported kernels are
+    safetensors.numpy.save_file({"w": kernel}, str(tmp_path / "lib.safetensors"))
+    raw = safetensors.numpy.load_file(str(tmp_path / "lib.safetensors"))["w"]
+    assert raw.shape == (4, 3) and not np.array_equal(raw, kernel)  # the library wrote the untransposed bytes
+    st.write_file(str(tmp_path / "ours.safetensors"), {"w": kernel})
+    np.testing.assert_array_equal(safetensors.numpy.load_file(str(tmp_path / "ours.safetensors"))["w"], kernel)
+
+
+def test_checkpoint_is_a_lazy_mapping_over_its_shards(tmp_path):
+    st.write_file(str(tmp_path / "m-1.safetensors"), {"a": np.ones(2, np.float32), "c": np.zeros(1, np.int8)})
+    st.write_file(str(tmp_path / "m-2.safetensors"), {"b": np.full(3, 2.0, np.float16)})
+    (tmp_path / st.INDEX_NAME).write_text(json.dumps({"weight_map": {"a": "m-1.safetensors", "c": "m-1.safetensors",
+                                                                     "b": "m-2.safetensors"}}))
+    ckpt = st.read_dir(str(tmp_path))
+    assert len(ckpt) == 3 and sorted(ckpt) == ["a", "b", "c"] and "b" in ckpt and "z" not in ckpt
+    np.testing.assert_array_equal(ckpt["b"], np.full(3, 2.0, np.float16))
+    with pytest.raises(KeyError):
+        ckpt["z"]
+    (tmp_path / st.INDEX_NAME).write_text(json.dumps({"weight_map": {"a": "m-1.safetensors", "d": "m-2.safetensors"}}))
+    with pytest.raises(ValueError, match=r"absent from its shards: \['d'\]"):
+        st.read_dir(str(tmp_path))
 
 
 @pytest.mark.parametrize("blob", [b"", b"\x01\x02", (10**12).to_bytes(8, "little") + b"{}", (5).to_bytes(8, "little") + b"{nope"])

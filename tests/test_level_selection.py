@@ -1,4 +1,5 @@
-"""Level selection: the NumPy quantizer, per-L statistics against closed forms, the rule, batches, the CLI."""
+"""Level selection: the quantizer evaluated in float64, per-L statistics against closed forms, the rule, batches,
+the CLI."""
 
 import json
 import math
@@ -10,6 +11,7 @@ from hypothesis import strategies as st
 from scipy import stats
 
 from qtl_jax import level_selection as LS
+from qtl_jax.level_selection import cli
 
 Z_VECTOR = np.array([-1, -0.7, -0.5, -0.2, 0, 0.2, 0.5, 0.7, 1])
 
@@ -26,19 +28,26 @@ def test_nearest_level_indices_match_the_issue_vectors(levels, expected):
     np.testing.assert_array_equal(LS.nearest_level_indices(Z_VECTOR, levels), expected)
 
 
-def test_numpy_quantizer_agrees_with_the_jax_quantizer():
+def test_float64_scaling_and_thresholds_agree_with_the_quantizer():
     from qtl_jax import quantizer as Q
 
     u = np.random.default_rng(0).standard_t(4, size=(16, 64)).astype(np.float32)
     mean, std = Q.moments(u)
     z_jax, _ = Q.linear_scale(u, mean, std)
-    z = LS.scale_features(u)
-    np.testing.assert_allclose(z, np.asarray(z_jax), atol=2e-6)
+    # float64 here, float32 in the quantizer: |z| <= 1, a few float32 roundings.
+    np.testing.assert_allclose(LS.scale_features(u), np.asarray(z_jax), atol=16 * np.finfo(np.float32).eps)
     for levels in (2, 3, 4, 5, 8, 16, 32):
-        _, k_jax = Q.round_to_levels(z.astype(np.float32), levels)
-        k = LS.nearest_level_indices(z.astype(np.float32), levels)
-        np.testing.assert_array_equal(k, np.asarray(k_jax))
-        np.testing.assert_allclose(LS.level_values(levels), Q.grid(levels), atol=1e-7)
+        np.testing.assert_array_equal(LS.level_values(levels), Q.grid(levels).astype(np.float64))
+        # The indices are the quantizer's, and each threshold separates its decisions on either side. The
+        # quantizer rounds z (L-1)/2 - o in float32, whose ulp near a threshold is below eps32 (L-1)/2: a
+        # margin of 8 eps32 in z is a few of those ulps, so only the tie at the threshold itself is skipped.
+        t = LS.decision_thresholds(levels).astype(np.float32)
+        margin = 8 * np.finfo(np.float32).eps
+        z = np.random.default_rng(levels).uniform(-1.2, 1.2, 1024).astype(np.float32)
+        z[: 2 * (levels - 1)] = np.concatenate([t - margin, t + margin])  # one array shape: one compile per L
+        k = np.asarray(Q.round_to_levels(z, levels)[1])
+        np.testing.assert_array_equal(LS.nearest_level_indices(z, levels), k)
+        np.testing.assert_array_equal(k[: 2 * (levels - 1)], np.concatenate([np.arange(levels - 1), np.arange(1, levels)]))
 
 
 def test_scale_features_follows_the_official_formula():
@@ -206,7 +215,7 @@ def test_cli_writes_json_markdown_and_png(tmp_path, synthetic, capsys):
     path = tmp_path / "features.npz"
     np.savez(path, **{f"batch_{i}": b for i, b in enumerate(synthetic)})
     out = tmp_path / "out"
-    assert LS.main([f"--features={path}", f"--out={out}", "--levels=2-16"]) == 0
+    assert cli.main([f"--features={path}", f"--out={out}", "--levels=2-16"]) == 0
     data = json.loads((out / "levels.json").read_text())
     md = (out / "levels.md").read_text()
     png = (out / "levels.png").read_bytes()
@@ -240,7 +249,7 @@ def test_bad_input_raises_clear_errors(tmp_path, capsys):
         LS.select_levels(np.ones((4, 4)))
     with pytest.raises(ValueError, match="non-finite"):
         LS.select_levels(np.array([1.0, np.nan, 2.0, 3.0]))
-    with pytest.raises(ValueError, match="levels must be an integer >= 2"):
+    with pytest.raises(ValueError, match="levels=1 is out of range"):
         LS.select_levels(np.arange(100.0), candidates=[1, 2])
     with pytest.raises(ValueError, match="no candidate level counts"):
         LS.select_levels(np.arange(100.0), candidates=[])
@@ -248,9 +257,34 @@ def test_bad_input_raises_clear_errors(tmp_path, capsys):
     np.savez(bad, a=np.ones(3), b=np.ones(3))
     with pytest.raises(ValueError, match="batch_0..batch_N"):
         LS.load_feature_batches(str(bad))
-    assert LS.main([f"--features={bad}", f"--out={tmp_path}"]) == 2
+    assert cli.main([f"--features={bad}", f"--out={tmp_path}"]) == 2
     assert "error:" in capsys.readouterr().err
-    assert LS.main([f"--features={tmp_path / 'missing.npz'}", f"--out={tmp_path}"]) == 2
+    assert cli.main([f"--features={tmp_path / 'missing.npz'}", f"--out={tmp_path}"]) == 2
+
+
+def test_cli_requires_an_output_directory(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--synthetic", "--batches=2"])
+    assert e.value.code == 2 and "--out" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_rule_imports_neither_plots_nor_the_cli():
+    import ast
+    import importlib.util
+
+    allowed = {"qtl_jax.entropy", "qtl_jax.quantizer"}
+    for name, extra in (("rule", set()), ("features", set()), ("report", {"qtl_jax.level_selection.rule"}),
+                        ("cli", {f"qtl_jax.level_selection.{m}" for m in ("rule", "features", "report")})):
+        with open(importlib.util.find_spec(f"qtl_jax.level_selection.{name}").origin) as f:
+            tree = ast.parse(f.read())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        ours = {m for m in imported if m.startswith("qtl_jax")}
+        assert ours <= allowed | extra, (name, ours)
+        if name != "report":
+            assert not any(m.startswith("matplotlib") for m in imported), name
 
 
 def test_gap_equals_the_documented_kl_decomposition(gaussian_selection):

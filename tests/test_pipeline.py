@@ -9,7 +9,8 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from qtl_jax.data import llava_tfds, pipeline, sequence, shapes_tokenizer, templates
+from qtl_jax.data import llava_tfds, pipeline, sequence, templates
+from qtl_jax.data.shapes import tokenizer as shapes_tokenizer
 from qtl_jax.data.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from qtl_jax.data.image_processing import ImageProcessor
 

@@ -13,18 +13,22 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qtl_jax.data import benchmark_files as B
-from qtl_jax.data import shapes as S
-from qtl_jax.data import shapes_tokenizer as T
+from qtl_jax.data.shapes import benchmarks as B
+from qtl_jax.data.shapes import cli, preview
+from qtl_jax.data.shapes import corpus as CO
+from qtl_jax.data.shapes import samples as SM
+from qtl_jax.data.shapes import scene as SC
+from qtl_jax.data.shapes import text as TX
+from qtl_jax.data.shapes import tokenizer as T
 
-CFG = S.ShapesConfig()
+CFG = SC.ShapesConfig()
 BENCH = dict(n_mme=4, n_pope=8, n_scienceqa=30, n_vqa=12)
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("shapes"))
-    counts = S.write_corpus(out, seed=3, n_pretrain=40, n_instruct=80, image_size=64, bench_sizes=BENCH)
+    counts = CO.write_corpus(out, seed=3, n_pretrain=40, n_instruct=80, image_size=64, bench_sizes=BENCH)
     return out, counts
 
 
@@ -72,15 +76,15 @@ def _image_hashes(root):
 # Determinism.
 
 def test_sample_is_a_pure_function_of_seed_and_index():
-    order_a = {i: S.instruct_sample(7, i, CFG) for i in (4, 1, 9, 2)}
-    order_b = {i: S.instruct_sample(7, i, CFG) for i in (2, 9, 4, 1)}
+    order_a = {i: SM.instruct_sample(7, i, CFG) for i in (4, 1, 9, 2)}
+    order_b = {i: SM.instruct_sample(7, i, CFG) for i in (2, 9, 4, 1)}
     for i in order_a:
         a, b = order_a[i], order_b[i]
         assert a.record == b.record
         assert (a.image is None) == (b.image is None)
         if a.image is not None:
             assert a.image.tobytes() == b.image.tobytes()
-    p0, p1 = S.pretrain_sample(7, 0, CFG), S.pretrain_sample(8, 0, CFG)
+    p0, p1 = SM.pretrain_sample(7, 0, CFG), SM.pretrain_sample(8, 0, CFG)
     assert p0.image.tobytes() != p1.image.tobytes()
     assert p0.image.shape == (64, 64, 3) and p0.image.dtype == np.uint8
 
@@ -88,16 +92,76 @@ def test_sample_is_a_pure_function_of_seed_and_index():
 def test_write_corpus_is_byte_identical_for_the_same_seed(corpus, tmp_path):
     out, _ = corpus
     again = str(tmp_path / "again")
-    S.write_corpus(again, seed=3, n_pretrain=40, n_instruct=80, image_size=64, bench_sizes=BENCH)
+    CO.write_corpus(again, seed=3, n_pretrain=40, n_instruct=80, image_size=64, bench_sizes=BENCH)
     assert _files_digest(out) == _files_digest(again)
+
+
+# Computed with the single-module generator before it was split into qtl_jax/data/shapes/*.py. A deliberate
+# change of the corpus (new questions, balanced benchmarks) changes these: update them in the same commit
+# and say why. Pixels are hashed decoded, so a zlib/Pillow PNG-encoder change alone does not move them.
+PINNED_CORPUS_DIGEST = "ac4bb9b736af8ad8cd627078884a5ad1fc859b71c003c818517edd739656b559"
+PINNED_VOCABULARY_DIGEST = "19e819c966ae794b37b0ae5ead50480535c934577c4e466e7bfd73561dc76632"
+
+
+def _content_digest(root):
+    from PIL import Image
+
+    h = hashlib.sha256()
+    for d, dirs, files in sorted(os.walk(root)):
+        dirs.sort()
+        for name in sorted(files):
+            p = os.path.join(d, name)
+            if name.endswith(".png"):
+                a = np.asarray(Image.open(p))
+                data = repr(a.shape).encode() + a.tobytes()
+            else:
+                with open(p, "rb") as f:
+                    data = f.read()
+            h.update(os.path.relpath(p, root).encode() + b"\0" + hashlib.sha256(data).digest())
+    return h.hexdigest()
+
+
+def test_corpus_and_vocabulary_are_pinned(tmp_path):
+    out = str(tmp_path / "pinned")
+    CO.write_corpus(out, seed=5, n_pretrain=6, n_instruct=12, image_size=48,
+                    bench_sizes=dict(n_mme=2, n_pope=3, n_scienceqa=6, n_vqa=4))
+    assert _content_digest(out) == PINNED_CORPUS_DIGEST
+    assert hashlib.sha256("\n".join(T.vocabulary()).encode()).hexdigest() == PINNED_VOCABULARY_DIGEST
+
+
+def test_modules_import_only_the_ones_below_them():
+    """The package's layering (its docstring): each module imports only modules listed before it, never the
+    package's own re-exports, so there is no cycle and a new benchmark or question type has one place to go."""
+    import ast
+    import importlib.util
+    import pkgutil
+
+    import qtl_jax.data.shapes as package
+
+    order = ["scene", "text", "samples", "benchmarks", "corpus", "tokenizer", "preview", "cli", "__main__"]
+    found = {m.name for m in pkgutil.iter_modules(package.__path__)}
+    assert found == set(order), found
+    for i, name in enumerate(order):
+        spec = importlib.util.find_spec(f"qtl_jax.data.shapes.{name}")
+        with open(spec.origin) as f:
+            tree = ast.parse(f.read())
+        used = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == "qtl_jax.data.shapes":
+                used |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("qtl_jax.data.shapes."):
+                used.add(node.module.rsplit(".", 1)[1])
+            elif isinstance(node, ast.Import):
+                used |= {a.name.rsplit(".", 1)[1] for a in node.names if a.name.startswith("qtl_jax.data.shapes.")}
+        assert used <= set(order[:i]), (name, sorted(used - set(order[:i])))
 
 
 # ---------------------------------------------------------------------------------------------------
 # Scenes and pixels.
 
 def _nearest_palette(rgb):
-    names = list(S.PALETTE)
-    d = [np.abs(np.asarray(S.PALETTE[n]) - rgb).sum() for n in names]
+    names = list(SC.PALETTE)
+    d = [np.abs(np.asarray(SC.PALETTE[n]) - rgb).sum() for n in names]
     return names[int(np.argmin(d))], min(d)
 
 
@@ -125,16 +189,16 @@ def _check_scene_and_pixels(scene, image, cfg):
 
 def test_scenes_match_pixels_over_many_samples():
     for i in range(150):
-        scene, image, _ = S.scene_and_image(0, "instruct", i, CFG)
+        scene, image, _ = SM.scene_and_image(0, "instruct", i, CFG)
         _check_scene_and_pixels(scene, image, CFG)
 
 
 @settings(max_examples=20, deadline=None, derandomize=True)
 @given(seed=st.integers(0, 2**31 - 1), index=st.integers(0, 10**6), size=st.sampled_from([32, 48, 64, 96, 128]),
-       kinds=st.sampled_from([("circle", "square"), S.ALL_KINDS, ("triangle", "cross", "star")]))
+       kinds=st.sampled_from([("circle", "square"), SC.ALL_KINDS, ("triangle", "cross", "star")]))
 def test_scene_invariants_hold_for_any_address_and_size(seed, index, size, kinds):
-    cfg = S.ShapesConfig(image_size=size, kinds=kinds, kind_weights=None)
-    scene, image, _ = S.scene_and_image(seed, "pretrain", index, cfg)
+    cfg = SC.ShapesConfig(image_size=size, kinds=kinds, kind_weights=None)
+    scene, image, _ = SM.scene_and_image(seed, "pretrain", index, cfg)
     assert image.shape == (size, size, 3)
     _check_scene_and_pixels(scene, image, cfg)
 
@@ -167,7 +231,7 @@ def _independent_answer(task, text, scene):
         return str(scene.count(color=re.fullmatch(r"How many (\w+) shapes are there\?", text)[1]))
     if task == "count_kind":
         plural = re.fullmatch(r"How many (\w+) are there\?", text)[1]
-        kind = {v: k for k, v in S.KIND_PLURALS.items()}[plural]
+        kind = {v: k for k, v in TX.KIND_PLURALS.items()}[plural]
         return str(scene.count(kind=kind))
     if task in ("position", "size"):
         m = re.fullmatch(r"(?:Where is|Is) the (\w+) (\w+)(?: large or small)?\?", text)
@@ -187,9 +251,9 @@ def _independent_answer(task, text, scene):
 def test_every_question_type_answers_correctly():
     seen = collections.Counter()
     for i in range(120):
-        scene, _, rng = S.scene_and_image(1, "instruct", i, CFG)
-        for task in S.IMAGE_TASKS:
-            qa = S.question(task, scene, rng, CFG)
+        scene, _, rng = SM.scene_and_image(1, "instruct", i, CFG)
+        for task in TX.IMAGE_TASKS:
+            qa = TX.question(task, scene, rng, CFG)
             if qa is None:
                 assert task in ("left_of", "above")
                 continue
@@ -203,28 +267,28 @@ def test_every_question_type_answers_correctly():
 
 def test_multiple_choice_letter_points_at_the_answer():
     rng = np.random.default_rng(0)
-    scene, _, _ = S.scene_and_image(0, "instruct", 3, CFG)
+    scene, _, _ = SM.scene_and_image(0, "instruct", 3, CFG)
     for _ in range(50):
-        qa = S.question("color", scene, rng, CFG)
-        text, letter, options = S.multiple_choice(qa, rng)
-        assert options[S.OPTION_LETTERS.index(letter)] == qa.answer
+        qa = TX.question("color", scene, rng, CFG)
+        text, letter, options = TX.multiple_choice(qa, rng)
+        assert options[TX.OPTION_LETTERS.index(letter)] == qa.answer
         assert len(set(options)) == len(options) == 4
-        assert f"\n{letter}. {qa.answer}\n" in text and text.endswith(S.OPTION_PROMPT)
+        assert f"\n{letter}. {qa.answer}\n" in text and text.endswith(TX.OPTION_PROMPT)
 
 
 def test_caption_lists_every_object():
     for i in range(40):
-        s = S.pretrain_sample(2, i, CFG)
+        s = SM.pretrain_sample(2, i, CFG)
         cap = s.record["conversations"][1]["value"]
         for o in s.scene.objects:
-            assert f"{o.size} {o.color} {o.kind} {S.at_position(o.position)}" in cap
+            assert f"{o.size} {o.color} {o.kind} {TX.at_position(o.position)}" in cap
         assert cap.count(" a ") + cap.startswith("A ") >= len(s.scene.objects)
 
 
 def test_text_only_answers_are_right():
     rng = np.random.default_rng(5)
     for _ in range(200):
-        q, short, _ = S.text_only_turn(rng, CFG)
+        q, short, _ = TX.text_only_turn(rng, CFG)
         if m := re.fullmatch(r"What is (\d+) plus (\d+)\?", q):
             assert int(short) == int(m[1]) + int(m[2])
         elif m := re.fullmatch(r"What is (\d+) minus (\d+)\?", q):
@@ -232,10 +296,10 @@ def test_text_only_answers_are_right():
         elif m := re.fullmatch(r"Which is bigger, (\d+) or (\d+)\?", q):
             assert int(short) == max(int(m[1]), int(m[2])) and m[1] != m[2]
         elif m := re.fullmatch(r"How many sides does a (\w+) have\?", q):
-            assert int(short) == S.SIDES[m[1]]
+            assert int(short) == TX.SIDES[m[1]]
         else:
             w = re.fullmatch(r"Is (\w+) a color or a shape\?", q)[1]
-            assert short == ("color" if w in S.PALETTE else "shape")
+            assert short == ("color" if w in SC.PALETTE else "shape")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -269,7 +333,7 @@ def test_training_files_are_llava_format(corpus):
 
 
 def test_cli_prints_counts_and_timing(tmp_path, capsys):
-    S.main([f"--out={tmp_path}", "--seed=1", "--n_pretrain=5", "--n_instruct=5", "--image_size=48",
+    cli.main([f"--out={tmp_path}", "--seed=1", "--n_pretrain=5", "--n_instruct=5", "--image_size=48",
             "--no_benchmarks"])
     out = capsys.readouterr().out
     assert re.search(r"pretrain\.json 5 samples, instruct\.json 5 samples \(\d+ text-only\) in [\d.]+ s", out)
@@ -278,6 +342,26 @@ def test_cli_prints_counts_and_timing(tmp_path, capsys):
     from PIL import Image
 
     assert Image.open(tmp_path / "images" / "pretrain" / "0000000.png").size == (48, 48)
+
+
+def test_cli_bad_argument_is_one_error_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main([f"--out={tmp_path}", "--image_size=10", "--no_benchmarks"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: image_size=10 is too small") and err.count("\n") == 1
+
+
+def test_module_entry_point_runs(tmp_path):
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-m", "qtl_jax.data.shapes", f"--out={tmp_path}", "--n_pretrain=2",
+                          "--n_instruct=2", "--image_size=32", "--no_benchmarks"], cwd=root, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "pretrain.json 2 samples" in out.stdout and os.path.isfile(tmp_path / "instruct.json")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -311,7 +395,7 @@ def test_mme_folder(corpus):
     for r in rows:
         sub, img = r["question_id"].split("/")
         assert r["image"] == r["question_id"] and r["category"] == sub
-        q = r["text"].replace("\n" + S.SHORT_ANSWER_PROMPT, "")
+        q = r["text"].replace("\n" + TX.SHORT_ANSWER_PROMPT, "")
         assert (sub, img[:-4], q) in gt
 
 
@@ -319,7 +403,7 @@ def test_mme_answers_are_right():
     for sub in B.MME_PERCEPTION + B.MME_COGNITION:
         cfg = B.with_min_objects(CFG, 2) if sub == "commonsense_reasoning" else CFG
         for i in range(30):
-            scene, _, rng = S.scene_and_image(0, "mme", 1000 + i, cfg)
+            scene, _, rng = SM.scene_and_image(0, "mme", 1000 + i, cfg)
             q_yes, q_no = B.mme_questions(sub, scene, rng, cfg)
             assert q_yes != q_no
             for q, truth in ((q_yes, True), (q_no, False)):
@@ -328,12 +412,12 @@ def test_mme_answers_are_right():
                     assert (f"{m[1]} {m[2]}" in scene.names()) == truth
                 elif sub == "count":
                     m = re.fullmatch(r"Is the number of (\w+) in this image (\d+)\?", q)
-                    kinds = {v: k for k, v in S.KIND_PLURALS.items()}
+                    kinds = {v: k for k, v in TX.KIND_PLURALS.items()}
                     n = len(scene.objects) if m[1] == "shapes" else scene.count(kind=kinds[m[1]])
                     assert (n == int(m[2])) == truth
                 elif sub == "numerical_calculation":
                     m = re.fullmatch(r"Is the number of (\w+) plus the number of (\w+) equal to (\d+)\?", q)
-                    kinds = {v: k for k, v in S.KIND_PLURALS.items()}
+                    kinds = {v: k for k, v in TX.KIND_PLURALS.items()}
                     n = scene.count(kind=kinds[m[1]]) + scene.count(kind=kinds[m[2]])
                     assert (n == int(m[3])) == truth
                 elif sub == "position":
@@ -360,7 +444,7 @@ def test_pope_files_follow_the_pope_rules(corpus):
     llava = _jsonl(os.path.join(root, "llava_pope_test.jsonl"))
     n = BENCH["n_pope"]
     pcfg = B.with_min_objects(CFG, 3)
-    scenes = {f"shapes_pope_{i:06d}.png": S.scene_and_image(3, "pope", i, pcfg)[0] for i in range(n)}
+    scenes = {f"shapes_pope_{i:06d}.png": SM.scene_and_image(3, "pope", i, pcfg)[0] for i in range(n)}
     freq = collections.Counter(x for s in scenes.values() for x in s.names())
     all_ids = [r["question_id"] for r in llava]
     assert len(all_ids) == len(set(all_ids)) == 3 * 6 * n
@@ -414,9 +498,9 @@ def test_scienceqa_files(corpus):
         assert 2 <= len(p["choices"]) <= 4 and 0 <= p["answer"] < len(p["choices"])
         assert len(set(p["choices"])) == len(p["choices"])
         human, gpt = row["conversations"]
-        assert gpt["value"] == S.OPTION_LETTERS[p["answer"]]
+        assert gpt["value"] == TX.OPTION_LETTERS[p["answer"]]
         for j, c in enumerate(p["choices"]):
-            assert f"\n{S.OPTION_LETTERS[j]}. {c}" in human["value"]
+            assert f"\n{TX.OPTION_LETTERS[j]}. {c}" in human["value"]
         assert human["value"].count("Context: ") == 1 and p["question"] in human["value"]
         if p["image"] is not None:
             n_img += 1
@@ -429,7 +513,7 @@ def test_scienceqa_files(corpus):
 
 def test_scienceqa_image_answers_are_right():
     for i in range(80):
-        scene, _, rng = S.scene_and_image(0, "scienceqa", 500 + i, CFG)
+        scene, _, rng = SM.scene_and_image(0, "scienceqa", 500 + i, CFG)
         p = B.sqa_problem(scene, rng, CFG, with_image=True)
         answer, q = p["choices"][p["answer"]], p["question"]
         if p["task"] == "count":
@@ -459,7 +543,7 @@ def test_vqa_files(corpus):
     varied = 0
     for q, a, row in zip(qs, anns, llava):
         assert q["question_id"] == a["question_id"] == row["question_id"]
-        assert row["text"] == f"{q['question']}\n{S.SHORT_ANSWER_PROMPT}"
+        assert row["text"] == f"{q['question']}\n{TX.SHORT_ANSWER_PROMPT}"
         answers = [x["answer"] for x in a["answers"]]
         assert len(answers) == 10 and [x["answer_id"] for x in a["answers"]] == list(range(1, 11))
         assert collections.Counter(answers).most_common(1)[0] == (a["multiple_choice_answer"],
@@ -479,8 +563,8 @@ def test_vqa_files(corpus):
 
 def test_vqa_ground_truth_is_right():
     for i in range(40):
-        scene, _, rng = S.scene_and_image(0, "vqa", 900 + i, CFG)
-        qa = S.question(B.VQA_TASKS[i % len(B.VQA_TASKS)], scene, rng, CFG)
+        scene, _, rng = SM.scene_and_image(0, "vqa", 900 + i, CFG)
+        qa = TX.question(B.VQA_TASKS[i % len(B.VQA_TASKS)], scene, rng, CFG)
         answers = B.annotator_answers(qa.answer, qa.choices, rng)
         assert answers.count(qa.answer) >= 7
 
@@ -492,7 +576,7 @@ def test_train_and_benchmark_images_are_disjoint(corpus):
     for bench in ("mme", "pope", "scienceqa", "vqa"):
         imgs = _image_hashes(os.path.join(out, "eval", bench))
         assert imgs and not imgs & train, bench
-    assert len(set(S.STREAMS.values())) == len(S.STREAMS)
+    assert len(set(SM.STREAMS.values())) == len(SM.STREAMS)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -508,22 +592,22 @@ def test_train_and_benchmark_images_are_disjoint(corpus):
 ])
 def test_bad_config_is_a_clear_error(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        S.ShapesConfig(**kwargs)
+        SC.ShapesConfig(**kwargs)
 
 
 def test_bad_arguments_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown stream"):
-        S.sample_rngs(0, "test", 0)
+        SM.sample_rngs(0, "test", 0)
     with pytest.raises(ValueError, match="non-negative"):
-        S.sample_rngs(-1, "pretrain", 0)
+        SM.sample_rngs(-1, "pretrain", 0)
     with pytest.raises(ValueError, match="sample counts"):
-        S.write_corpus(str(tmp_path), n_pretrain=-1, n_instruct=0)
+        CO.write_corpus(str(tmp_path), n_pretrain=-1, n_instruct=0)
     with pytest.raises(ValueError, match="disagrees"):
-        S.write_corpus(str(tmp_path), n_pretrain=1, n_instruct=1, image_size=64, cfg=S.ShapesConfig(image_size=96))
+        CO.write_corpus(str(tmp_path), n_pretrain=1, n_instruct=1, image_size=64, cfg=SC.ShapesConfig(image_size=96))
     with pytest.raises(ValueError, match="n_pope=0"):
         B.write_benchmarks(str(tmp_path), n_pope=0)
     with pytest.raises(ValueError, match="unknown question task"):
-        S.question("colour", S.scene_and_image(0, "pretrain", 0, CFG)[0], np.random.default_rng(0), CFG)
+        TX.question("colour", SM.scene_and_image(0, "pretrain", 0, CFG)[0], np.random.default_rng(0), CFG)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -532,9 +616,9 @@ def test_bad_arguments_are_clear_errors(tmp_path):
 def _all_texts(n_instruct=1500, n_pretrain=300):
     texts = []
     for i in range(n_instruct):
-        texts += [t["value"] for t in S.instruct_sample(11, i, CFG).record["conversations"]]
+        texts += [t["value"] for t in SM.instruct_sample(11, i, CFG).record["conversations"]]
     for i in range(n_pretrain):
-        texts += [t["value"] for t in S.pretrain_sample(11, i, CFG).record["conversations"]]
+        texts += [t["value"] for t in SM.pretrain_sample(11, i, CFG).record["conversations"]]
     return texts
 
 
@@ -548,7 +632,7 @@ def test_tokenizer_covers_the_corpus_and_the_chat_template(tokenizer, corpus):
             _jsonl(os.path.join(out, "eval", "vqa", "llava_vqa_shapes.jsonl")):
         texts.append(r["text"])
     for r in _load(os.path.join(out, "eval", "scienceqa", "llava_test_CQM-A.json")):
-        texts += [t["value"] for t in r["conversations"]] + [S.OPTION_PROMPT]
+        texts += [t["value"] for t in r["conversations"]] + [TX.OPTION_PROMPT]
     unk = tokenizer.unk_token_id
     missing = {t for t in texts if unk in tokenizer(t).input_ids}
     assert not missing, sorted(missing)[:5]
@@ -557,11 +641,11 @@ def test_tokenizer_covers_the_corpus_and_the_chat_template(tokenizer, corpus):
 
 def test_tokenizer_round_trips_answers_and_captions(tokenizer):
     for i in range(400):
-        for turn in S.instruct_sample(12, i, CFG).record["conversations"]:
+        for turn in SM.instruct_sample(12, i, CFG).record["conversations"]:
             if turn["from"] == "gpt":
                 ids = tokenizer(turn["value"]).input_ids
                 assert tokenizer.decode(ids, skip_special_tokens=True) == turn["value"]
-    cap = S.pretrain_sample(12, 0, CFG).record["conversations"][1]["value"]
+    cap = SM.pretrain_sample(12, 0, CFG).record["conversations"][1]["value"]
     assert tokenizer.decode(tokenizer(cap).input_ids, skip_special_tokens=True) == cap
     system = T.CHAT_TEMPLATE_TEXTS[0]
     assert tokenizer.decode(tokenizer(system).input_ids, skip_special_tokens=True) == system
@@ -587,14 +671,14 @@ def test_llama_template_tokenizes_corpus_without_mismatch(tokenizer):
     llama = get_template("llama")
     pretrain = get_template("pretrain")
     for i in range(60):
-        s = S.instruct_sample(13, i, CFG)
+        s = SM.instruct_sample(13, i, CFG)
         sample = llama.tokenize(s.record["conversations"], tokenizer, has_image="image" in s.record)
         trained = [t for t, lab in zip(sample.input_ids, sample.labels) if lab != -100]
         answers = " ".join(t["value"] for t in s.record["conversations"] if t["from"] == "gpt")
         # Only the answers and their </s> are trained.
         assert tokenizer.decode(trained, skip_special_tokens=True) == answers
         assert trained.count(tokenizer.eos_token_id) == len(s.record["conversations"]) // 2
-    p = S.pretrain_sample(13, 0, CFG)
+    p = SM.pretrain_sample(13, 0, CFG)
     assert pretrain.tokenize(p.record["conversations"], tokenizer, has_image=True) is not None
 
 
@@ -602,6 +686,6 @@ def test_preview_grid_writes_a_png(tmp_path):
     from PIL import Image
 
     path = str(tmp_path / "grid.png")
-    S.preview_grid(path, seed=0, n=4, columns=2)
+    preview.preview_grid(path, seed=0, n=4, columns=2)
     w, h = Image.open(path).size
     assert w > 400 and h > 400

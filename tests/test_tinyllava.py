@@ -364,14 +364,14 @@ def test_factory_gemma_scales_image_features_as_transformers_4_did(llava_cases, 
 def test_papers_model_composes_at_full_size():
     """SigLIP-so400m/14-384 + mlp2x_gelu + OpenELM-270M, shapes only (jax.eval_shape: nothing allocated)."""
     from qtl_jax.models.connector import ConnectorConfig
-    from qtl_jax.models.decoder import DecoderConfig
     from qtl_jax.models.tinyllava import TinyLlavaConfig, abstract_params
     from qtl_jax.models.vision import VisionConfig
+    from qtl_jax.weights.hf_config import decoder_config_from_hf
 
     openelm_270m = dict(model_type="openelm", num_transformer_layers=16, model_dim=1280, head_dim=64, vocab_size=32000,
                         qkv_multipliers=[0.5, 1.0], num_gqa_groups=4, ffn_multipliers=[0.5, 4.0], ffn_dim_divisor=256,
                         normalize_qk_projections=True, share_input_output_layers=True)
-    cfg = TinyLlavaConfig(VisionConfig(), ConnectorConfig("mlp2x_gelu", 1152, 1280), DecoderConfig.from_hf(openelm_270m))
+    cfg = TinyLlavaConfig(VisionConfig(), ConnectorConfig("mlp2x_gelu", 1152, 1280), decoder_config_from_hf(openelm_270m))
     params = abstract_params(cfg)
     counts = {k: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(v)) for k, v in params.items()}
     # Vision: transformers' SiglipVisionModel(so400m, vision_use_head=False) has exactly 412,987,248.

@@ -248,14 +248,15 @@ def test_tokenizer_loads_offline(tmp_path):
 def test_factory_checkpoint_with_openelm_the_papers_llm(base, tmp_path):
     """The paper's model shape in miniature: SigLIP + mlp2x_gelu + OpenELM (per-layer heads, qk-norm,
     GQA, tied embeddings) in the Factory layout, whose LLM keys are language_model.transformer.*."""
-    from qtl_jax.models.decoder import DecoderConfig, init_shapes
+    from qtl_jax.models.decoder import init_shapes
+    from qtl_jax.weights.hf_config import decoder_config_from_hf
     from qtl_jax.weights.llm_maps import llm_rules
 
     _, _, _, params, tensors, config = base
     openelm = dict(model_type="openelm", num_transformer_layers=2, model_dim=64, head_dim=16, vocab_size=512,
                    num_query_heads=[4, 2], num_kv_heads=[2, 1], ffn_multipliers=[0.5, 1.0], ffn_dim_divisor=16,
                    ffn_with_glu=True, normalize_qk_projections=True, share_input_output_layers=True)
-    llm_cfg = DecoderConfig.from_hf(openelm)
+    llm_cfg = decoder_config_from_hf(openelm)
     rng = np.random.default_rng(1)  # random weights of the right shapes: tracing is cheap, compiling init is not
     llm_params = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32) * 0.1, init_shapes(llm_cfg))
     llm_tensors = keymap.export(keymap.flatten(llm_params), llm_rules(llm_cfg))

@@ -43,3 +43,26 @@ def test_this_jaxlib_accepts_the_defaults():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "64.0"
+
+
+def test_with_flag_replaces_a_flag_of_the_same_name_and_keeps_the_rest():
+    count = "--xla_force_host_platform_device_count=8"
+    assert xla_flags.with_flag("", count) == count
+    assert xla_flags.with_flag("--xla_force_host_platform_device_count=2 --xla_dump_to=/tmp/d", count) == (
+        "--xla_dump_to=/tmp/d " + count)
+    assert xla_flags.with_flag(count, count) == count
+
+
+def test_the_test_session_keeps_8_devices_under_a_users_own_xla_flags():
+    """tests/conftest.py adds the device count to XLA_FLAGS instead of only setting it when unset."""
+    tests = os.path.dirname(os.path.abspath(__file__))
+    user = "--xla_force_host_platform_device_count=2 --xla_cpu_enable_fast_math=false"
+    env = dict(os.environ, XLA_FLAGS=user, JAX_PLATFORMS="cpu", QTL_JAX_NO_XLA_DEFAULTS="1")
+    code = (f"import os, sys; sys.path.insert(0, {tests!r}); import conftest, jax; print(jax.device_count()); "
+            "print(os.environ['XLA_FLAGS'])")
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=os.path.dirname(tests), capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    count, flags = out.stdout.strip().split("\n")
+    assert count == "8"
+    assert flags == "--xla_cpu_enable_fast_math=false --xla_force_host_platform_device_count=8"

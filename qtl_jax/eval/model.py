@@ -18,7 +18,8 @@ from typing import Any
 
 import jax
 
-from qtl_jax.data import image_processing, shapes_tokenizer, templates
+from qtl_jax.data import image_processing, templates
+from qtl_jax.data.shapes import tokenizer as shapes_tokenizer
 from qtl_jax.models.connector import ConnectorConfig
 from qtl_jax.models.decoder import DecoderConfig, dtype_from_name
 from qtl_jax.models.quantized import QuantizedTinyLlavaConfig, init_split_params

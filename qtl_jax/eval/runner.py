@@ -92,7 +92,7 @@ def benchmark_specs(config: Any) -> dict[str, dict[str, Any]]:
 
 def prepare_shapes_benchmarks(config: Any) -> None:
     """Writes the built-in shapes benchmark files into ``config.benchmark_dir`` once."""
-    from qtl_jax.data import benchmark_files
+    from qtl_jax.data.shapes import benchmarks as benchmark_files
     from qtl_jax.data.shapes import ShapesConfig
 
     s = config.shapes_benchmarks

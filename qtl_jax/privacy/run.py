@@ -29,7 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qtl_jax.data import image_processing, sequence, shapes, shapes_tokenizer, templates
+from qtl_jax.data import image_processing, sequence, shapes, templates
+from qtl_jax.data.shapes import tokenizer as shapes_tokenizer
 from qtl_jax.data.constants import IMAGE_TOKEN_INDEX
 from qtl_jax.models import quantized as qm
 from qtl_jax.models.connector import ConnectorConfig

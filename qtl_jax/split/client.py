@@ -94,7 +94,7 @@ def make_client_step(config: qm.QuantizedTinyLlavaConfig, mesh, optimizers: step
 
 def _model_only(config) -> qm.QuantizedTinyLlavaConfig:
     """The model of a ``model.source='random'`` shapes config without touching data (the server's case)."""
-    from qtl_jax.data import shapes_tokenizer
+    from qtl_jax.data.shapes import tokenizer as shapes_tokenizer
     from qtl_jax.models.decoder import dtype_from_name
     from qtl_jax.quantizer import QuantizerConfig
     from qtl_jax.train import loop

@@ -36,7 +36,8 @@ import ml_collections
 import numpy as np
 
 from qtl_jax.data.constants import IMAGE_TOKEN_INDEX
-from qtl_jax.data import image_processing, llava_tfds, pipeline, shapes_tokenizer, templates
+from qtl_jax.data import image_processing, llava_tfds, pipeline, templates
+from qtl_jax.data.shapes import tokenizer as shapes_tokenizer
 from qtl_jax.models.connector import ConnectorConfig
 from qtl_jax.models.decoder import DecoderConfig, dtype_from_name
 from qtl_jax.models.quantized import QuantizedTinyLlavaConfig

@@ -19,6 +19,7 @@ import numpy as np
 from qtl_jax.models.tinyllava import TinyLlava, TinyLlavaConfig
 from qtl_jax.models.vision import normalize_strategy
 from qtl_jax.weights import keymap, layouts, safetensors_io
+from qtl_jax.weights.hf_config import decoder_config_to_hf
 from qtl_jax.weights.llm_maps import llm_rules
 
 
@@ -35,7 +36,7 @@ def llava_hf_config(config: TinyLlavaConfig, image_token_index: int | None = Non
             "LlavaForConditionalGeneration's lm_head has no bias, so this model (lm_head_bias=True, e.g. a Phi "
             "loaded from a causal-LM checkpoint) cannot be exported to llava-hf without changing its logits"
         )
-    text = config.llm.to_hf()
+    text = decoder_config_to_hf(config.llm)
     return {
         "architectures": ["LlavaForConditionalGeneration"],
         "model_type": "llava",

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from qtl_jax.models.decoder import Decoder, DecoderConfig, init_shapes
 from qtl_jax.weights import keymap, safetensors_io
+from qtl_jax.weights.hf_config import decoder_config_from_hf
 from qtl_jax.weights.keymap import IDENTITY, LINEAR, Rule, Split
 
 
@@ -128,10 +129,10 @@ def read_config(path: str) -> dict[str, Any]:
 def load_causal_lm(path: str, **overrides: Any) -> tuple[Decoder, dict[str, Any]]:
     """Loads a plain causal-LM directory (``config.json`` + safetensors) -> ``(Decoder, params)``.
 
-    ``overrides`` go to :meth:`DecoderConfig.from_hf` (e.g. ``dtype='bfloat16'``, ``remat=True``).
+    ``overrides`` go to :func:`~qtl_jax.weights.hf_config.decoder_config_from_hf` (e.g. ``dtype='bfloat16'``, ``remat=True``).
     Params are float32 (``param_dtype``) jax arrays; every checkpoint tensor must map to a parameter.
     """
-    config = DecoderConfig.from_hf(read_config(path), **overrides)
+    config = decoder_config_from_hf(read_config(path), **overrides)
     checkpoint = safetensors_io.read_dir(path)
     flat = keymap.convert(
         checkpoint,

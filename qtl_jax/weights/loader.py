@@ -1,6 +1,6 @@
 """``load_pretrained``: a local TinyLLaVA-style checkpoint directory -> ``(TinyLlava, params)``.
 
-Reads ``config.json`` + safetensors (single file or sharded via the index json) with NumPy only,
+Reads ``config.json`` + safetensors (single file or sharded via the index json; no torch),
 detects the layout from the tensor names (:mod:`qtl_jax.weights.layouts`), builds the config from
 ``config.json`` and converts through the layout's declarative key map. Every tensor must be consumed
 and every parameter filled; otherwise one :class:`~qtl_jax.weights.keymap.WeightMismatchError`
@@ -20,10 +20,11 @@ import jax.numpy as jnp
 
 from qtl_jax.data.constants import IMAGE_TOKEN_INDEX
 from qtl_jax.models.connector import Connector, ConnectorConfig
-from qtl_jax.models.decoder import FAMILIES, DecoderConfig, dtype_from_name, init_shapes
+from qtl_jax.models.decoder import FAMILIES, dtype_from_name, init_shapes
 from qtl_jax.models.tinyllava import TinyLlava, TinyLlavaConfig, abstract_params
 from qtl_jax.models.vision import VisionConfig, VisionTower, vision_rules
 from qtl_jax.weights import keymap, layouts, safetensors_io
+from qtl_jax.weights.hf_config import decoder_config_from_hf
 from qtl_jax.weights.keymap import Rule, with_prefix
 from qtl_jax.weights.llm_maps import llm_rules
 
@@ -90,7 +91,7 @@ def config_from_hf(cfg: Mapping[str, Any], layout: layouts.Layout, vision_config
         convention, image_token = "factory", IMAGE_TOKEN_INDEX
     if isinstance(vision_cfg, str):
         vision_cfg = _read_json(vision_cfg)
-    llm = DecoderConfig.from_hf(text)
+    llm = decoder_config_from_hf(text)
     if layout.connector_naming == "llava_hf" and llm.lm_head_bias:
         # LlavaForConditionalGeneration owns a bias-free lm_head, so e.g. Phi's head bias does not exist there.
         llm = dataclasses.replace(llm, lm_head_bias=False)
@@ -217,7 +218,7 @@ def load_components(
     if key is None:
         raise TypeError("loading component checkpoints initialises the connector: pass key=jax.random.key(seed)")
     vision, vision_params = load_vision(vision_dir)
-    llm = DecoderConfig.from_hf(_read_json(llm_dir))
+    llm = decoder_config_from_hf(_read_json(llm_dir))
     llm_flat = keymap.convert(
         safetensors_io.read_dir(llm_dir), llm_rules(llm), keymap.shapes(init_shapes(llm)), config=llm,
         name=f"causal LM checkpoint {llm_dir}",
@@ -257,7 +258,7 @@ def load_quantizer_params(path: str) -> dict[str, Any]:
     the base-model tensors are ignored here (load them with ``load_pretrained(path, drop_quantizer=True)``).
     """
     checkpoint = safetensors_io.read_dir(path)
-    vq = {k: v for k, v in checkpoint.items() if k.startswith("VQ.")}
+    vq = {k: checkpoint[k] for k in checkpoint if k.startswith("VQ.")}  # reads only these tensors
     if not vq:
         raise ValueError(f"{path} has no VQ.* tensors; it is not an official Quantized-TinyLLaVA checkpoint")
     widths = {v.shape[0] for k, v in vq.items() if k.endswith(".bias")}

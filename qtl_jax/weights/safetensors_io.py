@@ -1,86 +1,80 @@
-"""Reads and writes safetensors files with NumPy only (no torch at run time).
+"""Safetensors checkpoint directories, read and written through the ``safetensors`` library (no torch).
 
-The format is an 8-byte little-endian header length, a JSON header mapping each tensor name to its
-dtype, shape and byte range, then the raw bytes. We parse it ourselves rather than use
-``safetensors.numpy`` because NumPy has no bfloat16 and real checkpoints are often stored in it;
-``ml_dtypes`` (a JAX dependency) supplies the type. Tensors are memory-mapped, so a multi-GB
-checkpoint is not read into memory until a tensor is used.
+The library handles the file format and every dtype real checkpoints use, bfloat16 included (NumPy arrays
+of ``ml_dtypes.bfloat16``). This module adds only what the library has no function for:
+
+* the directory layout ``save_pretrained`` writes: ``model.safetensors``, or shards listed in
+  ``model.safetensors.index.json``;
+* lazy reading: a :class:`Checkpoint` reads a tensor when the key map asks for it, so converting a
+  checkpoint never holds all of it in memory at once. ``safetensors.numpy.load_file`` reads every tensor
+  up front; on a 1 GiB file it peaked at 2 GiB of RSS, against one tensor at a time here (the ``pread``
+  backend: no mapped pages stay resident either);
+* contiguity on write: ``safetensors.numpy.save_file`` serialises an array's buffer as it lies in memory,
+  so a transposed view is silently written untransposed (0.8.0; ``tests/test_keymap.py`` shows it), and
+  exported kernels are such views.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import struct
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
-import ml_dtypes
 import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
 
-_DTYPES: dict[str, np.dtype] = {
-    "F64": np.dtype(np.float64),
-    "F32": np.dtype(np.float32),
-    "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16),
-    "I64": np.dtype(np.int64),
-    "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16),
-    "I8": np.dtype(np.int8),
-    "U8": np.dtype(np.uint8),
-    "BOOL": np.dtype(np.bool_),
-}
-_NAMES = {v: k for k, v in _DTYPES.items()}
-# A header is a few hundred bytes per tensor; anything this large is not a safetensors file.
-_MAX_HEADER_BYTES = 100 * 1024 * 1024
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
 
-def read_file(path: str) -> dict[str, np.ndarray]:
-    """Returns every tensor of one ``.safetensors`` file as a read-only memory-mapped array."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise ValueError(f"{path}: not a safetensors file (shorter than its 8-byte header length).")
-        (n,) = struct.unpack("<Q", raw)
-        if n > min(_MAX_HEADER_BYTES, size - 8):
-            raise ValueError(f"{path}: not a safetensors file (declared header of {n} bytes).")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: corrupt safetensors header ({e}).") from None
-    header.pop("__metadata__", None)
-    if not header:
-        return {}
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
-    out = {}
-    for name, info in header.items():
-        dtype = _DTYPES.get(info.get("dtype"))
-        if dtype is None:
-            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}.")
-        start, end = info["data_offsets"]
-        shape = tuple(info["shape"])
-        count = int(np.prod(shape, dtype=np.int64))
-        if not 0 <= start <= end <= data.size or end - start != count * dtype.itemsize:
-            raise ValueError(f"{path}: tensor {name!r} has a byte range that does not fit its shape.")
-        out[name] = data[start:end].view(dtype).reshape(shape)
-    return out
+class Checkpoint(Mapping[str, np.ndarray]):
+    """Tensor name -> NumPy array, read from its file each time it is looked up."""
+
+    def __init__(self, files: Mapping[str, str]):
+        # One open handle per file; a handle reads only the tensors asked for.
+        self._handles = {path: _open(path) for path in sorted(set(files.values()))}
+        self._where = {name: self._handles[path] for name, path in files.items()}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._where[name].get_tensor(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._where  # without reading the tensor, as Mapping's default would
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
 
 
-def read_dir(path: str) -> dict[str, np.ndarray]:
-    """Reads a model directory: ``model.safetensors`` or the shards listed in the index json."""
+def _open(path: str):
+    try:
+        return safe_open(path, framework="np", backend="pread")
+    except SafetensorError as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e}).") from None
+
+
+def read_file(path: str) -> Checkpoint:
+    """The tensors of one ``.safetensors`` file, read lazily."""
+    return Checkpoint({name: path for name in _open(path).keys()})
+
+
+def read_dir(path: str) -> Checkpoint:
+    """A model directory: ``model.safetensors``, the shards listed in the index json, or a lone file."""
     index = os.path.join(path, INDEX_NAME)
     if os.path.exists(index):
         with open(index) as f:
             weight_map = json.load(f)["weight_map"]
-        out: dict[str, np.ndarray] = {}
+        files = {}
         for shard in sorted(set(weight_map.values())):
-            out.update(read_file(os.path.join(path, shard)))
-        missing = sorted(set(weight_map) - set(out))
+            shard_path = os.path.join(path, shard)
+            files.update({name: shard_path for name in _open(shard_path).keys()})
+        missing = sorted(set(weight_map) - set(files))
         if missing:
             raise ValueError(f"{path}: the index lists tensors absent from its shards: {missing[:10]}")
-        return out
+        return Checkpoint(files)
     single = os.path.join(path, SINGLE_NAME)
     if os.path.exists(single):
         return read_file(single)
@@ -94,21 +88,6 @@ def read_dir(path: str) -> dict[str, np.ndarray]:
 
 
 def write_file(path: str, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> None:
-    """Writes tensors to one ``.safetensors`` file (contiguous, names sorted, 8-byte aligned header)."""
-    header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
-    offset = 0
-    arrays = []
-    for name in sorted(tensors):
-        a = np.ascontiguousarray(tensors[name])
-        if a.dtype not in _NAMES:
-            raise ValueError(f"tensor {name!r}: dtype {a.dtype} cannot be stored in safetensors.")
-        header[name] = {"dtype": _NAMES[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
-        offset += a.nbytes
-        arrays.append(a)
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for a in arrays:
-            f.write(a.tobytes())
+    """Writes tensors to one ``.safetensors`` file; views (transposes, slices) are written as they read."""
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, path,
+              metadata=dict(metadata or {"format": "pt"}))

@@ -2,7 +2,7 @@
 
 The evaluation code (scorers for MME, POPE, ScienceQA-IMG, TextVQA/VQAv2) reads real benchmark files; these
 writers produce the same layouts from shapes scenes, so the exact same readers and scoring rules run on
-the demo model. Each benchmark draws its scenes from its own random stream (``shapes.STREAMS``), never one
+the demo model. Each benchmark draws its scenes from its own random stream (``samples.STREAMS``), never one
 a training split uses. The layouts (all paths relative to the benchmark's folder):
 
 * ``mme/``: ``MME_Benchmark_release_version/<subtask>/<name>.png`` with a sibling ``<name>.txt`` holding two
@@ -33,9 +33,11 @@ from collections.abc import Callable
 
 import numpy as np
 
-from qtl_jax.data import shapes
-from qtl_jax.data.shapes import (NO, OPTION_LETTERS, OPTION_PROMPT, SHORT_ANSWER_PROMPT, YES, YES_NO_PROMPT,
-                                 Scene, ShapesConfig, at_position)
+from qtl_jax.data.shapes.samples import STREAMS, save_png, scene_and_image
+from qtl_jax.data.shapes.scene import ALL_POSITIONS, Scene, ShapesConfig
+from qtl_jax.data.shapes.text import (IMAGE_TOKEN, KIND_PLURALS, NO, OPTION_LETTERS, OPTION_PROMPT,
+                                      SHORT_ANSWER_PROMPT, SIDES, YES, YES_NO_PROMPT, absent_object, at_position,
+                                      question, ref_by_kind)
 
 MME_PERCEPTION = ("existence", "count", "position", "color")
 MME_COGNITION = ("numerical_calculation", "commonsense_reasoning")
@@ -78,10 +80,6 @@ ANSWER_VARIANTS = {
 }
 
 
-def _scene(seed: int, stream: str, index: int, cfg: ShapesConfig) -> tuple[Scene, np.ndarray, np.random.Generator]:
-    return shapes.scene_and_image(seed, stream, index, cfg)
-
-
 def _jsonl(path: str, rows) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
@@ -111,22 +109,22 @@ def mme_questions(subtask: str, scene: Scene, rng: np.random.Generator, cfg: Sha
     o = _pick(rng, objs)
     t = MME_TEMPLATES
     if subtask == "existence":
-        color, kind = shapes.absent_object(scene, rng, cfg, hard=rng.random() < 0.5)
+        color, kind = absent_object(scene, rng, cfg, hard=rng.random() < 0.5)
         return (t["existence"].format(**_obj_text(o)), t["existence"].format(color=color, kind=kind))
     if subtask == "count":
         if rng.random() < 0.5:
             noun, n = "shapes", len(objs)
         else:
             kind = _pick(rng, cfg.kinds)
-            noun, n = shapes.KIND_PLURALS[kind], scene.count(kind=kind)
+            noun, n = KIND_PLURALS[kind], scene.count(kind=kind)
         wrong = _pick(rng, [m for m in range(cfg.max_objects + 1) if m != n])
         return t["count"].format(noun=noun, n=n), t["count"].format(noun=noun, n=wrong)
     if subtask == "position":
-        wrong = _pick(rng, [p for p in shapes.ALL_POSITIONS if p != o.position])
+        wrong = _pick(rng, [p for p in ALL_POSITIONS if p != o.position])
         return (t["position"].format(**_obj_text(o), at_position=at_position(o.position)),
                 t["position"].format(**_obj_text(o), at_position=at_position(wrong)))
     if subtask == "color":
-        ref = shapes.ref_by_kind(scene, o)
+        ref = ref_by_kind(scene, o)
         wrong = _pick(rng, [c for c in cfg.colors if c != o.color])
         return t["color"].format(ref=ref, color=o.color), t["color"].format(ref=ref, color=wrong)
     if subtask == "numerical_calculation":
@@ -134,7 +132,7 @@ def mme_questions(subtask: str, scene: Scene, rng: np.random.Generator, cfg: Sha
         k1, k2 = cfg.kinds[k1], cfg.kinds[k2]
         n = scene.count(kind=k1) + scene.count(kind=k2)
         wrong = _pick(rng, [m for m in (n - 2, n - 1, n + 1, n + 2) if m >= 0])
-        kw = dict(kinds=shapes.KIND_PLURALS[k1], kinds2=shapes.KIND_PLURALS[k2])
+        kw = dict(kinds=KIND_PLURALS[k1], kinds2=KIND_PLURALS[k2])
         return (t["numerical_calculation"].format(**kw, n=n), t["numerical_calculation"].format(**kw, n=wrong))
     if subtask == "commonsense_reasoning":
         # A relation that holds for an ordered pair (a, b) and fails for (b, a).
@@ -162,10 +160,10 @@ def write_mme(out_dir: str, *, seed: int, cfg: ShapesConfig, n_per_subtask: int 
         sub_cfg = cfg if subtask != "commonsense_reasoning" else with_min_objects(cfg, 2)
         gt_rows = []
         for i in range(n_per_subtask):
-            scene, image, rng = _scene(seed, "mme", index, sub_cfg)
+            scene, image, rng = scene_and_image(seed, "mme", index, sub_cfg)
             index += 1
             name = f"{i:04d}"
-            shapes.save_png(image, os.path.join(root, subtask, f"{name}.png"))
+            save_png(image, os.path.join(root, subtask, f"{name}.png"))
             q_yes, q_no = mme_questions(subtask, scene, rng, sub_cfg)
             pairs = [(f"{q_yes} {YES_NO_PROMPT}", "Yes"), (f"{q_no} {YES_NO_PROMPT}", "No")]
             with open(os.path.join(root, subtask, f"{name}.txt"), "w") as f:
@@ -219,9 +217,9 @@ def write_pope(out_dir: str, *, seed: int, cfg: ShapesConfig, n_images: int = 50
     pcfg = with_min_objects(cfg, k)
     scenes, names = [], []
     for i in range(n_images):
-        scene, image, _ = _scene(seed, "pope", i, pcfg)
+        scene, image, _ = scene_and_image(seed, "pope", i, pcfg)
         name = f"shapes_pope_{i:06d}.png"
-        shapes.save_png(image, os.path.join(out_dir, "images", name))
+        save_png(image, os.path.join(out_dir, "images", name))
         scenes.append(scene)
         names.append(name)
     categories = [f"{c} {k_}" for c in cfg.colors for k_ in cfg.kinds]
@@ -237,7 +235,7 @@ def write_pope(out_dir: str, *, seed: int, cfg: ShapesConfig, n_images: int = 50
         rows = []
         for i, (scene, name) in enumerate(zip(scenes, names)):
             # One generator per (split, image): the splits differ only in how negatives are chosen.
-            rng = np.random.default_rng(np.random.SeedSequence([seed, shapes.STREAMS["pope"], 1_000_000 + split_i, i]))
+            rng = np.random.default_rng(np.random.SeedSequence([seed, STREAMS["pope"], 1_000_000 + split_i, i]))
             present = sorted(scene.names())
             positives = [present[j] for j in rng.choice(len(present), size=k, replace=False)]
             negatives = pope_negatives(split, set(present), categories, frequency, cooccur, k, rng)
@@ -264,7 +262,7 @@ def sqa_problem(scene: Scene, rng: np.random.Generator, cfg: ShapesConfig, with_
         task = _pick(rng, ("color", "shape", "count", "present", "position"))
         o = _pick(rng, scene.objects)
         if task == "color":
-            q, answer, domain = t["color"].format(ref=shapes.ref_by_kind(scene, o)), o.color, cfg.colors
+            q, answer, domain = t["color"].format(ref=ref_by_kind(scene, o)), o.color, cfg.colors
         elif task == "shape":
             # The colour must name one object for the question to have one answer.
             uniq = [x for x in scene.objects if scene.count(color=x.color) == 1]
@@ -280,12 +278,12 @@ def sqa_problem(scene: Scene, rng: np.random.Generator, cfg: ShapesConfig, with_
             absent = [f"{c} {k}" for c in cfg.colors for k in cfg.kinds if f"{c} {k}" not in scene.names()]
             q, answer, domain = t["present"], o.name, [o.name] + absent
         else:
-            q, answer, domain = t["position"].format(color=o.color, kind=o.kind), o.position, shapes.ALL_POSITIONS
+            q, answer, domain = t["position"].format(color=o.color, kind=o.kind), o.position, ALL_POSITIONS
     else:
         task = _pick(rng, ("sides", "is_color", "sum"))
         if task == "sides":
             kind = _pick(rng, ("triangle", "square"))
-            q, answer, domain = t["sides"].format(kind=kind), str(shapes.SIDES[kind]), ["2", "3", "4", "5", "6"]
+            q, answer, domain = t["sides"].format(kind=kind), str(SIDES[kind]), ["2", "3", "4", "5", "6"]
         elif task == "is_color":
             q, answer = t["is_color"], _pick(rng, cfg.colors)
             domain = [answer] + list(cfg.kinds)
@@ -307,7 +305,7 @@ def write_scienceqa(out_dir: str, *, seed: int, cfg: ShapesConfig, n: int = 200,
     """ScienceQA-style ``problems.json`` / ``pid_splits.json`` / images and the LLaVA ``llava_test_CQM-A.json``."""
     problems, llava = {}, []
     for i in range(n):
-        scene, image, rng = _scene(seed, "scienceqa", i, cfg)
+        scene, image, rng = scene_and_image(seed, "scienceqa", i, cfg)
         pid = str(i + 1)
         with_image = bool(rng.random() < image_fraction)
         p = sqa_problem(scene, rng, cfg, with_image)
@@ -318,12 +316,12 @@ def write_scienceqa(out_dir: str, *, seed: int, cfg: ShapesConfig, n: int = 200,
             "grade": "grade1", "subject": "natural science", "topic": "shapes", "category": p["task"],
             "skill": p["task"], "lecture": "", "solution": "", "split": "test"}
         if with_image:
-            shapes.save_png(image, os.path.join(out_dir, "images", "test", pid, "image.png"))
+            save_png(image, os.path.join(out_dir, "images", "test", pid, "image.png"))
         options = "\n".join(f"{OPTION_LETTERS[j]}. {c}" for j, c in enumerate(p["choices"]))
         # As the LLaVA converter does: an empty hint becomes "N/A".
         text = f"{SQA_CONTEXT.format(hint=hint or 'N/A')}\n{p['question']}\n{options}"
         row = {"id": pid, "conversations": [
-            {"from": "human", "value": f"{shapes.IMAGE_TOKEN}\n{text}" if with_image else text},
+            {"from": "human", "value": f"{IMAGE_TOKEN}\n{text}" if with_image else text},
             {"from": "gpt", "value": OPTION_LETTERS[p["answer"]]}]}
         if with_image:
             row["image"] = f"{pid}/image.png"
@@ -364,15 +362,15 @@ def write_vqa(out_dir: str, *, seed: int, cfg: ShapesConfig, n_images: int = 200
     questions, annotations, llava_rows, textvqa, textvqa_rows = [], [], [], [], []
     qid = 0
     for i in range(n_images):
-        scene, image, rng = _scene(seed, "vqa", i, cfg)
+        scene, image, rng = scene_and_image(seed, "vqa", i, cfg)
         stem = f"shapes_vqa_{i:06d}"
-        shapes.save_png(image, os.path.join(out_dir, "images", f"{stem}.png"))
+        save_png(image, os.path.join(out_dir, "images", f"{stem}.png"))
         seen = set()
         tries = 0
         while len(seen) < per_image and tries < 50:
             tries += 1
             task = _pick(rng, VQA_TASKS)
-            qa = shapes.question(task, scene, rng, cfg)
+            qa = question(task, scene, rng, cfg)
             if qa is None or qa.question in seen:  # TextVQA keys answers by (image, question)
                 continue
             seen.add(qa.question)

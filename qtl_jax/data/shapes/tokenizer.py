@@ -3,7 +3,7 @@
 The demo model uses the same tokenizer code path as real checkpoints (``AutoTokenizer.from_pretrained`` on
 a directory), but a vocabulary of a few hundred words instead of 32k BPE pieces keeps the embedding table
 and the softmax tiny. The vocabulary is derived from the generator's template and word lists
-(``shapes.text_inventory`` and ``benchmark_files.text_inventory``) plus the chat-template words, never
+(``text.text_inventory`` and ``benchmarks.text_inventory``) plus the chat-template words, never
 from sampling, so it is complete by construction; a test checks that thousands of generated texts map to
 no ``<unk>``.
 
@@ -20,10 +20,10 @@ import re
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
-from qtl_jax.data import benchmark_files, shapes
+from qtl_jax.data.shapes import benchmarks, text
 
 UNK, PAD, BOS, EOS = "<unk>", "<pad>", "<s>", "</s>"
-SPECIAL_TOKENS = (UNK, PAD, BOS, EOS, shapes.IMAGE_TOKEN)
+SPECIAL_TOKENS = (UNK, PAD, BOS, EOS, text.IMAGE_TOKEN)
 
 # The TinyLLaVA Factory chat templates the demo may use: `llama` (and `phi`, whose system sentence is the
 # same) and `pretrain` (no words). The roles and the system sentence must tokenize without <unk>.
@@ -49,8 +49,8 @@ def vocabulary() -> list[str]:
     """
     pt = pre_tokenizer()
     words: set[str] = set()
-    for text in shapes.text_inventory() + benchmark_files.text_inventory() + CHAT_TEMPLATE_TEXTS:
-        for piece, _ in pt.pre_tokenize_str(_SLOT.sub(" ", text)):
+    for sentence in text.text_inventory() + benchmarks.text_inventory() + CHAT_TEMPLATE_TEXTS:
+        for piece, _ in pt.pre_tokenize_str(_SLOT.sub(" ", sentence)):
             words.add(piece)
             words.add(piece[:1].upper() + piece[1:])
     return list(SPECIAL_TOKENS) + sorted(words - set(SPECIAL_TOKENS))
@@ -81,7 +81,7 @@ def build_shapes_tokenizer(out_dir: str | None = None, *, model_max_length: int 
 
     hf = PreTrainedTokenizerFast(
         tokenizer_object=build_tokenizer_object(), unk_token=UNK, pad_token=PAD, bos_token=BOS, eos_token=EOS,
-        extra_special_tokens={"image_token": shapes.IMAGE_TOKEN}, model_max_length=model_max_length,
+        extra_special_tokens={"image_token": text.IMAGE_TOKEN}, model_max_length=model_max_length,
         padding_side="right", clean_up_tokenization_spaces=False)
     if out_dir is not None:
         os.makedirs(out_dir, exist_ok=True)
