@@ -25,7 +25,7 @@ def main(argv):
 
     xla_flags.apply_defaults()  # before the first JAX computation; see qtl_jax/xla_flags.py
     # Orbax and TFDS log every file operation at INFO; --verbosity=0 (or --v=0) brings them back.
-    if flags.FLAGS["verbosity"].using_default_value:
+    if not flags.FLAGS["verbosity"].present:  # (using_default_value is False under app.run)
         logging.set_verbosity(logging.WARNING)
     import jax
 

@@ -617,17 +617,19 @@ def in_process_run(tmp_path_factory):
 @pytest.mark.slow
 def test_command_lines_train_like_train_py(in_process_run, tmp_path):
     port = free_port()
-    server = launch("qtl_jax.split.server", tmp_path / "server", port)
-    try:
-        client = subprocess.run(
-            [sys.executable, "-m", "qtl_jax.split.client", *TINY, f"--workdir={tmp_path / 'client'}",
-             f"--address=127.0.0.1:{port}"], cwd=ROOT, capture_output=True, text=True, timeout=PROCESS_TIMEOUT)
-        assert client.returncode == 0, client.stdout[-3000:] + client.stderr[-3000:]
-        # The server saves its last checkpoint and shuts down after the client is done; slow under load.
-        assert server.wait(timeout=180) == 0
-    finally:
-        server.kill()
-        server.wait(10)
+    # The server's output goes to a file: a pipe nobody reads would block it once full.
+    with open(tmp_path / "server.log", "w") as slog:
+        server = launch("qtl_jax.split.server", tmp_path / "server", port, log=slog)
+        try:
+            client = subprocess.run(
+                [sys.executable, "-m", "qtl_jax.split.client", *TINY, f"--workdir={tmp_path / 'client'}",
+                 f"--address=127.0.0.1:{port}"], cwd=ROOT, capture_output=True, text=True, timeout=PROCESS_TIMEOUT)
+            assert client.returncode == 0, client.stdout[-3000:] + client.stderr[-3000:]
+            # The server saves its last checkpoint and shuts down after the client is done; slow under load.
+            assert server.wait(timeout=180) == 0, (tmp_path / "server.log").read_text()[-3000:]
+        finally:
+            server.kill()
+            server.wait(10)
     assert "uplink, on the wire (protobuf)" in client.stdout
     net = losses(tmp_path / "client")
     assert sorted(net) == sorted(in_process_run) == list(range(1, 7))

@@ -232,7 +232,7 @@ def test_train_py_keeps_the_verbosity_asked_for(monkeypatch, tmp_path):
     """absl's ``--v=N`` / ``--verbosity=N`` keep their level; without them Orbax's INFO lines are silenced."""
     import importlib
 
-    from absl import flags, logging
+    from absl import app, flags, logging
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     monkeypatch.syspath_prepend(root)
@@ -244,8 +244,10 @@ def test_train_py_keeps_the_verbosity_asked_for(monkeypatch, tmp_path):
     try:
         for extra in (["--v=1"], ["--verbosity=2"], ["-v", "0"], []):
             flags.FLAGS.unparse_flags()
-            flags.FLAGS(["train.py", f"--config={root}/configs/stage1.py:tiny", f"--workdir={tmp_path}", *extra])
-            train_cli.main(["train.py"])
+            with pytest.raises(SystemExit) as done:  # app.run exits with main's result
+                app.run(train_cli.main, argv=["train.py", f"--config={root}/configs/stage1.py:tiny",
+                                              f"--workdir={tmp_path}", *extra])
+            assert done.value.code is None
     finally:
         flags.FLAGS.unparse_flags()
         flags.FLAGS.mark_as_parsed()

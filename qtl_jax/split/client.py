@@ -34,7 +34,7 @@ def main(argv) -> None:
 
     xla_flags.apply_defaults()  # before the first JAX computation; see qtl_jax/xla_flags.py
     # Orbax and TFDS log every file operation at INFO; --verbosity=0 brings them back.
-    if f["verbosity"].using_default_value:
+    if not f["verbosity"].present:  # (using_default_value is False under app.run)
         logging.set_verbosity(logging.WARNING)
     from qtl_jax.split.link import format_summary
     from qtl_jax.train.loop import train_and_evaluate

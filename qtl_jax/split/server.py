@@ -278,7 +278,7 @@ def main(argv) -> None:
 
     xla_flags.apply_defaults()  # before the first JAX computation; see qtl_jax/xla_flags.py
     # Orbax and TFDS log every file operation at INFO; --verbosity=0 brings them back.
-    if f["verbosity"].using_default_value:
+    if not f["verbosity"].present:  # (using_default_value is False under app.run)
         logging.set_verbosity(logging.WARNING)
     # The command line is an entry point: it builds the server's side with the training job's setup.
     from qtl_jax.train import checkpoint as ckptlib
