@@ -6,8 +6,6 @@ Multi-host: set ``--coordinator_address=HOST:PORT --num_processes=N --process_id
 launcher JAX auto-detects: SLURM, TPU pods) to call ``jax.distributed.initialize`` first.
 """
 
-import sys
-
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -26,8 +24,8 @@ def main(argv):
     from qtl_jax import xla_flags
 
     xla_flags.apply_defaults()  # before the first JAX computation; see qtl_jax/xla_flags.py
-    # Orbax and TFDS log every file operation at INFO; --verbosity=0 brings them back.
-    if not any(a.startswith(("--verbosity", "-v")) for a in sys.argv[1:]):
+    # Orbax and TFDS log every file operation at INFO; --verbosity=0 (or --v=0) brings them back.
+    if not flags.FLAGS["verbosity"].present:  # (using_default_value is False under app.run)
         logging.set_verbosity(logging.WARNING)
     import jax
 

@@ -233,8 +233,10 @@ def build_ours(s: Size, mode: str, dtype: Any = jnp.float32):
     state = steplib.create_train_state(config, jax.random.key(0), meshes, OPTIMIZER, total_steps=1000)
     optimizers = steplib.make_split_optimizers(OPTIMIZER, 1000, {"client": state.client.params,
                                                                  "server": state.server.params})
-    link = linklib.InProcessLink(meshes, measure=False) if mode == "split" else None
-    step = steplib.make_train_step(config, meshes, optimizers, mode=mode, link=link)
+    server = None
+    if mode == "split":
+        server = linklib.InProcessServerHalf(meshes, steplib.server_update_fn(config, optimizers), measure=False)
+    step = steplib.make_train_step(config, meshes, optimizers, mode=mode, server=server)
     return step, state, make_batch(s)
 
 

@@ -178,6 +178,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.split.codec_method = "ans"
     c.split.measure_every = 1  # measure wire bytes every n-th step (host entropy coding costs time)
     c.split.downlink_dtype = "float32"
+    # Where the server half runs: address None = in this process; host:port = a qtl_jax.split.server over gRPC.
+    c.split.server = ml_collections.ConfigDict(dict(
+        address=config_dict.placeholder(str), tls="none", ca_cert=config_dict.placeholder(str),
+        cert=config_dict.placeholder(str), key=config_dict.placeholder(str), token_file=config_dict.placeholder(str),
+        server_name="localhost", client_id="client-0", rpc_timeout_s=300.0, retries=3, max_message_mb=64.0))
 
     c.log_every = 1
     c.checkpoint_every = 500

@@ -191,7 +191,7 @@ def _encode_quantized(config: Any, client: Params, server: Params, batch_stats: 
     return tuple(vectors)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 6, 7))
+@functools.partial(jax.jit, static_argnums=(0, 6, 7, 8))
 def _prefill(
     config: TinyLlavaConfig,
     llm_params: Params,
@@ -201,12 +201,13 @@ def _prefill(
     attention_mask: Array,
     merged_length: int,
     cache_slots: int,
+    images_by_sample: bool = False,
 ) -> tuple[Array, KVCache]:
     left = dataclasses.replace(config, padding_side="left")
     num_images = 0 if image_vectors is None else image_vectors.shape[0]
     layout = compute_layout(
         left, input_ids, attention_mask, num_images=num_images,
-        merged_length=merged_length if config.convention == "factory" else None,
+        merged_length=merged_length if config.convention == "factory" else None, images_by_sample=images_by_sample,
     )
     merged = scatter(image_vectors, text_vectors, layout)
     if config.scales_images:
@@ -463,6 +464,11 @@ def generate(
 
     t_img = config.num_image_tokens
     placeholders = ((ids == config.image_token_index) & (mask > 0)).sum(axis=1)
+    if quantizers is not None and np.any(placeholders > 1):
+        raise ValueError(
+            f"prompts {np.flatnonzero(placeholders > 1).tolist()} hold several images; the split quantizers take one "
+            "image per prompt"
+        )
     per_image = 1 if config.convention == "factory" else t_img
     n_images = 0 if pixel_values is None else int(np.shape(pixel_values)[0])
     if int(placeholders.sum()) != n_images * per_image:
@@ -493,9 +499,11 @@ def generate(
         image_vectors, text_vectors = _quantized_vectors(quantizers, ids, mask, placeholders, pixel_values, text_length)
 
     stop_ids = _stop_ids(stop_token_ids, tokenizer)
+    # The quantized client encodes one image slot per prompt (row i = prompt i); otherwise the images come
+    # in placeholder order.
     first_logits, cache = _prefill(
         config, params["llm"], image_vectors, text_vectors, ids_b, mask_b,
-        merged_length, cache_len,
+        merged_length, cache_len, quantizers is not None,
     )
     key = _default_key() if rng is None else rng
     sequences, lengths, _ = _decode(
@@ -526,10 +534,10 @@ def _quantized_vectors(
     ids_l, mask_l = _left_align(ids, mask, ids.shape[1], 0)
     has_image = (placeholders > 0).astype(np.int32)
     v = cfg.vision
-    # One image slot per sample, real images first (the layout of collate_batch).
+    # One image slot per prompt: row i is prompt i's image (zeros without one), as the split model takes them.
     pixels = np.zeros((b, v.image_size, v.image_size, v.num_channels), np.float32)
     if pixel_values is not None:
-        pixels[: len(pixel_values)] = np.asarray(pixel_values, np.float32)
+        pixels[np.flatnonzero(has_image)] = np.asarray(pixel_values, np.float32)
     batch = {
         "input_ids": jnp.asarray(ids_l), "attention_mask": jnp.asarray(mask_l),
         "labels": jnp.full(ids_l.shape, -100, jnp.int32), "pixel_values": jnp.asarray(pixels),

@@ -456,14 +456,15 @@ def test_quantized_prompt_matches_the_quantized_forward(factory):
             p = split[side][f"{m}_quantizer"][name]
             p["kernel"] = jnp.eye(64) + 0.3 * jax.random.normal(jax.random.key(len(m)), (64, 64))
     qmodel, qparams, quantizers = gen.split_model(qcfg, split, stats)
-    ids = np.asarray([[5, 9, IMAGE_TOKEN_INDEX, 7, 8, 12, 40], [0, 0, 33, 34, 35, 36, 37]], np.int32)
-    mask = np.asarray([[1] * 7, [0, 0, 1, 1, 1, 1, 1]], np.int32)
+    # The text-only prompt first: the image belongs to row 1, not to the first image slot.
+    ids = np.asarray([[0, 0, 33, 34, 35, 36, 37], [5, 9, IMAGE_TOKEN_INDEX, 7, 8, 12, 40]], np.int32)
+    mask = np.asarray([[0, 0, 1, 1, 1, 1, 1], [1] * 7], np.int32)
     image = np.random.default_rng(8).normal(size=(1, 32, 32, 3)).astype(np.float32)
     out = gen.generate(qmodel, qparams, input_ids=ids, attention_mask=mask, pixel_values=image, max_new_tokens=3,
                        stop_token_ids=(), quantizers=quantizers)
     batch = {
         "input_ids": ids, "attention_mask": mask, "labels": np.full(ids.shape, -100, np.int32),
-        "pixel_values": np.concatenate([image, np.zeros_like(image)]), "has_image": np.asarray([1, 0]),
+        "pixel_values": np.concatenate([np.zeros_like(image), image]), "has_image": np.asarray([0, 1]),
     }
     logits, layout, _ = jax.jit(quantized.forward, static_argnums=(0, 4))(qcfg, split, stats, batch, False)
     last = np.asarray(layout.attention_mask).sum(axis=1) - 1

@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import grpc
@@ -26,12 +27,13 @@ from qtl_jax.models.decoder import DecoderConfig
 from qtl_jax.models.tinyllava import TinyLlavaConfig
 from qtl_jax.models.vision import VisionConfig
 from qtl_jax.quantizer import QuantizerConfig
-from qtl_jax.split import client as clientlib
+from qtl_jax.split import link as linklib
 from qtl_jax.split import security as seclib
 from qtl_jax.split import server as serverlib
 from qtl_jax.split import step as steplib
 from qtl_jax.split import wire
-from qtl_jax.split.grpc_link import GrpcLink, StepMismatchError
+from qtl_jax.split.grpc_link import GrpcServerHalf
+from qtl_jax.split.link import StepMismatchError
 from qtl_jax.split.mesh import split_meshes
 from qtl_jax.split.proto import split_pb2 as pb
 from qtl_jax.split.proto import split_pb2_grpc as pb_grpc
@@ -101,7 +103,7 @@ class Programs:
             optimizers = steplib.make_split_optimizers(OPTIMIZER, 10, {"client": state.client.params,
                                                                        "server": state.server.params})
             self._built = (optimizers, serverlib.make_server_update(CONFIG, optimizers),
-                           clientlib.ClientStep(CONFIG, MESHES.client, optimizers, link=None))
+                           steplib.SplitStep(CONFIG, MESHES, optimizers, server=None))
         return self._built
 
     @property
@@ -112,9 +114,10 @@ class Programs:
     def server_update(self):
         return self._build()[1]
 
-    def client_step(self, link):
+    def client_step(self, server_half):
+        """The split step with its server half behind ``server_half`` (the client programs compiled once)."""
         step = self._build()[2]
-        step.link = link
+        step.server = server_half
         return step
 
 
@@ -146,7 +149,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def in_process_step():
-    """The in-process split step (InProcessLink), compiled once for the module."""
+    """The in-process split step (InProcessServerHalf), compiled once for the module."""
     return steplib.make_train_step(CONFIG, MESHES, PROGRAMS.optimizers, mode="split")
 
 
@@ -175,8 +178,8 @@ def networked(plain_server):
     m = meshes()
     state, optimizers = fresh_state(m)
     client_state, _ = halves(state)
-    link = GrpcLink(plain_server.target, GEOMETRY, client_id="equivalence", timeout_s=RPC_TIMEOUT)
-    assert link.join(0).server_step == 0
+    link = GrpcServerHalf(plain_server.target, GEOMETRY, client_id="equivalence", timeout_s=RPC_TIMEOUT)
+    assert link.join(0) == 0
     step = PROGRAMS.client_step(link)
     history = []
     for i in range(STEPS):
@@ -228,7 +231,7 @@ def test_wire_bytes_are_measured_and_close_to_theory(reference, networked):
         assert 0 < net["wire_uplink_bytes"] - net["uplink_bytes_ans"] < 100
         assert 0 < net["wire_downlink_bytes"] - net["downlink_bytes"] < 200
         assert net["wire_replayed"] == 0
-    summary = clientlib.wire_summary(net_history, B)
+    summary = linklib.wire_summary(net_history, B)
     assert summary["steps"] == STEPS and summary["samples"] == STEPS * B
     assert summary["total"]["wire_uplink_bytes"] == sum(h["wire_uplink_bytes"] for h in net_history)
     assert summary["wire_uplink_vs_fp16"] < 0.5  # L=4 codes are far smaller than fp16 features
@@ -300,30 +303,30 @@ def test_retry_of_last_step_returns_cached_reply_without_applying_twice(live):
 
 
 def test_client_that_loses_the_reply_retries_and_continues(live):
-    """The reply to a step arrives after the client's deadline; the link re-sends the same step id and
-    gets the cached reply; the server applied the step once."""
+    """The reply to a step is held until the client's deadline has passed and its retry of the same step id
+    has arrived (so the first reply is lost); the retry gets the cached reply; the server applied the step once."""
     server, _, _ = live
     start = server.servicer.step
     original = server.servicer.apply
-    stalled = []
+    calls, retried = [], threading.Event()
 
     def apply_then_stall(request):
+        calls.append(request.step)
+        if len(calls) > 1:
+            retried.set()
+            return original(request)
         reply = original(request)
-        if not stalled:
-            stalled.append(request.step)
-            time.sleep(4.0)  # the reply leaves after the client's 2 s deadline: it is lost
+        assert retried.wait(RPC_TIMEOUT)
         return reply
 
     server.servicer.apply = apply_then_stall
-    link = GrpcLink(server.target, GEOMETRY, server.security, timeout_s=2.0, retries=3, retry_pause_s=0.1)
+    link = GrpcServerHalf(server.target, GEOMETRY, server.security, timeout_s=2.0, retries=3, retry_pause_s=0.1)
     try:
-        link.uplink(start, _real_uplink())
-        counts = link.take_counts(start)
-        down = link.downlink(start)
+        down, counts = link.exchange(start, _real_uplink())
     finally:
         server.servicer.apply = original
         link.close()
-    assert stalled == [start] and counts["wire_replayed"] == 1
+    assert calls[0] == start and set(calls) == {start} and len(calls) >= 2 and counts["wire_replayed"] == 1
     assert server.servicer.applied_steps.count(start) == 1 and server.servicer.step == start + 1
     assert np.any(down.text_grad != 0)
 
@@ -352,7 +355,7 @@ def test_malformed_messages_get_clear_errors_and_the_server_keeps_serving(live):
         (dict(attention_mask=good.attention_mask[:-1]), grpc.StatusCode.INVALID_ARGUMENT, "attention_mask is"),
         (dict(attention_mask=bytes([2]) + good.attention_mask[1:]), grpc.StatusCode.INVALID_ARGUMENT, "only 0/1"),
         (dict(labels=labels.astype("<i4").tobytes()), grpc.StatusCode.INVALID_ARGUMENT, "labels hold"),
-        (dict(image_valid=bad_valid.tobytes()), grpc.StatusCode.INVALID_ARGUMENT, "real images first"),
+        (dict(image_valid=bad_valid.tobytes()), grpc.StatusCode.INVALID_ARGUMENT, "disagrees with their image_mask"),
         (dict(image_mask=two_placeholders.tobytes()), grpc.StatusCode.INVALID_ARGUMENT, "at most 1"),
         # Codes of the wrong alphabet: a valid codec message with levels=8 and indices up to 7.
         (dict(text_codes=codec.encode(
@@ -412,7 +415,7 @@ def test_mutual_tls_accepts_the_good_client_and_refuses_others(pki):
     server = Server(security=sec)
     try:
         def join(client_sec):
-            link = GrpcLink(server.target, GEOMETRY, client_sec, timeout_s=10.0, retries=0)
+            link = GrpcServerHalf(server.target, GEOMETRY, client_sec, timeout_s=10.0, retries=0)
             try:
                 return link.join(0)
             finally:
@@ -420,7 +423,7 @@ def test_mutual_tls_accepts_the_good_client_and_refuses_others(pki):
 
         good = seclib.SecurityConfig(tls="mutual", ca_cert=pki["ca_cert"], client_cert=pki["client_cert"],
                                      client_key=pki["client_key"])
-        assert join(good).server_step == 0
+        assert join(good) == 0
         rogue = seclib.SecurityConfig(tls="mutual", ca_cert=pki["ca_cert"], client_cert=pki["rogue_cert"],
                                       client_key=pki["rogue_key"])
         no_cert = seclib.SecurityConfig(tls="server", ca_cert=pki["ca_cert"])
@@ -445,13 +448,13 @@ def test_server_tls_with_token(pki):
     server = Server(security=sec)
     try:
         def join(client_sec):
-            link = GrpcLink(server.target, GEOMETRY, client_sec, timeout_s=10.0, retries=0)
+            link = GrpcServerHalf(server.target, GEOMETRY, client_sec, timeout_s=10.0, retries=0)
             try:
                 return link.join(0)
             finally:
                 link.close()
 
-        assert join(seclib.SecurityConfig(tls="server", ca_cert=pki["ca_cert"], token="tls-token")).server_step == 0
+        assert join(seclib.SecurityConfig(tls="server", ca_cert=pki["ca_cert"], token="tls-token")) == 0
         with pytest.raises(grpc.RpcError) as info:
             join(seclib.SecurityConfig(tls="server", ca_cert=pki["ca_cert"], token="guess"))
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -491,7 +494,7 @@ def test_two_clients_take_turns_and_match_in_process_sequential_training(in_proc
 
     server = Server(options=serverlib.ServerOptions(clients=("a", "b"), turn_timeout_s=20.0))
     try:
-        links = {c: GrpcLink(server.target, GEOMETRY, client_id=c, timeout_s=RPC_TIMEOUT) for c in "ab"}
+        links = {c: GrpcServerHalf(server.target, GEOMETRY, client_id=c, timeout_s=RPC_TIMEOUT) for c in "ab"}
         states = {c: halves(fresh_state(m)[0])[0] for c in "ab"}
         losses_ = []
         for who, b in order:
@@ -503,17 +506,26 @@ def test_two_clients_take_turns_and_match_in_process_sequential_training(in_proc
         assert_trees_close(jax.device_get(server.servicer.state.server.params), ref[1].params)
         assert server.servicer.applied_by == ["a", "b", "a", "b"] and server.servicer.applied_steps == [0, 0, 1, 1]
         # Joining tells each client its own next step.
-        assert links["b"].join(2).server_step == 2
+        assert links["b"].join(2) == 2
         # b's step 2 before a's waits for its turn, then goes through.
         stub = pb_grpc.SplitLearningStub(links["b"].channel)
-        result = {}
-        waiter = __import__("threading").Thread(
+        result, arrived = {}, threading.Event()
+        original = server.servicer.apply
+
+        def announce(request):
+            arrived.set()
+            return original(request)
+
+        server.servicer.apply = announce
+        waiter = threading.Thread(
             target=lambda: result.setdefault("reply", stub.Step(good_request(2, "b"), timeout=RPC_TIMEOUT)))
         waiter.start()
-        time.sleep(0.5)
+        # b's request is at the server; it cannot be applied before a's step 2, which is not sent yet.
+        assert arrived.wait(RPC_TIMEOUT)
         assert "reply" not in result and server.servicer.step == 4
         stub.Step(good_request(2, "a"), timeout=RPC_TIMEOUT)
         waiter.join(RPC_TIMEOUT)
+        server.servicer.apply = original
         assert result["reply"].step == 2 and server.servicer.applied_by[-2:] == ["a", "b"]
         # An id outside the turn order is refused.
         expect_error(grpc.StatusCode.PERMISSION_DENIED, stub.Step, good_request(3, "c"), match="not one of")
@@ -531,7 +543,7 @@ def test_join_rewinds_server_to_its_checkpoint_and_training_continues(tmp_path):
     checkpointer = ckptlib.Checkpointer(str(tmp_path / "server"), keep=3)
     server = Server(options=serverlib.ServerOptions(checkpoint_every=1), checkpointer=checkpointer)
     try:
-        link = GrpcLink(server.target, GEOMETRY, timeout_s=RPC_TIMEOUT)
+        link = GrpcServerHalf(server.target, GEOMETRY, timeout_s=RPC_TIMEOUT)
         m = meshes()
         state, optimizers = fresh_state(m)
         client_state, _ = halves(state)
@@ -542,7 +554,7 @@ def test_join_rewinds_server_to_its_checkpoint_and_training_continues(tmp_path):
         checkpointer.wait()
         assert server.servicer.step == 2
         # The client "crashes" and restarts from its state after step 1: the server goes back too.
-        assert link.join(1).server_step == 1 and server.servicer.rewinds == [(2, 1)]
+        assert link.join(1) == 1 and server.servicer.rewinds == [(2, 1)]
         with pytest.raises(StepMismatchError):
             step(jax.device_get(after_one).replace(step=np.int32(5)), BATCHES[1])
         resumed, again = step(jax.tree_util.tree_map(lambda x: x, after_one), BATCHES[1])
@@ -605,17 +617,19 @@ def in_process_run(tmp_path_factory):
 @pytest.mark.slow
 def test_command_lines_train_like_train_py(in_process_run, tmp_path):
     port = free_port()
-    server = launch("qtl_jax.split.server", tmp_path / "server", port)
-    try:
-        client = subprocess.run(
-            [sys.executable, "-m", "qtl_jax.split.client", *TINY, f"--workdir={tmp_path / 'client'}",
-             f"--address=127.0.0.1:{port}"], cwd=ROOT, capture_output=True, text=True, timeout=PROCESS_TIMEOUT)
-        assert client.returncode == 0, client.stdout[-3000:] + client.stderr[-3000:]
-        # The server saves its last checkpoint and shuts down after the client is done; slow under load.
-        assert server.wait(timeout=180) == 0
-    finally:
-        server.kill()
-        server.wait(10)
+    # The server's output goes to a file: a pipe nobody reads would block it once full.
+    with open(tmp_path / "server.log", "w") as slog:
+        server = launch("qtl_jax.split.server", tmp_path / "server", port, log=slog)
+        try:
+            client = subprocess.run(
+                [sys.executable, "-m", "qtl_jax.split.client", *TINY, f"--workdir={tmp_path / 'client'}",
+                 f"--address=127.0.0.1:{port}"], cwd=ROOT, capture_output=True, text=True, timeout=PROCESS_TIMEOUT)
+            assert client.returncode == 0, client.stdout[-3000:] + client.stderr[-3000:]
+            # The server saves its last checkpoint and shuts down after the client is done; slow under load.
+            assert server.wait(timeout=180) == 0, (tmp_path / "server.log").read_text()[-3000:]
+        finally:
+            server.kill()
+            server.wait(10)
     assert "uplink, on the wire (protobuf)" in client.stdout
     net = losses(tmp_path / "client")
     assert sorted(net) == sorted(in_process_run) == list(range(1, 7))
@@ -663,7 +677,7 @@ def test_kill_and_restart_each_side_and_the_run_continues(in_process_run, tmp_pa
                 p.kill()
                 p.wait(10)
     client_log, server_log = read(tmp_path / "client.log"), read(tmp_path / "server.log")
-    assert "qtl_jax.split.client: resumed" in client_log and "at step 2" in client_log
+    assert "qtl_jax: resumed" in client_log and "at step 2" in client_log
     assert "qtl_jax.split.server: resumed" in server_log and "done at step 6" in server_log
     net = losses(cdir)
     assert sorted(net) == list(range(1, 7))

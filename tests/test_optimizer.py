@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from qtl_jax import rules
-from qtl_jax.train import optimizer
+from qtl_jax import optimizer
 
 PARAMS = {
     "vision": {"dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones((2,))}},

@@ -53,9 +53,7 @@ def test_batches_equal_per_sample_reference(shapes_data, image_token_id):
     template = templates.get_template("llama")
     assert [len(b["has_image"]) for b in batches] == [4] * 6
     for j, batch in enumerate(batches):
-        assert sorted(batch) == ["attention_mask", "has_image", "image_index", "input_ids", "labels",
-                                 "pixel_values"]
-        n_images = 0
+        assert sorted(batch) == ["attention_mask", "has_image", "input_ids", "labels", "pixel_values"]
         for i, rec in enumerate(recs[4 * j: 4 * j + 4]):
             sample = template.tokenize(rec["conversations"], tok, rec["has_image"])
             want = sequence.assemble(sample, num_image_tokens=NUM_IMAGE_TOKENS, max_length=160,
@@ -65,33 +63,27 @@ def test_batches_equal_per_sample_reference(shapes_data, image_token_id):
             assert np.any(batch["labels"][i] != IGNORE_INDEX)
             assert batch["has_image"][i] == rec["has_image"]
             if rec["has_image"]:
-                # Images fill rows 0, 1, ... in batch order: the order placeholders are consumed.
-                assert batch["image_index"][i] == n_images
+                # Row i is sample i's image.
                 pixels = PROCESSOR(PIL.Image.open(io.BytesIO(rec["image"])))
-                np.testing.assert_array_equal(batch["pixel_values"][n_images], pixels)
-                n_images += 1
+                np.testing.assert_array_equal(batch["pixel_values"][i], pixels)
             else:
-                assert batch["image_index"][i] == -1
-        assert not np.any(batch["pixel_values"][n_images:])  # text-only samples' zero images
+                assert not np.any(batch["pixel_values"][i])  # a text-only sample's zero image
     got = _concat(batches)
     assert got["input_ids"].shape == (24, 160) and got["pixel_values"].shape == (24, 16, 16, 3)
-    assert got["pixel_values"].dtype == np.float32 and got["image_index"].dtype == np.int32
+    assert got["pixel_values"].dtype == np.float32 and got["has_image"].dtype == np.int32
     n_text = int(np.sum(got["has_image"] == 0))
     assert n_text == sum(not r["has_image"] for r in recs) > 0
     assert any(0 < b["has_image"].sum() < 4 for b in batches)  # a mixed batch was checked
 
 
-def test_image_rows_follow_row_major_placeholder_order(shapes_data):
+def test_each_sample_has_its_placeholder_exactly_when_it_has_an_image(shapes_data):
     dirs, tok = shapes_data
     for batch in _make(dirs["instruct"], tok, num_epochs=1, seed=5):
-        is_placeholder = batch["input_ids"] == IMAGE_TOKEN_INDEX
-        rank = np.cumsum(is_placeholder.reshape(-1)).reshape(is_placeholder.shape) - 1
-        for i in range(len(batch["input_ids"])):
-            where = np.flatnonzero(is_placeholder[i])
-            if batch["has_image"][i]:
-                assert len(where) == 1 and rank[i, where[0]] == batch["image_index"][i]
-            else:
-                assert len(where) == 0 and batch["image_index"][i] == -1
+        placeholders = (batch["input_ids"] == IMAGE_TOKEN_INDEX).sum(axis=1)
+        np.testing.assert_array_equal(placeholders, batch["has_image"])
+        text_only = batch["has_image"] == 0
+        assert not np.any(batch["pixel_values"][text_only])
+        assert all(np.any(p) for p in batch["pixel_values"][~text_only])
 
 
 def test_template_conversation_errors_are_counted_skips(shapes_data):

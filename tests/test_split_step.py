@@ -1,4 +1,4 @@
-"""The split train step: split == fused across device counts, what crosses the link, bytes, errors.
+"""The split train step: split == fused across device counts, what crosses to the server half, bytes, errors.
 
 A tiny random TinyLLaVA (2-layer ViT, 2-layer Llama-style decoder, D=32) with both quantizers at L=4:
 the image one as the paper (scalar batch statistics), the text one with running ('ema') statistics so
@@ -19,6 +19,7 @@ from qtl_jax.models.decoder import DecoderConfig
 from qtl_jax.models.tinyllava import TinyLlavaConfig
 from qtl_jax.models.vision import VisionConfig
 from qtl_jax.quantizer import QuantizerConfig
+from qtl_jax.models.messages import Downlink, Uplink, check_uplink
 from qtl_jax.split import link as linklib
 from qtl_jax.split import step as steplib
 from qtl_jax.split.mesh import split_meshes
@@ -75,22 +76,27 @@ def make_batch(seed: int) -> dict[str, np.ndarray]:
 BATCHES = [make_batch(s) for s in range(STEPS)]
 
 
-class RecordingLink(linklib.Link):
-    """Keeps a host copy of every message, then lets the in-process link move it."""
+class RecordingServer(linklib.ServerHalf):
+    """Keeps a host copy of every message, then lets the in-process server half apply the step."""
+
+    in_process = True
 
     def __init__(self, inner):
         self.inner, self.up, self.down = inner, [], []
 
-    def uplink(self, step, msg):
+    @property
+    def state(self):
+        return self.inner.state
+
+    @state.setter
+    def state(self, value):
+        self.inner.state = value
+
+    def exchange(self, step, msg):
         self.up.append((step, jax.device_get(msg)))
-        return self.inner.uplink(step, msg)
-
-    def downlink(self, step, msg):
-        self.down.append((step, jax.device_get(msg)))
-        return self.inner.downlink(step, msg)
-
-    def take_counts(self, step):
-        return self.inner.take_counts(step)
+        down, metrics = self.inner.exchange(step, msg)
+        self.down.append((step, jax.device_get(down)))
+        return down, metrics
 
 
 def float64_config(config: qm.QuantizedTinyLlavaConfig) -> qm.QuantizedTinyLlavaConfig:
@@ -106,7 +112,13 @@ def to_float64(tree):
     return jax.tree_util.tree_map(lambda x: x.astype(jnp.float64) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
-def run(config, meshes, mode, link=None, steps=STEPS, key=0):
+def in_process(config, meshes, optimizers, **kwargs):
+    return linklib.InProcessServerHalf(meshes, steplib.server_update_fn(config, optimizers), **kwargs)
+
+
+def run(config, meshes, mode, record=False, steps=STEPS, key=0):
+    """``steps`` steps from a fresh state; with ``record`` the server half is wrapped in a :class:`RecordingServer`
+    (returned last)."""
     state = steplib.create_train_state(config, jax.random.key(key), meshes, OPTIMIZER, total_steps=10,
                                        sharding_rules=SHARDING)
     float64 = config.model.dtype == jnp.float64
@@ -114,7 +126,8 @@ def run(config, meshes, mode, link=None, steps=STEPS, key=0):
         state = state.replace(client=to_float64(state.client), server=to_float64(state.server))
     optimizers = steplib.make_split_optimizers(OPTIMIZER, 10, {"client": state.client.params,
                                                                "server": state.server.params})
-    step = steplib.make_train_step(config, meshes, optimizers, mode=mode, link=link)
+    server = RecordingServer(in_process(config, meshes, optimizers)) if record else None
+    step = steplib.make_train_step(config, meshes, optimizers, mode=mode, server=server)
     initial = jax.device_get((state.client.params, state.server.params))
     history = []
     for i in range(steps):
@@ -124,7 +137,8 @@ def run(config, meshes, mode, link=None, steps=STEPS, key=0):
                for name in ("client", "server")}
     kernel = state.server.params["llm"]["layers_0"]["mlp"]["up_proj"]["kernel"]
     layout = (kernel.sharding.spec, kernel.addressable_shards[0].data.shape)
-    return initial, jax.device_get(state), history, devices, layout
+    out = (initial, jax.device_get(state), history, devices, layout)
+    return out + (server,) if record else out
 
 
 @pytest.fixture(scope="module")
@@ -140,8 +154,8 @@ def fused(config):
 @pytest.fixture(scope="module")
 def split_2_6(config):
     meshes = split_meshes(2, 6, server_fsdp=2)
-    link = RecordingLink(linklib.InProcessLink(meshes, measure_every=1))
-    return run(config, meshes, "split", link), link, meshes
+    out = run(config, meshes, "split", record=True)
+    return out[:5], out[5], meshes
 
 
 def assert_trees_close(a, b, tol=0.0):
@@ -239,29 +253,31 @@ def test_only_integer_arrays_go_up_and_float32_cotangents_come_down(split_2_6):
         assert up.image_codes.dtype == up.text_codes.dtype == np.uint8
         assert up.image_codes.shape == (B, 3, D) and up.text_codes.shape == (B, T, D)
         assert up.image_codes.max() < LEVELS and up.text_codes.max() < LEVELS
-        np.testing.assert_array_equal(up.image_valid, [1, 1, 1, 1, 1, 0])
+        np.testing.assert_array_equal(up.image_valid, BATCHES[0]["has_image"])  # row i = sample i
+        np.testing.assert_array_equal(up.image_valid, [1, 1, 0, 1, 1, 1])
     for _, down in link.down:
         assert down.image_grad.dtype == down.text_grad.dtype == np.float32
         # Nothing comes back for positions the server never read: placeholder, padding, the dummy image.
         up = link.up[0][1]
         unread = ~up.text_positions()
         assert np.all(down.text_grad[unread] == 0) and np.any(down.text_grad[~unread] != 0)
-        assert np.all(down.image_grad[5] == 0) and np.any(down.image_grad[:5] != 0)
+        assert np.all(down.image_grad[2] == 0) and all(np.any(down.image_grad[i] != 0) for i in (0, 1, 3, 4, 5))
 
 
 def test_a_float_uplink_is_refused():
-    up = linklib.Uplink(np.zeros((1, 2, 3), np.float32), np.zeros((1, 4, 3), np.uint8), np.ones((1, 4), np.uint8),
-                        np.zeros((1, 4), np.uint8), np.ones(1, np.uint8), np.zeros((1, 4), np.int32), 4, 4)
+    up = Uplink(np.zeros((1, 2, 3), np.float32), np.zeros((1, 4, 3), np.uint8), np.ones((1, 4), np.uint8),
+                np.zeros((1, 4), np.uint8), np.ones(1, np.uint8), np.zeros((1, 4), np.int32), 4, 4)
     with pytest.raises(TypeError, match="only integer arrays may cross.*image_codes must be integer"):
-        linklib.check_uplink(up)
+        check_uplink(up)
     with pytest.raises(TypeError, match="labels must be an integer array"):
-        linklib.check_uplink(up.replace(image_codes=np.zeros((1, 2, 3), np.uint8), labels=np.zeros((1, 4), np.float32)))
+        check_uplink(up.replace(image_codes=np.zeros((1, 2, 3), np.uint8), labels=np.zeros((1, 4), np.float32)))
 
 
 def test_byte_counts_are_the_codec_output_of_the_real_positions(split_2_6):
     (_, _, hist, *_), link, _ = split_2_6
     for (step, up), (_, down), metrics in zip(link.up, link.down, hist):
-        real_images = up.image_codes[:5]
+        real_images = up.image_codes[up.image_valid > 0]
+        assert real_images.shape == (5, 3, D)
         real_text = up.text_codes[up.text_positions()]
         n_text = B * T - B + 1 - 4 - 2  # minus 5 placeholders, 4 + 2 padding positions
         assert real_text.shape == (n_text, D)
@@ -282,28 +298,40 @@ def test_byte_counts_are_the_codec_output_of_the_real_positions(split_2_6):
 
 
 def test_measure_every_and_bf16_downlink():
+    """The in-process server half's transport and accounting, around a stand-in server program."""
     meshes = split_meshes(0, 0, devices=jax.devices()[:2])
-    link = linklib.InProcessLink(meshes, codec_method="packed", measure_every=2, downlink_dtype="bfloat16")
     rng = np.random.default_rng(0)
-    up = linklib.Uplink(rng.integers(0, 8, (2, 3, 4)).astype(np.uint8), rng.integers(0, 8, (2, 5, 4)).astype(np.uint8),
-                        np.array([[1, 1, 1, 1, 0]] * 2, np.uint8), np.array([[0, 1, 0, 0, 0]] * 2, np.uint8),
-                        np.array([1, 0], np.uint8), np.zeros((2, 5), np.int32), 8, 8)
-    down = linklib.Downlink(rng.normal(size=(2, 3, 4)).astype(np.float32), rng.normal(size=(2, 5, 4)).astype(np.float32))
+    grads = Downlink(rng.normal(size=(2, 3, 4)).astype(np.float32), rng.normal(size=(2, 5, 4)).astype(np.float32))
+    seen = []
+
+    def update(server, uplink):
+        seen.append(uplink)  # traced once, on the server mesh
+        return server, grads, {"ce": jnp.float32(1.5)}
+
+    server = linklib.InProcessServerHalf(meshes, update, codec_method="packed", measure_every=2,
+                                         downlink_dtype="bfloat16")
+    server.state = steplib.PartitionState({}, {}, {})
+    # Sample 0 has an image and 3 real text tokens; sample 1 is text only with 4.
+    up = Uplink(rng.integers(0, 8, (2, 3, 4)).astype(np.uint8), rng.integers(0, 8, (2, 5, 4)).astype(np.uint8),
+                np.array([[1, 1, 1, 1, 0]] * 2, np.uint8), np.array([[0, 1, 0, 0, 0], [0, 0, 0, 0, 0]], np.uint8),
+                np.array([1, 0], np.uint8), np.zeros((2, 5), np.int32), 8, 8)
     for step in range(3):
-        moved = link.uplink(step, up)
-        back = link.downlink(step, down)
-        counts = link.take_counts(step)
-        assert (counts != {}) == (step % 2 == 0)
-    assert moved.text_codes.dtype == np.uint8 and {d.id for d in moved.text_codes.devices()} == {0, 1}
+        back, metrics = server.exchange(step, up)
+        assert ("uplink_bytes" in metrics) == (step % 2 == 0) and float(metrics["ce"]) == 1.5
+    assert len(seen) == 1 and seen[0].text_codes.dtype == np.uint8
+    assert {d.id for d in back.text_grad.devices()} == {0, 1} and back.text_grad.dtype == jnp.float32
+    _, counts = server.exchange(4, up)
     assert counts["uplink_bytes"] == counts["uplink_bytes_packed"]
-    assert counts["uplink_values"] == 1 * 3 * 4 + 2 * 3 * 4  # one real image, 3 real text tokens per sample
+    assert counts["uplink_values"] == 1 * 3 * 4 + (3 + 4) * 4  # one real image, 3 + 4 real text tokens
     assert counts["downlink_bytes"] == 2 * counts["uplink_values"]
     np.testing.assert_array_equal(np.asarray(back.text_grad),
-                                  np.asarray(jnp.asarray(down.text_grad).astype(jnp.bfloat16).astype(jnp.float32)))
+                                  np.asarray(jnp.asarray(grads.text_grad).astype(jnp.bfloat16).astype(jnp.float32)))
     with pytest.raises(ValueError, match="measure_every must be >= 1"):
-        linklib.InProcessLink(meshes, measure_every=0)
+        linklib.InProcessServerHalf(meshes, update, measure_every=0)
     with pytest.raises(ValueError, match="downlink_dtype='float16'"):
-        linklib.InProcessLink(meshes, downlink_dtype="float16")
+        linklib.InProcessServerHalf(meshes, update, downlink_dtype="float16")
+    with pytest.raises(ValueError, match="state is not set"):
+        linklib.InProcessServerHalf(meshes, update).exchange(0, up)
 
 
 def test_frozen_parameters_do_not_move_and_the_embedding_copies_are_separate(split_2_6, fused):
@@ -345,7 +373,7 @@ def test_server_reads_nothing_but_real_positions(config, split_2_6):
     rng = np.random.default_rng(3)
     noisy_text = np.where(up.text_positions()[..., None], up.text_codes, rng.integers(0, LEVELS, up.text_codes.shape))
     noisy_img = up.image_codes.copy()
-    noisy_img[5] = rng.integers(0, LEVELS, noisy_img[5].shape)
+    noisy_img[2] = rng.integers(0, LEVELS, noisy_img[2].shape)  # the text-only sample's dummy image
     noisy = up.replace(text_codes=noisy_text.astype(np.uint8), image_codes=noisy_img)
     assert float(loss(sp, up)) == float(loss(sp, noisy))
     changed = noisy.replace(text_codes=(up.text_codes + 1) % LEVELS)
@@ -403,7 +431,7 @@ def test_fp16_baseline_sends_float16_and_counts_two_bytes_per_value(fused):
     client.update(image_quantizer={}, text_quantizer={})
     out = jax.jit(lambda p, b: qm.client_forward(config, p, {}, b))(client, BATCHES[0])
     assert out.uplink.image_codes.dtype == jnp.float16 and out.uplink.image_levels == 0
-    linklib.check_uplink(out.uplink)
+    check_uplink(out.uplink)
     counts = linklib.uplink_counts(jax.device_get(out.uplink))
     assert counts["uplink_bytes_packed"] == counts["uplink_bytes_ans"] == counts["uplink_bytes_fp16"]
 
@@ -439,8 +467,7 @@ def test_bf16_compute_with_remat_trains_close_to_fp32(fused):
         text_quantizer=dataclasses.replace(base.text_quantizer, dtype=jnp.bfloat16),
     )
     meshes = split_meshes(2, 6, server_fsdp=2)
-    link = RecordingLink(linklib.InProcessLink(meshes))
-    _, final, hist, *_ = run(config, meshes, "split", link)
+    _, final, hist, *_, link = run(config, meshes, "split", record=True)
     assert all(x.dtype == np.float32 for x in jax.tree_util.tree_leaves(final.server.params))
     assert link.up[0][1].text_codes.dtype == np.uint8 and link.down[0][1].text_grad.dtype == np.float32
     for bf16, fp32 in zip(hist, fused[2]):
@@ -455,8 +482,7 @@ def test_each_program_compiles_once(config, mode, caplog):
     state = steplib.create_train_state(config, jax.random.key(0), meshes, OPTIMIZER, total_steps=10)
     optimizers = steplib.make_split_optimizers(OPTIMIZER, 10, {"client": state.client.params,
                                                                "server": state.server.params})
-    link = linklib.InProcessLink(meshes) if mode == "split" else None
-    step = steplib.make_train_step(config, meshes, optimizers, mode=mode, link=link)
+    step = steplib.make_train_step(config, meshes, optimizers, mode=mode)
     with jax.log_compiles(True), caplog.at_level("WARNING"):
         for i in range(3):
             state, _ = step(state, BATCHES[i % len(BATCHES)])

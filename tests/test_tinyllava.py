@@ -274,6 +274,30 @@ def test_layout_truncates_to_max_length_and_checks_counts():
         _layout_cfg(convention="llava_hf")
 
 
+def test_layout_by_sample_row_gives_each_placeholder_its_own_row():
+    """images_by_sample: sample i's placeholder takes image row i; a text-only sample's row is never read."""
+    ids = np.array([[8, 9, 10, 11], [5, -200, 6, 7], [4, -200, 3, 0]])
+    mask = np.array([[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 0]])
+    cfg = _layout_cfg(vision_feature_select_strategy="full")
+    by_row = jax.jit(lambda i, m: compute_layout(cfg, i, m, num_images=3, images_by_sample=True))(ids, mask)
+    # The same as placeholder order with the text-only sample's row taken out of the image table.
+    ranked = jax.jit(lambda i, m: compute_layout(cfg, i, m, num_images=2))(ids, mask)
+    text_rows, t_img = ids.size, 16
+    np.testing.assert_array_equal(np.asarray(by_row.image_index), np.where(np.asarray(ranked.image_index) >= 0,
+                                                                           np.asarray(ranked.image_index) + 1, -1))
+    image = np.asarray(by_row.is_image) > 0
+    src = np.asarray(by_row.source)
+    np.testing.assert_array_equal(src[1][image[1]], text_rows + 1 * t_img + np.arange(t_img))
+    np.testing.assert_array_equal(src[2][image[2]], text_rows + 2 * t_img + np.arange(t_img))
+    assert not ((src >= text_rows) & (src < text_rows + t_img)).any()  # row 0 (text only) is unused
+    for field in ("attention_mask", "position_ids", "text_index", "image_token"):
+        np.testing.assert_array_equal(getattr(by_row, field), getattr(ranked, field), err_msg=field)
+    with pytest.raises(ValueError, match=r"samples \[0, 1\] have several image placeholders"):
+        compute_layout(cfg, np.array([[5, -200, -200, 7]] * 2), num_images=2, images_by_sample=True)
+    with pytest.raises(ValueError, match="one image row per sample"):
+        compute_layout(cfg, ids, mask, num_images=2, images_by_sample=True)
+
+
 def test_scatter_gradients_reach_both_vector_sets():
     ids = np.array([[5, -200, 6, 7]])
     cfg = _layout_cfg(vision_feature_select_strategy="full")

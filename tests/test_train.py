@@ -11,6 +11,7 @@ from configs import stage1, stage2
 from qtl_jax.data.constants import IGNORE_INDEX
 from qtl_jax.train import checkpoint as ckptlib
 from qtl_jax.train import demo_eval, loop
+from qtl_jax.train import setup as setuplib
 from qtl_jax.train.metrics_log import read_jsonl
 
 REQUIRED_FIELDS = ("step", "loss", "ce", "uplink_bytes_fp16", "uplink_bytes_packed", "uplink_bytes_ans",
@@ -50,12 +51,16 @@ def stage1_run(tmp_path_factory, data_dir):
     """A toy stage 1 whose batch 4 (0-based) is poisoned: it stops at step 5; the rerun resumes at step 4."""
     workdir = str(tmp_path_factory.mktemp("stage1"))
     c = tiny(1, data_dir, **{"debug.poison_step": 4, "checkpoint_every": 2})
+    # An earlier attempt that died before its first checkpoint left lines for steps 1-3.
+    with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps({"step": s, "loss": -1.0}) + "\n" for s in (1, 2, 3))
     with pytest.raises(loop.NonFiniteLossError) as stopped:
         loop.train_and_evaluate(c, workdir)
     at_stop = {
         "message": str(stopped.value),
         "checkpoints": sorted(ckptlib.Checkpointer(workdir).all_steps()),
         "logged": [r["step"] for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))],
+        "losses": [r["loss"] for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))],
     }
     c.debug.poison_step = -1
     result = loop.train_and_evaluate(c, workdir)
@@ -137,14 +142,6 @@ def test_answer_spans_and_scores():
         demo_eval.Tally().results()
 
 
-def test_per_sample_pixels_undoes_placeholder_order():
-    # Sample 1 is text-only; the pipeline puts sample 2's image in row 1 and a zero image last.
-    pixels = np.stack([np.full((2, 2, 3), v, np.float32) for v in (1.0, 3.0, 0.0)])
-    batch = {"pixel_values": pixels, "image_index": np.array([0, -1, 1])}
-    out = loop.per_sample_pixels(batch)["pixel_values"]
-    np.testing.assert_array_equal(out[:, 0, 0, 0], [1.0, 0.0, 3.0])
-
-
 # ---------------------------------------------------------------------------------------------------
 # End to end (toy size).
 
@@ -154,6 +151,12 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(stage1_run):
     assert "last good checkpoint is step 4" in at_stop["message"] and "intact" in at_stop["message"]
     assert at_stop["checkpoints"] == [2, 4]  # nothing was saved after the bad step
     assert at_stop["logged"] == [1, 2, 3, 4]
+
+
+def test_fresh_start_drops_metrics_lines_of_an_attempt_without_checkpoint(stage1_run):
+    """The earlier attempt's steps 1-3 are not followed by the new run's 1, 2, 3, 4 (issue 16 item 5)."""
+    _, _, at_stop = stage1_run
+    assert at_stop["logged"] == [1, 2, 3, 4] and -1.0 not in at_stop["losses"]
 
 
 def test_stage1_resumes_and_writes_metrics_checkpoints_eval(stage1_run):
@@ -179,14 +182,12 @@ def test_stage1_resumes_and_writes_metrics_checkpoints_eval(stage1_run):
 def test_stage2_starts_from_stage1_params(stage1_run, data_dir, tmp_path):
     workdir1 = stage1_run[0]
     c = tiny(2, data_dir, **{"init.from_workdir": workdir1})
-    setup = loop.build_setup(c, str(tmp_path), jax.random.key_data(jax.random.key(0)))
+    setup = setuplib.build_setup(c, str(tmp_path), jax.random.key_data(jax.random.key(0)))
     from qtl_jax.split import mesh as meshlib
-    from qtl_jax.split import step as steplib
 
     meshes = meshlib.split_meshes(1, 1)
-    fresh = steplib.create_train_state(setup.model, jax.random.key_data(jax.random.key(1)), meshes,
-                                       c.optimizer.to_dict(), 6)
-    started = loop._initial_params(c, setup, fresh)
+    fresh = setuplib.create_state(c, setup, meshes, 6)
+    started = setuplib.with_initial_params(c, setup, fresh)
     saved, _ = ckptlib.Checkpointer(workdir1).restore(fresh)
     for a, b in zip(jax.tree.leaves((started.client.params, started.server.params)),
                     jax.tree.leaves((saved.client.params, saved.server.params))):
@@ -202,12 +203,12 @@ def test_stage2_starts_from_a_hugging_face_checkpoint(data_dir, tmp_path):
     from qtl_jax.weights.export import export_llava_hf
 
     c = tiny(2, data_dir)
-    reference = loop.build_setup(c, str(tmp_path), jax.random.key_data(jax.random.key(0)))
+    reference = setuplib.build_setup(c, str(tmp_path), jax.random.key_data(jax.random.key(0)))
     tcfg = reference.model.model
     params = jax.jit(init_params, static_argnums=0)(tcfg, jax.random.key(3))
     export_llava_hf(tcfg, params, str(tmp_path / "hf"), image_token_index=tcfg.llm.vocab_size - 1)
     c.init.checkpoint = str(tmp_path / "hf")
-    setup = loop.build_setup(c, str(tmp_path), jax.random.key_data(jax.random.key(0)))
+    setup = setuplib.build_setup(c, str(tmp_path), jax.random.key_data(jax.random.key(0)))
     # The llava-hf checkpoint comes back in the Factory convention the split model and the pipeline use.
     assert setup.model.model.convention == "factory" and setup.model.model.image_token_index == -200
     assert setup.model.model.llm == tcfg.llm and setup.model.model.vision == tcfg.vision
@@ -225,3 +226,30 @@ def test_step_count_from_epochs():
     c.total_steps = -1
     with pytest.raises(ValueError, match="no full batch of global_batch_size=64"):
         loop.count_steps(c, 63)
+
+
+def test_train_py_keeps_the_verbosity_asked_for(monkeypatch, tmp_path):
+    """absl's ``--v=N`` / ``--verbosity=N`` keep their level; without them Orbax's INFO lines are silenced."""
+    import importlib
+
+    from absl import app, flags, logging
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    monkeypatch.syspath_prepend(root)
+    monkeypatch.setenv("QTL_JAX_NO_XLA_DEFAULTS", "1")  # main() must not touch this process's XLA_FLAGS
+    train_cli = importlib.import_module("train")
+    seen = []
+    monkeypatch.setattr(loop, "train_and_evaluate", lambda config, workdir: seen.append(logging.get_verbosity()))
+    before = logging.get_verbosity()
+    try:
+        for extra in (["--v=1"], ["--verbosity=2"], ["-v", "0"], []):
+            flags.FLAGS.unparse_flags()
+            with pytest.raises(SystemExit) as done:  # app.run exits with main's result
+                app.run(train_cli.main, argv=["train.py", f"--config={root}/configs/stage1.py:tiny",
+                                              f"--workdir={tmp_path}", *extra])
+            assert done.value.code is None
+    finally:
+        flags.FLAGS.unparse_flags()
+        flags.FLAGS.mark_as_parsed()
+        logging.set_verbosity(before)
+    assert seen == [1, 2, 0, logging.WARNING]

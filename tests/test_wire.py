@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 
 from qtl_jax import codec
 from qtl_jax.split import wire
-from qtl_jax.split.link import Downlink, Uplink, uplink_counts
+from qtl_jax.models.messages import Downlink, Uplink
+from qtl_jax.split.link import uplink_counts
 from qtl_jax.split.proto import split_pb2 as pb
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,7 +25,7 @@ PROTO_DIR = os.path.join("qtl_jax", "split", "proto")
 
 def make_uplink(rng: np.random.Generator, b=4, t=9, t_img=3, d=5, image_levels=4, text_levels=4,
                 n_images=None) -> tuple[Uplink, wire.Geometry]:
-    """Random but consistent: real images first, one placeholder per image sample, right padding."""
+    """Random but consistent: one placeholder per image sample (row i = sample i), right padding."""
     n_images = int(rng.integers(0, b + 1)) if n_images is None else n_images
     attention = np.zeros((b, t), np.uint8)
     lengths = rng.integers(2, t + 1, b)
@@ -34,7 +35,7 @@ def make_uplink(rng: np.random.Generator, b=4, t=9, t_img=3, d=5, image_levels=4
     with_image = rng.permutation(b)[:n_images]
     for i in with_image:
         image_mask[i, int(rng.integers(0, lengths[i]))] = 1
-    image_valid = (np.arange(b) < n_images).astype(np.uint8)
+    image_valid = image_mask.max(axis=1)
     labels = np.where(attention > 0, rng.integers(0, 50, (b, t)), -100).astype(np.int32)
 
     def codes(shape, levels):
@@ -131,8 +132,9 @@ def test_bad_uplinks_name_the_problem():
             setattr(req, k, v)
         return req
 
-    with pytest.raises(wire.VersionError, match="protocol_version=2"):
-        wire.uplink_from_proto(variant(protocol_version=2), geometry)
+    newer = wire.PROTOCOL_VERSION + 1
+    with pytest.raises(wire.VersionError, match=f"protocol_version={newer}"):
+        wire.uplink_from_proto(variant(protocol_version=newer), geometry)
     with pytest.raises(wire.WireError, match="geometry is missing"):
         req = variant()
         req.ClearField("geometry")
@@ -149,11 +151,16 @@ def test_bad_uplinks_name_the_problem():
     # An fp16 message where codes are expected.
     with pytest.raises(wire.WireError, match="'fp16' message"):
         wire.uplink_from_proto(variant(image_codes=codec.encode_fp16(image.astype(np.float16))), geometry)
-    # Placeholders without a matching image slot.
+    # An image for a sample without a placeholder, and the same image count in other rows.
     valid = np.asarray(up.image_valid).copy()
-    valid[2] = 1
-    with pytest.raises(wire.WireError, match="image_valid counts 3 images but image_mask has 2"):
+    text_only = int(np.flatnonzero(valid == 0)[0])
+    valid[text_only] = 1
+    with pytest.raises(wire.WireError, match=rf"image_valid of samples \[{text_only}\] disagrees with their image_mask"):
         wire.uplink_from_proto(variant(image_valid=valid.tobytes()), geometry)
+    # The right number of images in the wrong rows (the old "real images first" order, say).
+    moved = np.roll(np.asarray(up.image_valid), 1)
+    with pytest.raises(wire.WireError, match="image_valid of samples .* disagrees"):
+        wire.uplink_from_proto(variant(image_valid=moved.tobytes()), geometry)
     # A placeholder at a padding position (move sample 0's placeholder past its end).
     attention = np.asarray(up.attention_mask).copy()
     attention[0, -1] = 0

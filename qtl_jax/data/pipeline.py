@@ -11,13 +11,11 @@ Per example, as a chain of grain map transforms (so they can run in worker proce
    (``sequence.assemble``). A sample whose image would be cut, or that truncation leaves with no
    trained token, is a counted skip.
 
-``collate_batch`` then stacks the token fields (``sequence.collate``) and orders ``pixel_values`` the
-way the model consumes images: ``pixel_values[g]`` is the image of the g-th image-bearing sample of
-the batch (the owner of the g-th placeholder in row-major order, ``qtl_jax.models.tinyllava``), and the
-zero images of text-only samples fill the rows after the last real image. ``image_index[i]`` says which
-row holds sample ``i``'s image (-1: none), ``has_image[i]`` whether it has one. Batches therefore
-always have ``global_batch_size / process_count`` images, text-only or not, so one jit compilation
-serves every step; the unused zero rows are never referenced by a placeholder.
+``collate_batch`` then stacks every field, so row ``i`` of every array belongs to sample ``i``:
+``pixel_values[i]`` is sample ``i``'s image (zeros for a text-only sample) and ``has_image[i]`` says
+whether it has one. Batches therefore always have ``global_batch_size / process_count`` images,
+text-only or not, so one jit compilation serves every step; the model indexes images by sample row
+(``qtl_jax.models.tinyllava.compute_layout(..., images_by_sample=True)``) and never reads the zero rows.
 
 Skips are counted by reason on the loader (``loader.skipped`` / ``loader.metrics()``) and saved with
 its state. ``build_input_pipeline`` is the one call training makes.
@@ -159,18 +157,8 @@ class Assemble(grain.transforms.Map):
 
 
 def collate_batch(examples: list[dict[str, Any]]) -> dict[str, np.ndarray]:
-    """Stacks assembled examples; images ordered as the model consumes them (module docstring)."""
-    has_image = np.array([bool(e["has_image"]) for e in examples])
-    # Stable: image-bearing samples keep their batch order, then the text-only samples' zero images.
-    order = np.argsort(~has_image, kind="stable")
-    batch = sequence.collate(
-        [{k: v for k, v in e.items() if k != "pixel_values"} for e in examples]
-    )
-    batch["pixel_values"] = np.stack([examples[i]["pixel_values"] for i in order])
-    image_index = np.full(len(examples), -1, np.int32)
-    image_index[order[: has_image.sum()]] = np.arange(has_image.sum(), dtype=np.int32)
-    batch["image_index"] = image_index
-    return batch
+    """Stacks assembled examples: row ``i`` of every array is ``examples[i]`` (module docstring)."""
+    return sequence.collate(examples)
 
 
 def image_shape_of(image_processor: Any) -> tuple[int, int, int]:
@@ -227,9 +215,9 @@ def build_input_pipeline(
 
     Returns:
         A ``DataLoader`` yielding dicts of numpy arrays with a leading batch dimension of
-        ``B = global_batch_size / process_count``: ``input_ids``, ``labels``, ``attention_mask``
-        (``int32 [B, max_length]``), ``pixel_values float32 [B, H, W, 3]`` in placeholder order,
-        ``has_image int32 [B]`` and ``image_index int32 [B]`` (see the module docstring). It has
+        ``B = global_batch_size / process_count``, row ``i`` = sample ``i``: ``input_ids``, ``labels``,
+        ``attention_mask`` (``int32 [B, max_length]``), ``pixel_values float32 [B, H, W, 3]`` (zeros
+        for a text-only sample) and ``has_image int32 [B]`` (see the module docstring). It has
         ``get_state`` / ``set_state`` for checkpoints and ``skipped`` / ``metrics()`` for the skip
         counts.
     """

@@ -20,12 +20,9 @@ import jax
 
 from qtl_jax.data import image_processing, templates
 from qtl_jax.data.shapes import tokenizer as shapes_tokenizer
-from qtl_jax.models.connector import ConnectorConfig
-from qtl_jax.models.decoder import DecoderConfig, dtype_from_name
+from qtl_jax.models import builder
 from qtl_jax.models.quantized import QuantizedTinyLlavaConfig, init_split_params
 from qtl_jax.models.tinyllava import TinyLlavaConfig
-from qtl_jax.models.vision import VisionConfig
-from qtl_jax.quantizer import QuantizerConfig
 
 Params = dict[str, Any]
 
@@ -67,31 +64,9 @@ class LoadedModel:
         return dataclasses.replace(self, qconfig=qconfig)
 
 
-def _quantized(base: TinyLlavaConfig, q: Mapping[str, Any]) -> QuantizedTinyLlavaConfig:
-    d = base.llm.hidden_size
-    qcfg = QuantizerConfig(dim=d, levels=int(q["levels"]), scaling=q["scaling"], bound=q["bound"],
-                           dist_weight=float(q["dist_weight"]), clip_sigma=float(q["clip_sigma"]),
-                           ema_momentum=float(q["ema_momentum"]), dtype=base.dtype)
-    return QuantizedTinyLlavaConfig(model=base, image_quantizer=qcfg, text_quantizer=qcfg)
-
-
-def random_base_config(m: Mapping[str, Any], vocab_size: int) -> TinyLlavaConfig:
-    """The TinyLLaVA of a ``model.source='random'`` section (``configs/common.py`` ``demo_model``)."""
-    vision = VisionConfig(**dict(m["vision"]))
-    llm_kwargs = dict(m["llm"])
-    llm_kwargs["vocab_size"] = llm_kwargs["vocab_size"] or vocab_size
-    llm = DecoderConfig.make(**llm_kwargs)
-    cfg = TinyLlavaConfig(
-        vision=vision, connector=ConnectorConfig(m["connector_type"], vision.hidden_size, llm.hidden_size), llm=llm,
-        vision_feature_layer=m["vision_feature_layer"], vision_feature_select_strategy=m["vision_feature_select_strategy"],
-    )
-    return dataclasses.replace(cfg, dtype=dtype_from_name(m["dtype"]), max_length=int(m["max_length"]))
-
-
-def _processor(m: Mapping[str, Any], base: TinyLlavaConfig) -> image_processing.ImageProcessor:
-    size = base.vision.image_size
-    return image_processing.ImageProcessor(size=(size, size), image_mean=tuple(m["image_mean"]),
-                                           image_std=tuple(m["image_std"]))
+def _plain(section: Any) -> dict[str, Any]:
+    """A config section (ConfigDict or mapping) as a plain dict."""
+    return section.to_dict() if hasattr(section, "to_dict") else dict(section)
 
 
 def _init(qconfig: QuantizedTinyLlavaConfig, key: jax.Array) -> tuple[Params, Params]:
@@ -134,54 +109,48 @@ def load_from_workdir(workdir: str, template: str, tokenizer_dir: str | None, ke
     data_kind = train_cfg["data"]["kind"]
     init_ckpt = (train_cfg.get("init") or {}).get("checkpoint")
     tok = _tokenizer(data_kind, m, [tokenizer_dir, m.get("tokenizer_dir"), init_ckpt, m.get("llm_dir")])
-    if m["source"] == "random":
-        base = random_base_config(m, len(tok))
-    else:
+    base = None
+    if m["source"] != "random" or init_ckpt:
+        from qtl_jax.train.setup import load_checkpoint
         from qtl_jax.weights import loader
 
         # Only the architecture is needed; the weights come from the checkpoint.
         kwargs = dict(dtype=m["dtype"], max_length=int(m["max_length"]), verbose=False)
         if init_ckpt:
-            model, _ = loader.load_pretrained(init_ckpt, drop_quantizer=True, **kwargs)
+            model, _, _ = load_checkpoint(init_ckpt, **kwargs)
         else:
             model, _ = loader.load_pretrained(
                 vision_dir=m["vision_dir"], llm_dir=m["llm_dir"], key=key, connector_type=m["connector_type"],
                 vision_feature_layer=m["vision_feature_layer"],
                 vision_feature_select_strategy=m["vision_feature_select_strategy"], **kwargs)
         base = model.config
-    qconfig = _quantized(base, train_cfg["quantizer"])
-    params, stats = _init(qconfig, key)
+    built = builder.build_model({**m, "remat": False}, train_cfg["quantizer"], vocab_size=len(tok), base=base)
+    params, stats = _init(built.config, key)
     like = TrainState(step=None, client=PartitionState(params["client"], None, stats),
                       server=PartitionState(params["server"], None, {}), rng=None)
     client, server, stats, step = ckptlib.restore_params(workdir, like)
-    return LoadedModel(qconfig, base, {"client": client, "server": server}, stats, tok, _processor(m, base),
-                       templates.get_template(template), f"{os.path.abspath(workdir)} (step {step})")
+    return LoadedModel(built.config, built.config.model, {"client": client, "server": server}, stats, tok,
+                       built.image_processor, templates.get_template(template), f"{os.path.abspath(workdir)} (step {step})")
 
 
 def load_from_hf(path: str, config: Any, key: jax.Array) -> LoadedModel:
     """A converted Hugging Face directory (``load_pretrained``); an official Quantized-TinyLLaVA one keeps its
     quantizer projections (at ``config.quantizer.levels``), any other is evaluated without quantizers."""
-    from qtl_jax.weights import loader
+    from qtl_jax.train.setup import load_checkpoint
 
-    kwargs = dict(dtype=config.dtype, verbose=False)
     tok = _tokenizer("hf", {}, [config.tokenizer_dir, path])
+    model, base_params, quantizer_params = load_checkpoint(path, dtype=config.dtype, verbose=False)
+    base = model.config
+    section = {"dtype": config.dtype, "max_length": base.max_length, "image_mean": config.image_mean,
+               "image_std": config.image_std}
+    built = builder.build_model(section, _plain(config.quantizer), base=base)
+    processor = built.image_processor
     if os.path.isfile(os.path.join(path, "preprocessor_config.json")):
         processor = image_processing.ImageProcessor.from_hf(path)
-    else:
-        processor = None
-    try:
-        model, base_params = loader.load_pretrained(path, **kwargs)
-        quantizer_params = None
-    except NotImplementedError:
-        model, base_params = loader.load_pretrained(path, drop_quantizer=True, **kwargs)
-        quantizer_params = loader.load_quantizer_params(path)
-    base = model.config
-    if processor is None:
-        processor = _processor({"image_mean": config.image_mean, "image_std": config.image_std}, base)
     template = templates.get_template(config.template)
     if quantizer_params is None:
         return LoadedModel(None, base, base_params, {}, tok, processor, template, os.path.abspath(path))
-    qconfig = _quantized(base, config.quantizer)
+    qconfig = built.config
     params, stats = init_split_params(qconfig, key, pretrained=base_params)
     for modality in ("image", "text"):
         params["client"][f"{modality}_quantizer"] = {"in_proj": quantizer_params[modality]["in_proj"]}
@@ -191,15 +160,14 @@ def load_from_hf(path: str, config: Any, key: jax.Array) -> LoadedModel:
 
 def load_random(config: Any, key: jax.Array) -> LoadedModel:
     """A randomly initialised quantized model from ``config.model`` (a train-style model section)."""
-    m = config.model.to_dict() if hasattr(config.model, "to_dict") else dict(config.model)
+    m = _plain(config.model)
     if m.get("source", "random") != "random":
         raise ValueError("without --config.checkpoint the model section must be model.source='random'.")
     tok = shapes_tokenizer.build_shapes_tokenizer(model_max_length=int(m["max_length"]))
-    base = random_base_config(m, len(tok))
-    qconfig = _quantized(base, config.quantizer)
-    params, stats = _init(qconfig, key)
-    return LoadedModel(qconfig, base, params, stats, tok, _processor(m, base), templates.get_template(config.template),
-                       f"random init (seed {config.seed})")
+    built = builder.build_model({**m, "remat": False}, _plain(config.quantizer), vocab_size=len(tok))
+    params, stats = _init(built.config, key)
+    return LoadedModel(built.config, built.config.model, params, stats, tok, built.image_processor,
+                       templates.get_template(config.template), f"random init (seed {config.seed})")
 
 
 def load_model(config: Any) -> LoadedModel:
@@ -220,4 +188,4 @@ def load_model(config: Any) -> LoadedModel:
     )
 
 
-__all__ = ["LoadedModel", "load_model", "load_from_workdir", "load_from_hf", "load_random", "random_base_config"]
+__all__ = ["LoadedModel", "load_model", "load_from_workdir", "load_from_hf", "load_random"]

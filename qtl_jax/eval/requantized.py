@@ -42,12 +42,10 @@ def _images(loaded: LoadedModel, batch: Sequence[Example]) -> np.ndarray:
 
     v = loaded.base.vision
     pixels = np.zeros((len(batch), v.image_size, v.image_size, v.num_channels), np.float32)
-    g = 0
-    for ex in batch:  # real images first, in placeholder order (collate_batch's layout)
+    for i, ex in enumerate(batch):  # row i is example i's image (zeros without one), as the model takes them
         if ex.image is not None:
             with PIL.Image.open(ex.image) as im:
-                pixels[g] = loaded.image_processor(im.convert("RGB"))
-            g += 1
+                pixels[i] = loaded.image_processor(im.convert("RGB"))
     return pixels
 
 

@@ -14,24 +14,23 @@ when both are trained. ``scaling='ema'`` quantizers keep running statistics on t
 
 Data flow of one batch (the ``factory`` convention: one -200 placeholder per image in ``input_ids``):
 
-* client (:func:`client_forward`): images ``[B, H, W, 3]`` with ``pixel_values[i]`` the image of sample
-  ``i`` (zeros for a text-only sample, ``has_image[i] = 0``; ``qtl_jax.train.loop.per_sample_pixels``
-  turns the input pipeline's placeholder-ordered batches into this) are reordered so the real images
-  come first (the order the placeholders consume them); tower -> connector -> image quantizer
-  -> ``image_codes [B, T_img, D]``. Token ids -> the client's embedding table -> vectors ``[B, T, D]``
+* client (:func:`client_forward`): row ``i`` of every batch array is sample ``i``: images ``[B, H, W, 3]``
+  with ``pixel_values[i]`` the image of sample ``i`` (zeros for a text-only sample, ``has_image[i] = 0``,
+  as the input pipeline yields them); tower -> connector -> image quantizer -> ``image_codes [B, T_img, D]``
+  (row ``i`` again sample ``i``'s image; ``image_valid = has_image``). Token ids -> the client's embedding table -> vectors ``[B, T, D]``
   with the placeholder and padding positions set to zero (the paper's zero padding) -> text quantizer
   -> ``text_codes [B, T, D]``. The quantizers see every position (the paper's batch statistics include
   padding and dummy images); their ``mask`` (real images, real text tokens) is used by the non-paper
   scalings and by the statistics.
 * server (:func:`server_loss`): codes -> dequantized grid values -> ``out_proj`` -> merged into one
   sequence by the layout rebuilt from the placeholder mask, attention mask and labels (no token ids
-  reach the server) -> decoder -> shifted cross-entropy over labels != -100.
+  reach the server; sample ``i``'s placeholder takes image row ``i``) -> decoder -> shifted
+  cross-entropy over labels != -100.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -44,7 +43,7 @@ from qtl_jax.precision import accum_dtype, upcast
 from qtl_jax.data.constants import IGNORE_INDEX
 from qtl_jax.models.tinyllava import TinyLlava, TinyLlavaConfig, compute_layout, init_params, scatter
 from qtl_jax.quantizer import Quantizer, QuantizerConfig
-from qtl_jax.split.link import Uplink
+from qtl_jax.models.messages import Uplink
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -190,12 +189,8 @@ def client_forward(
     model = TinyLlava(cfg)
     ids = jnp.asarray(batch["input_ids"], jnp.int32)
     attention = jnp.asarray(batch["attention_mask"], jnp.int32)
-    has_image = jnp.asarray(batch["has_image"], jnp.int32)
-    # pixel_values[i] is sample i's image. Placeholder g (row-major) takes image row g, so the real images
-    # go first, in sample order (a stable sort), and the zero images of text-only samples after them.
-    order = jnp.argsort(1 - has_image, stable=True)
-    image_valid = has_image[order]
-    pixels = jnp.asarray(batch["pixel_values"], jnp.float32)[order]
+    image_valid = jnp.asarray(batch["has_image"], jnp.int32)
+    pixels = jnp.asarray(batch["pixel_values"], jnp.float32)
     image_vectors = model.apply(
         {"params": {"vision_tower": client_params["vision_tower"], "connector": client_params["connector"]}},
         pixels, method=TinyLlava.encode_images,
@@ -302,18 +297,12 @@ def cross_entropy(logits: Array, labels: Array) -> tuple[Array, Array]:
 
 
 def server_layout(config: QuantizedTinyLlavaConfig, uplink: Uplink):
-    """The merge layout, rebuilt from the placeholder mask alone (the server never sees token ids)."""
+    """The merge layout, rebuilt from the placeholder mask alone (the server never sees token ids); sample
+    ``i``'s placeholder takes image row ``i`` (the rows of text-only samples are never read)."""
     cfg = config.model
-    ids = jnp.where(uplink.image_mask > 0, cfg.image_token_index, 0).astype(jnp.int32)
-    return _layout(cfg, ids, uplink.attention_mask.astype(jnp.int32), uplink.labels, uplink.image_codes.shape[0])
-
-
-# Always traced: the image table holds B slots, the dummy images of text-only samples included, so there
-# are fewer placeholders than slots by design (slots past the last placeholder are never gathered).
-# compute_layout's eager placeholder-count check would reject that; check_batch validates the batch instead.
-@functools.partial(jax.jit, static_argnums=(0, 4))
-def _layout(cfg: TinyLlavaConfig, ids: Array, attention_mask: Array, labels: Array, num_images: int):
-    return compute_layout(cfg, ids, attention_mask, labels, num_images=num_images)
+    ids = jnp.where(jnp.asarray(uplink.image_mask) > 0, cfg.image_token_index, 0).astype(jnp.int32)
+    return compute_layout(cfg, ids, jnp.asarray(uplink.attention_mask, jnp.int32), jnp.asarray(uplink.labels),
+                          num_images=uplink.image_codes.shape[0], images_by_sample=True)
 
 
 def server_logits(config: QuantizedTinyLlavaConfig, server_params: Params, values: Mapping[str, Array], uplink: Uplink):

@@ -19,8 +19,12 @@ Image placeholders come in two conventions:
   length and padding, and the k-th image token (row-major over the batch) takes image vector k.
 
 In both, images are consumed in row-major order of their placeholders: ``pixel_values[g]`` belongs
-to the g-th placeholder of the flattened batch. Text-only samples (no placeholder) and text-only
-batches (``pixel_values=None``) work. Labels come back with -100 over image and padding positions.
+to the g-th placeholder of the flattened batch (what transformers does, for several images per sample).
+With at most one image per sample the layout can instead index images by sample row
+(``compute_layout(..., images_by_sample=True)``): image row ``i`` belongs to sample ``i``, and the rows
+of text-only samples are never read. The quantized split model and the input pipeline use that. Text-only
+samples (no placeholder) and text-only batches (``pixel_values=None``) work. Labels come back with -100
+over image and padding positions.
 """
 
 from __future__ import annotations
@@ -152,12 +156,17 @@ def compute_layout(
     *,
     num_images: int,
     merged_length: int | None = None,
+    images_by_sample: bool = False,
 ) -> MergeLayout:
     """The merge layout for ``input_ids`` [B, T] holding placeholders for ``num_images`` images.
 
     Static shapes under jit: ``[B, merged_length]`` (default ``config.merged_length(T, num_images)``). Called on
     concrete arrays it also checks that placeholders and images agree and nothing is truncated
     unintentionally; under jit those checks cannot run, so check the data pipeline's output once.
+
+    ``images_by_sample`` ('factory' only): image row ``i`` is sample ``i``'s image (``num_images`` must be
+    B; each sample has at most one placeholder; rows of text-only samples are unused). Otherwise the
+    g-th placeholder in row-major order takes image row g.
     """
     input_ids = jnp.asarray(input_ids, jnp.int32)
     if input_ids.ndim != 2:
@@ -169,14 +178,21 @@ def compute_layout(
         raise ValueError(f"attention_mask must have input_ids' shape {(b, t)}, got {mask.shape}")
     if labels is not None and labels.shape != (b, t):
         raise ValueError(f"labels must have input_ids' shape {(b, t)}, got {labels.shape}")
+    if images_by_sample and (config.convention != "factory" or num_images != b):
+        raise ValueError(
+            f"images_by_sample needs the factory convention and one image row per sample (num_images={num_images}, "
+            f"batch {b}, convention {config.convention!r})"
+        )
     length = config.merged_length(t, num_images) if merged_length is None else merged_length
     if config.convention == "llava_hf" and length != t:
         raise ValueError(f"the llava_hf convention keeps the sequence length ({t}); got merged_length={length}")
     is_img = (input_ids == config.image_token_index) & mask
     text_rows = b * t
     zero_row = text_rows + num_images * t_img
-    # Row-major rank of every placeholder among the batch's placeholders.
-    rank = (jnp.cumsum(is_img.reshape(-1)) - 1).reshape(b, t)
+    if images_by_sample:  # the image of a sample's placeholder is the sample's own row
+        rank = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
+    else:  # row-major rank of every placeholder among the batch's placeholders
+        rank = (jnp.cumsum(is_img.reshape(-1)) - 1).reshape(b, t)
     # Inside jit / make_jaxpr even ops on constants are staged out, so test the derived values.
     concrete = _is_concrete(is_img)
     n_placeholders = int(is_img.sum()) if concrete else None
@@ -200,7 +216,12 @@ def compute_layout(
         position_ids = jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1, 0)
         out_labels = None if labels is None else jnp.where(is_img | ~mask, IGNORE_INDEX, labels)
     else:
-        if concrete and n_placeholders != num_images:
+        if concrete and images_by_sample and int(jnp.max(is_img.sum(axis=1))) > 1:
+            raise ValueError(
+                f"samples {np.flatnonzero(np.asarray(is_img.sum(axis=1)) > 1).tolist()} have several image "
+                f"placeholders ({config.image_token_index}); images_by_sample allows one image per sample"
+            )
+        if concrete and not images_by_sample and n_placeholders != num_images:
             raise ValueError(
                 f"{n_placeholders} image placeholders ({config.image_token_index}) in input_ids but {num_images} "
                 "images in pixel_values; the factory convention needs exactly one placeholder per image"

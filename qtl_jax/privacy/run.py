@@ -32,13 +32,10 @@ import numpy as np
 from qtl_jax.data import image_processing, sequence, shapes, templates
 from qtl_jax.data.shapes import tokenizer as shapes_tokenizer
 from qtl_jax.data.constants import IMAGE_TOKEN_INDEX
+from qtl_jax.models import builder
 from qtl_jax.models import quantized as qm
-from qtl_jax.models.connector import ConnectorConfig
-from qtl_jax.models.decoder import DecoderConfig
 from qtl_jax.models.tinyllava import TinyLlavaConfig
-from qtl_jax.models.vision import VisionConfig
 from qtl_jax.privacy import inversion, metrics, text_attack
-from qtl_jax.quantizer import QuantizerConfig
 from qtl_jax.split import step as steplib
 from qtl_jax.train import checkpoint as ckptlib
 
@@ -51,13 +48,13 @@ RANDOM_MODELS = {
                     image_size=64, patch_size=8),
         llm=dict(family="llama", vocab_size=0, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
                  intermediate_size=256, head_dim=32, tie_word_embeddings=True),
-        max_length=160),
+        connector_type="mlp2x_gelu", max_length=160),
     "tiny": dict(
         vision=dict(kind="siglip", hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                     image_size=32, patch_size=8),
         llm=dict(family="llama", vocab_size=0, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
                  intermediate_size=64, head_dim=16, tie_word_embeddings=True),
-        max_length=96),
+        connector_type="mlp2x_gelu", max_length=96),
 }
 
 
@@ -135,32 +132,19 @@ class Wire(NamedTuple):
 
 
 def model_config(m: Mapping[str, Any], vocab_size: int) -> TinyLlavaConfig:
-    """A TinyLlavaConfig from a train.py ``model`` section with source='random' (demo-style runs)."""
-    vision = VisionConfig(**m["vision"])
-    llm_kwargs = dict(m["llm"])
-    llm_kwargs["vocab_size"] = llm_kwargs["vocab_size"] or vocab_size
-    llm = DecoderConfig.make(**llm_kwargs)
-    return TinyLlavaConfig(
-        vision=vision,
-        connector=ConnectorConfig(m.get("connector_type", "mlp2x_gelu"), vision.hidden_size, llm.hidden_size),
-        llm=llm, vision_feature_layer=m.get("vision_feature_layer", -2),
-        vision_feature_select_strategy=m.get("vision_feature_select_strategy", "patch"), max_length=m["max_length"],
-    )
+    """The float32 TinyLlavaConfig of a train.py ``model`` section with source='random' (demo-style runs)."""
+    return dataclasses.replace(builder.tinyllava_config(m, vocab_size), max_length=m["max_length"])
 
 
 def _split_config(tcfg: TinyLlavaConfig, levels: int, q: Mapping[str, Any]) -> qm.QuantizedTinyLlavaConfig:
-    d = tcfg.llm.hidden_size
     if levels == FP16:
-        qcfg = QuantizerConfig(dim=d, bound="none")
-    else:
-        qcfg = QuantizerConfig(dim=d, levels=levels, bound="linear", scaling=q.get("scaling", "batch"),
-                               clip_sigma=q.get("clip_sigma", 3.0))
-    return qm.QuantizedTinyLlavaConfig(model=tcfg, image_quantizer=qcfg, text_quantizer=qcfg)
+        return builder.quantized_config(tcfg, {"bound": "none"})
+    return builder.quantized_config(tcfg, {"levels": levels, "bound": "linear", "scaling": q.get("scaling", "batch"),
+                                           "clip_sigma": q.get("clip_sigma", 3.0)})
 
 
 def _processor(tcfg: TinyLlavaConfig, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)) -> image_processing.ImageProcessor:
-    size = tcfg.vision.image_size
-    return image_processing.ImageProcessor(size=(size, size), image_mean=tuple(mean), image_std=tuple(std))
+    return builder.image_processor({"image_mean": mean, "image_std": std}, tcfg.vision.image_size)
 
 
 def load_client(checkpoint: str | None, key: jax.Array, random_model: str = "demo") -> Client:

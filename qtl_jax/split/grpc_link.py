@@ -1,60 +1,58 @@
-"""``GrpcLink``: the client side of the split step's transport, over gRPC to a remote server.
+"""``GrpcServerHalf``: the server half of the split step in another process, over gRPC.
 
-``uplink(step, msg)`` serialises the codes (``ans`` or ``packed``), masks and labels
-(:mod:`qtl_jax.split.wire`), sends them with a deadline and keeps the server's reply; ``downlink(step)``
-returns the gradients from that reply as float32 arrays of the step's shapes. The server partition
-lives in another process, so unlike :class:`~qtl_jax.split.link.InProcessLink` nothing is computed
-between the two calls on this side.
+``exchange(step, uplink)`` serialises the codes (``ans`` or ``packed``), masks and labels
+(:mod:`qtl_jax.split.wire`), sends them with a deadline and returns the gradients of the server's reply as
+float32 arrays of the step's shapes, with the server's metrics and the byte counts. ``join(client_step)``
+is the handshake that aligns the two sides after a restart of either.
 
 Retries: a call that fails with ``UNAVAILABLE`` or ``DEADLINE_EXCEEDED`` (server restarting, reply lost)
-is sent again with the same step id, up to ``retries`` times with a growing pause (at most 5 s); the server applies a
-step once and answers a retry of it from its cache, so a retry never updates twice.
+is sent again with the same step id, up to ``retries`` times with a growing pause (at most 5 s); the
+server applies a step once and answers a retry of it from its cache, so a retry never updates twice.
 
-Byte accounting from the wire: ``take_counts(step)`` gives ``wire_uplink_bytes`` / ``wire_downlink_bytes``
-(serialized protobuf sizes of the request and the reply, what gRPC framed and sent) next to the
-theoretical ``uplink_bytes_{packed,ans,fp16}`` / ``downlink_bytes`` of :mod:`qtl_jax.split.link`.
+Byte accounting from the wire: the metrics of every exchange hold ``wire_uplink_bytes`` /
+``wire_downlink_bytes`` (serialized protobuf sizes of the request and the reply, what gRPC framed and
+sent) and ``wire_replayed`` (1 when the reply came from the server's cache) next to the theoretical
+``uplink_bytes_{packed,ans,fp16}`` / ``downlink_bytes`` of :mod:`qtl_jax.split.link`.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
+from typing import Any
 
 import grpc
 import jax
 import numpy as np
 
+from qtl_jax.models.messages import Downlink, Uplink
 from qtl_jax.split import security as seclib
 from qtl_jax.split import wire
-from qtl_jax.split.link import CODEC_METHODS, Downlink, Link, Uplink, downlink_counts, uplink_counts
+from qtl_jax.split.link import CODEC_METHODS, ServerHalf, StepMismatchError, downlink_counts, uplink_counts
 from qtl_jax.split.proto import split_pb2 as pb
 from qtl_jax.split.proto import split_pb2_grpc as pb_grpc
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
-class StepMismatchError(RuntimeError):
-    """The server expects another step (it restarted from a checkpoint): the client must realign (Join)."""
-
-
-class GrpcLink(Link):
-    """Client-side link to a :mod:`qtl_jax.split.server`.
+class GrpcServerHalf(ServerHalf):
+    """The client's end of a connection to a :mod:`qtl_jax.split.server`.
 
     Args:
       target: ``host:port`` of the server.
-      geometry: this client's :class:`~qtl_jax.split.wire.Geometry` (checked by the server on every call);
-        ``None`` until set (``client.run`` sets it from the model it builds).
+      geometry: this client's :class:`~qtl_jax.split.wire.Geometry` (checked by the server on every call).
       security: TLS mode, certificates and token.
-      client_id: a name for this client in the server's logs and errors.
+      client_id: a name for this client in the server's logs and errors (its turn with several clients).
       codec_method: 'ans' (entropy coded) or 'packed' (fixed width) for the codes.
       timeout_s: deadline of each RPC (the first step includes the server's compilation).
       retries: how many times a retryable failure is re-sent.
+      retry_pause_s: the pause before the first re-send (growing by this much per attempt, at most 5 s).
       max_message_bytes: the largest message sent or accepted.
     """
 
-    def __init__(self, target: str, geometry: wire.Geometry | None, security: seclib.SecurityConfig | None = None, *,
+    def __init__(self, target: str, geometry: wire.Geometry, security: seclib.SecurityConfig | None = None, *,
                  client_id: str = "client-0", codec_method: str = "ans", timeout_s: float = 300.0,
-                 retries: int = 3, retry_pause_s: float = 0.5,
-                 max_message_bytes: int = 64 << 20):
+                 retries: int = 3, retry_pause_s: float = 0.5, max_message_bytes: int = 64 << 20):
         if codec_method not in CODEC_METHODS:
             raise ValueError(f"codec_method={codec_method!r}: use one of {CODEC_METHODS}.")
         if timeout_s <= 0 or retries < 0:
@@ -68,9 +66,20 @@ class GrpcLink(Link):
         self.channel = seclib.open_channel(target, self.security, options)
         self.stub = pb_grpc.SplitLearningStub(self.channel)
         self._metadata = seclib.call_metadata(self.security)
-        self._pending: dict[int, tuple[Uplink, pb.DownlinkReply]] = {}
-        self._counts: dict[int, dict[str, float]] = {}
-        self.server_metrics: dict[int, dict[str, float]] = {}
+
+    @classmethod
+    def from_config(cls, section: Mapping[str, Any], geometry: wire.Geometry, codec_method: str = "ans"
+                    ) -> GrpcServerHalf:
+        """From a training config's ``split.server`` section (a plain dict; ``address`` must be set)."""
+        token = None
+        if section.get("token_file"):
+            with open(section["token_file"], encoding="utf-8") as f:
+                token = f.read().strip()
+        security = seclib.SecurityConfig(tls=section["tls"], ca_cert=section["ca_cert"], client_cert=section["cert"],
+                                         client_key=section["key"], token=token, server_name=section["server_name"])
+        return cls(section["address"], geometry, security, client_id=section["client_id"], codec_method=codec_method,
+                   timeout_s=float(section["rpc_timeout_s"]), retries=int(section["retries"]),
+                   max_message_bytes=int(float(section["max_message_mb"]) * (1 << 20)))
 
     def close(self) -> None:
         self.channel.close()
@@ -85,16 +94,16 @@ class GrpcLink(Link):
                 time.sleep(min(self.retry_pause_s * (attempt + 1), 5.0))
         raise AssertionError("unreachable")
 
-    def join(self, client_step: int) -> pb.JoinReply:
-        """Handshake: version and geometry check; returns the server's step (it rewinds if it is ahead)."""
+    def join(self, client_step: int) -> int:
+        """Handshake: version and geometry check; returns the server's next step (it rewinds if it is ahead)."""
         reply = self._call(self.stub.Join, pb.JoinRequest(
             protocol_version=wire.PROTOCOL_VERSION, client_id=self.client_id, geometry=self.geometry.to_proto(),
             client_step=int(client_step)))
         wire.check_version(reply.protocol_version)
-        return reply
+        return int(reply.server_step)
 
-    def uplink(self, step: int, msg: Uplink) -> Uplink:
-        host = jax.device_get(msg)
+    def exchange(self, step: int, uplink: Uplink) -> tuple[Downlink, dict[str, Any]]:
+        host = jax.device_get(uplink)
         request = wire.uplink_to_proto(host, step=step, client_id=self.client_id, geometry=self.geometry,
                                        codec_method=self.codec_method)
         try:
@@ -104,24 +113,12 @@ class GrpcLink(Link):
                 raise StepMismatchError(e.details()) from e
             raise
         down = wire.downlink_from_proto(reply, host, step=step)
-        counts = uplink_counts(host, self.codec_method)
+        metrics: dict[str, Any] = dict(reply.metrics)
+        metrics.update(uplink_counts(host, self.codec_method))
         dtype = {v: k for k, v in wire.GRAD_DTYPES.items()}[reply.grad_dtype]
-        counts.update(downlink_counts(down, host, dtype))
-        counts["wire_uplink_bytes"] = request.ByteSize()
-        counts["wire_downlink_bytes"] = reply.ByteSize()
-        counts["wire_replayed"] = int(reply.replayed)
-        self._counts[step] = counts
-        self.server_metrics[step] = dict(reply.metrics)
-        self._pending[step] = (host, down)
-        return host
-
-    def downlink(self, step: int, msg: Downlink | None = None) -> Downlink:
-        """The gradients the server sent for ``step`` (``msg`` is unused: the server partition is remote)."""
-        if step not in self._pending:
-            raise KeyError(f"no reply for step {step}: call uplink(step, ...) first.")
-        _, down = self._pending.pop(step)
+        metrics.update(downlink_counts(down, host, dtype))
+        metrics["wire_uplink_bytes"] = request.ByteSize()
+        metrics["wire_downlink_bytes"] = reply.ByteSize()
+        metrics["wire_replayed"] = int(reply.replayed)
         return Downlink(image_grad=np.asarray(down.image_grad, np.float32),
-                        text_grad=np.asarray(down.text_grad, np.float32))
-
-    def take_counts(self, step: int) -> dict[str, float]:
-        return self._counts.pop(step, {})
+                        text_grad=np.asarray(down.text_grad, np.float32)), metrics

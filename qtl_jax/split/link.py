@@ -1,116 +1,72 @@
-"""The transport between the two partitions of the split step, and its byte accounting.
+"""The server half as the client's split step sees it, and the byte accounting of what crosses.
 
-The split step never moves arrays itself: it hands an :class:`Uplink` (client -> server) and a
-:class:`Downlink` (server -> client) to a :class:`Link`. :class:`InProcessLink` moves them between the
-client and server device sub-meshes of one process (``jax.device_put`` onto the receiving mesh's batch
-sharding) and measures what a network transport would send. A remote link (gRPC, issue 7) implements
-the same two methods in another process; the step does not change.
+The split step (:mod:`qtl_jax.split.step`) runs the client programs and hands each step's
+:class:`~qtl_jax.models.messages.Uplink` to a :class:`ServerHalf`: ``exchange(step, uplink) ->
+(downlink, metrics)`` applies the server half of that step once and returns the gradients w.r.t. the
+dequantized values. Two implementations:
 
-What crosses, per step (B samples, T text positions, T_img tokens per image, D features):
+* :class:`InProcessServerHalf`: the server program (:func:`qtl_jax.split.step.server_update_fn`) on the
+  server device sub-mesh of this process; the uplink is put on that mesh and the downlink back on the
+  client's, and what a network transport would send is measured (:func:`uplink_counts`,
+  :func:`downlink_counts`).
+* :class:`qtl_jax.split.grpc_link.GrpcServerHalf`: a remote :mod:`qtl_jax.split.server` over gRPC.
 
-==========  =====================  ==========================================================
-direction   array                  content
-==========  =====================  ==========================================================
-up          ``image_codes``        uint8/uint16 [B, T_img, D] level indices (real images first)
-up          ``text_codes``         uint8/uint16 [B, T, D] level indices at text positions
-up          ``attention_mask``     uint8 [B, T] (1 = real token)
-up          ``image_mask``         uint8 [B, T] (1 = the image placeholder position)
-up          ``image_valid``        uint8 [B] (1 = ``image_codes[i]`` is a real image)
-up          ``labels``             int32 [B, T] (-100 = no loss), in plaintext as in the paper
-down        ``image_grad``         float32 [B, T_img, D]: d loss / d dequantized image values
-down        ``text_grad``          float32 [B, T, D]: d loss / d dequantized text values
-==========  =====================  ==========================================================
-
-The arrays have static shapes so both programs compile once; the server never reads codes at padding,
-placeholder or dummy-image positions, so the byte accounting (and a network link) counts only the real
-ones: the codes of the ``image_valid`` images and of the text positions with ``attention_mask == 1``
-and ``image_mask == 0``; downlink gradients at the same positions.
+The messages and their layout (row ``i`` = sample ``i``) are documented in :mod:`qtl_jax.models.messages`.
 """
 
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from qtl_jax import codec
+from qtl_jax.models.messages import Downlink, Uplink, check_uplink
 from qtl_jax.split.mesh import SplitMeshes, batch_sharding
 
-Array = Any  # jax.Array or np.ndarray
 CODEC_METHODS = ("packed", "ans")
 DOWNLINK_DTYPES = ("float32", "bfloat16")
+# Per-step byte counts in the metrics (integers; summed over a run by wire_summary).
+BYTE_KEYS = ("wire_uplink_bytes", "wire_downlink_bytes", "uplink_bytes", "uplink_bytes_packed", "uplink_bytes_ans",
+             "uplink_bytes_fp16", "uplink_bytes_side", "downlink_bytes", "uplink_values")
 
 
-@flax.struct.dataclass
-class Uplink:
-    """Client -> server. ``*_levels`` are static: L, or 0 for the fp16 "Original" baseline (float16 codes)."""
-
-    image_codes: Array
-    text_codes: Array
-    attention_mask: Array
-    image_mask: Array
-    image_valid: Array
-    labels: Array
-    image_levels: int = flax.struct.field(pytree_node=False, default=0)
-    text_levels: int = flax.struct.field(pytree_node=False, default=0)
-
-    def text_positions(self) -> Array:
-        """[B, T] bool: the text positions the server reads (real tokens, not the placeholder)."""
-        return (np.asarray(self.attention_mask) > 0) & (np.asarray(self.image_mask) == 0)
-
-    def side_arrays(self) -> dict[str, Array]:
-        return {k: getattr(self, k) for k in ("attention_mask", "image_mask", "image_valid", "labels")}
+class StepMismatchError(RuntimeError):
+    """The server half expects another step (it restarted from a checkpoint): the client must :meth:`ServerHalf.join`."""
 
 
-@flax.struct.dataclass
-class Downlink:
-    """Server -> client: the loss gradient w.r.t. the dequantized values the server decoded."""
+class ServerHalf(abc.ABC):
+    """The server partition of the split step, wherever it runs.
 
-    image_grad: Array
-    text_grad: Array
+    ``exchange(step, uplink)`` sends step ``step``'s message, applies the server half's update for it
+    exactly once and returns ``(downlink, metrics)``: the gradients (float32, the uplink's shapes) and the
+    server's metrics (``ce``, ``tokens``, ``target_tokens``, ``examples``: scalars, device arrays or
+    numbers) plus, when the step was measured, the integer byte counts (:data:`BYTE_KEYS`). It raises
+    :class:`StepMismatchError` when the server expects another step.
 
+    ``join(client_step)`` aligns the two sides after a restart and returns the step the server applies
+    next (a remote server rewinds to its checkpoint of ``client_step`` when it is ahead; when it is
+    behind, the client must rewind to the returned step).
 
-def check_uplink(msg: Uplink) -> None:
-    """Raises unless every array is an integer array (float16 only for a levels=0 fp16-baseline modality)."""
-    problems = []
-    for name, levels in (("image_codes", msg.image_levels), ("text_codes", msg.text_levels)):
-        dtype = jnp.dtype(getattr(msg, name).dtype)
-        if levels == 0:
-            if dtype != jnp.float16:
-                problems.append(f"{name} of an fp16-baseline quantizer must be float16, got {dtype}")
-        elif not jnp.issubdtype(dtype, jnp.integer):
-            problems.append(f"{name} must be integer level indices, got {dtype}")
-    for name, value in msg.side_arrays().items():
-        if not jnp.issubdtype(jnp.dtype(value.dtype), jnp.integer):
-            problems.append(f"{name} must be an integer array, got {jnp.dtype(value.dtype)}")
-    if problems:
-        raise TypeError(
-            "only integer arrays may cross from client to server (plus float16 for bound='none'): "
-            + "; ".join(problems)
-        )
-
-
-class Link(abc.ABC):
-    """Moves the two messages of a split step between the partitions.
-
-    ``uplink`` returns the message as the server program receives it, ``downlink`` the gradients as the
-    client receives them. ``step`` is the training step id (a remote link uses it to apply each step once).
-    ``take_counts(step)`` returns (and forgets) that step's byte figures (an empty dict when it was not
-    measured).
+    ``in_process``: the server partition lives in this process's ``TrainState``. The split step then hands
+    it over as the ``state`` attribute before each exchange and takes the updated one back; a remote server
+    half keeps its partition to itself.
     """
 
-    @abc.abstractmethod
-    def uplink(self, step: int, msg: Uplink) -> Uplink: ...
+    in_process: bool = False
 
     @abc.abstractmethod
-    def downlink(self, step: int, msg: Downlink) -> Downlink: ...
+    def exchange(self, step: int, uplink: Uplink) -> tuple[Downlink, dict[str, Any]]: ...
 
-    def take_counts(self, step: int) -> dict[str, int]:
-        return {}
+    def join(self, client_step: int) -> int:
+        return client_step
+
+    def close(self) -> None:
+        return None
 
 
 def uplink_counts(msg: Uplink, codec_method: str = "ans") -> dict[str, int]:
@@ -152,21 +108,32 @@ def downlink_counts(msg: Downlink, up: Uplink, dtype: str = "float32") -> dict[s
     return {"downlink_bytes": n * width}
 
 
-class InProcessLink(Link):
-    """Moves messages between the two sub-meshes of ``meshes`` and measures their wire size.
+class InProcessServerHalf(ServerHalf):
+    """The server half on the server sub-mesh of this process, with the byte accounting of a network link.
 
     Args:
       meshes: the split's client and server meshes.
+      update: the server program ``update(server, uplink) -> (server, Downlink, metrics)``, pure and
+        traceable (:func:`qtl_jax.split.step.server_update_fn`); compiled here on the server mesh with the
+        server state donated.
       codec_method: which coded size ``uplink_bytes`` reports ('packed' or 'ans'); both are measured.
       measure: measure bytes at all (host time: the codes are fetched and entropy coded).
       measure_every: measure every n-th step (step 0 always, when ``measure``).
       downlink_dtype: 'float32' (the paper) or 'bfloat16': the gradients are rounded to bf16 on the way
         back, which changes training (split then no longer equals fused) and halves the downlink.
+
+    Attributes:
+      state: the server partition (a ``PartitionState``) the next exchange updates. The split step sets it
+        from its ``TrainState`` before the exchange and takes the updated one back, so checkpoints and the
+        evaluation see one state holding both partitions.
     """
+
+    in_process = True
 
     def __init__(
         self,
         meshes: SplitMeshes,
+        update: Callable[[Any, Uplink], tuple[Any, Downlink, Mapping[str, Any]]],
         codec_method: str = "ans",
         measure: bool = True,
         measure_every: int = 1,
@@ -183,36 +150,77 @@ class InProcessLink(Link):
         self.measure = measure
         self.measure_every = int(measure_every)
         self.downlink_dtype = downlink_dtype
-        self._pending: dict[int, Uplink] = {}
-        self._counts: dict[int, dict[str, int]] = {}
+        self.state: Any = None
+        self._update = update
+        self._program = None
 
     def _measuring(self, step: int) -> bool:
         return self.measure and step % self.measure_every == 0
 
-    def uplink(self, step: int, msg: Uplink) -> Uplink:
-        check_uplink(msg)
-        if self._measuring(step):
-            host = jax.device_get(msg)
-            self._counts[step] = uplink_counts(host, self.codec_method)
-            self._pending[step] = host
-        return _put(msg, self.meshes.server)
+    def _compile(self) -> None:
+        mesh = self.meshes.server
+        update = self._update
+        shardings = jax.tree_util.tree_map(lambda x: x.sharding, self.state)
 
-    def downlink(self, step: int, msg: Downlink) -> Downlink:
+        def server_update(server, uplink: Uplink):
+            server, down, metrics = update(server, uplink)
+            down = jax.tree_util.tree_map(lambda x: jax.lax.with_sharding_constraint(x, batch_sharding(mesh, x.ndim)),
+                                          down)
+            return server, down, metrics
+
+        self._program = jax.jit(server_update, in_shardings=(shardings, None), out_shardings=(shardings, None, None),
+                                donate_argnums=0)
+
+    def exchange(self, step: int, uplink: Uplink) -> tuple[Downlink, dict[str, Any]]:
+        if self.state is None:
+            raise ValueError("InProcessServerHalf.state is not set: assign the server PartitionState before exchanging.")
+        check_uplink(uplink)
+        counts: dict[str, int] = {}
+        host = None
+        if self._measuring(step):
+            host = jax.device_get(uplink)
+            counts = uplink_counts(host, self.codec_method)
+        if self._program is None:
+            self._compile()
+        self.state, down, metrics = self._program(self.state, _put(uplink, self.meshes.server))
         # Back in the server's own dtype on arrival: float32 (float64 in the tests' float64 runs).
-        dtypes = jax.tree_util.tree_map(lambda g: g.dtype, msg)
+        dtypes = jax.tree_util.tree_map(lambda g: g.dtype, down)
         if self.downlink_dtype != "float32":
             dt = jnp.dtype(self.downlink_dtype)
-            msg = jax.tree_util.tree_map(lambda g: g.astype(dt), msg)
-        up = self._pending.pop(step, None)
-        if up is not None:
-            self._counts.setdefault(step, {}).update(downlink_counts(msg, up, self.downlink_dtype))
-        out = _put(msg, self.meshes.client)
-        return jax.tree_util.tree_map(lambda g, dt: g.astype(dt), out, dtypes)
-
-    def take_counts(self, step: int) -> dict[str, int]:
-        return self._counts.pop(step, {})
+            down = jax.tree_util.tree_map(lambda g: g.astype(dt), down)
+        if host is not None:
+            counts.update(downlink_counts(down, host, self.downlink_dtype))
+        received = jax.tree_util.tree_map(lambda g, dt: g.astype(dt), _put(down, self.meshes.client), dtypes)
+        return received, {**metrics, **counts}
 
 
 def _put(tree: Any, mesh) -> Any:
     """Every leaf onto ``mesh``, batch (leading) dimension split over all of its devices."""
     return jax.tree_util.tree_map(lambda x: jax.device_put(x, batch_sharding(mesh, np.ndim(x))), tree)
+
+
+# ---------------------------------------------------------------------------------------------------
+# A run's byte totals
+
+
+def wire_summary(records: Sequence[Mapping[str, Any]], batch_size: int) -> dict[str, Any]:
+    """Totals and per-sample means of the byte counts of the steps in ``records`` measured on the wire."""
+    measured = [r for r in records if "wire_uplink_bytes" in r]
+    totals = {k: int(sum(r.get(k, 0) for r in measured)) for k in BYTE_KEYS}
+    samples = max(len(measured) * batch_size, 1)
+    out = {"steps": len(measured), "samples": len(measured) * batch_size, "total": totals,
+           "per_sample": {k: v / samples for k, v in totals.items()}}
+    if totals["uplink_bytes_fp16"]:
+        out["wire_uplink_vs_fp16"] = totals["wire_uplink_bytes"] / totals["uplink_bytes_fp16"]
+    return out
+
+
+def format_summary(summary: Mapping[str, Any]) -> str:
+    """:func:`wire_summary` as a table for people."""
+    t, p = summary["total"], summary["per_sample"]
+    rows = [("uplink, on the wire (protobuf)", "wire_uplink_bytes"), ("uplink, codec ans (theory)", "uplink_bytes_ans"),
+            ("uplink, codec packed (theory)", "uplink_bytes_packed"), ("uplink, fp16 baseline", "uplink_bytes_fp16"),
+            ("downlink, on the wire (protobuf)", "wire_downlink_bytes"), ("downlink, gradients (theory)", "downlink_bytes")]
+    lines = [f"{summary['steps']} steps, {summary['samples']} samples", f"{'':34s}{'total B':>12s}{'per sample B':>14s}"]
+    lines += [f"{name:34s}{t[k]:12d}{p[k]:14.1f}" for name, k in rows]
+    return "\n".join(lines)

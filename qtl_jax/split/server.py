@@ -14,6 +14,10 @@ Command line (same training config as ``train.py``; network options are flags)::
 
     python -m qtl_jax.split.server --config=configs/stage1.py:tiny --workdir=/tmp/qtl_server \
         --address=127.0.0.1:50051 --tls=mutual --ca_cert=pki/ca.pem --cert=pki/server.pem --key=pki/server.key
+
+The command line builds its side as a training run would (:mod:`qtl_jax.train.setup`: the model, the
+state drawn from ``config.seed``, a previous stage's or an official checkpoint's params) and keeps the
+server partition; it stops after ``total_steps`` steps of every client.
 """
 
 from __future__ import annotations
@@ -22,7 +26,6 @@ import dataclasses
 import hashlib
 import os
 import threading
-import time
 from concurrent import futures
 import grpc
 import jax
@@ -108,6 +111,11 @@ class SplitServicer(pb_grpc.SplitLearningServicer):
     @property
     def step(self) -> int:
         return int(jax.device_get(self.state.step))
+
+    def wait_for_step(self, step: int, timeout: float | None = None) -> bool:
+        """Blocks until the server has applied ``step`` steps (woken by each applied step); False on timeout."""
+        with self._turn:
+            return self._turn.wait_for(lambda: self.step >= step, timeout=timeout)
 
     # -- RPCs -------------------------------------------------------------------------------------
 
@@ -260,25 +268,8 @@ def serve(servicer: SplitServicer, address: str, security: seclib.SecurityConfig
 # Command line
 
 
-def empty_partition() -> steplib.PartitionState:
-    return steplib.PartitionState({}, {}, {})
-
-
-def build_side(config, side: str, schedule_steps: int | None = None):
-    """``(setup-like model config, meshes, state, optimizers, geometry)`` for one side from a training config.
-
-    Both sides initialise the model from ``config.seed`` exactly as ``train.py`` does and keep only their
-    own partition, so a network run starts from the same parameters as an in-process one.
-    """
-    from qtl_jax.split import client as clientlib  # the shared setup code lives with the client
-
-    return clientlib.build_side(config, side, schedule_steps=schedule_steps)
-
-
 def main(argv) -> None:
     from absl import app, flags, logging
-
-    from qtl_jax.train import checkpoint as ckptlib
 
     f = flags.FLAGS
     if len(argv) > 1:
@@ -287,31 +278,50 @@ def main(argv) -> None:
 
     xla_flags.apply_defaults()  # before the first JAX computation; see qtl_jax/xla_flags.py
     # Orbax and TFDS log every file operation at INFO; --verbosity=0 brings them back.
-    if f["verbosity"].using_default_value:
+    if not f["verbosity"].present:  # (using_default_value is False under app.run)
         logging.set_verbosity(logging.WARNING)
+    # The command line is an entry point: it builds the server's side with the training job's setup.
+    from qtl_jax.train import checkpoint as ckptlib
+    from qtl_jax.train import setup as setuplib
+
     config = f.config
+    if int(config.total_steps) <= 0:
+        raise app.UsageError("network split runs need a fixed --config.total_steps (both sides build the same "
+                             "learning-rate schedule from it).")
     clients = tuple(c for c in (f.clients or "").split(",") if c)
     rounds = int(config.total_steps) * max(len(clients), 1)  # the server applies every client's steps
-    model, meshes, state, optimizers, geometry = build_side(config, "server", schedule_steps=rounds)
     workdir = os.path.abspath(f.workdir)
+    # The client's initial state, drawn from the same seed; this side keeps the server partition.
+    _, k_setup = setuplib.seed_keys(config)
+    setup = setuplib.build_setup(config, workdir, k_setup, data=False)
+    mc = config.mesh
+    meshes = meshlib.split_meshes(mc.client_devices, mc.server_devices, client_fsdp=mc.client_fsdp,
+                                  server_fsdp=mc.server_fsdp)
+    full = setuplib.create_state(config, setup, meshes, rounds)
+    optimizers = steplib.make_split_optimizers(config.optimizer.to_dict(), rounds,
+                                               {"client": full.client.params, "server": full.server.params})
     checkpointer = ckptlib.Checkpointer(workdir, keep=int(config.keep_checkpoints))
     if checkpointer.latest_step() is not None:
-        state, _ = checkpointer.restore(state)
+        state, _ = checkpointer.restore(full.replace(client=steplib.PartitionState({}, {}, {})))
         print(f"qtl_jax.split.server: resumed {workdir} at step {int(jax.device_get(state.step))}", flush=True)
+    else:
+        state = setuplib.with_initial_params(config, setup, full)
+        state = state.replace(client=steplib.PartitionState({}, {}, {}))
+    del full
+    geometry = wire.geometry_of(setup.model, config.global_batch_size, setup.model.model.max_length)
     options = ServerOptions(grad_dtype=config.split.downlink_dtype, codec_method=config.split.codec_method,
                             max_message_bytes=int(f.max_message_mb * (1 << 20)),
                             checkpoint_every=int(config.checkpoint_every), clients=clients)
-    servicer = SplitServicer(model, state, optimizers, meshes.server, geometry, options, checkpointer)
+    servicer = SplitServicer(setup.model, state, optimizers, meshes.server, geometry, options, checkpointer)
     sec = security_from_flags(f, "server")
     server, port = serve(servicer, f.address, sec)
     print(f"qtl_jax.split.server: listening on port {port} (tls={sec.tls}, token={'yes' if sec.token else 'no'}), "
           f"next step {servicer.step}", flush=True)
     try:
-        while servicer.step < rounds:
-            time.sleep(0.2)
-        time.sleep(1.0)  # let the last reply leave before shutting down
+        servicer.wait_for_step(rounds)
     finally:
-        server.stop(grace=2.0)
+        # In-flight RPCs (the last reply) finish within the grace period; new ones are refused.
+        server.stop(grace=5.0).wait()
         checkpointer.wait()  # a save of the last step may still be in flight
         if checkpointer.latest_step() != servicer.step:
             checkpointer.save(servicer.state, {}, {})

@@ -5,10 +5,11 @@ Split mode runs three jit-compiled programs per step:
 1. client, on the client mesh: forward to the codes, keeping ``jax.vjp``'s backward function (its
    residuals stay on the client devices; the function is a pytree, so it leaves this program and
    enters program 3);
-2. server, on the server mesh, from what the :class:`~qtl_jax.split.link.Link` delivered (integer codes,
-   masks, labels): cross-entropy, gradients for the server params *and* for the dequantized values
-   (the cotangents d loss / d z_hat), the server optimizer update;
-3. client again: the backward function applied to (the cotangents the link brought back, 1 for the
+2. server, behind a :class:`~qtl_jax.split.link.ServerHalf` (on the server sub-mesh of this process, or
+   in a server process over gRPC), from the integer codes, masks and labels: cross-entropy, gradients
+   for the server params *and* for the dequantized values (the cotangents d loss / d z_hat), the server
+   optimizer update;
+3. client again: the backward function applied to (the cotangents the server half returned, 1 for the
    distortion loss) -> client gradients -> the client optimizer update.
 
 The three bodies are public (:func:`client_begin_fn`, :func:`server_update_fn`, :func:`client_finish_fn`)
@@ -34,11 +35,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from qtl_jax import optimizer as optlib
 from qtl_jax.models import quantized as qm
+from qtl_jax.models.messages import Downlink, Uplink
 from qtl_jax.models.quantized import QuantizedTinyLlavaConfig
-from qtl_jax.split.link import Downlink, InProcessLink, Link, Uplink
+from qtl_jax.split.link import InProcessServerHalf, ServerHalf
 from qtl_jax.split.mesh import SplitMeshes, batch_sharding, param_shardings, replicated
-from qtl_jax.train import optimizer as optlib
 
 PARTITIONS = ("client", "server")
 MODES = ("split", "fused")
@@ -97,28 +99,20 @@ def _under(name: str, tx: optax.GradientTransformation) -> optax.GradientTransfo
     return optax.GradientTransformation(init, update)
 
 
-def _partition_config(optimizer_config: Mapping[str, Any], partition: str) -> Mapping[str, Any]:
-    if "client" in optimizer_config and "server" in optimizer_config:
-        return optimizer_config[partition]
-    return optimizer_config
-
-
 def make_split_optimizers(optimizer_config: Mapping[str, Any], total_steps: int, params: Mapping[str, Any]) -> SplitOptimizers:
     """Per-partition optimizers from one ``optimizer`` config whose rules use full paths.
 
     ``params``: ``{'client': ..., 'server': ...}`` (arrays or ShapeDtypeStructs). ``param_groups`` and
     ``no_decay`` regexes are matched against ``client/...`` and ``server/...`` paths, e.g.
-    ``('client/vision_tower/.*', 'frozen')``. A config with ``client`` and ``server`` entries gives each
-    partition its own optimizer config instead.
+    ``('client/vision_tower/.*', 'frozen')``; each partition gets its own optimizer over its own leaves.
     """
     txs, frozen = {}, {}
     for name in PARTITIONS:
-        cfg = _partition_config(optimizer_config, name)
         tree = {name: params[name]}
         # Validates that every leaf is covered by a rule (an error names the uncovered paths).
-        labels = optlib.param_labels(tree, cfg)
+        labels = optlib.param_labels(tree, optimizer_config)
         frozen[name] = jax.tree_util.tree_map(lambda lab: lab == optlib.FROZEN, labels)[name]
-        txs[name] = _under(name, optlib.make_optimizer(cfg, total_steps, tree))
+        txs[name] = _under(name, optlib.make_optimizer(optimizer_config, total_steps, tree))
     return SplitOptimizers(txs["client"], txs["server"], frozen["client"], frozen["server"])
 
 
@@ -135,7 +129,7 @@ def create_train_state(
     config: QuantizedTinyLlavaConfig,
     key: jax.Array,
     meshes: SplitMeshes,
-    optimizer_configs: Mapping[str, Any],
+    optimizer_config: Mapping[str, Any],
     total_steps: int,
     pretrained: Mapping[str, Any] | None = None,
     *,
@@ -148,7 +142,7 @@ def create_train_state(
     """
     k_init, k_rng = jax.random.split(key)
     params, batch_stats = _init_params(config, k_init, None if pretrained is None else dict(pretrained))
-    optimizers = make_split_optimizers(optimizer_configs, total_steps, params)
+    optimizers = make_split_optimizers(optimizer_config, total_steps, params)
     parts = {}
     for name in PARTITIONS:
         mesh = getattr(meshes, name)
@@ -199,13 +193,8 @@ def _host_metrics(*trees: Mapping[str, Any]) -> dict[str, float]:
     out = {}
     for tree in jax.device_get(trees):
         out.update({k: float(v) for k, v in tree.items()})
+    out["loss"] = out["ce"] + out["dist_image"] + out["dist_text"]
     return out
-
-
-def _finish_metrics(metrics: dict[str, float], counts: Mapping[str, int]) -> dict[str, float]:
-    metrics["loss"] = metrics["ce"] + metrics["dist_image"] + metrics["dist_text"]
-    metrics.update(counts)
-    return metrics
 
 
 def make_train_step(
@@ -214,33 +203,37 @@ def make_train_step(
     optimizers: SplitOptimizers,
     *,
     mode: str = "split",
-    link: Link | None = None,
+    server: ServerHalf | None = None,
     check_batches: bool = True,
 ) -> Callable[[TrainState, Mapping[str, Any]], tuple[TrainState, dict[str, float]]]:
-    """``step(state, batch) -> (state, metrics)``; ``batch`` is a dict of host numpy arrays.
+    """``step(state, batch) -> (state, metrics)``; ``batch`` is a dict of host numpy arrays, row i = sample i.
 
-    ``mode='split'``: the three programs of the module docstring, messages moved by ``link`` (default
-    :class:`InProcessLink` over ``meshes``, measuring bytes every step). ``mode='fused'``: one program;
-    both partitions must live on the same mesh (``split_meshes(0, 0)``). The state passed in is donated.
+    ``mode='split'``: a :class:`SplitStep`, the client programs of the module docstring with the server
+    half behind ``server`` (default: an :class:`InProcessServerHalf` running :func:`server_update_fn` on
+    ``meshes.server``, measuring bytes every step). ``mode='fused'``: one program; both partitions must
+    live on the same mesh (``split_meshes(0, 0)``). The state passed in is donated.
 
-    Metrics (Python floats): ``loss`` (= ``ce`` + ``dist_image`` + ``dist_text``), ``ce``, ``dist_*``
+    Metrics (Python numbers): ``loss`` (= ``ce`` + ``dist_image`` + ``dist_text``), ``ce``, ``dist_*``
     (weighted distortion losses), ``entropy_*`` (bits), ``usage_*`` (fraction of levels used),
     ``clip_rate_*``, ``mse_*``, ``tokens`` (real merged positions), ``target_tokens``, ``examples``
-    and, when the link measured this step, ``uplink_bytes_{fp16,packed,ans,side}``, ``uplink_bytes``
-    and ``downlink_bytes``.
+    and, when the server half measured this step, the integer byte counts
+    ``uplink_bytes_{fp16,packed,ans,side}``, ``uplink_bytes``, ``uplink_values`` and ``downlink_bytes``
+    (a remote server half adds ``wire_*``).
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: use one of {MODES}.")
     if mode == "fused":
-        if link is not None:
-            raise ValueError("mode='fused' runs one program and moves nothing: do not pass a link.")
+        if server is not None:
+            raise ValueError("mode='fused' runs one program and moves nothing: do not pass a server half.")
         if set(meshes.client.devices.flat) != set(meshes.server.devices.flat):
             raise ValueError(
                 "mode='fused' runs one program on one mesh, but the client and server meshes use different "
                 "devices; build them with split_meshes(0, 0) (both sides share all devices)."
             )
         return _fused_step(config, meshes, optimizers, check_batches)
-    return _split_step(config, meshes, optimizers, link or InProcessLink(meshes), check_batches)
+    if server is None:
+        server = InProcessServerHalf(meshes, server_update_fn(config, optimizers))
+    return SplitStep(config, meshes, optimizers, server, check_batches)
 
 
 def client_begin_fn(config: QuantizedTinyLlavaConfig, optimizers: SplitOptimizers) -> Callable:
@@ -293,49 +286,63 @@ def client_finish_fn(optimizers: SplitOptimizers) -> Callable:
     return client_finish
 
 
-def _split_step(config, meshes: SplitMeshes, optimizers: SplitOptimizers, link: Link, check_batches: bool):
-    programs: dict[str, Any] = {}
-    begin_fn = client_begin_fn(config, optimizers)
-    server_fn = server_update_fn(config, optimizers)
-    finish_fn = client_finish_fn(optimizers)
+class SplitStep:
+    """``step(state, batch) -> (state, metrics)`` of split mode: the client programs here, the server half
+    behind ``server``.
 
-    def on(mesh, tree):
-        return jax.tree_util.tree_map(lambda x: jax.lax.with_sharding_constraint(x, batch_sharding(mesh, x.ndim)), tree)
+    The two client programs are compiled on the first call; ``server`` may be replaced between steps (a
+    new connection) without recompiling them. With a server half ``in_process`` (an
+    :class:`InProcessServerHalf`) the state holds both partitions and the server's comes back updated; with
+    a remote one the state's server partition stays as given (empty: it lives in the server process).
+    """
 
-    def client_begin(client: PartitionState, batch):
-        uplink, backward, metrics, batch_stats = begin_fn(client, batch)
-        return on(meshes.client, uplink), backward, metrics, batch_stats
+    def __init__(self, config: QuantizedTinyLlavaConfig, meshes: SplitMeshes, optimizers: SplitOptimizers,
+                 server: ServerHalf, check_batches: bool = True):
+        self.config, self.meshes, self.server, self.check_batches = config, meshes, server, check_batches
+        begin_fn = client_begin_fn(config, optimizers)
+        finish_fn = client_finish_fn(optimizers)
 
-    def server_update(server: PartitionState, uplink: Uplink):
-        server, down, metrics = server_fn(server, uplink)
-        return server, on(meshes.server, down), metrics
+        def client_begin(client: PartitionState, batch):
+            uplink, backward, metrics, batch_stats = begin_fn(client, batch)
+            uplink = jax.tree_util.tree_map(
+                lambda x: jax.lax.with_sharding_constraint(x, batch_sharding(meshes.client, x.ndim)), uplink)
+            return uplink, backward, metrics, batch_stats
 
-    def client_finish(client: PartitionState, backward, down: Downlink, batch_stats, step):
-        return finish_fn(client, backward, down, batch_stats), step + 1
+        def client_finish(client: PartitionState, backward, down: Downlink, batch_stats, step):
+            return finish_fn(client, backward, down, batch_stats), step + 1
 
-    def compile_for(state: TrainState):
-        c_sh, s_sh = _shardings(state.client), _shardings(state.server)
-        programs["begin"] = jax.jit(client_begin)
-        programs["server"] = jax.jit(server_update, in_shardings=(s_sh, None), out_shardings=(s_sh, None, None),
-                                     donate_argnums=0)
+        self._begin_fn, self._finish_fn = client_begin, client_finish
+        self._begin = self._finish = None
+
+    def _compile(self, state: TrainState) -> None:
+        self._begin = jax.jit(self._begin_fn)
         # The backward function's residuals are not donated: XLA cannot reuse them for the outputs.
-        programs["finish"] = jax.jit(client_finish, out_shardings=(c_sh, state.step.sharding), donate_argnums=0)
+        self._finish = jax.jit(self._finish_fn, out_shardings=(_shardings(state.client), state.step.sharding),
+                               donate_argnums=0)
 
-    def step(state: TrainState, batch: Mapping[str, Any]) -> tuple[TrainState, dict[str, float]]:
-        if check_batches:
-            qm.check_batch(config, batch)
-        if not programs:
-            compile_for(state)
+    def __call__(self, state: TrainState, batch: Mapping[str, Any]) -> tuple[TrainState, dict[str, float]]:
+        if self.check_batches:
+            qm.check_batch(self.config, batch)
+        if self._begin is None:
+            self._compile(state)
+        client_mesh = self.meshes.client
         step_id = int(jax.device_get(state.step))
-        uplink, backward, c_metrics, batch_stats = programs["begin"](state.client, _device_batch(batch, meshes.client))
-        received = link.uplink(step_id, uplink)
-        server, down, s_metrics = programs["server"](state.server, received)
-        cot = link.downlink(step_id, down)
-        client, new_step = programs["finish"](state.client, backward, cot, batch_stats, state.step)
-        metrics = _finish_metrics(_host_metrics(c_metrics, s_metrics), link.take_counts(step_id))
+        uplink, backward, c_metrics, batch_stats = self._begin(state.client, _device_batch(batch, client_mesh))
+        local = self.server.in_process
+        if local:
+            self.server.state = state.server
+        try:
+            down, s_metrics = self.server.exchange(step_id, uplink)
+            server = self.server.state if local else state.server
+        finally:
+            if local:  # the returned TrainState holds it (and the one given was donated)
+                self.server.state = None
+        down = jax.tree_util.tree_map(lambda x: jax.device_put(x, batch_sharding(client_mesh, np.ndim(x))), down)
+        client, new_step = self._finish(state.client, backward, down, batch_stats, state.step)
+        metrics = {k: float(v) for k, v in jax.device_get(c_metrics).items()}
+        metrics.update({k: v if isinstance(v, int) else float(v) for k, v in jax.device_get(s_metrics).items()})
+        metrics["loss"] = metrics["ce"] + metrics["dist_image"] + metrics["dist_text"]
         return TrainState(new_step, client, server, state.rng), metrics
-
-    return step
 
 
 def _fused_step(config, meshes: SplitMeshes, optimizers: SplitOptimizers, check_batches: bool):
@@ -364,7 +371,7 @@ def _fused_step(config, meshes: SplitMeshes, optimizers: SplitOptimizers, check_
             sh = _shardings(state)
             programs["fused"] = jax.jit(fused, out_shardings=(sh, None, None), donate_argnums=0)
         state, c_metrics, s_metrics = programs["fused"](state, _device_batch(batch, meshes.client))
-        return state, _finish_metrics(_host_metrics(c_metrics, s_metrics), {})
+        return state, _host_metrics(c_metrics, s_metrics)
 
     return step
 

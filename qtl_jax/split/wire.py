@@ -1,11 +1,11 @@
 """Split-step messages <-> protobuf (``proto/split.proto``), with validation of everything received.
 
-Only real values cross (see :mod:`qtl_jax.split.link`): the codes of the ``image_valid`` images
-``[n_images, T_img, D]`` and of the real text positions ``[n_text, D]`` (attention 1, not the image
-placeholder), each as one :mod:`qtl_jax.codec` message; masks as uint8 and labels as int32, raw
+Only real values cross (see :mod:`qtl_jax.models.messages`): the codes of the ``image_valid`` images
+``[n_images, T_img, D]`` (in sample order) and of the real text positions ``[n_text, D]`` (attention 1,
+not the image placeholder), each as one :mod:`qtl_jax.codec` message; masks as uint8 and labels as int32, raw
 little-endian. The receiver rebuilds the step's static-shape arrays, with zeros at the positions that
 did not travel; the server program never reads them, and their gradients are zero, so the exchange is
-exact (``tests/test_grpc_split.py`` compares against the in-process link).
+exact (``tests/test_grpc_split.py`` compares against the in-process server half).
 
 Everything the server receives is untrusted: :func:`uplink_from_proto` checks the protocol version,
 the declared geometry against the server's, every buffer's length, the mask values and their
@@ -21,10 +21,12 @@ from collections.abc import Mapping
 import numpy as np
 
 from qtl_jax import codec
-from qtl_jax.split.link import CODEC_METHODS, DOWNLINK_DTYPES, Downlink, Uplink
+from qtl_jax.models.messages import Downlink, Uplink
+from qtl_jax.split.link import CODEC_METHODS, DOWNLINK_DTYPES
 from qtl_jax.split.proto import split_pb2 as pb
 
-PROTOCOL_VERSION = 1
+# 2: row i of every array is sample i (version 1 put the real images first).
+PROTOCOL_VERSION = 2
 IGNORE_INDEX = -100
 GRAD_DTYPES = {"float32": pb.FLOAT32, "bfloat16": pb.BFLOAT16}
 _GRAD_NAMES = {v: k for k, v in GRAD_DTYPES.items()}
@@ -164,11 +166,12 @@ def uplink_from_proto(req: pb.UplinkRequest, geometry: Geometry) -> Uplink:
     per_sample = image_mask.sum(axis=1)
     if np.any(per_sample > 1):
         raise WireError(f"image_mask marks {int(per_sample.max())} positions in one sample; at most 1 (one image).")
+    # Row i is sample i: its image is real exactly when it has a placeholder.
+    bad = np.flatnonzero(image_valid != per_sample)
+    if bad.size:
+        raise WireError(f"image_valid of samples {bad[:8].tolist()} disagrees with their image_mask: sample i has an "
+                        "image (image_valid[i] = 1) exactly when image_mask marks its placeholder.")
     n_images = int(image_valid.sum())
-    if np.any(image_valid[:n_images] == 0):
-        raise WireError("image_valid must list the real images first (ones, then zeros).")
-    if n_images != int(per_sample.sum()):
-        raise WireError(f"image_valid counts {n_images} images but image_mask has {int(per_sample.sum())} placeholders.")
     bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= g.vocab_size))
     if np.any(bad):
         raise WireError(f"labels hold {int(labels[bad][0])}; use -100 or a token id in [0, {g.vocab_size}).")
