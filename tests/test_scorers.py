@@ -364,3 +364,13 @@ def test_reads_model_vqa_loader_answer_files(tmp_path):
     path.write_text(json.dumps({"question_id": 1, "answer": "x"}) + "\n")
     with pytest.raises(ValueError, match="lacks 'question_id' and 'text'"):
         read_answers(str(path), by_prompt=False)
+
+
+def test_question_ids_must_be_unique_where_answers_are_keyed_by_id(tmp_path):
+    """The official scorers look POPE/GQA/VQAv2 questions up by id (eval_pope.py builds a dict): repeated ids
+    would be silently merged, so they are an error; TextVQA and MME key by id and prompt instead."""
+    files.write_pope(str(tmp_path / "eval"))
+    qfile = tmp_path / "eval" / "pope" / "llava_pope_test.jsonl"
+    qfile.write_text(qfile.read_text() + qfile.read_text().splitlines()[0] + "\n")
+    with pytest.raises(ValueError, match=r"question ids \['1'\] repeat; every question needs its own id"):
+        BENCHMARKS["pope"].load(_spec(str(tmp_path / "eval"), "pope"))

@@ -70,6 +70,12 @@ def assign_keys(pairs: Iterable[tuple[Any, str]], by_prompt: bool) -> list[str]:
     return keys
 
 
+def _refuse_repeated_ids(rows: Sequence[Mapping[str, Any]], path: str, problem: str) -> None:
+    repeated = [k for k, n in collections.Counter(str(r["question_id"]) for r in rows).items() if n > 1]
+    if repeated:
+        raise ValueError(f"{path}: question ids {repeated[:3]} {problem}")
+
+
 def answers_path(directory: str, benchmark: str) -> str:
     """``<directory>/<benchmark>.jsonl``: the layout of ``<workdir>/answers`` and of ``config.answers_dir``."""
     return os.path.join(directory, f"{benchmark}.jsonl")
@@ -99,10 +105,7 @@ def read_answers(path: str, by_prompt: bool) -> dict[str, dict[str, Any]]:
                              "(question_id, prompt, text, answer_id, model_id, metadata).")
         rows.append(row)
     if not by_prompt:
-        repeated = [k for k, n in collections.Counter(str(r["question_id"]) for r in rows).items() if n > 1]
-        if repeated:
-            raise ValueError(f"{path}: question ids {repeated[:3]} are answered more than once; keep one answer "
-                             "per question.")
+        _refuse_repeated_ids(rows, path, "are answered more than once; keep one answer per question.")
     return dict(zip(assign_keys(((r["question_id"], r.get("prompt", "")) for r in rows), by_prompt), rows))
 
 
@@ -159,9 +162,7 @@ def load_llava_questions(spec: Mapping[str, Any], by_prompt: bool = False) -> li
     images = os.path.join(root, spec.get("image_folder", ""))
     rows = read_jsonl(path)
     if not by_prompt:
-        repeated = [k for k, n in collections.Counter(str(r["question_id"]) for r in rows).items() if n > 1]
-        if repeated:
-            raise ValueError(f"{path}: question ids {repeated[:3]} repeat; every question needs its own id.")
+        _refuse_repeated_ids(rows, path, "repeat; every question needs its own id.")
     keys = assign_keys(((r["question_id"], r["text"]) for r in rows), by_prompt)
     return [Example(key=k, question_id=r["question_id"], prompt=r["text"],
                     image=os.path.join(images, r["image"]) if r.get("image") else None)
