@@ -322,6 +322,8 @@ def test_gqa_official_layout(tmp_path):
 
 
 def test_gqa_questions_file_without_balance_flags_is_an_error(tmp_path):
+    """GQA's eval.py reads isBalanced and types.structural of every question: a file without them (not GQA's
+    questions file) is a clear error rather than a KeyError."""
     answers, _ = files.write_gqa(str(tmp_path / "eval"))
     (tmp_path / "eval" / "gqa" / "data" / "testdev_balanced_questions.json").write_text(
         json.dumps({q["question_id"]: {"answer": "yes"} for q in answers}))
