@@ -131,4 +131,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.sweep = ml_collections.ConfigDict(dict(
         enabled=False, levels=(2, 4, 8, 16, 32), baseline=True, bytes_samples=16, selection_max_samples=200_000))
 
+    # --- Scoring answer files without a model (issue 15) ---------------------------------------------
+    # score_only=True: no model is loaded; <answers_dir>/<benchmark>.jsonl (LLaVA's model_vqa_loader answer
+    # lines: question_id, prompt, text, ...; e.g. a previous <workdir>/answers, or the official PyTorch
+    # scripts' answer files renamed to the benchmark names) are scored against benchmark_dir's files.
+    c.score_only = False
+    c.answers_dir = ml_collections.config_dict.placeholder(str)
+
     return common.apply_preset(c, arg, PRESETS)

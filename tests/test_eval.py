@@ -16,8 +16,9 @@ import pytest
 from configs import eval as eval_config
 from qtl_jax.data.shapes import benchmarks as benchmark_files
 from qtl_jax.data.shapes import ShapesConfig
-from qtl_jax.eval import mme, runner
+from qtl_jax.eval import answerer, harness, mme, runner, vqa
 from qtl_jax.eval.answers import answers_path, read_answers, read_json, read_jsonl
+from qtl_jax.eval.benchmarks import BENCHMARKS, benchmark_specs, subsample
 
 STUB = types.SimpleNamespace(source="scripted", levels=lambda: None)
 
@@ -41,12 +42,11 @@ def _config(bench_dir, **overrides):
 
 def _truth(bench_dir):
     """``(benchmark, key) -> ground-truth answer`` for every shapes question."""
-    specs = runner.benchmark_specs(_config(bench_dir))
+    specs = benchmark_specs(_config(bench_dir))
     truth = {}
     gt = mme.load_ground_truth(os.path.join(bench_dir, "mme", "MME_Benchmark_release_version"))
-    for ex in runner.BENCHMARKS["mme"].load(specs["mme"]):
-        subtask, image = ex.question_id.split("/")
-        truth["mme", ex.key] = gt[subtask, image[:-4], mme.question_of(ex.prompt)]
+    for ex in BENCHMARKS["mme"].load(specs["mme"]):
+        truth["mme", ex.key] = mme.lookup(gt, ex.question_id, ex.prompt)[1]
     for split in ("random", "popular", "adversarial"):
         for r in read_jsonl(os.path.join(bench_dir, "pope", "coco", f"coco_pope_{split}.json")):
             truth["pope", str(r["question_id"])] = r["label"]
@@ -54,8 +54,10 @@ def _truth(bench_dir):
         truth["scienceqa", pid] = "ABCDE"[p["answer"]]
     for a in read_json(os.path.join(bench_dir, "vqa", "annotations.json"))["annotations"]:
         truth["vqav2", str(a["question_id"])] = a["multiple_choice_answer"]
-    for d in read_json(os.path.join(bench_dir, "vqa", "textvqa_val.json"))["data"]:
-        truth["textvqa", d["image_id"]] = collections.Counter(d["answers"]).most_common(1)[0][0]
+    majority = {(d["image_id"], d["question"].lower()): collections.Counter(d["answers"]).most_common(1)[0][0]
+                for d in read_json(os.path.join(bench_dir, "vqa", "textvqa_val.json"))["data"]}
+    for ex in BENCHMARKS["textvqa"].load(specs["textvqa"]):
+        truth["textvqa", ex.key] = majority[ex.question_id, vqa.textvqa_question(ex.prompt)]
     return truth
 
 
@@ -78,10 +80,10 @@ class Scripted:
 
 def _run(config, workdir, scripted):
     """run_benchmarks with one scripted answerer per benchmark (the runner takes one answerer)."""
-    specs = runner.benchmark_specs(config)
+    specs = benchmark_specs(config)
     metrics = {}
     for name, spec in specs.items():
-        metrics.update(runner.run_benchmarks(STUB, config, workdir, answerer=scripted.for_benchmark(name),
+        metrics.update(harness.run_benchmarks(STUB, config, workdir, answerer=scripted.for_benchmark(name),
                                              specs={name: spec}))
     return metrics
 
@@ -102,8 +104,8 @@ def test_ground_truth_answers_score_perfectly(bench_dir, tmp_path):
 def test_always_yes_scores_and_file_contract(bench_dir, tmp_path):
     workdir = str(tmp_path)
     config = _config(bench_dir)
-    specs = runner.benchmark_specs(config)
-    m = runner.run_benchmarks(STUB, config, workdir, answerer=Scripted(constant="Yes").for_benchmark("all"),
+    specs = benchmark_specs(config)
+    m = harness.run_benchmarks(STUB, config, workdir, answerer=Scripted(constant="Yes").for_benchmark("all"),
                               specs=specs)
     # MME: one Yes and one No question per image -> acc 50, acc+ 0, 50 points per subtask.
     assert m["mme"]["perception"] == pytest.approx(200.0)
@@ -118,8 +120,9 @@ def test_always_yes_scores_and_file_contract(bench_dir, tmp_path):
     assert on_disk == m
     assert all(isinstance(v, float) for bench in on_disk.values() for v in bench.values())
     for name in specs:
-        rows = read_jsonl(answers_path(workdir, name))
-        assert {"key", "question_id", "prompt", "text"} <= set(rows[0])
+        rows = read_jsonl(answers_path(os.path.join(workdir, "answers"), name))
+        # LLaVA's model_vqa_loader answer lines, nothing else.
+        assert all(list(r) == ["question_id", "prompt", "text", "answer_id", "model_id", "metadata"] for r in rows)
     table = open(os.path.join(workdir, "results.md")).read()
     assert "| pope | f1 | 66.67 |" in table
     assert os.path.isfile(os.path.join(workdir, "results", "mme", "mme_results", "existence.txt"))
@@ -129,56 +132,57 @@ def test_always_yes_scores_and_file_contract(bench_dir, tmp_path):
 def test_interrupted_evaluation_resumes(bench_dir, tmp_path):
     config = _config(bench_dir, batch_size=4)
     truth = _truth(bench_dir)
-    spec = {"pope": runner.benchmark_specs(config)["pope"]}
+    spec = {"pope": benchmark_specs(config)["pope"]}
     workdir = str(tmp_path / "run")
     first = Scripted(table=truth, fail_after=8)
     with pytest.raises(KeyboardInterrupt):
-        runner.run_benchmarks(STUB, config, workdir, answerer=first.for_benchmark("pope"), specs=spec)
-    path = answers_path(workdir, "pope")
-    assert len(read_answers(path)) == 8
+        harness.run_benchmarks(STUB, config, workdir, answerer=first.for_benchmark("pope"), specs=spec)
+    path = answers_path(os.path.join(workdir, "answers"), "pope")
+    assert len(read_answers(path, by_prompt=False)) == 8
     with open(path, "a") as f:
-        f.write('{"key": "99", "question_id": 99, "te')  # a line torn by the kill
+        f.write('{"question_id": 99, "prompt": "Is th')  # a line torn by the kill
     second = Scripted(table=truth)
-    resumed = runner.run_benchmarks(STUB, config, workdir, answerer=second.for_benchmark("pope"), specs=spec)
-    total = len(runner.BENCHMARKS["pope"].load(spec["pope"]))
+    resumed = harness.run_benchmarks(STUB, config, workdir, answerer=second.for_benchmark("pope"), specs=spec)
+    total = len(BENCHMARKS["pope"].load(spec["pope"]))
     assert len(second.asked) == total - 8
     assert not set(first.asked) & set(second.asked)
-    keys = [r["key"] for r in read_jsonl(path)]
-    assert len(keys) == len(set(keys)) == total
-    fresh = runner.run_benchmarks(STUB, config, str(tmp_path / "fresh"), answerer=Scripted(table=truth)
+    ids = [r["question_id"] for r in read_jsonl(path)]
+    # Every question once, in question-file order (eval_pope.py pairs labels with answers by position).
+    assert ids == [ex.question_id for ex in BENCHMARKS["pope"].load(spec["pope"])]
+    fresh = harness.run_benchmarks(STUB, config, str(tmp_path / "fresh"), answerer=Scripted(table=truth)
                                   .for_benchmark("pope"), specs=spec)
     assert resumed == fresh
     # A finished evaluation asks nothing more.
     third = Scripted(table=truth)
-    runner.run_benchmarks(STUB, config, workdir, answerer=third.for_benchmark("pope"), specs=spec)
+    harness.run_benchmarks(STUB, config, workdir, answerer=third.for_benchmark("pope"), specs=spec)
     assert third.asked == []
 
 
 def test_subsample_keeps_mme_pairs(bench_dir):
-    specs = runner.benchmark_specs(_config(bench_dir))
-    b = runner.BENCHMARKS["mme"]
+    specs = benchmark_specs(_config(bench_dir))
+    b = BENCHMARKS["mme"]
     examples = b.load(specs["mme"])
-    picked = runner.subsample(examples, 6, b.group)
+    picked = subsample(examples, 6, b.group)
     counts = collections.Counter(ex.question_id for ex in picked)
     assert len(picked) == 6 and set(counts.values()) == {2}
-    assert runner.subsample(examples, 0, b.group) == examples
+    assert subsample(examples, 0, b.group) == examples
 
 
 def test_configuration_errors(bench_dir, tmp_path):
     c = _config(bench_dir)
     c.benchmarks.pope.kind = "popee"
     with pytest.raises(ValueError, match="use one of"):
-        runner.benchmark_specs(c)
+        benchmark_specs(c)
     c = _config(None)
     with pytest.raises(ValueError, match="set --config.benchmark_dir"):
-        runner.benchmark_specs(c)
+        benchmark_specs(c)
     c = _config(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="pope question file"):
-        runner.BENCHMARKS["pope"].load(runner.benchmark_specs(c)["pope"])
+        BENCHMARKS["pope"].load(benchmark_specs(c)["pope"])
     bad = tmp_path / "answers.jsonl"
-    bad.write_text('{"key": "1", "text": "a"}\nnot json\n{"key": "2", "text": "b"}\n')
+    bad.write_text('{"question_id": 1, "text": "a"}\nnot json\n{"question_id": 2, "text": "b"}\n')
     with pytest.raises(ValueError, match="is not JSON"):
-        read_answers(str(bad))
+        read_answers(str(bad), by_prompt=False)
 
 
 @pytest.fixture(scope="module")
@@ -193,13 +197,38 @@ def tiny_model():
 def test_tiny_model_generates_answers(bench_dir, tmp_path, tiny_model):
     """Real generation (random tiny model, prompt through the quantizers): the files, not the scores."""
     config = _config(bench_dir, max_examples=4)
-    specs = {"pope": runner.benchmark_specs(config)["pope"]}
-    metrics = runner.run_benchmarks(tiny_model, config, str(tmp_path), specs=specs)
+    specs = {"pope": benchmark_specs(config)["pope"]}
+    metrics = harness.run_benchmarks(tiny_model, config, str(tmp_path), specs=specs)
     assert json.loads(open(os.path.join(tmp_path, "metrics.json")).read()) == metrics
-    rows = read_answers(answers_path(str(tmp_path), "pope"))
+    rows = read_answers(answers_path(str(tmp_path / "answers"), "pope"), by_prompt=False)
     assert len(rows) == 4 and all(isinstance(r["text"], str) for r in rows.values())
     assert 0.0 <= metrics["pope"]["accuracy"] <= 100.0
     assert "random init" in open(os.path.join(tmp_path, "results.md")).read()
+
+
+def test_tiny_model_answers_a_llava_layout_folder(tmp_path, tiny_model, capsys):
+    """Real generation on LLaVA's playground/data/eval layout with the default file names: the benchmarks
+    present are answered (images from their default folders), the others skipped with one line each."""
+    import ml_collections
+
+    import llava_eval_files as files  # tests/ helper
+
+    eval_dir = str(tmp_path / "eval")
+    files.write_pope(eval_dir)
+    files.write_scienceqa(eval_dir)
+    config = _config(eval_dir, max_new_tokens=2, batch_size=16)
+    config.benchmarks = ml_collections.ConfigDict({k: dict(v) for k, v in eval_config.LLAVA_BENCHMARKS.items()})
+    specs = runner.present_specs(benchmark_specs(config), with_images=True)
+    assert set(specs) == {"pope", "scienceqa"}
+    skipped = [line for line in capsys.readouterr().out.splitlines() if line.startswith("skipping ")]
+    assert len(skipped) == 6 and f"skipping mme: {eval_dir}/MME/llava_mme.jsonl does not exist" in skipped
+    metrics = harness.run_benchmarks(tiny_model, config, str(tmp_path / "run"), specs=specs)
+    assert metrics["pope"]["adversarial/count"] == 3 and metrics["scienceqa"]["count"] == 5
+    pope_lines = read_jsonl(answers_path(str(tmp_path / "run" / "answers"), "pope"))
+    questions = read_jsonl(os.path.join(eval_dir, "pope", "llava_pope_test.jsonl"))
+    assert [(r["question_id"], r["prompt"]) for r in pope_lines] == [(q["question_id"], q["text"]) for q in questions]
+    sqa_prompts = [r["prompt"] for r in read_jsonl(answers_path(str(tmp_path / "run" / "answers"), "scienceqa"))]
+    assert [p.startswith("<image>\n") for p in sqa_prompts] == [True, True, False, True, True]
 
 
 def test_sweep_contract(bench_dir, tmp_path, tiny_model):
@@ -209,7 +238,7 @@ def test_sweep_contract(bench_dir, tmp_path, tiny_model):
     config = _config(bench_dir, max_examples=6)
     config.sweep.levels = (2,)
     config.sweep.bytes_samples = 2
-    specs = runner.benchmark_specs(config)
+    specs = benchmark_specs(config)
     specs = {k: specs[k] for k in ("pope", "scienceqa")}
     answers = iter(["Yes", "No"] * 100)
     entries = sweep.run_sweep(tiny_model, config, str(tmp_path), specs,
@@ -302,16 +331,16 @@ def test_requantized_first_token_matches_kv_cache_generation(bench_dir):
     config.quantizer.scaling = "ema"
     config.max_new_tokens = 1
     loaded = model_lib.load_random(config, jax.random.key(3))
-    examples = runner.BENCHMARKS["scienceqa"].load(runner.benchmark_specs(_config(bench_dir))["scienceqa"])[:6]
+    examples = BENCHMARKS["scienceqa"].load(benchmark_specs(_config(bench_dir))["scienceqa"])[:6]
     assert any(ex.image is None for ex in examples) and any(ex.image for ex in examples)
     config.generation = "kv_cache"
-    reference = runner.make_answerer(loaded, config)(examples)
+    reference = answerer.make_answerer(loaded, config)(examples)
     assert len(set(reference)) > 1  # not one constant token, so agreement means something
     config.generation = "requantized"
-    assert runner.make_answerer(loaded, config)(examples) == reference
+    assert answerer.make_answerer(loaded, config)(examples) == reference
     config.generation = "beam"
     with pytest.raises(ValueError, match="use 'kv_cache'"):
-        runner.make_answerer(loaded, config)
+        answerer.make_answerer(loaded, config)
 
 
 def test_loads_a_hugging_face_directory_without_quantizers(bench_dir, tmp_path):
@@ -339,8 +368,8 @@ def test_loads_a_hugging_face_directory_without_quantizers(bench_dir, tmp_path):
     config.generation = "kv_cache"
     loaded = model_lib.load_model(config)
     assert loaded.qconfig is None and loaded.levels() is None
-    examples = [ex for ex in runner.BENCHMARKS["pope"].load(runner.benchmark_specs(_config(bench_dir))["pope"])][:2]
-    answers = runner.make_answerer(loaded, config)(examples)
+    examples = [ex for ex in BENCHMARKS["pope"].load(benchmark_specs(_config(bench_dir))["pope"])][:2]
+    answers = answerer.make_answerer(loaded, config)(examples)
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
     with pytest.raises(ValueError, match="no quantizer projections"):
         loaded.with_levels(4)

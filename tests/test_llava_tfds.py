@@ -4,6 +4,9 @@ import io
 import json
 import logging
 import os
+import re
+import subprocess
+import sys
 
 import numpy as np
 import PIL.Image
@@ -12,6 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qtl_jax.data import llava_tfds as lt
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _turns(*values):
@@ -66,6 +71,8 @@ def _rows():
          lt.CORRUPT_IMAGE),
         ({"id": "truncated", "image": "truncated.jpg", "conversations": _turns(q, a)},
          lt.CORRUPT_IMAGE),
+        # The JSON file itself, one level above image_root: readable, and refused.
+        ({"id": "dotdot", "image": "../x.json", "conversations": _turns(q, a)}, lt.IMAGE_OUTSIDE_ROOT),
     ]
 
 
@@ -118,6 +125,8 @@ def test_counts_every_reason_in_metadata(built, corpus):
     assert all(expected[r] >= 1 for r in lt.SKIP_REASONS if r != lt.MISSING_IMAGE)
     assert report["rows"] == len(rows)
     assert report["examples"] == sum(reason is None for _, reason in rows) == 6
+    assert report["skipped_examples"]["image_outside_root"] == [
+        f"x.json#23: '../x.json' climbs out of image_root {corpus[0] / 'images'} through '..'"]
     assert report["skipped_total"] == len(rows) - 6
     # Each skip names the row and why, so a user can find it in the JSON.
     assert report["skipped_examples"]["missing_image_file"] == [
@@ -242,9 +251,102 @@ def test_cli_prints_counts(corpus, tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"dataset: {tmp_path / 'd' / 'llava_json' / 'cli' / '1.0.0'}" in out
     assert "split train: 2 examples from 3 rows, 1 skipped\n  corrupt_image: 1\n" in out
-    with pytest.raises(SystemExit, match=r"error: split 'train': 1 bad rows .* max_bad_rows=0"):
+    with pytest.raises(SystemExit) as exit_info:
         lt.main([f"--json={path}", f"--image_root={root / 'images'}",
                  f"--data_dir={tmp_path / 'd'}", "--name=strict", "--max_bad_rows=0"])
+    assert exit_info.value.code == 2
+    errors = _error_lines(capsys.readouterr().err)
+    assert len(errors) == 1 and re.match(r"error: split 'train': 1 bad rows .* max_bad_rows=0", errors[0])
+
+
+def _error_lines(stderr):
+    # TFDS's progress bars share stderr (carriage returns, not newlines).
+    return re.findall(r"error: [^\r\n]*", stderr)
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "qtl_jax.data.llava_tfds", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_input_errors_print_one_line_and_exit_2(corpus, tmp_path, capsys):
+    """Every input error: status 2 and one 'error: ...' line on stderr, no traceback."""
+    root, _, rows = corpus
+    broken = tmp_path / "broken.json"
+    broken.write_text('[{"id": 1,')
+    not_list = tmp_path / "obj.json"
+    not_list.write_text('{"id": 1}')
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps([rows[0][0]]))
+    images, data = f"--image_root={root / 'images'}", f"--data_dir={tmp_path / 'd'}"
+    cases = [
+        ((f"--json={broken}", images, data, "--name=a"), f"error: {broken} is not valid JSON (Expecting"),
+        ((f"--json={tmp_path / 'nope.json'}", images, data, "--name=c"),
+         f"error: LLaVA JSON file '{tmp_path / 'nope.json'}' does not exist"),
+        ((f"--json={good}", f"--image_root={tmp_path / 'nowhere'}", data, "--name=d"),
+         f"error: image_root '{tmp_path / 'nowhere'}' is not a directory"),
+    ]
+    for args, message in cases:
+        proc = _cli(*args)
+        errors = _error_lines(proc.stderr)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert len(errors) == 1 and errors[0].startswith(message), (args, proc.stderr)
+        assert "Traceback" not in proc.stderr + proc.stdout
+    # The same handler in-process (saves a TFDS import per case).
+    for args, message in [((f"--json={not_list}", images, data, "--name=b"),
+                           f"error: {not_list} holds a dict; expected a JSON list"),
+                          ((f"--json={good}", images, data, "--name=e", "--max_image_side=0"),
+                           "error: max_image_side must be >= 1 or None, got 0.")]:
+        with pytest.raises(SystemExit) as exit_info:
+            lt.main(list(args))
+        errors = _error_lines(capsys.readouterr().err)
+        assert exit_info.value.code == 2 and len(errors) == 1 and errors[0].startswith(message)
+
+
+def test_image_paths_cannot_leave_the_root(tmp_path, caplog):
+    """A row's image that is absolute, climbs out through '..', or is (or lies under) a symlink leading out
+    of image_root is skipped as image_outside_root, counted and logged; nothing outside the root is stored.
+    Symlinks that stay inside the root, and a root that is itself a symlink, are fine."""
+    images = tmp_path / "images"
+    (images / "sub").mkdir(parents=True)
+    (tmp_path / "outside").mkdir()
+    photo, secret = _image("RGB", (20, 10), 0, "PNG"), _image("RGB", (12, 34), 0, "PNG")
+    (images / "photo.png").write_bytes(photo)
+    (images / "sub" / "inner.png").write_bytes(photo)
+    (tmp_path / "secret.png").write_bytes(secret)
+    (tmp_path / "outside" / "secret.png").write_bytes(secret)
+    os.symlink(images / "photo.png", images / "link_in.png")
+    os.symlink(tmp_path / "secret.png", images / "link_out.png")
+    os.symlink(tmp_path / "outside", images / "linkdir")
+    os.symlink(images, tmp_path / "images_link")
+    q, a = "<image>\nWhat is this?", "A square."
+    ok = ["photo.png", "sub/../photo.png", "link_in.png", "./sub/inner.png"]
+    bad = ["../secret.png", "sub/../../secret.png", str(tmp_path / "secret.png"), "link_out.png",
+           "linkdir/secret.png", "/etc/hostname"]
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps([{"id": f"r{i}", "image": im, "conversations": _turns(q, a)}
+                                for i, im in enumerate(ok + bad)]))
+    with caplog.at_level(logging.WARNING, logger="qtl_jax.data.llava_tfds"):
+        out = lt.build(str(tmp_path / "d"), "safe", {"train": [str(path)]}, image_root=str(images),
+                       max_bad_fraction=None)
+    report = lt.read_metadata(out)["splits"]["train"]
+    assert report["examples"] == len(ok)
+    assert {k: v for k, v in report["skipped"].items() if v} == {"image_outside_root": len(bad)}
+    recs = _records(out)
+    assert sorted(recs) == [f"r{i}" for i in range(len(ok))]
+    assert all(r["image"] == photo for r in recs.values())
+    logged = [r.getMessage() for r in caplog.records if "(image_outside_root)" in r.getMessage()]
+    assert len(logged) == 5  # log_examples
+    details = report["skipped_examples"]["image_outside_root"]
+    assert "climbs out of image_root" in details[0] and "climbs out of image_root" in details[1]
+    assert "is an absolute path" in details[2]
+    assert f"leading to {tmp_path / 'secret.png'}" in details[3]
+    assert f"leading to {tmp_path / 'outside' / 'secret.png'}" in details[4]
+    # The root may itself be a symlink: paths are checked against its real location.
+    path.write_text(json.dumps([{"id": "via_link", "image": "link_in.png", "conversations": _turns(q, a)}]))
+    linked = lt.build(str(tmp_path / "d"), "linked_root", {"train": [str(path)]},
+                      image_root=str(tmp_path / "images_link"))
+    assert _records(linked)["via_link"]["image"] == photo
 
 
 def test_clear_errors_for_bad_setup(corpus, tmp_path):

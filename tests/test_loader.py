@@ -1,6 +1,10 @@
 """The grain loader: deterministic order, epochs, host split, counted skips and exact resume."""
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
 
 import jax
 import numpy as np
@@ -182,9 +186,6 @@ def test_to_global_arrays_places_rows_on_devices():
 
 @pytest.mark.slow
 def test_worker_processes_resume_exactly():
-    from absl import flags
-
-    flags.FLAGS.mark_as_parsed()  # grain reads absl flags in its workers
     kw = dict(n=30, skip=True, global_batch_size=4, seed=2, num_epochs=2, worker_count=2)
     full = _xs(_loader(**kw))
     first = _loader(**kw)
@@ -194,3 +195,43 @@ def test_worker_processes_resume_exactly():
     resumed.set_state(state)
     assert head + _xs(resumed) == full
     assert resumed.skipped == {"divisible_by_7": 10}
+
+
+def test_worker_processes_outside_an_absl_app(tmp_path):
+    """A plain Python script (no absl.app, flags never parsed) loads a built dataset with worker_count=1 and
+    gets the batches the in-process loader gets; before the fix grain raised UnparsedFlagAccessError."""
+    from qtl_jax.data import llava_tfds as lt
+
+    rows = [{"id": f"row{i}", "conversations": [{"from": "human", "value": f"Q{i}?"},
+                                                {"from": "gpt", "value": f"A{i}."}]} for i in range(6)]
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    dataset = lt.build(str(tmp_path / "d"), "plain", {"train": [str(tmp_path / "rows.json")]})
+    script = tmp_path / "plain_script.py"
+    script.write_text(textwrap.dedent(f"""
+        import json
+        import sys
+
+        from qtl_jax.data import llava_tfds, loader
+
+
+        def ids(record):
+            return {{"id": llava_tfds.decode_record(record)["id"]}}
+
+
+        if __name__ == "__main__":
+            config = loader.LoaderConfig(global_batch_size=2, seed=3, num_epochs=1, worker_count=int(sys.argv[1]))
+            source = llava_tfds.open_split({dataset!r}, "train")
+            batches = loader.DataLoader(source, [ids], config, process_index=0, process_count=1)
+            print(json.dumps([b["id"].tolist() for b in batches]))
+    """))
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": repo}
+    proc = subprocess.run([sys.executable, str(script), "1"], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    remote = json.loads(proc.stdout.strip().splitlines()[-1])
+    source = lt.open_split(dataset, "train")
+    local = ld.DataLoader(source, [lambda r: {"id": lt.decode_record(r)["id"]}],
+                          ld.LoaderConfig(global_batch_size=2, seed=3, num_epochs=1), process_index=0,
+                          process_count=1)
+    assert remote == [b["id"].tolist() for b in local]
+    assert sorted(sum(remote, [])) == sorted(r["id"] for r in rows)

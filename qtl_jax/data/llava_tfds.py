@@ -24,7 +24,9 @@ Stored features, one example per valid row:
 Bad rows never stop a build and are never silent: each is skipped with one of ``SKIP_REASONS``,
 logged (the first few of each reason with their row and detail), and counted in the dataset's
 metadata (``metadata.json`` next to the records, ``builder.info.metadata``). ``max_bad_rows`` and
-``max_bad_fraction`` turn a flood of bad rows -- usually a wrong ``image_root`` -- into an error.
+``max_bad_fraction`` turn a flood of bad rows -- usually a wrong ``image_root`` -- into an error. A row
+cannot make the build read a file outside ``image_root``: an absolute ``image``, one whose ``..`` parts
+climb out of the root and one that a symlink leads out of it are skipped as ``image_outside_root``.
 
 Each split's JSON files are loaded with ``json.load`` (no streaming JSON parser is installed): the
 558k/665k LLaVA files are about 1 GB and take a few GB of RAM while a split is built. Image checks can
@@ -34,6 +36,9 @@ Command line::
 
     python -m qtl_jax.data.llava_tfds --json=blip_laion_cc_sbu_558k.json --image_root=images \\
         --data_dir=~/tensorflow_datasets --name=llava_pretrain --kind=pretrain
+
+An input error (a missing JSON file or image folder, broken JSON, bad settings, too many bad rows)
+prints one ``error: ...`` line and exits with status 2, without a traceback.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ import itertools
 import json
 import logging
 import os
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -71,6 +77,7 @@ MISSING_IMAGE = "missing_image"  # a pretrain row without an "image" key
 MISSING_IMAGE_TAG = "missing_image_tag"  # a row with an image but no <image> in a human turn
 MULTIPLE_IMAGE_TAGS = "multiple_image_tags"  # more than one <image> in the conversation
 UNEXPECTED_IMAGE_TAG = "unexpected_image_tag"  # <image> in a text-only row or in an answer
+IMAGE_OUTSIDE_ROOT = "image_outside_root"  # an absolute path, or one that leads out of image_root ('..', symlink)
 MISSING_IMAGE_FILE = "missing_image_file"  # the image path does not exist under image_root
 CORRUPT_IMAGE = "corrupt_image"  # the file exists but does not decode as an image
 SKIP_REASONS = (
@@ -82,6 +89,7 @@ SKIP_REASONS = (
     MISSING_IMAGE_TAG,
     MULTIPLE_IMAGE_TAGS,
     UNEXPECTED_IMAGE_TAG,
+    IMAGE_OUTSIDE_ROOT,
     MISSING_IMAGE_FILE,
     CORRUPT_IMAGE,
 )
@@ -159,6 +167,19 @@ class LlavaJsonConfig(tfds.core.BuilderConfig):
         }
 
 
+def check_inputs(config: LlavaJsonConfig) -> None:
+    """Raises FileNotFoundError for a missing JSON file or image_root, before anything is built."""
+    for paths in config.splits.values():
+        for path in paths:
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"LLaVA JSON file {path!r} does not exist; check the split's json paths.")
+    if config.image_root and not os.path.isdir(config.image_root):
+        raise FileNotFoundError(
+            f"image_root {config.image_root!r} is not a directory; point it at the folder the "
+            "rows' 'image' paths are relative to."
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class _Skip:
     reason: str
@@ -212,6 +233,31 @@ def check_row(row: Any, kind: str) -> _Skip | None:
     return None
 
 
+def _inside(path: str, root: str) -> bool:
+    return os.path.commonpath([path, root]) == root
+
+
+def resolve_image(image_root: str, image: str) -> str | _Skip:
+    """The real path of a row's ``image`` under ``image_root``, or why it is refused.
+
+    A row must not make the build read (and store in the dataset) a file outside the image root: an
+    absolute path, a path whose ``..`` parts climb out of the root, and a path that a symlink (anywhere
+    along it) leads out of the root are all refused. The file is then read through the returned real
+    path, so what was checked is what is read.
+    """
+    if os.path.isabs(image):
+        return _Skip(IMAGE_OUTSIDE_ROOT, f"{image!r} is an absolute path; image paths are relative to image_root")
+    root = os.path.realpath(image_root or os.curdir)
+    joined = os.path.normpath(os.path.join(root, image))
+    if not _inside(joined, root):
+        return _Skip(IMAGE_OUTSIDE_ROOT, f"{image!r} climbs out of image_root {root} through '..'")
+    real = os.path.realpath(joined)
+    if not _inside(real, root):
+        return _Skip(IMAGE_OUTSIDE_ROOT, f"{image!r} is a symlink (or lies under one) leading to {real}, outside "
+                                         f"image_root {root}")
+    return real
+
+
 def load_image_bytes(path: str, max_image_side: int | None) -> bytes | _Skip:
     """Returns the bytes to store for one image file, or why it cannot be used.
 
@@ -262,7 +308,10 @@ def _example(
         return skip
     image = b""
     if "image" in row:
-        image = load_image_bytes(os.path.join(image_root, row["image"]), config.max_image_side)
+        path = resolve_image(image_root, row["image"])
+        if isinstance(path, _Skip):
+            return path
+        image = load_image_bytes(path, config.max_image_side)
         if isinstance(image, _Skip):
             return image
     conversations = [{"from": t["from"], "value": t["value"]} for t in row["conversations"]]
@@ -348,17 +397,7 @@ class LlavaJson(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _split_generators(self, dl_manager) -> dict[str, Iterator]:
         config: LlavaJsonConfig = self.builder_config
-        for paths in config.splits.values():
-            for path in paths:
-                if not os.path.isfile(path):
-                    raise FileNotFoundError(
-                        f"LLaVA JSON file {path!r} does not exist; check the split's json paths."
-                    )
-        if config.image_root and not os.path.isdir(config.image_root):
-            raise FileNotFoundError(
-                f"image_root {config.image_root!r} is not a directory; point it at the folder the "
-                "rows' 'image' paths are relative to."
-            )
+        check_inputs(config)
         self.info.metadata["config"] = config.to_json()
         self.info.metadata["skip_reasons"] = list(SKIP_REASONS)
         self.info.metadata.setdefault("splits", {})
@@ -477,6 +516,7 @@ def build(
         max_bad_fraction=max_bad_fraction,
         num_workers=num_workers,
     )
+    check_inputs(config)
     builder = LlavaJson(config=config, data_dir=os.path.expanduser(data_dir))
     existing = os.path.join(builder.data_dir, "metadata.json")
     if os.path.isfile(existing):
@@ -621,8 +661,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             max_bad_fraction=None if args.max_bad_fraction < 0 else args.max_bad_fraction,
             num_workers=args.num_workers,
         )
-    except TooManyBadRowsError as e:
-        raise SystemExit(f"error: {e}")
+    except (OSError, ValueError) as e:
+        # Input errors (a missing or unreadable file or folder, broken JSON, bad settings, too many bad
+        # rows): one line, no traceback, and argparse's exit status for bad input.
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
     meta = read_metadata(out)
     print(f"dataset: {out}")
     for split, report in meta["splits"].items():

@@ -56,7 +56,9 @@ class LoaderConfig:
             step on each host; stop training by step count instead).
         drop_remainder: drop a last partial batch when finite epochs run out.
         worker_count: grain worker processes for the per-example transforms; 0 runs them in this
-            process on ``read_threads`` threads.
+            process on ``read_threads`` threads. Works in and outside an absl app (a script, a
+            notebook). The workers are spawned, so a script needs multiprocessing's usual
+            ``if __name__ == "__main__":`` guard, and the transforms must pickle (cloudpickle).
         read_threads: threads reading and transforming records (when ``worker_count == 0``).
         read_buffer_size: examples read ahead of the consumer.
         log_skips: how many skipped examples per reason to log.
@@ -105,6 +107,20 @@ class _SkipAware(grain.transforms.Map):
         if isinstance(element, SkippedExample):
             return element
         return self._fn(element)
+
+
+def _parse_absl_flags() -> None:
+    """Makes grain's worker processes usable outside an absl app (a plain script, a notebook).
+
+    grain reads its settings from absl flags, which only ``absl.app.run`` parses; before that any read
+    raises ``UnparsedFlagAccessError``. Marking the flags parsed gives every flag its default value, what
+    an absl app without command-line flags would have. Inside an absl app (train.py) they are already
+    parsed and left alone.
+    """
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
 
 
 def host_batch_size(global_batch_size: int, process_count: int) -> int:
@@ -168,6 +184,7 @@ class DataLoader(Iterator[dict[str, np.ndarray]]):
             )
         )
         if config.worker_count > 0:
+            _parse_absl_flags()
             it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.worker_count))
         self._it = iter(it_ds)
         self._batches = 0

@@ -23,7 +23,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from qtl_jax.eval.answers import Example
-from qtl_jax.eval.vqa import load_llava_questions
 
 _LETTER = re.compile(r"^\(?([A-I])\)?(?:[.:)]|\s|$)")
 
@@ -33,29 +32,24 @@ def option_letter(text: str) -> str | None:
     return m.group(1) if m else None
 
 
-def load(spec: Mapping[str, Any]) -> list[Example]:
-    return load_llava_questions(spec)
-
-
 def mmvet_results(examples: Sequence[Example], rows: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
-    return {f"v1_{ex.question_id}": rows[ex.key]["text"] for ex in examples}
+    return {f"v1_{ex.question_id}": rows[ex.key]["text"] for ex in examples if ex.key in rows}
 
 
 def mmmu_results(examples: Sequence[Example], rows: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
-    out = {}
-    for ex in examples:
-        text = rows[ex.key]["text"]
-        out[str(ex.question_id)] = option_letter(text) or text
-    return out
+    texts = {str(ex.question_id): rows[ex.key]["text"] for ex in examples if ex.key in rows}
+    return {qid: option_letter(text) or text for qid, text in texts.items()}
 
 
 def score_mmvet(spec, examples, rows, out_dir: str) -> dict[str, float]:
+    results = mmvet_results(examples, rows)
     with open(os.path.join(out_dir, "mmvet_results.json"), "w", encoding="utf-8") as f:
-        json.dump(mmvet_results(examples, rows), f, indent=1)
-    return {"answered": float(len(examples))}
+        json.dump(results, f, indent=1)
+    return {"answered": float(len(results))}
 
 
 def score_mmmu(spec, examples, rows, out_dir: str) -> dict[str, float]:
+    results = mmmu_results(examples, rows)
     with open(os.path.join(out_dir, "mmmu_results.json"), "w", encoding="utf-8") as f:
-        json.dump(mmmu_results(examples, rows), f, indent=1)
-    return {"answered": float(len(examples))}
+        json.dump(results, f, indent=1)
+    return {"answered": float(len(results))}

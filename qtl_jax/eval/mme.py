@@ -1,22 +1,31 @@
 """MME: per-subtask accuracy and accuracy+, perception and cognition totals (the official calculation).
 
-Files (MME release + LLaVA question file): ``llava_mme.jsonl`` rows ``{question_id: "<subtask>/<image>",
-image, text, category}`` (two questions per image, so answers are keyed by question_id *and* text) and the
-ground truth under ``MME_Benchmark_release_version/<subtask>/``: ``<stem>.txt`` next to the image, or
-``questions_answers_YN/<stem>.txt`` when the subtask keeps its images in ``images/``; each line
-``question<TAB>Yes|No``. The question is the prompt without LLaVA's "Answer the question using a single
-word or phrase." line, as LLaVA's converter does.
+Official scripts: LLaVA's ``playground/data/eval/MME/convert_answer_to_mme.py`` (shipped in LLaVA's
+eval.zip; turns an answer file into MME's results files) and MME's ``eval_tool/calculation.py`` (scores
+them).
 
-Rules (``eval_tool/calculation.py``): an answer is lower-cased; exactly "yes"/"no" is itself, otherwise
-"yes" in its first 4 characters gives yes, else "no" in them gives no, else "other" (always wrong).
-Per subtask: acc = right answers / questions; acc+ = images whose two answers are both right / images;
-score = 100·acc + 100·acc+ (max 200). Perception = sum of the perception subtasks' scores (max 2000 for
-the 10 official ones), cognition = sum over cognition subtasks (max 800). Subtasks are grouped by the
-official names, or by ``subtasks.json`` (``{"Perception": [...], "Cognition": [...]}``) when the release
-folder's parent has one; only the subtasks present are scored.
+Files (``playground/data/eval/MME``): ``llava_mme.jsonl`` rows ``{question_id: "<subtask>/<image>",
+image, text, category}`` (two questions per image, so answers are keyed by question_id *and* prompt)
+and the release folder ``MME_Benchmark_release_version/<subtask>/``: ground truth in ``<stem>.txt`` next
+to the image, or in ``questions_answers_YN/<stem>.txt`` when the subtask has an ``images/`` folder; each
+line ``question<TAB>Yes|No`` (stripped of surrounding whitespace, as the converter reads it).
 
-The runner also writes ``mme_results/<subtask>.txt`` (``image<TAB>question<TAB>gt<TAB>answer``), the
-layout the official ``calculation.py --results_dir`` reads.
+Lookup (the converter): subtask = the question id up to the first ``/``; ground-truth file = the id's
+last path part up to its *first* ``.``, plus ``.txt``; question = the recorded prompt with LLaVA's
+"Answer the question using a single word or phrase." removed and stripped, plus " Please answer yes or
+no." when it does not contain that sentence; when that question is not in the ground truth, the same with
+two spaces before "Please" (some MME questions have the double space).
+
+Scoring (``calculation.py``): an answer is lower-cased; exactly "yes"/"no" is itself, otherwise "yes" in
+its first 4 characters gives yes, else "no" in them gives no, else "other" (always wrong). Per subtask:
+acc = right answers / questions; acc+ = images whose two answers are both right / images; score = 100·acc
++ 100·acc+ (max 200). Perception = sum of the perception subtasks' scores (max 2000 for the 10 official
+ones), cognition = sum over cognition subtasks (max 800). Subtasks are grouped by the official names, or
+by ``subtasks.json`` (``{"Perception": [...], "Cognition": [...]}``) when the benchmark root has one; only
+the subtasks present are scored.
+
+The scorer also writes ``mme_results/<subtask>.txt`` (``<stem>.txt<TAB>question<TAB>gt<TAB>answer``),
+what the converter writes and ``calculation.py --results_dir`` reads.
 """
 
 from __future__ import annotations
@@ -27,7 +36,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from qtl_jax.eval.answers import Example, read_json
-from qtl_jax.eval.vqa import load_llava_questions
 
 PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork",
               "OCR")
@@ -80,21 +88,40 @@ def totals(per_subtask: Mapping[str, Mapping[str, float]],
 
 
 def question_of(prompt: str) -> str:
-    """The ground-truth file's question for a LLaVA MME prompt."""
-    q = prompt.replace(SHORT_ANSWER, "").strip()
-    if YES_NO not in q:
-        q = f"{q} {YES_NO}"
-    return q
+    """The ground-truth question for a recorded LLaVA MME prompt (single-space form; module docstring)."""
+    q = prompt.replace(SHORT_ANSWER, "").strip() if SHORT_ANSWER in prompt else prompt
+    return q if YES_NO in q else f"{q} {YES_NO}"
+
+
+def gt_file(question_id: str) -> str:
+    """The ground-truth .txt name of a question id ``<subtask>/<image>`` (stem up to the first '.')."""
+    return str(question_id).split("/")[-1].split(".")[0] + ".txt"
+
+
+def lookup(gt: Mapping[tuple[str, str, str], str], question_id: str, prompt: str) -> tuple[str, str]:
+    """``(question, 'Yes'|'No')`` of one answer, with the converter's double-space retry."""
+    subtask, file = str(question_id).split("/")[0], gt_file(question_id)
+    q = question_of(prompt)
+    if (subtask, file, q) not in gt and YES_NO not in prompt.replace(SHORT_ANSWER, ""):
+        q = q.replace(f" {YES_NO}", f"  {YES_NO}")
+    if (subtask, file, q) not in gt:
+        raise KeyError(f"MME: no ground truth for subtask {subtask!r}, file {file!r}, question {q!r}.")
+    return q, gt[subtask, file, q]
 
 
 def _gt_dir(release: str, subtask: str) -> str:
     base = os.path.join(release, subtask)
+    if not os.path.isdir(os.path.join(base, "images")):
+        return base
     qa = os.path.join(base, "questions_answers_YN")
-    return qa if os.path.isdir(os.path.join(base, "images")) and os.path.isdir(qa) else base
+    if not os.path.isdir(qa):
+        raise FileNotFoundError(f"MME subtask {subtask!r} keeps its images in images/ but has no "
+                                f"questions_answers_YN/ folder beside it ({qa}).")
+    return qa
 
 
 def load_ground_truth(release: str) -> dict[tuple[str, str, str], str]:
-    """``(subtask, image stem, question) -> 'Yes'|'No'`` from the release folder's .txt files."""
+    """``(subtask, <stem>.txt, question) -> 'Yes'|'No'`` from the release folder's .txt files."""
     if not os.path.isdir(release):
         raise FileNotFoundError(f"MME release folder {release} does not exist; set the benchmark's gt_folder.")
     gt = {}
@@ -106,15 +133,14 @@ def load_ground_truth(release: str) -> dict[tuple[str, str, str], str]:
             if not name.endswith(".txt"):
                 continue
             with open(os.path.join(folder, name), encoding="utf-8") as f:
-                for line in f:
-                    if line.strip():
-                        question, answer = line.rstrip("\n").split("\t")
-                        gt[(subtask, name[:-4], question)] = answer
+                for n, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    parts = line.strip().split("\t")
+                    if len(parts) != 2:
+                        raise ValueError(f"{os.path.join(folder, name)}:{n} is not 'question<TAB>Yes|No'.")
+                    gt[(subtask, name, parts[0])] = parts[1]
     return gt
-
-
-def load(spec: Mapping[str, Any]) -> list[Example]:
-    return load_llava_questions(spec, key_fn=lambda row: f"{row['question_id']}|{row['text']}")
 
 
 def score(spec: Mapping[str, Any], examples: Sequence[Example], rows: Mapping[str, Mapping[str, Any]],
@@ -124,14 +150,15 @@ def score(spec: Mapping[str, Any], examples: Sequence[Example], rows: Mapping[st
     gt = load_ground_truth(release)
     by_subtask: dict[str, list[tuple[str, str, str, str]]] = collections.defaultdict(list)
     for ex in examples:
-        subtask, image = str(ex.question_id).split("/", 1)
-        image = os.path.basename(image)
-        question = question_of(ex.prompt)
-        k = (subtask, os.path.splitext(image)[0], question)
-        if k not in gt:
-            raise ValueError(f"MME: no ground truth for {k} in {release}.")
-        answer = rows[ex.key]["text"].replace("\n", " ").replace("\t", " ")
-        by_subtask[subtask].append((image, question, gt[k], answer))
+        if ex.key not in rows:
+            continue  # not answered (score_only on a partial file); the pair check below catches half pairs
+        row = rows[ex.key]
+        question, truth = lookup(gt, ex.question_id, row.get("prompt", ex.recorded_prompt))
+        # A tab or newline in an answer would break the results file's columns.
+        answer = row["text"].replace("\n", " ").replace("\t", " ")
+        by_subtask[str(ex.question_id).split("/")[0]].append((gt_file(ex.question_id), question, truth, answer))
+    if not by_subtask:
+        raise ValueError("MME: no answered question to score.")
     results = os.path.join(out_dir, "mme_results")
     os.makedirs(results, exist_ok=True)
     for subtask, items in by_subtask.items():

@@ -50,7 +50,7 @@ def _images(loaded: LoadedModel, batch: Sequence[Example]) -> np.ndarray:
 
 
 def make_requantized_answerer(loaded: LoadedModel, max_new_tokens: int):
-    """An answerer (``Sequence[Example] -> list[str]``) for :func:`qtl_jax.eval.runner.run_benchmarks`."""
+    """An answerer (``Sequence[Example] -> list[str]``) for :func:`qtl_jax.eval.harness.run_benchmarks`."""
     from qtl_jax.generate import stop_token_ids_for
 
     if loaded.qconfig is None:

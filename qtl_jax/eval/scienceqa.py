@@ -1,9 +1,11 @@
-"""ScienceQA-IMG: option-letter parsing and accuracy (LLaVA's ``eval_science_qa.py`` rules).
+"""ScienceQA-IMG: option-letter parsing and accuracy (LLaVA's ``llava/eval/eval_science_qa.py``).
 
-Files: ``llava_test_CQM-A.json`` (LLaVA conversations: ``id``, optional ``image``, the human turn with the
-context, question and lettered options), ``problems.json`` (pid -> choices, answer index, image) and
-``pid_splits.json`` (``{"test": [pids]}``), images under ``images/test/<pid>/``. As ``--single-pred-prompt``,
-the prompt gets "Answer with the option's letter from the given choices directly." appended.
+Files (``playground/data/eval/scienceqa``): ``llava_test_CQM-A.json`` (LLaVA conversations: ``id``,
+optional ``image``, the human turn with the context, question and lettered options),
+``problems.json`` (pid -> choices, answer index, image) and ``pid_splits.json`` (``{"test": [pids]}``),
+images under ``images/test/<pid>/``. As ``llava/eval/model_vqa_science.py --single-pred-prompt``, the
+prompt gets "Answer with the option's letter from the given choices directly." appended, and the answer
+file records the prompt with ``<image>`` and a newline in front for rows that have an ``image`` key.
 
 Parsing an answer to an option: the whole answer is a letter A-E; or it starts with "<letter>. "; or it
 contains exactly one "The answer is <capital letter>" followed by any character; otherwise it FAILS. A
@@ -11,9 +13,12 @@ letter beyond the problem's number of choices, a failed parse and a problem with
 wrong. The official script marks these -1 (its random-guess fallback is dead code after a ``return -1``);
 we do the same, so no score depends on a random draw.
 
-Metrics (percent): ``accuracy`` over every problem of the split and ``img_accuracy`` over the problems
-that have an image (the official script reads "<image>" in the stored prompt; we read the problem's
-``image`` field, which marks the same problems).
+Metrics (percent): ``accuracy`` over every problem of the split that was asked (all of them, unless
+``max_examples`` subsampled the question file), unanswered ones counting as wrong; ``img_accuracy`` over
+the *answered* problems whose answer line's prompt contains ``<image>`` (the official rule: an unanswered
+problem has no prompt, so it counts in ``accuracy`` but never in ``img_accuracy``). ``count`` and
+``img_count`` are the two denominators; with no image question ``img_accuracy`` is 0 (the official script
+divides by zero).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from qtl_jax.eval.answers import Example, read_json, require_file
 
 OPTIONS = ("A", "B", "C", "D", "E")
 OPTION_PROMPT = "Answer with the option's letter from the given choices directly."
+IMAGE_TAG = "<image>"
 _ANSWER_IS = re.compile(r"The answer is ([A-Z]).")
 
 
@@ -53,31 +59,31 @@ def load(spec: Mapping[str, Any]) -> list[Example]:
     images = os.path.join(root, spec.get("image_folder", "images/test"))
     out = []
     for row in read_json(path):
-        text = row["conversations"][0]["value"].replace("<image>", "").strip()
+        text = row["conversations"][0]["value"].replace(IMAGE_TAG, "").strip()
+        record = f"{IMAGE_TAG}\n{text}" if "image" in row else text
         if spec.get("single_pred_prompt", True):
-            text = f"{text}\n{OPTION_PROMPT}"
-        image = os.path.join(images, row["image"]) if row.get("image") else None
-        out.append(Example(key=str(row["id"]), question_id=str(row["id"]), prompt=text, image=image))
+            text, record = f"{text}\n{OPTION_PROMPT}", f"{record}\n{OPTION_PROMPT}"
+        image = os.path.join(images, row["image"]) if "image" in row else None
+        out.append(Example(key=str(row["id"]), question_id=row["id"], prompt=text, image=image, record=record))
     return out
 
 
 def accuracy(problems: Mapping[str, Mapping[str, Any]], split: Sequence[str],
-             answers: Mapping[str, str]) -> dict[str, float]:
-    """``answers``: pid -> raw answer text (missing pids count as failed)."""
+             answers: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    """``answers``: pid -> answer line (``text``, ``prompt``); a missing pid is a failed, non-image answer."""
     if not split:
         raise ValueError("the ScienceQA split is empty.")
     right = img_right = img_total = 0
     for pid in split:
         prob = problems[pid]
-        ok = predicted_index(answers.get(pid, "FAILED"), len(prob["choices"])) == prob["answer"]
+        line = answers.get(pid, {"text": "FAILED", "prompt": "Unknown"})
+        ok = predicted_index(line["text"], len(prob["choices"])) == prob["answer"]
         right += ok
-        if prob.get("image"):
+        if IMAGE_TAG in line.get("prompt", ""):
             img_total += 1
             img_right += ok
-    out = {"accuracy": 100.0 * right / len(split), "count": float(len(split))}
-    out["img_accuracy"] = 100.0 * img_right / img_total if img_total else 0.0
-    out["img_count"] = float(img_total)
-    return out
+    return {"accuracy": 100.0 * right / len(split), "count": float(len(split)),
+            "img_accuracy": 100.0 * img_right / img_total if img_total else 0.0, "img_count": float(img_total)}
 
 
 def score(spec: Mapping[str, Any], examples: Sequence[Example], rows: Mapping[str, Mapping[str, Any]],
@@ -85,7 +91,7 @@ def score(spec: Mapping[str, Any], examples: Sequence[Example], rows: Mapping[st
     root = spec["root"]
     problems = read_json(require_file(os.path.join(root, "problems.json"), "ScienceQA problems.json"))
     split = read_json(require_file(os.path.join(root, "pid_splits.json"), "ScienceQA pid_splits.json"))
-    answers = {str(ex.question_id): rows[ex.key]["text"] for ex in examples}
+    asked = {str(ex.question_id) for ex in examples}
+    answers = {str(ex.question_id): rows[ex.key] for ex in examples if ex.key in rows}
     # Only the problems asked count (max_examples may have subsampled the question file).
-    split = [pid for pid in split[spec.get("split", "test")] if pid in answers]
-    return accuracy(problems, split, answers)
+    return accuracy(problems, [pid for pid in split[spec.get("split", "test")] if pid in asked], answers)

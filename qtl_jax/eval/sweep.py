@@ -39,8 +39,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from qtl_jax import codec, level_selection
-from qtl_jax.eval import runner
+from qtl_jax.eval import harness
+from qtl_jax.eval.answerer import make_answerer
 from qtl_jax.eval.answers import Example
+from qtl_jax.eval.benchmarks import BENCHMARKS
 from qtl_jax.eval.model import LoadedModel
 from qtl_jax.models import quantized as qm
 from qtl_jax.models.tinyllava import TinyLlava
@@ -219,8 +221,8 @@ def run_sweep(loaded: LoadedModel, config: Any, workdir: str, specs: Mapping[str
     if not levels or any(v < 2 for v in levels):
         raise ValueError(f"sweep.levels={levels}: give levels >= 2, e.g. (2, 4, 8, 16, 32).")
     plan = [(v, False) for v in levels] + ([(BASELINE_LEVELS, True)] if s.baseline else [])
-    heads = {n: runner.BENCHMARKS[spec["kind"]].headline for n, spec in specs.items()}
-    by_bench = {n: runner.BENCHMARKS[spec["kind"]].load(spec) for n, spec in specs.items()}
+    heads = {n: BENCHMARKS[spec["kind"]].headline for n, spec in specs.items()}
+    by_bench = {n: BENCHMARKS[spec["kind"]].load(spec) for n, spec in specs.items()}
     samples = spread(by_bench, int(s.bytes_samples))
     entries = []
     for lv, is_base in plan:
@@ -230,9 +232,9 @@ def run_sweep(loaded: LoadedModel, config: Any, workdir: str, specs: Mapping[str
                 os.path.isdir(os.path.join(workdir, "answers")):
             # The main evaluation already answered at the trained L: resume from its answers.
             shutil.copytree(os.path.join(workdir, "answers"), os.path.join(sub, "answers"))
-        answerer = answerer_for(at) if answerer_for else runner.make_answerer(at, config)
+        answerer = answerer_for(at) if answerer_for else make_answerer(at, config)
         print(f"sweep: L={lv}{' (baseline)' if is_base else ''}", flush=True)
-        metrics = runner.run_benchmarks(at, config, sub, answerer=answerer, specs=specs)
+        metrics = harness.run_benchmarks(at, config, sub, answerer=answerer, specs=specs)
         entries.append(entry(lv, is_base, metrics, heads, measure_uplink(at, samples)))
     feats = feature_samples(loaded, samples)
     selections = {m: level_selection.select_levels(u, max_samples=int(s.selection_max_samples)) for m, u in feats.items()}
