@@ -167,6 +167,22 @@ def test_json_digest_ignores_key_order_and_spacing():
     assert ckptlib.json_digest({"a": 1}) != ckptlib.json_digest({"a": 2})
 
 
+def test_typed_prng_keys_are_checksummed_as_their_key_data(tmp_path):
+    params = {"w": jnp.arange(3, dtype=jnp.float32)}
+    state = steplib.TrainState(step=jnp.int32(2), client=steplib.PartitionState(params, {}, {}),
+                               server=steplib.PartitionState({}, {}, {}), rng=jax.random.key(5))
+    ckpt = ckptlib.Checkpointer(str(tmp_path))
+    ckpt.save(state, {}, {})
+    ckpt.wait()
+    with open(os.path.join(ckpt.directory, "2", "checksums", "metadata")) as f:
+        saved = json.load(f)["arrays"]["train"]["rng"]
+    key_data = np.asarray(jax.random.key_data(state.rng))
+    assert saved == {"digest": ckptlib.array_digest(key_data), "shape": [2], "dtype": "uint32"}
+    assert ckpt.verify(2)
+    restored, _ = ckpt.restore(state, step=2)
+    np.testing.assert_array_equal(np.asarray(jax.random.key_data(restored.rng)), key_data)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Verification and fallback through the Checkpointer API
 

@@ -145,9 +145,11 @@ def _lanes(words, first: int, xp) -> tuple[Any, Any]:
     return a, b
 
 
+def _is_key(x: Any) -> bool:
+    return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
 def _words_jax(x: jax.Array) -> jax.Array:
-    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-        x = jax.random.key_data(x)
     if x.dtype == jnp.bool_:
         return x.astype(jnp.uint32).reshape(-1)
     size = x.dtype.itemsize
@@ -216,7 +218,8 @@ def tree_digests(tree: Any) -> dict[str, dict[str, Any]]:
     set of devices); the rest on the host, where numpy reads CPU arrays in place and needs no compile
     (the jit takes seconds to compile for a few hundred leaves, numpy hashes ~300 MB/s on one core).
     """
-    named = _named_leaves(tree)
+    # A typed PRNG key is saved (and read back) as its raw key data.
+    named = [(name, jax.random.key_data(leaf) if _is_key(leaf) else leaf) for name, leaf in _named_leaves(tree)]
     out: dict[str, dict[str, Any]] = {}
     groups: dict[frozenset, list[tuple[str, jax.Array]]] = {}
     for name, leaf in named:
@@ -230,8 +233,6 @@ def tree_digests(tree: Any) -> dict[str, dict[str, Any]]:
         for (name, _), (a, b) in zip(members, lanes):
             out[name] = {"digest": _hex(a, b)}
     for name, leaf in named:
-        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-            leaf = jax.random.key_data(leaf)
         out[name].update(shape=list(np.shape(leaf)), dtype=str(np.dtype(leaf.dtype)))
     return {name: out[name] for name, _ in named}
 
@@ -387,7 +388,8 @@ def _check_restored(step: int, step_dir: str, sums: Mapping[str, Any] | None, re
     for item, tree in restored.items():
         item_dir = os.path.join(step_dir, item)
         want = sums["arrays"].get(item, {})
-        if {n: (list(np.shape(x)), str(np.dtype(x.dtype))) for n, x in _named_leaves(tree)} != \
+        if {n: (list(np.shape(x)), str(np.dtype(jax.random.key_data(x).dtype if _is_key(x) else x.dtype)))
+                for n, x in _named_leaves(tree)} != \
                 {n: (list(w["shape"]), w["dtype"]) for n, w in want.items()}:
             reread.append(item)
             continue
