@@ -24,12 +24,13 @@ Verification. Orbax 0.12 checks no array data on restore (its zarr3 layout has a
 *index* only, and the default zarr2/OCDBT layout none), so flipped bytes load silently. Each save therefore
 records, per array, its shape, dtype and a 64-bit digest of its bytes: two independent position-keyed
 sums of murmur3-mixed 32-bit words (:func:`array_digest`). Integer sums are exact and order-free, so the
-digest of a sharded array is computed on its devices, in the same jit as any other reduction, and is
-independent of the sharding; the save blocks only for that reduction (the host copy and the writes
-stay asynchronous in Orbax). A restore recomputes the digests of what it loaded; :meth:`Checkpointer.verify`
-re-reads a step from disk as numpy. Unreadable or unparsable files are reported with their path. A
-corrupt newest checkpoint is reported in one line, moved aside to ``checkpoints/<step>.corrupt`` (so the
-rerun steps can save there again) and the newest intact one is used instead, unless ``fallback=False``.
+digest of an accelerator or multi-process array is reduced on its own devices (independent of the
+sharding) and a CPU array's is computed in place with numpy; a save blocks for that besides Orbax's own
+host copy, and the writes stay asynchronous. :func:`verify_step` re-reads a step from disk, one array at
+a time, and checks every digest and JSON file, naming the file (and array) that fails; a restore also
+checks what it loaded. A corrupt newest checkpoint is reported in one line, moved aside to
+``checkpoints/<step>.corrupt`` (so the steps run again can save under their number) and the newest
+intact one is used instead, unless ``fallback=False``.
 """
 
 from __future__ import annotations
@@ -50,7 +51,6 @@ from qtl_jax.split.step import PartitionState, TrainState
 
 ARRAY_ITEMS = ("client_params", "client_opt", "client_stats", "server_params", "server_opt", "train")
 JSON_ITEMS = ("data", "config")
-PARAM_ITEMS = ("client_params", "server_params", "client_stats")
 CHECKSUM_ITEM = "checksums"
 CHECKSUM_FORMAT = 1
 # The file in which Orbax's JsonSave stores an item (orbax.checkpoint JsonCheckpointHandler's default).
@@ -107,13 +107,6 @@ def _array_args(tree: Any, restore: bool):
 def _one_line(text: str, limit: int = 400) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _root_cause(e: BaseException) -> BaseException:
-    # Orbax wraps TensorStore's error (which names the array and the file) in several layers.
-    while e.__cause__ is not None:
-        e = e.__cause__
-    return e
 
 
 # ---------------------------------------------------------------------------------------------------
