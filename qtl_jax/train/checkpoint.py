@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import zlib
 from collections.abc import Callable, Iterable, Mapping
@@ -61,10 +62,13 @@ _JSON_DIRS = ("array_metadatas",)
 CORRUPT_SUFFIX = ".corrupt"
 
 
-class CorruptCheckpointError(Exception):
+class CorruptCheckpointError(ValueError):
     """A checkpoint step whose files cannot be read or whose bytes differ from the digests saved with it.
 
     ``where`` is the damaged file, or the item directory holding the damaged array named in ``problem``.
+    A ``ValueError`` (saved content that is not what it claims to be, like ``json.JSONDecodeError``), so
+    that code holding a checkpointer it did not build (the split server) can tell a bad checkpoint from a
+    bug without importing this module.
     """
 
     def __init__(self, step: int, where: str, problem: str, message: str | None = None):
@@ -498,15 +502,21 @@ class Checkpointer:
         if chosen is None and bad:
             raise _none_intact(self.directory, bad, "Nothing was moved; to start over, move that directory away.")
         for e in bad:
-            moved = self._move_aside(e.step)
+            moved = self.move_aside(e.step, CORRUPT_SUFFIX)
             self._report(f"qtl_jax: {e}; moved it to {moved} and falling back to step {chosen} (verified).")
         return chosen
 
-    def _move_aside(self, step: int) -> str:
+    def move_aside(self, step: int, suffix: str) -> str:
+        """Renames step ``step``'s directory to ``<step><suffix>`` (``.1``, ``.2``, ... if taken); returns the new path.
+
+        The step no longer counts as a checkpoint (so a later save can use its number) but nothing is
+        deleted. Suffixes in use: ``.corrupt`` (failed verification), ``.rewound`` (a split server went back
+        to an older step, see :mod:`qtl_jax.split.server`).
+        """
         src = _step_path(self.directory, step)
-        dst, n = src + CORRUPT_SUFFIX, 1
+        dst, n = src + suffix, 1
         while os.path.exists(dst):
-            dst, n = f"{src}{CORRUPT_SUFFIX}.{n}", n + 1
+            dst, n = f"{src}{suffix}.{n}", n + 1
         if jax.process_index() == 0:
             os.replace(src, dst)
         if jax.process_count() > 1:
@@ -516,6 +526,14 @@ class Checkpointer:
         self._verified.discard(step)
         self.manager.reload()
         return dst
+
+    def moved_aside(self, suffix: str) -> list[str]:
+        """The directories :meth:`move_aside` has left with ``suffix`` (sorted paths)."""
+        if not os.path.isdir(self.directory):
+            return []
+        pattern = re.compile(r"\d+" + re.escape(suffix) + r"(\.\d+)?")
+        return sorted(os.path.join(self.directory, name) for name in os.listdir(self.directory)
+                      if pattern.fullmatch(name))
 
     def save(self, state: TrainState, data_state: Mapping[str, Any], config_json: Mapping[str, Any]) -> int:
         """Saves ``state`` under its own step (asynchronously; :meth:`wait` or :meth:`close` to finish).
