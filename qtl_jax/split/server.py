@@ -157,6 +157,18 @@ class SplitServicer(pb_grpc.SplitLearningServicer):
     def step(self) -> int:
         return int(jax.device_get(self.state.step))
 
+    def state_sizes(self) -> dict[str, int]:
+        """How much the server keeps because of requests: entries, and the bytes of the client ids held.
+
+        Each is bounded by the options (``history``, one cached reply per client, ids of at most 64
+        bytes), whatever the requests were; ``tests/test_server_faults.py`` checks they stay so.
+        """
+        with self._lock:
+            ids = [*self.applied_by, *([self.client_id] if self.client_id else [])]
+            return {"applied_steps": len(self.applied_steps), "applied_by": len(self.applied_by),
+                    "rewinds": len(self.rewinds), "cached_replies": len(self._last),
+                    "client_id_bytes": sum(len(i.encode()) for i in ids)}
+
     def wait_for_step(self, step: int, timeout: float | None = None) -> bool:
         """Blocks until the server has applied ``step`` steps (woken by each applied step); False on timeout."""
         with self._turn:
@@ -422,6 +434,7 @@ def main(argv) -> None:
     if int(config.total_steps) <= 0:
         raise app.UsageError("network split runs need a fixed --config.total_steps (both sides build the same "
                              "learning-rate schedule from it).")
+    sec = security_from_flags(f, "server")  # a missing token or certificate file fails before the model is built
     clients = tuple(c for c in (f.clients or "").split(",") if c)
     rounds = int(config.total_steps) * max(len(clients), 1)  # the server applies every client's steps
     workdir = os.path.abspath(f.workdir)
@@ -457,7 +470,6 @@ def main(argv) -> None:
                             checkpoint_every=int(config.checkpoint_every), clients=clients, rewind=f.rewind,
                             max_workers=max(4, len(clients) + 2))  # a worker per client waiting for its turn
     servicer = SplitServicer(setup.model, state, optimizers, meshes.server, geometry, options, checkpointer)
-    sec = security_from_flags(f, "server")
     server, port = serve(servicer, f.address, sec)
     print(f"qtl_jax.split.server: listening on port {port} (tls={sec.tls}, token={'yes' if sec.token else 'no'}), "
           f"next step {servicer.step}", flush=True)
@@ -474,6 +486,7 @@ def main(argv) -> None:
 
 
 def security_from_flags(f, side: str) -> seclib.SecurityConfig:
+    seclib.check_files({name: f[name].value for name in ("token_file", "ca_cert", "cert", "key")})
     token = None
     if f.token_file:
         with open(f.token_file, encoding="utf-8") as fh:
