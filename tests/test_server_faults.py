@@ -359,7 +359,8 @@ def outcome(handler, data: bytes):
 
 def mutations():
     """A valid request's bytes with a few bytes overwritten, inserted or cut, or truncated."""
-    edit = st.tuples(st.sampled_from(["set", "insert", "delete"]), st.integers(0, 1 << 20), st.binary(min_size=1, max_size=8))
+    edit = st.tuples(st.sampled_from(["set", "insert", "delete"]), st.integers(0, 1 << 20),
+                     st.binary(min_size=1, max_size=8))
     return st.tuples(st.lists(edit, min_size=1, max_size=4), st.integers(0, 1 << 20) | st.none())
 
 

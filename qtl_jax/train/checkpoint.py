@@ -586,10 +586,11 @@ def restore_params(workdir: str, like: TrainState, fallback: bool = True,
     """``(client params, server params, client quantizer statistics, step)`` of ``workdir``'s newest intact checkpoint.
 
     Used to start one stage from another: optimizer state, step, RNG and data position are *not* taken.
-    ``like`` gives the structure, dtypes and shardings (the new run's freshly created state). The loaded
-    arrays are checked against their checksums; a corrupt newer step is reported in one line and skipped
-    (not moved: this reads another run's workdir), or raises :class:`CorruptCheckpointError` without
-    ``fallback``.
+    ``like`` gives the structure, dtypes and shardings (the new run's freshly created state); a partition
+    it holds empty (one side of a network split run) is neither read nor required, and comes back as
+    ``like``'s. The loaded arrays are checked against their checksums; a corrupt newer step is reported
+    in one line and skipped (not moved: this reads another run's workdir), or raises
+    :class:`CorruptCheckpointError` without ``fallback``.
     """
     directory = checkpoint_dir(workdir)
     if not os.path.isdir(directory):
@@ -597,11 +598,9 @@ def restore_params(workdir: str, like: TrainState, fallback: bool = True,
             f"init.from_workdir={workdir!r} has no checkpoints/ directory; point it at the workdir of a finished "
             "stage-1 run (the --workdir you gave train.py)."
         )
-    args = {"client_params": ocp.args.StandardRestore(_abstract(like.client.params)),
-            "server_params": ocp.args.StandardRestore(_abstract(like.server.params))}
-    stats = _array_args(like.client.batch_stats, restore=True)
-    if stats is not None:
-        args["client_stats"] = stats
+    wanted = {"client_params": like.client.params, "server_params": like.server.params,
+              "client_stats": like.client.batch_stats}
+    args = {k: a for k, v in wanted.items() if (a := _array_args(v, restore=True)) is not None}
     with ocp.CheckpointManager(directory) as manager:
         steps = sorted(manager.all_steps(), reverse=True)
         if not steps:
@@ -622,8 +621,8 @@ def restore_params(workdir: str, like: TrainState, fallback: bool = True,
                 ) from e
             for b in bad:
                 report(f"qtl_jax: {b}; using step {step} (verified) instead.")
-            client_stats = out["client_stats"] if stats is not None else like.client.batch_stats
-            return out["client_params"], out["server_params"], client_stats, step
+            got = {k: out.get(k, v) for k, v in wanted.items()}
+            return got["client_params"], got["server_params"], got["client_stats"], step
     raise _none_intact(directory, bad, "Point init.from_workdir at a run with an intact checkpoint.")
 
 
