@@ -220,7 +220,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # A remote run holds (and checkpoints) only the client partition; the server process has the other.
     own = (lambda s: s.replace(server=steplib.PartitionState({}, {}, {}))) if remote else (lambda s: s)
 
-    checkpointer = ckptlib.Checkpointer(workdir, keep=int(config.keep_checkpoints))
+    checkpointer = ckptlib.Checkpointer(workdir, keep=int(config.keep_checkpoints),
+                                        fallback=bool(config.checkpoint_fallback))
     start = checkpointer.latest_step()
     log = MetricsLogger(workdir, total_steps, initial_step=start or 0, progress_bar=config.progress_bar,
                         is_main=is_main)
@@ -306,11 +307,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 time.sleep(float(config.debug.step_delay))
             if not math.isfinite(metrics["loss"]):
                 checkpointer.wait()
-                good = checkpointer.latest_step()
+                saved = checkpointer.all_steps()
+                good = next((s for s in reversed(saved) if checkpointer.is_intact(s)), None)  # re-read from disk now
+                verdict = "none yet" if not saved else "none is intact" if good is None else "intact, verified just now"
                 raise NonFiniteLossError(
                     f"loss is {metrics['loss']} at step {step + 1} (ce={metrics.get('ce')}); stopped without saving. "
                     f"The last good checkpoint is step {good} in {checkpointer.directory} "
-                    f"({'none yet' if good is None else 'intact'}). Lower optimizer.lr or check the data, then rerun: "
+                    f"({verdict}). Lower optimizer.lr or check the data, then rerun: "
                     "train.py resumes from that checkpoint."
                 )
             step += 1
