@@ -50,8 +50,8 @@ CASES = {
     "train.py unknown preset": (
         ["train.py", "--config=configs/stage1.py:huge", f"--workdir={WORKDIR}"],
         2, "train.py: usage error: flag --config=configs/stage1.py:huge: Error whilst parsing config file: "
-           "ValueError: unknown config variant 'huge'; use configs/stage1.py, :demo or :tiny (--helpfull lists the "
-           "flags)"),
+           "ValueError: unknown config variant 'huge'; use no variant (the paper's setting) or one of: demo, tiny, "
+           "paper_random. (--helpfull lists the flags)"),
     "train.py stray argument": (
         ["train.py", "--config=configs/stage1.py:tiny", f"--workdir={WORKDIR}", "oops"],
         2, "train.py: usage error: unexpected arguments: ['oops'] (--help lists the flags)"),
