@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from qtl_jax import cli as clilib
+from qtl_jax.cli import print_error
 from qtl_jax.level_selection.features import SYNTHETIC_KINDS, load_feature_batches, synthetic_feature_batches
 from qtl_jax.level_selection.report import write_report
 from qtl_jax.level_selection.rule import DEFAULT_TOLERANCE_BITS, estimate_over_batches
@@ -63,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed=args.seed,
         )
     except ValueError as e:
-        clilib.print_error(e)
+        print_error(e)
         return 2
     paths = write_report(estimate, args.out)
     print(estimate.to_markdown())
