@@ -104,6 +104,18 @@ def fail(prog: str, line: str, code: int, error: BaseException | None = None) ->
     raise SystemExit(code)
 
 
+def print_error(error: BaseException) -> None:
+    """``error: <message>`` on one line of stderr (after the traceback when it is wanted).
+
+    For mains that sort out their own input errors and choose their exit status (the data builders
+    and ``level_selection`` exit 2 on bad input); under :func:`run` they get the same traceback opt-in.
+    """
+    if traceback_wanted():
+        traceback.print_exception(error)
+    sys.stdout.flush()
+    print(f"error: {one_line(str(error))}", file=sys.stderr, flush=True)
+
+
 @contextlib.contextmanager
 def _handled(prog: str) -> Iterator[None]:
     try:
@@ -134,11 +146,15 @@ def _argparse_errors_as_usage_errors() -> Iterator[None]:
 
 
 def run(main: Callable[[], Any], prog: str | None = None) -> NoReturn:
-    """Runs an argparse-style ``main()`` (it parses ``sys.argv``) and exits 0, or with one line and a code."""
+    """Runs an argparse-style ``main()`` (it parses ``sys.argv``) and exits 0, or with one line and a code.
+
+    A ``main`` that returns an exit status (an ``int``, e.g. 2 after :func:`print_error`) exits with it;
+    any other return value means success.
+    """
     prog = prog or os.path.basename(sys.argv[0])
     with _handled(prog), _argparse_errors_as_usage_errors():
-        main()
-    raise SystemExit(0)
+        status = main()
+    raise SystemExit(status if isinstance(status, int) and not isinstance(status, bool) else 0)
 
 
 def _flag_error_line(e: BaseException) -> str:

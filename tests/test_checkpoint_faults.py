@@ -311,6 +311,28 @@ def test_restore_params_skips_a_corrupt_step_without_moving_it(run, copy):
         ckptlib.restore_params(copy, like, fallback=False)
 
 
+def test_restore_params_reads_only_the_partitions_the_new_run_holds(run, tmp_path):
+    """One side of a network split run holds the other partition empty: it is neither read nor required, so
+    a split server's own workdir (server partition only, as ``python -m qtl_jax.split.server`` saves it)
+    starts the next stage's server."""
+    workdir, config = run
+    full = fresh_state(config, workdir)
+    empty = steplib.PartitionState({}, {}, {})
+    expected, _ = ckptlib.Checkpointer(workdir).restore(full, step=6)
+    client, server, stats, step = ckptlib.restore_params(workdir, full.replace(client=empty))
+    assert step == 6 and client == {} and stats == {}
+    for a, b in zip(jax.tree.leaves(server), jax.tree.leaves(expected.server.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    server_side = str(tmp_path / "server")
+    checkpointer = ckptlib.Checkpointer(server_side)
+    checkpointer.save(expected.replace(client=empty), {}, {})
+    checkpointer.close()
+    client, server, stats, step = ckptlib.restore_params(server_side, full.replace(client=empty))
+    assert step == 6 and client == {} and stats == {}
+    for a, b in zip(jax.tree.leaves(server), jax.tree.leaves(expected.server.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 # ---------------------------------------------------------------------------------------------------
 # The training loop, unchanged, on top of it
 

@@ -1,6 +1,7 @@
 """Command line entry points: bad input gives one line on stderr and a non-zero exit, never a traceback.
 
-The four CLIs run as real subprocesses with a missing file and with a bad flag value; the helper
+Every CLI (train.py, eval.py, chat, privacy.run, the split server and client, level_selection, the
+llava_tfds and shapes data builders) runs as a real subprocess with a missing file or a bad value; the helper
 (qtl_jax/cli.py) is also tested directly for its exit codes and the traceback opt-in.
 """
 
@@ -75,6 +76,41 @@ CASES = {
         ["-m", "qtl_jax.privacy.run", f"--workdir={WORKDIR}", "--steps=x"],
         2, "python -m qtl_jax.privacy.run: usage error: argument --steps: invalid int value: 'x' (--help lists the "
            "flags)"),
+    "split server missing token file": (
+        ["-m", "qtl_jax.split.server", "--config=configs/stage1.py:tiny", f"--workdir={WORKDIR}",
+         f"--token_file={MISSING}"],
+        1, "python -m qtl_jax.split.server: FileNotFoundError: --token_file='{missing}' does not exist."),
+    "split server bad value": (
+        ["-m", "qtl_jax.split.server", "--config=configs/stage1.py:tiny", f"--workdir={WORKDIR}",
+         "--rewind=sometimes"],
+        2, "python -m qtl_jax.split.server: usage error: flag --rewind=sometimes: value should be one of"),
+    "split client missing certificate": (
+        ["-m", "qtl_jax.split.client", "--config=configs/stage1.py:tiny", f"--workdir={WORKDIR}", "--tls=mutual",
+         f"--ca_cert={MISSING}"],
+        1, "python -m qtl_jax.split.client: FileNotFoundError: --ca_cert='{missing}' does not exist."),
+    "split client bad value": (
+        ["-m", "qtl_jax.split.client", "--config=configs/stage1.py:tiny", f"--workdir={WORKDIR}", "--retries=x"],
+        2, "python -m qtl_jax.split.client: usage error: flag --retries=x: invalid literal for int() with base 10: "
+           "'x' (--helpfull lists the flags)"),
+    "level_selection missing features": (
+        ["-m", "qtl_jax.level_selection", f"--features={MISSING}", f"--out={WORKDIR}"],
+        2, "error: {missing}: cannot read as .npz ([Errno 2] No such file or directory: '{missing}')."),
+    "level_selection bad value": (
+        ["-m", "qtl_jax.level_selection", "--synthetic=bogus", f"--out={WORKDIR}"],
+        2, "python -m qtl_jax.level_selection: usage error: argument --synthetic: invalid choice: 'bogus'"),
+    "llava_tfds missing json": (
+        ["-m", "qtl_jax.data.llava_tfds", f"--json={MISSING}", f"--data_dir={WORKDIR}", "--name=a"],
+        2, "error: LLaVA JSON file '{missing}' does not exist; check the split's json paths."),
+    "llava_tfds bad value": (
+        ["-m", "qtl_jax.data.llava_tfds", f"--json={MISSING}", f"--data_dir={WORKDIR}", "--name=a", "--kind=x"],
+        2, "python -m qtl_jax.data.llava_tfds: usage error: argument --kind: invalid choice: 'x'"),
+    "shapes bad value": (
+        ["-m", "qtl_jax.data.shapes", f"--out={WORKDIR}", "--image_size=10", "--no_benchmarks"],
+        2, "error: image_size=10 is too small to draw 3x3 cells of shapes; use >= 24."),
+    "shapes bad int": (
+        ["-m", "qtl_jax.data.shapes", f"--out={WORKDIR}", "--seed=x"],
+        2, "python -m qtl_jax.data.shapes: usage error: argument --seed: invalid int value: 'x' (--help lists the "
+           "flags)"),
 }
 
 
@@ -109,6 +145,13 @@ def test_traceback_is_shown_on_request(tmp_path, how):
     ours = [i for i, line in enumerate(err) if line.startswith(start)]
     assert len(ours) == 1 and "Traceback (most recent call last):" in err[: ours[0]]
     assert any("qtl_jax/train/loop.py" in line for line in err) and not os.path.exists(tmp_path / "missing")
+
+
+def test_traceback_on_request_for_a_cli_that_reports_its_own_errors(tmp_path):
+    args, code, start = fill(CASES["shapes bad value"], tmp_path)
+    returncode, err = run_cli(*args, traceback=True)
+    assert returncode == code and err[-1].startswith(start)
+    assert "Traceback (most recent call last):" in err and "qtl_jax/data/shapes/scene.py" in "\n".join(err)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -165,6 +208,29 @@ def test_run_exits_zero_whatever_main_returns(capsys):
     with pytest.raises(SystemExit) as e:
         cli.run(lambda: {"a": 1}, prog="prog")
     assert e.value.code == 0 and capsys.readouterr().err == ""
+
+
+def test_run_exits_with_the_status_main_returns(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.run(lambda: 2, prog="prog")
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        cli.run(lambda: True, prog="prog")  # not a status
+    assert e.value.code == 0
+
+
+def test_print_error_is_one_line_with_the_traceback_on_request(monkeypatch, capsys):
+    try:
+        raise ValueError("bad\n  value")
+    except ValueError as e:
+        error = e
+    monkeypatch.delenv(cli.TRACEBACK_ENV, raising=False)
+    cli.print_error(error)
+    assert capsys.readouterr().err == "error: bad value\n"
+    monkeypatch.setenv(cli.TRACEBACK_ENV, "1")
+    cli.print_error(error)
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback (most recent call last):") and err.endswith("\nerror: bad value\n")
 
 
 def test_argparse_errors_become_one_line_and_argparse_is_restored(no_traceback, capsys):

@@ -26,6 +26,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Mapping
 
 import grpc
 
@@ -73,6 +74,17 @@ def _read(path: str | None, what: str) -> bytes:
         raise FileNotFoundError(f"{what}={path!r} does not exist.")
     with open(path, "rb") as f:
         return f.read()
+
+
+def check_files(paths: Mapping[str, str | None]) -> None:
+    """``FileNotFoundError`` naming the flag if a file given in ``paths`` (flag name -> path or None) is missing.
+
+    The command lines call it first, so a mistyped certificate or token path fails before any model is
+    built or data is prepared.
+    """
+    for name, path in paths.items():
+        if path and not os.path.isfile(path):
+            raise FileNotFoundError(f"--{name}={path!r} does not exist.")
 
 
 def server_credentials(sec: SecurityConfig) -> grpc.ServerCredentials | None:

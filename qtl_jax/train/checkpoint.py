@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import zlib
 from collections.abc import Callable, Iterable, Mapping
@@ -61,10 +62,13 @@ _JSON_DIRS = ("array_metadatas",)
 CORRUPT_SUFFIX = ".corrupt"
 
 
-class CorruptCheckpointError(Exception):
+class CorruptCheckpointError(ValueError):
     """A checkpoint step whose files cannot be read or whose bytes differ from the digests saved with it.
 
     ``where`` is the damaged file, or the item directory holding the damaged array named in ``problem``.
+    A ``ValueError`` (saved content that is not what it claims to be, like ``json.JSONDecodeError``), so
+    that code holding a checkpointer it did not build (the split server) can tell a bad checkpoint from a
+    bug without importing this module.
     """
 
     def __init__(self, step: int, where: str, problem: str, message: str | None = None):
@@ -498,15 +502,21 @@ class Checkpointer:
         if chosen is None and bad:
             raise _none_intact(self.directory, bad, "Nothing was moved; to start over, move that directory away.")
         for e in bad:
-            moved = self._move_aside(e.step)
+            moved = self.move_aside(e.step, CORRUPT_SUFFIX)
             self._report(f"qtl_jax: {e}; moved it to {moved} and falling back to step {chosen} (verified).")
         return chosen
 
-    def _move_aside(self, step: int) -> str:
+    def move_aside(self, step: int, suffix: str) -> str:
+        """Renames step ``step``'s directory to ``<step><suffix>`` (``.1``, ``.2``, ... if taken); returns the new path.
+
+        The step no longer counts as a checkpoint (so a later save can use its number) but nothing is
+        deleted. Suffixes in use: ``.corrupt`` (failed verification), ``.rewound`` (a split server went back
+        to an older step, see :mod:`qtl_jax.split.server`).
+        """
         src = _step_path(self.directory, step)
-        dst, n = src + CORRUPT_SUFFIX, 1
+        dst, n = src + suffix, 1
         while os.path.exists(dst):
-            dst, n = f"{src}{CORRUPT_SUFFIX}.{n}", n + 1
+            dst, n = f"{src}{suffix}.{n}", n + 1
         if jax.process_index() == 0:
             os.replace(src, dst)
         if jax.process_count() > 1:
@@ -516,6 +526,14 @@ class Checkpointer:
         self._verified.discard(step)
         self.manager.reload()
         return dst
+
+    def moved_aside(self, suffix: str) -> list[str]:
+        """The directories :meth:`move_aside` has left with ``suffix`` (sorted paths)."""
+        if not os.path.isdir(self.directory):
+            return []
+        pattern = re.compile(r"\d+" + re.escape(suffix) + r"(\.\d+)?")
+        return sorted(os.path.join(self.directory, name) for name in os.listdir(self.directory)
+                      if pattern.fullmatch(name))
 
     def save(self, state: TrainState, data_state: Mapping[str, Any], config_json: Mapping[str, Any]) -> int:
         """Saves ``state`` under its own step (asynchronously; :meth:`wait` or :meth:`close` to finish).
@@ -568,10 +586,11 @@ def restore_params(workdir: str, like: TrainState, fallback: bool = True,
     """``(client params, server params, client quantizer statistics, step)`` of ``workdir``'s newest intact checkpoint.
 
     Used to start one stage from another: optimizer state, step, RNG and data position are *not* taken.
-    ``like`` gives the structure, dtypes and shardings (the new run's freshly created state). The loaded
-    arrays are checked against their checksums; a corrupt newer step is reported in one line and skipped
-    (not moved: this reads another run's workdir), or raises :class:`CorruptCheckpointError` without
-    ``fallback``.
+    ``like`` gives the structure, dtypes and shardings (the new run's freshly created state); a partition
+    it holds empty (one side of a network split run) is neither read nor required, and comes back as
+    ``like``'s. The loaded arrays are checked against their checksums; a corrupt newer step is reported
+    in one line and skipped (not moved: this reads another run's workdir), or raises
+    :class:`CorruptCheckpointError` without ``fallback``.
     """
     directory = checkpoint_dir(workdir)
     if not os.path.isdir(directory):
@@ -579,11 +598,9 @@ def restore_params(workdir: str, like: TrainState, fallback: bool = True,
             f"init.from_workdir={workdir!r} has no checkpoints/ directory; point it at the workdir of a finished "
             "stage-1 run (the --workdir you gave train.py)."
         )
-    args = {"client_params": ocp.args.StandardRestore(_abstract(like.client.params)),
-            "server_params": ocp.args.StandardRestore(_abstract(like.server.params))}
-    stats = _array_args(like.client.batch_stats, restore=True)
-    if stats is not None:
-        args["client_stats"] = stats
+    wanted = {"client_params": like.client.params, "server_params": like.server.params,
+              "client_stats": like.client.batch_stats}
+    args = {k: a for k, v in wanted.items() if (a := _array_args(v, restore=True)) is not None}
     with ocp.CheckpointManager(directory) as manager:
         steps = sorted(manager.all_steps(), reverse=True)
         if not steps:
@@ -604,8 +621,8 @@ def restore_params(workdir: str, like: TrainState, fallback: bool = True,
                 ) from e
             for b in bad:
                 report(f"qtl_jax: {b}; using step {step} (verified) instead.")
-            client_stats = out["client_stats"] if stats is not None else like.client.batch_stats
-            return out["client_params"], out["server_params"], client_stats, step
+            got = {k: out.get(k, v) for k, v in wanted.items()}
+            return got["client_params"], got["server_params"], got["client_stats"], step
     raise _none_intact(directory, bad, "Point init.from_workdir at a run with an intact checkpoint.")
 
 
