@@ -99,7 +99,7 @@ def test_write_corpus_is_byte_identical_for_the_same_seed(corpus, tmp_path):
 # Computed with the single-module generator before it was split into qtl_jax/data/shapes/*.py. A deliberate
 # change of the corpus (new questions, balanced benchmarks) changes these: update them in the same commit
 # and say why. Pixels are hashed decoded, so a zlib/Pillow PNG-encoder change alone does not move them.
-PINNED_CORPUS_DIGEST = "ca49e9ec649107038047b6353a24579048a65e117207e70756e01e9e34b38c4c"
+PINNED_CORPUS_DIGEST = "6bf52f0dfa6d574619124407625208c14a53e2545885f6ea34cc26917fc0c1b2"
 PINNED_VOCABULARY_DIGEST = "19e819c966ae794b37b0ae5ead50480535c934577c4e466e7bfd73561dc76632"
 
 
@@ -485,6 +485,8 @@ def test_pope_files_follow_the_pope_rules(corpus):
             color, kind = re.fullmatch(r"Is there a (\w+) (\w+) in the image\?", r["text"]).groups()
             assert (f"{color} {kind}" in scenes[r["image"]].names()) == (r["label"] == "yes")
         negatives[split] = [r["text"] for r in rows if r["label"] == "no"]
+        # Every absent object asked about is one that other images of the set show (POPE's sampling).
+        assert all(freq[re.fullmatch(r"Is there a (\w+ \w+) in the image\?", t)[1]] > 0 for t in negatives[split])
         if split == "popular":
             for image, scene in scenes.items():
                 neg = [re.fullmatch(r"Is there a (\w+ \w+) in the image\?", r["text"])[1]
@@ -503,6 +505,11 @@ def test_pope_adversarial_picks_most_cooccurring():
     assert B.pope_negatives("adversarial", {"a"}, cats, freq, co, 2, rng) == ["d", "e"]
     assert B.pope_negatives("popular", {"a"}, cats, freq, co, 2, rng) == ["b", "c"]
     assert set(B.pope_negatives("random", {"a"}, cats, freq, co, 4, rng)) == {"b", "c", "d", "e"}
+    # random prefers categories seen in the image set; unseen ones only when too few are seen.
+    seen_two = collections.Counter({"a": 2, "b": 1, "c": 1})
+    for _ in range(10):
+        assert set(B.pope_negatives("random", {"a"}, cats, seen_two, co, 2, rng)) == {"b", "c"}
+    assert set(B.pope_negatives("random", {"a"}, cats, seen_two, co, 4, rng)) == {"b", "c", "d", "e"}
     with pytest.raises(ValueError, match="absent categories"):
         B.pope_negatives("random", {"a"}, cats, freq, co, 5, rng)
     with pytest.raises(ValueError, match="unknown POPE strategy"):

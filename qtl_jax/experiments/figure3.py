@@ -62,15 +62,14 @@ def models(config: Any) -> list[Model]:
     levels = [int(v) for v in config.levels]
     if not levels or any(v < 2 for v in levels) or len(set(levels)) != len(levels):
         raise ValueError(f"levels={tuple(config.levels)}: give distinct numbers of levels >= 2, e.g. 2,4,8,16,32.")
-    out = [Model(f"L{v}", v) for v in sorted(levels)]
-    if config.baseline:
-        out.append(Model("fp16", 0))
+    # The references first: a run cut short still has what every quantized model is compared with.
+    out = [Model("fp16", 0)] if config.baseline else []
     if config.blind:
         if config.preset not in BUILTIN_PRESETS:
             raise ValueError("blind=True needs the built-in corpus (its images can be blanked); set "
                              "--config.blind=False for the paper preset.")
         out.append(Model("blind", 0, blind=True))
-    return out
+    return out + [Model(f"L{v}", v) for v in sorted(levels)]
 
 
 def _quantizer(section: Any, levels: int) -> None:

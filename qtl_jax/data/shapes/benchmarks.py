@@ -198,15 +198,19 @@ def pope_negatives(strategy: str, present: set[str], categories: list[str], freq
                    cooccur: dict[str, collections.Counter], k: int, rng: np.random.Generator) -> list[str]:
     """``k`` absent objects chosen by POPE's rule for ``strategy``.
 
-    random: uniformly among absent categories; popular: the most frequent categories of the whole image set
-    that are absent; adversarial: the absent categories that co-occur most often with the present ones.
-    Ties break on frequency, then by name, so the files are reproducible.
+    random: uniformly among absent categories that occur in other images of the set (as POPE samples from the
+    annotated categories of its image set; all absent categories only if fewer than ``k`` occur); popular:
+    the most frequent categories of the whole image set that are absent; adversarial: the absent categories
+    that co-occur most often with the present ones. Ties break on frequency, then by name, so the files are
+    reproducible.
     """
     absent = [c for c in categories if c not in present]
     if len(absent) < k:
         raise ValueError(f"only {len(absent)} absent categories, cannot sample {k} negatives.")
     if strategy == "random":
-        return [absent[i] for i in rng.choice(len(absent), size=k, replace=False)]
+        seen = [c for c in absent if frequency[c] > 0]
+        pool = seen if len(seen) >= k else absent
+        return [pool[i] for i in rng.choice(len(pool), size=k, replace=False)]
     if strategy == "popular":
         return sorted(absent, key=lambda c: (-frequency[c], c))[:k]
     if strategy == "adversarial":
