@@ -93,8 +93,9 @@ def _variant(data_dir: str, variant: str, corpus: Mapping[str, Any], image_size:
 def prepare_builtin(data_dir: str, corpus: Mapping[str, Any], image_size: int, blank: bool) -> dict[str, Inputs]:
     """``{'images': Inputs, 'blank': Inputs}`` (``blank`` only if asked) for the built-in corpus, written once.
 
-    A rerun with the same settings finds ``inputs.json`` and reuses the files; other settings need an empty
-    ``data_dir`` (ValueError), so models are never trained on a mix of two corpora.
+    A rerun with the same settings (or without ``blank`` where the files have it) finds ``inputs.json`` and
+    reuses the files; other settings need an empty ``data_dir`` (ValueError), so models are never trained on
+    a mix of two corpora.
     """
     from qtl_jax.data.shapes.tokenizer import build_shapes_tokenizer
 
@@ -104,7 +105,10 @@ def prepare_builtin(data_dir: str, corpus: Mapping[str, Any], image_size: int, b
     if os.path.isfile(marker):
         with open(marker, encoding="utf-8") as f:
             done = json.load(f)
-        if done["settings"] != settings:
+        # A corpus written with its blank twin also serves a run without the blind control.
+        same = {k: v for k, v in done["settings"].items() if k != "blank"} == \
+            {k: v for k, v in settings.items() if k != "blank"}
+        if not same or (blank and not done["settings"]["blank"]):
             raise ValueError(f"{data_dir} holds a corpus written with other settings ({done['settings']}); use a new "
                              f"--workdir, or delete {data_dir} to write the corpus for {settings}.")
         return {v: Inputs(**done["inputs"][v]) for v in variants}
