@@ -199,3 +199,16 @@ def test_tiny_experiment_writes_the_figure_and_resumes(tmp_path):
     assert again["rows"] == first["rows"] and again["blind"] == first["blind"]
     # Nothing was trained or evaluated again: those phases kept their first timings.
     assert {k: v for k, v in again["timing"].items() if "/" in k} == {k: v for k, v in phases.items() if "/" in k}
+
+
+def test_cli_bad_paths_are_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "qtl_jax.experiments.figure3", "--config=configs/figure3.py:paper",
+                          f"--workdir={tmp_path}"], capture_output=True, text=True, timeout=120,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "figure3: error: figure3 (paper): paths.vision_dir is not set; pass --config.paths.vision_dir=/local/dir "
+        "(the SigLIP checkpoint directory (safetensors + config.json))."]

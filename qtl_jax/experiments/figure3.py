@@ -29,6 +29,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -319,7 +320,15 @@ def main(argv: list[str]) -> None:
     xla_flags.apply_defaults()  # before the first JAX computation; see qtl_jax/xla_flags.py
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
-    run(flags.FLAGS.config, flags.FLAGS.workdir)
+    config = flags.FLAGS.config
+    try:  # bad settings or paths are one line, before anything slow
+        models(config)
+        if config.preset not in BUILTIN_PRESETS:
+            inputs_lib.check_paths(config.paths.to_dict())
+    except (ValueError, FileNotFoundError) as e:
+        print(f"figure3: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    run(config, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":
