@@ -286,8 +286,12 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     knee = report.knee_levels(rows)
     quantized = [m for m in plan if m.levels > 0]
     notes = []
-    with timings.phase("entropy_rule"):
-        per_model, details, estimates = entropy_rule(config, quantized, workdir, knee)
+    per_model, details, estimates = {}, {}, {}
+    if quantized:
+        with timings.phase("entropy_rule"):
+            per_model, details, estimates = entropy_rule(config, quantized, workdir, knee)
+    else:
+        notes.append("No quantized model: the entropy rule has no features to read.")
     for r in rows:
         if r["name"] in per_model:
             r["entropy_rule"] = per_model[r["name"]]
