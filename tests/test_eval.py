@@ -47,9 +47,10 @@ def _truth(bench_dir):
     gt = mme.load_ground_truth(os.path.join(bench_dir, "mme", "MME_Benchmark_release_version"))
     for ex in BENCHMARKS["mme"].load(specs["mme"]):
         truth["mme", ex.key] = mme.lookup(gt, ex.question_id, ex.prompt)[1]
-    for split in ("random", "popular", "adversarial"):
+    # POPE's label files number their rows 1..n; the question file numbers each category from its offset.
+    for split, offset in benchmark_files.POPE_QID_OFFSETS.items():
         for r in read_jsonl(os.path.join(bench_dir, "pope", "coco", f"coco_pope_{split}.json")):
-            truth["pope", str(r["question_id"])] = r["label"]
+            truth["pope", str(offset + r["question_id"] - 1)] = r["label"]
     for pid, p in read_json(os.path.join(bench_dir, "scienceqa", "problems.json")).items():
         truth["scienceqa", pid] = "ABCDE"[p["answer"]]
     for a in read_json(os.path.join(bench_dir, "vqa", "annotations.json"))["annotations"]:

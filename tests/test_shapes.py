@@ -99,7 +99,7 @@ def test_write_corpus_is_byte_identical_for_the_same_seed(corpus, tmp_path):
 # Computed with the single-module generator before it was split into qtl_jax/data/shapes/*.py. A deliberate
 # change of the corpus (new questions, balanced benchmarks) changes these: update them in the same commit
 # and say why. Pixels are hashed decoded, so a zlib/Pillow PNG-encoder change alone does not move them.
-PINNED_CORPUS_DIGEST = "ac4bb9b736af8ad8cd627078884a5ad1fc859b71c003c818517edd739656b559"
+PINNED_CORPUS_DIGEST = "6bf52f0dfa6d574619124407625208c14a53e2545885f6ea34cc26917fc0c1b2"
 PINNED_VOCABULARY_DIGEST = "19e819c966ae794b37b0ae5ead50480535c934577c4e466e7bfd73561dc76632"
 
 
@@ -245,6 +245,22 @@ def _independent_answer(task, text, scene):
         (a,) = [o for o in scene.objects if (o.color, o.kind) == (m[1], m[2])]
         (b,) = [o for o in scene.objects if (o.color, o.kind) == (m[3], m[4])]
         return "yes" if (a.col < b.col if task == "left_of" else a.row < b.row) else "no"
+    if task == "check_count":
+        m = re.fullmatch(r"Is the number of (\w+) in this image (\d+)\?", text)
+        kinds = {v: k for k, v in TX.KIND_PLURALS.items()}
+        n = len(scene.objects) if m[1] == "shapes" else scene.count(kind=kinds[m[1]])
+        return "yes" if n == int(m[2]) else "no"
+    if task == "check_position":
+        m = re.fullmatch(r"Is the (\w+) (\w+) (?:at the|in the) ([a-z ]+) of this image\?", text)
+        (o,) = [o for o in scene.objects if (o.color, o.kind) == (m[1], m[2])]
+        return "yes" if o.position == m[3] else "no"
+    if task == "check_color":
+        m = re.fullmatch(r"Is " + _REF + r" (?P<c>\w+)\?", text)
+        (o,) = [o for o in scene.objects if o.kind == m["kind"] and (m["pos"] is None or o.position == m["pos"])]
+        return "yes" if o.color == m["c"] else "no"
+    if task == "present":
+        assert text == "Which of these shapes is in the image?"
+        return None  # checked on the options below
     raise AssertionError(task)
 
 
@@ -257,11 +273,15 @@ def test_every_question_type_answers_correctly():
             if qa is None:
                 assert task in ("left_of", "above")
                 continue
-            assert qa.answer == _independent_answer(task, qa.question, scene), qa
+            if task == "present":  # exactly one option is in the scene: the answer
+                assert [c for c in qa.choices if c in scene.names()] == [qa.answer]
+            else:
+                assert qa.answer == _independent_answer(task, qa.question, scene), qa
             assert qa.answer in qa.choices
             seen[(task, qa.answer)] += 1
     # Both yes and no occur, and counts include zero.
-    assert seen[("existence", "yes")] > 20 and seen[("existence", "no")] > 20
+    for task in ("existence", "check_count", "check_position", "check_color"):
+        assert seen[(task, "yes")] > 20 and seen[(task, "no")] > 20, task
     assert seen[("count_color", "0")] > 0
 
 
@@ -448,19 +468,25 @@ def test_pope_files_follow_the_pope_rules(corpus):
     freq = collections.Counter(x for s in scenes.values() for x in s.names())
     all_ids = [r["question_id"] for r in llava]
     assert len(all_ids) == len(set(all_ids)) == 3 * 6 * n
+    # LLaVA's file: the categories in offset order, each numbered from its own offset.
+    assert [r["category"] for r in llava] == [c for c in ("adversarial", "random", "popular") for _ in range(6 * n)]
     negatives = {}
     for split in B.POPE_SPLITS:
         rows = _jsonl(os.path.join(root, "coco", f"coco_pope_{split}.json"))
         assert counts["eval"]["pope"][split] == len(rows) == 6 * n
         cat_rows = [r for r in llava if r["category"] == split]
         # The official scorer zips a split's answers with its label file in order.
-        assert [(r["question_id"], r["text"], r["image"]) for r in cat_rows] == \
-               [(r["question_id"], r["text"], r["image"]) for r in rows]
+        assert [r["question_id"] for r in rows] == list(range(1, 6 * n + 1))
+        assert [r["question_id"] for r in cat_rows] == [B.POPE_QID_OFFSETS[split] + i for i in range(6 * n)]
+        assert [(f"{r['text']}\n{TX.SHORT_ANSWER_PROMPT}", r["image"]) for r in rows] == \
+               [(r["text"], r["image"]) for r in cat_rows]
         assert [r["label"] for r in rows] == ["yes", "no"] * (3 * n)
         for r in rows:
             color, kind = re.fullmatch(r"Is there a (\w+) (\w+) in the image\?", r["text"]).groups()
             assert (f"{color} {kind}" in scenes[r["image"]].names()) == (r["label"] == "yes")
         negatives[split] = [r["text"] for r in rows if r["label"] == "no"]
+        # Every absent object asked about is one that other images of the set show (POPE's sampling).
+        assert all(freq[re.fullmatch(r"Is there a (\w+ \w+) in the image\?", t)[1]] > 0 for t in negatives[split])
         if split == "popular":
             for image, scene in scenes.items():
                 neg = [re.fullmatch(r"Is there a (\w+ \w+) in the image\?", r["text"])[1]
@@ -479,6 +505,11 @@ def test_pope_adversarial_picks_most_cooccurring():
     assert B.pope_negatives("adversarial", {"a"}, cats, freq, co, 2, rng) == ["d", "e"]
     assert B.pope_negatives("popular", {"a"}, cats, freq, co, 2, rng) == ["b", "c"]
     assert set(B.pope_negatives("random", {"a"}, cats, freq, co, 4, rng)) == {"b", "c", "d", "e"}
+    # random prefers categories seen in the image set; unseen ones only when too few are seen.
+    seen_two = collections.Counter({"a": 2, "b": 1, "c": 1})
+    for _ in range(10):
+        assert set(B.pope_negatives("random", {"a"}, cats, seen_two, co, 2, rng)) == {"b", "c"}
+    assert set(B.pope_negatives("random", {"a"}, cats, seen_two, co, 4, rng)) == {"b", "c", "d", "e"}
     with pytest.raises(ValueError, match="absent categories"):
         B.pope_negatives("random", {"a"}, cats, freq, co, 5, rng)
     with pytest.raises(ValueError, match="unknown POPE strategy"):
@@ -538,7 +569,12 @@ def test_vqa_files(corpus):
     tv = _load(os.path.join(root, "textvqa_val.json"))["data"]
     tv_rows = _jsonl(os.path.join(root, "llava_textvqa_shapes.jsonl"))
     assert len(qs) == len(anns) == len(llava) == 2 * BENCH["n_vqa"]
-    assert len(tv) == len(tv_rows) == len({r["question_id"] for r in tv_rows}) == BENCH["n_vqa"]
+    # TextVQA: its own images, two questions each under the image id (repeated, as in LLaVA's file).
+    assert len(tv) == len(tv_rows) == 2 * BENCH["n_vqa"]
+    assert collections.Counter(r["question_id"] for r in tv_rows) == {
+        f"shapes_textvqa_{i:06d}": 2 for i in range(BENCH["n_vqa"])}
+    assert all(r["image"] == f"{r['question_id']}.png" for r in tv_rows)
+    assert not {r["image"] for r in tv_rows} & {r["image"] for r in llava}
     assert len({q["question_id"] for q in qs}) == len(qs)
     varied = 0
     for q, a, row in zip(qs, anns, llava):
@@ -555,10 +591,9 @@ def test_vqa_files(corpus):
     # The TextVQA scorer finds annotations by (image id, lower-cased question) from the answer's question_id.
     keys = {(d["image_id"], d["question"].lower()) for d in tv}
     assert len(keys) == len(tv)
-    by_id = {a["question_id"]: a for a in anns}
     for row, d in zip(tv_rows, tv):
-        assert (row["question_id"], row["text"].split("\n")[0].lower()) in keys
-        assert d["answers"] == [x["answer"] for x in by_id[d["question_id"]]["answers"]]
+        assert (row["question_id"], row["text"].split("\n")[0].lower()) == (d["image_id"], d["question"].lower())
+        assert len(d["answers"]) == 10
 
 
 def test_vqa_ground_truth_is_right():

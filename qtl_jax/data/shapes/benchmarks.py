@@ -10,17 +10,19 @@ a training split uses. The layouts (all paths relative to the benchmark's folder
   file ``llava_mme.jsonl`` (``question_id`` = ``image`` = ``<subtask>/<name>.png``, ``text``, ``category``)
   and ``eval_tool/Your_Results/<subtask>.txt`` (``name<TAB>question<TAB>gt`` rows, the answer-file layout
   that MME's ``calculation.py`` reads once a prediction column is appended).
-* ``pope/``: ``images/*.png``, ``llava_pope_test.jsonl`` (``question_id``, ``image``, ``text``, ``category``)
-  and ``coco/coco_pope_<split>.json`` (jsonl: ``question_id``, ``image``, ``text``, ``label``) for the
+* ``pope/``: ``images/*.png``, ``llava_pope_test.jsonl`` (``question_id`` from each category's offset as in
+  LLaVA's file, ``image``, ``text`` with the short-answer instruction, ``category``) and
+  ``coco/coco_pope_<split>.json`` (jsonl: ``question_id`` 1..n, ``image``, ``text``, ``label``) for the
   splits random / popular / adversarial, negatives sampled by the POPE rules.
 * ``scienceqa/``: ``problems.json`` (pid -> question, choices, answer index, hint, image, ...),
   ``pid_splits.json`` (``{"test": [...]}``), ``images/test/<pid>/image.png`` and ``llava_test_CQM-A.json``
   (LLaVA conversations, option letters).
 * ``vqa/``: ``images/*.png``; VQAv2-layout ``questions.json`` + ``annotations.json`` (10 answers per
   question, some from annotators who phrased it differently or got it wrong) with the LLaVA question file
-  ``llava_vqa_shapes.jsonl``; and the first question of every image in the TextVQA layout
-  (``textvqa_val.json`` + ``llava_textvqa_shapes.jsonl``, whose ``question_id`` is the image id, as the
-  TextVQA scorer keys answers by (image id, question)).
+  ``llava_vqa_shapes.jsonl``; and questions of the same kinds about the images of its own stream
+  (``textvqa``) in the TextVQA layout (``textvqa_val.json`` + ``llava_textvqa_shapes.jsonl``, whose
+  ``question_id`` is the image id, repeated for the image's questions, as the TextVQA scorer keys answers
+  by (image id, question)).
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ MME_PERCEPTION = ("existence", "count", "position", "color")
 MME_COGNITION = ("numerical_calculation", "commonsense_reasoning")
 POPE_SPLITS = ("random", "popular", "adversarial")
 POPE_QUESTION = "Is there a {color} {kind} in the image?"
+# The first question id of each category in LLaVA's llava_pope_test.jsonl (docs/evaluation.md, POPE).
+POPE_QID_OFFSETS = {"adversarial": 1, "random": 10000001, "popular": 20000001}
 
 MME_TEMPLATES = {
     "existence": "Is there a {color} {kind} in this image?",
@@ -194,15 +198,19 @@ def pope_negatives(strategy: str, present: set[str], categories: list[str], freq
                    cooccur: dict[str, collections.Counter], k: int, rng: np.random.Generator) -> list[str]:
     """``k`` absent objects chosen by POPE's rule for ``strategy``.
 
-    random: uniformly among absent categories; popular: the most frequent categories of the whole image set
-    that are absent; adversarial: the absent categories that co-occur most often with the present ones.
-    Ties break on frequency, then by name, so the files are reproducible.
+    random: uniformly among absent categories that occur in other images of the set (as POPE samples from the
+    annotated categories of its image set; all absent categories only if fewer than ``k`` occur); popular:
+    the most frequent categories of the whole image set that are absent; adversarial: the absent categories
+    that co-occur most often with the present ones. Ties break on frequency, then by name, so the files are
+    reproducible.
     """
     absent = [c for c in categories if c not in present]
     if len(absent) < k:
         raise ValueError(f"only {len(absent)} absent categories, cannot sample {k} negatives.")
     if strategy == "random":
-        return [absent[i] for i in rng.choice(len(absent), size=k, replace=False)]
+        seen = [c for c in absent if frequency[c] > 0]
+        pool = seen if len(seen) >= k else absent
+        return [pool[i] for i in rng.choice(len(pool), size=k, replace=False)]
     if strategy == "popular":
         return sorted(absent, key=lambda c: (-frequency[c], c))[:k]
     if strategy == "adversarial":
@@ -212,7 +220,12 @@ def pope_negatives(strategy: str, present: set[str], categories: list[str], freq
 
 
 def write_pope(out_dir: str, *, seed: int, cfg: ShapesConfig, n_images: int = 50, k: int = 3) -> dict:
-    """POPE-style files: per image ``k`` present objects (yes) and ``k`` absent ones (no) per split."""
+    """POPE-style files: per image ``k`` present objects (yes) and ``k`` absent ones (no) per split.
+
+    As in LLaVA's ``llava_pope_test.jsonl``, each category's question ids start at its own offset
+    (:data:`POPE_QID_OFFSETS`) and each prompt ends with the short-answer instruction, while POPE's label
+    files ``coco/coco_pope_<category>.json`` number their rows 1..n and hold the bare question.
+    """
     # POPE only uses images with at least 3 annotated objects.
     pcfg = with_min_objects(cfg, k)
     scenes, names = [], []
@@ -230,9 +243,9 @@ def write_pope(out_dir: str, *, seed: int, cfg: ShapesConfig, n_images: int = 50
             for b in s.names():
                 if a != b:
                     cooccur[a][b] += 1
-    llava_rows, counts, qid = [], {}, 0
+    llava_rows, counts = {}, {}
     for split_i, split in enumerate(POPE_SPLITS):
-        rows = []
+        rows, llava_rows[split] = [], []
         for i, (scene, name) in enumerate(zip(scenes, names)):
             # One generator per (split, image): the splits differ only in how negatives are chosen.
             rng = np.random.default_rng(np.random.SeedSequence([seed, STREAMS["pope"], 1_000_000 + split_i, i]))
@@ -241,14 +254,16 @@ def write_pope(out_dir: str, *, seed: int, cfg: ShapesConfig, n_images: int = 50
             negatives = pope_negatives(split, set(present), categories, frequency, cooccur, k, rng)
             for pos, neg in zip(positives, negatives):  # POPE alternates yes / no
                 for obj, label in ((pos, YES), (neg, NO)):
-                    qid += 1
                     color, kind = obj.split(" ")
                     text = POPE_QUESTION.format(color=color, kind=kind)
-                    rows.append({"question_id": qid, "image": name, "text": text, "label": label})
-                    llava_rows.append({"question_id": qid, "image": name, "text": text, "category": split})
+                    rows.append({"question_id": len(rows) + 1, "image": name, "text": text, "label": label})
+                    llava_rows[split].append({"question_id": POPE_QID_OFFSETS[split] + len(rows) - 1, "image": name,
+                                              "text": f"{text}\n{SHORT_ANSWER_PROMPT}", "category": split})
         _jsonl(os.path.join(out_dir, "coco", f"coco_pope_{split}.json"), rows)
         counts[split] = len(rows)
-    _jsonl(os.path.join(out_dir, "llava_pope_test.jsonl"), llava_rows)
+    # LLaVA's file lists the categories in the order of their offsets.
+    order = sorted(POPE_SPLITS, key=POPE_QID_OFFSETS.get)
+    _jsonl(os.path.join(out_dir, "llava_pope_test.jsonl"), [r for split in order for r in llava_rows[split]])
     return counts
 
 
@@ -357,25 +372,33 @@ def annotator_answers(answer: str, domain: tuple[str, ...], rng: np.random.Gener
     return answers
 
 
+def _vqa_image(out_dir: str, seed: int, stream: str, i: int, cfg: ShapesConfig, per_image: int):
+    """Image ``i`` of ``stream`` saved under ``images/``; its stem and ``per_image`` distinct questions, each
+    with its task and ten annotator answers."""
+    scene, image, rng = scene_and_image(seed, stream, i, cfg)
+    stem = f"shapes_{stream}_{i:06d}"
+    save_png(image, os.path.join(out_dir, "images", f"{stem}.png"))
+    seen, out, tries = set(), [], 0
+    while len(out) < per_image and tries < 50:
+        tries += 1
+        task = _pick(rng, VQA_TASKS)
+        qa = question(task, scene, rng, cfg)
+        if qa is None or qa.question in seen:  # TextVQA keys answers by (image, question)
+            continue
+        seen.add(qa.question)
+        out.append((task, qa, annotator_answers(qa.answer, qa.choices, rng)))
+    return stem, out
+
+
 def write_vqa(out_dir: str, *, seed: int, cfg: ShapesConfig, n_images: int = 200, per_image: int = 2) -> dict:
-    """VQAv2-layout questions/annotations (+ LLaVA jsonl) and the same questions in the TextVQA layout."""
-    questions, annotations, llava_rows, textvqa, textvqa_rows = [], [], [], [], []
+    """VQAv2-layout questions/annotations (+ LLaVA jsonl) on the ``vqa`` stream's images, and TextVQA-layout
+    files on as many images of the ``textvqa`` stream (the same kinds of questions, other images)."""
+    questions, annotations, llava_rows = [], [], []
     qid = 0
     for i in range(n_images):
-        scene, image, rng = scene_and_image(seed, "vqa", i, cfg)
-        stem = f"shapes_vqa_{i:06d}"
-        save_png(image, os.path.join(out_dir, "images", f"{stem}.png"))
-        seen = set()
-        tries = 0
-        while len(seen) < per_image and tries < 50:
-            tries += 1
-            task = _pick(rng, VQA_TASKS)
-            qa = question(task, scene, rng, cfg)
-            if qa is None or qa.question in seen:  # TextVQA keys answers by (image, question)
-                continue
-            seen.add(qa.question)
+        stem, items = _vqa_image(out_dir, seed, "vqa", i, cfg, per_image)
+        for task, qa, answers in items:
             qid += 1
-            answers = annotator_answers(qa.answer, qa.choices, rng)
             majority = collections.Counter(answers).most_common(1)[0][0]
             qtype = " ".join(qa.question.lower().rstrip("?").split()[:3])
             questions.append({"image_id": i, "question": qa.question, "question_id": qid})
@@ -384,14 +407,18 @@ def write_vqa(out_dir: str, *, seed: int, cfg: ShapesConfig, n_images: int = 200
                 "multiple_choice_answer": majority,
                 "answers": [{"answer": a, "answer_confidence": "yes" if a == qa.answer else "maybe",
                              "answer_id": j + 1} for j, a in enumerate(answers)]})
-            prompt = f"{qa.question}\n{SHORT_ANSWER_PROMPT}"
-            llava_rows.append({"question_id": qid, "image": f"{stem}.png", "text": prompt, "category": task})
-            if len(seen) == 1:
-                # TextVQA's LLaVA file uses the image id as question_id, so it holds one question per image.
-                textvqa.append({"question_id": qid, "image_id": stem, "question": qa.question, "answers": answers,
-                                "image_width": cfg.image_size, "image_height": cfg.image_size, "set_name": "val"})
-                textvqa_rows.append({"question_id": stem, "image": f"{stem}.png", "text": prompt,
-                                     "category": "default"})
+            llava_rows.append({"question_id": qid, "image": f"{stem}.png",
+                               "text": f"{qa.question}\n{SHORT_ANSWER_PROMPT}", "category": task})
+    textvqa, textvqa_rows = [], []
+    for i in range(n_images):
+        stem, items = _vqa_image(out_dir, seed, "textvqa", i, cfg, per_image)
+        for task, qa, answers in items:
+            textvqa.append({"question_id": len(textvqa), "image_id": stem, "question": qa.question,
+                            "answers": answers, "image_width": cfg.image_size, "image_height": cfg.image_size,
+                            "set_name": "val"})
+            # As LLaVA's TextVQA question file: question_id is the image id, repeated for each of its questions.
+            textvqa_rows.append({"question_id": stem, "image": f"{stem}.png",
+                                 "text": f"{qa.question}\n{SHORT_ANSWER_PROMPT}", "category": "default"})
     info = {"description": "qtl_jax shapes VQA (procedural)", "version": "1.0"}
     _json(os.path.join(out_dir, "questions.json"), {
         "info": info, "task_type": "Open-Ended", "data_type": "shapes", "data_subtype": "test",
@@ -402,7 +429,8 @@ def write_vqa(out_dir: str, *, seed: int, cfg: ShapesConfig, n_images: int = 200
     _json(os.path.join(out_dir, "textvqa_val.json"), {
         "dataset_name": "shapes", "dataset_version": "0.5.1", "dataset_type": "val", "data": textvqa})
     _jsonl(os.path.join(out_dir, "llava_textvqa_shapes.jsonl"), textvqa_rows)
-    return {"questions": len(questions), "images": n_images, "textvqa_questions": len(textvqa)}
+    return {"questions": len(questions), "images": n_images, "textvqa_questions": len(textvqa),
+            "textvqa_images": n_images}
 
 
 # ---------------------------------------------------------------------------------------------------

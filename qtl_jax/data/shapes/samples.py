@@ -21,7 +21,7 @@ from qtl_jax.data.shapes.scene import Scene, ShapesConfig, render, sample_scene
 from qtl_jax.data.shapes.text import IMAGE_TOKEN, caption, image_conversation, text_conversation
 
 # Disjoint random streams: training never shares a SeedSequence with a benchmark, whatever the seeds.
-STREAMS = {"pretrain": 0, "instruct": 1, "mme": 2, "pope": 3, "scienceqa": 4, "vqa": 5}
+STREAMS = {"pretrain": 0, "instruct": 1, "mme": 2, "pope": 3, "scienceqa": 4, "vqa": 5, "textvqa": 6}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -35,6 +35,7 @@ POSITIONS = (("top left", "top", "top right"),
              ("left", "center", "right"),
              ("bottom left", "bottom", "bottom right"))
 ALL_POSITIONS = tuple(p for row in POSITIONS for p in row)
+BLANK_GREY = 128  # the pixel value of every image when ShapesConfig.blank is set
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +61,9 @@ class ShapesConfig:
     texture_strength: float = 22.0  # amplitude of the smooth background texture
     max_lines: int = 3  # thin grey distractor lines drawn under the shapes
     shade_jitter: int = 12  # per-object colour jitter, small against palette distances
+    # Image-blind control: every image is one flat grey (128, which the SigLIP normalisation maps to ~0) while
+    # scenes and text stay exactly those of blank=False (the text has its own generator).
+    blank: bool = False
 
     def __post_init__(self):
         if self.image_size < 24:
@@ -190,8 +194,13 @@ def _polygon(kind: str, cx: float, cy: float, r: float) -> list[tuple[float, flo
 
 
 def render(scene: Scene, rng: np.random.Generator, cfg: ShapesConfig) -> np.ndarray:
-    """Draws ``scene`` over a noisy textured grey background; returns uint8 (H, W, 3)."""
+    """Draws ``scene`` over a noisy textured grey background; returns uint8 (H, W, 3).
+
+    With ``cfg.blank`` the image is flat grey: nothing of the scene is drawn.
+    """
     s = scene.image_size
+    if cfg.blank:
+        return np.full((s, s, 3), BLANK_GREY, np.uint8)
     base = rng.uniform(50.0, 100.0)
     coarse = rng.uniform(-1.0, 1.0, size=(4, 4)).astype(np.float32) * cfg.texture_strength
     texture = np.asarray(Image.fromarray(coarse, mode="F").resize((s, s), Image.BILINEAR))

@@ -45,6 +45,12 @@ QUESTION_TEMPLATES = {
     "size": "Is the {color} {kind} large or small?",
     "left_of": "Is the {color} {kind} to the left of the {color2} {kind2}?",
     "above": "Is the {color} {kind} above the {color2} {kind2}?",
+    # Verification questions (one true or false statement about the scene, MME's style) and picking the
+    # present object among absent ones (ScienceQA-IMG's style; asked only with lettered options).
+    "check_count": "Is the number of {noun} in this image {n}?",
+    "check_position": "Is the {color} {kind} {at_position} of this image?",
+    "check_color": "Is {ref} {color}?",
+    "present": "Which of these shapes is in the image?",
 }
 # Object references used inside questions and answers.
 REF_TEMPLATES = ("the {kind}", "the {kind} at the {position}", "the {kind} in the center",
@@ -69,6 +75,13 @@ LONG_ANSWER_TEMPLATES = (
     "No, the {color} {kind} is to the right of the {color2} {kind2}.",
     "Yes, the {color} {kind} is above the {color2} {kind2}.",
     "No, the {color} {kind} is below the {color2} {kind2}.",
+    "Yes, the number of {noun} is {number}.",
+    "No, the number of {noun} is {number}.",
+    "Yes, the {color} {kind} is {at_position}.",
+    "No, the {color} {kind} is {at_position}.",
+    "Yes, {ref} is {color}.",
+    "No, {ref} is {color}.",
+    "The {color} {kind} is in the image.",
 )
 TEXT_ONLY_TEMPLATES = (
     ("What is {a} plus {b}?", "{a} plus {b} is {c}."),
@@ -203,7 +216,37 @@ def question(task: str, scene: Scene, rng: np.random.Generator, cfg: ShapesConfi
             rel = "above" if yes else "below"
         long = f"{'Yes' if yes else 'No'}, the {a.name} is {rel} the {b.name}."
         return QA(task, text, YES if yes else NO, long, (YES, NO))
+    if task in ("check_count", "check_position", "check_color"):
+        return _verification(task, q, scene, o, rng, cfg)
+    if task == "present":
+        absent = tuple(f"{c} {k}" for c in cfg.colors for k in cfg.kinds if f"{c} {k}" not in scene.names())
+        return QA(task, q, o.name, f"The {o.name} is in the image.", (o.name,) + absent)
     raise AssertionError(f"QUESTION_TEMPLATES has {task!r} but question() does not handle it")
+
+
+def _verification(task: str, q: str, scene: Scene, o: ShapeObject, rng: np.random.Generator,
+                  cfg: ShapesConfig) -> QA:
+    """A yes/no check of one fact about ``o`` or the scene; true or false with probability 1/2 each."""
+    yes = bool(rng.random() < 0.5)
+    answer, head = (YES, "Yes") if yes else (NO, "No")
+    if task == "check_count":
+        if rng.random() < 0.5:
+            noun, n = "shapes", len(scene.objects)
+        else:
+            kind = cfg.kinds[int(rng.integers(len(cfg.kinds)))]
+            noun, n = KIND_PLURALS[kind], scene.count(kind=kind)
+        wrong = [m for m in range(cfg.max_objects + 1) if m != n]
+        asked = n if yes else wrong[int(rng.integers(len(wrong)))]
+        return QA(task, q.format(noun=noun, n=asked), answer, f"{head}, the number of {noun} is {n}.", (YES, NO))
+    if task == "check_position":
+        wrong = [p for p in ALL_POSITIONS if p != o.position]
+        asked = o.position if yes else wrong[int(rng.integers(len(wrong)))]
+        return QA(task, q.format(color=o.color, kind=o.kind, at_position=at_position(asked)), answer,
+                  f"{head}, the {o.name} is {at_position(o.position)}.", (YES, NO))
+    ref = ref_by_kind(scene, o)
+    wrong = [c for c in cfg.colors if c != o.color]
+    asked = o.color if yes else wrong[int(rng.integers(len(wrong)))]
+    return QA(task, q.format(ref=ref, color=asked), answer, f"{head}, {ref} is {o.color}.", (YES, NO))
 
 
 def multiple_choice(qa: QA, rng: np.random.Generator, n_options: int = 4) -> tuple[str, str, tuple[str, ...]]:
@@ -233,7 +276,9 @@ def _format_turn(qa: QA, style: str, rng: np.random.Generator) -> tuple[str, str
 
 
 IMAGE_TASKS = ("color", "shape", "count_all", "count_color", "count_kind", "position", "existence", "size",
-               "left_of", "above")
+               "left_of", "above", "check_count", "check_position", "check_color", "present")
+# Tasks asked only with lettered options (their short answer alone would not say which options were offered).
+CHOICE_ONLY_TASKS = ("present",)
 
 
 def image_conversation(scene: Scene, rng: np.random.Generator, cfg: ShapesConfig) -> list[dict]:
@@ -247,9 +292,12 @@ def image_conversation(scene: Scene, rng: np.random.Generator, cfg: ShapesConfig
         qa = question(IMAGE_TASKS[int(rng.integers(len(IMAGE_TASKS)))], scene, rng, cfg)
         if qa is None:
             continue
-        styles = ["short", "choice", "free"] + (["yesno"] if qa.choices == (YES, NO) else [])
-        probs = [0.5, 0.2, 0.3] + ([0.25] if len(styles) == 4 else [])
-        style = styles[int(rng.choice(len(styles), p=np.asarray(probs) / sum(probs)))]
+        if qa.task in CHOICE_ONLY_TASKS:
+            style = "choice"
+        else:
+            styles = ["short", "choice", "free"] + (["yesno"] if qa.choices == (YES, NO) else [])
+            probs = [0.5, 0.2, 0.3] + ([0.25] if len(styles) == 4 else [])
+            style = styles[int(rng.choice(len(styles), p=np.asarray(probs) / sum(probs)))]
         turns.append(_format_turn(qa, style, rng))
     first = turns[0][0]
     # Real LLaVA files put <image> before or (less often) after the first question.

@@ -1,0 +1,10 @@
+"""The paper's experiments, each one command over the project's own training, evaluation and analysis code.
+
+* ``inputs``: the data, tokenizer and benchmark files of an experiment (the built-in corpus, or checked paths);
+* ``measure``: what is measured on one trained model (scores with bootstrap intervals, uplink bytes, the
+  entropy rule's features, the inversion attack);
+* ``report``: the knee, the rule's check, ``figure3.{json,md,png}`` and ``figureA1.png``;
+* ``figure3``: ``python -m qtl_jax.experiments.figure3 --config=configs/figure3.py:builtin --workdir=DIR``.
+
+Each imports only the ones listed before it (docs/experiments.md).
+"""

@@ -1,0 +1,345 @@
+r"""Figure 3 of the paper, reproduced: one model **trained** per number of levels, five benchmarks with CIs.
+
+    python -m qtl_jax.experiments.figure3 --config=configs/figure3.py:builtin --workdir=/tmp/fig3
+
+For each L in ``config.levels`` and the 16-bit baseline (``bound='none'``), and (built-in) the image-blind
+control, :func:`run` trains stage 1 and stage 2 with :func:`qtl_jax.train.loop.train_and_evaluate` (the
+same data, steps and seed for every model; only the quantizer differs), evaluates the stage-2 model on
+the five benchmarks (:mod:`qtl_jax.eval`), puts bootstrap intervals on the scores, reads the uplink bytes
+the split link measured with the real codec, runs the entropy rule on the model's features and the
+image-inversion attack on its wire (:mod:`qtl_jax.experiments.measure`). Then it writes
+``figure3.json``, ``figure3.md``, ``figure3.png`` and ``figureA1.png`` (:mod:`qtl_jax.experiments.report`).
+
+Workdir layout (every step resumes: a killed run picks up where it stopped)::
+
+    data/                      the built-in corpus, its blanked twin and the tokenizer (qtl_jax.experiments.inputs)
+    <model>/stage1/  <model>/stage2/     train.py workdirs (model: L2, L4, ..., fp16, blind)
+    <model>/eval/              answers/, metrics.json, results.md (qtl_jax.eval)
+    <model>/measured.json      scores with intervals, uplink, privacy, the phases' wall and CPU seconds
+    <model>/features.npz       in_proj features in batches (quantized models)
+    timing.json                wall and CPU seconds of every phase, with the load average
+    figure3.{json,md,png}  figureA1.png
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+
+from qtl_jax.experiments import inputs as inputs_lib
+from qtl_jax.experiments import report
+
+TIMING_FILE = "timing.json"
+STAGE_DONE = "figure3_stage.json"
+MEASURED = "measured.json"
+FEATURES = "features.npz"
+BUILTIN_PRESETS = ("builtin", "half", "tiny")
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """One trained model of the figure: ``levels`` L (0: the 16-bit baseline), ``blind``: images blanked."""
+
+    name: str
+    levels: int
+    blind: bool = False
+
+    @property
+    def bits(self) -> float:
+        return report.BASELINE_BITS if self.levels == 0 else math.log2(self.levels)
+
+
+def models(config: Any) -> list[Model]:
+    levels = [int(v) for v in config.levels]
+    if not levels or any(v < 2 for v in levels) or len(set(levels)) != len(levels):
+        raise ValueError(f"levels={tuple(config.levels)}: give distinct numbers of levels >= 2, e.g. 2,4,8,16,32.")
+    # The references first: a run cut short still has what every quantized model is compared with.
+    out = [Model("fp16", 0)] if config.baseline else []
+    if config.blind:
+        if config.preset not in BUILTIN_PRESETS:
+            raise ValueError("blind=True needs the built-in corpus (its images can be blanked); set "
+                             "--config.blind=False for the paper preset.")
+        out.append(Model("blind", 0, blind=True))
+    return out + [Model(f"L{v}", v) for v in sorted(levels)]
+
+
+def _quantizer(section: Any, levels: int) -> None:
+    if levels == 0:
+        section.bound = "none"
+    else:
+        section.bound = "linear" if section.bound == "none" else section.bound
+        section.levels = levels
+
+
+def stage_config(config: Any, model: Model, stage: int, given: inputs_lib.Inputs, workdir: str) -> Any:
+    """The train.py config of ``model``'s stage ``stage``: the experiment's section with the model's quantizer,
+    the experiment's seed, its data and (stage 2) the stage-1 workdir to start from."""
+    c = copy.deepcopy(config.stage1 if stage == 1 else config.stage2)
+    c.seed = int(config.seed)
+    _quantizer(c.quantizer, model.levels)
+    c.data.kind = "llava"
+    c.data.dataset_dir = given.stage1_data if stage == 1 else given.stage2_data
+    c.model.tokenizer_dir = given.tokenizer_dir
+    if given.vision_dir:
+        c.model.vision_dir, c.model.llm_dir = given.vision_dir, given.llm_dir
+    if stage == 2:
+        c.init.from_workdir = os.path.join(workdir, model.name, "stage1")
+    return c
+
+
+def eval_config(config: Any, model: Model, given: inputs_lib.Inputs, workdir: str) -> Any:
+    c = copy.deepcopy(config.eval)
+    c.seed = int(config.seed)
+    c.checkpoint = os.path.join(workdir, model.name, "stage2")
+    c.benchmark_dir = given.benchmark_dir
+    c.tokenizer_dir = given.tokenizer_dir
+    c.shapes_benchmarks.enabled = False
+    return c
+
+
+class Timings:
+    """Wall and CPU seconds (all threads of this process) per phase, kept in ``timing.json`` across reruns."""
+
+    def __init__(self, workdir: str):
+        self.path = os.path.join(workdir, TIMING_FILE)
+        self.phases: dict[str, dict[str, float]] = {}
+        if os.path.isfile(self.path):
+            with open(self.path, encoding="utf-8") as f:
+                self.phases = json.load(f)
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        load, wall, cpu = os.getloadavg()[0], time.perf_counter(), time.process_time()
+        yield
+        self.phases[name] = {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu,
+                             "load_start": load, "load_end": os.getloadavg()[0]}
+        with open(self.path, "w", encoding="utf-8") as f:
+            json.dump(self.phases, f, indent=1)
+
+
+def _read(path: str) -> dict[str, Any] | None:
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _write(path: str, obj: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)  # a kill never leaves half a marker
+
+
+def train_stage(config: Any, model: Model, stage: int, given: inputs_lib.Inputs, workdir: str,
+                timings: Timings) -> dict[str, Any]:
+    """Trains (or resumes, or finds finished) one stage of one model."""
+    from qtl_jax.train.loop import train_and_evaluate
+
+    stage_dir = os.path.join(workdir, model.name, f"stage{stage}")
+    done = _read(os.path.join(stage_dir, STAGE_DONE))
+    if done is None:
+        print(f"figure3: {model.name} stage {stage}", flush=True)
+        with timings.phase(f"{model.name}/stage{stage}"):
+            out = train_and_evaluate(stage_config(config, model, stage, given, workdir), stage_dir)
+        done = {"step": out["step"], "loss": out["loss"], **timings.phases[f"{model.name}/stage{stage}"]}
+        _write(os.path.join(stage_dir, STAGE_DONE), done)
+    return done
+
+
+def trained_levels(stage_dir: str) -> int:
+    """L the run in ``stage_dir`` was trained with, from its config.json (0 for bound='none')."""
+    q = _read(os.path.join(stage_dir, "config.json"))["quantizer"]
+    return 0 if q["bound"] == "none" else int(q["levels"])
+
+
+def measure_model(config: Any, model: Model, given: inputs_lib.Inputs, workdir: str, timings: Timings) -> dict[str, Any]:
+    """Scores (with intervals), uplink, rule features and inversion attack of one trained model (cached)."""
+    import jax
+
+    from qtl_jax.eval.model import load_model
+    from qtl_jax.experiments import measure
+
+    root = os.path.join(workdir, model.name)
+    path = os.path.join(root, MEASURED)
+    done = _read(path)
+    if done is not None:
+        return done
+    ecfg = eval_config(config, model, given, workdir)
+    print(f"figure3: {model.name} evaluation", flush=True)
+    with timings.phase(f"{model.name}/eval"):
+        loaded = load_model(ecfg)
+        scores, metrics = measure.benchmark_scores(loaded, ecfg, os.path.join(root, "eval"), config.bootstrap)
+    out: dict[str, Any] = {
+        "name": model.name, "levels": model.levels, "bits": model.bits,
+        "trained_levels": trained_levels(os.path.join(root, "stage2")), "scores": scores,
+        "uplink_bytes_per_sample": measure.uplink_per_sample(os.path.join(root, "stage2")),
+        "metrics": metrics,
+    }
+    if model.levels > 0:
+        e = config.entropy
+        with timings.phase(f"{model.name}/features"):
+            # Twice the batches: the first half for the rule, the second half to check a refitted tolerance.
+            feats = measure.rule_feature_batches(loaded, ecfg, 2 * int(e.batches), int(e.questions))
+        np.savez(os.path.join(root, FEATURES), **{f"{m}_{i}": u for m, us in feats.items() for i, u in enumerate(us)})
+    if config.privacy.enabled and not model.blind:
+        print(f"figure3: {model.name} inversion attack", flush=True)
+        with timings.phase(f"{model.name}/privacy"):
+            out["privacy"] = measure.inversion_attack(loaded, config.privacy)
+    del loaded
+    jax.clear_caches()
+    _write(path, out)
+    return out
+
+
+def _feature_batches(workdir: str, model: Model) -> dict[str, list[np.ndarray]]:
+    with np.load(os.path.join(workdir, model.name, FEATURES)) as z:
+        out: dict[str, list[np.ndarray]] = {"image": [], "text": []}
+        for m in out:
+            i = 0
+            while f"{m}_{i}" in z:
+                out[m].append(z[f"{m}_{i}"])
+                i += 1
+        return out
+
+
+def entropy_rule(config: Any, quantized: list[Model], workdir: str, knee: int | None
+                 ) -> tuple[dict[str, dict[str, int]], dict[str, Any], dict[str, Any]]:
+    """The rule on every quantized model's features; the figure's choice from the ``entropy.from_levels`` model.
+
+    Returns (per-model choices, details of the figure's choice, its estimates per modality for Figure A1).
+    With a knee, also the τ interval that would make the rule pick it, fitted on the first half of the
+    batches and checked on the second half.
+    """
+    from qtl_jax import level_selection
+
+    e = config.entropy
+    per_model, estimates, checks = {}, {}, {}
+    want = int(e.from_levels)
+    source = next((m for m in quantized if m.levels == want), quantized[-1])
+    for m in quantized:
+        feats = _feature_batches(workdir, m)
+        half = int(e.batches)
+        per_model[m.name] = {}
+        for modality, batches in feats.items():
+            fit = level_selection.estimate_over_batches(batches[:half], tolerance_bits=float(e.tolerance_bits),
+                                                        max_samples=int(e.max_samples))
+            per_model[m.name][modality] = fit.levels
+            if m == source:
+                estimates[modality] = fit
+                check = level_selection.estimate_over_batches(batches[half:], tolerance_bits=float(e.tolerance_bits),
+                                                              max_samples=int(e.max_samples), seed=1000)
+                entry: dict[str, Any] = {
+                    "levels": fit.levels, "bits": fit.bits, "entropy_coded_bits": fit.entropy_coded_bits,
+                    "reason": fit.reason, "chosen_per_batch": list(fit.chosen_per_batch),
+                    "check_batches_levels": check.levels,
+                    "gap_mean": dict(zip(map(str, fit.candidates), fit.gap_mean))}
+                if knee is not None:
+                    window = report.tolerance_window(fit.candidates, fit.gap_mean, knee)
+                    entry["tolerance_for_knee"] = window and [window[0], None if math.isinf(window[1]) else window[1]]
+                    if window:
+                        tau = math.sqrt(window[0] * window[1]) if math.isfinite(window[1]) else 2 * window[0]
+                        entry["refitted_tolerance"] = tau
+                        entry["refitted_choice_on_check_batches"] = report.rule_choice(check.candidates,
+                                                                                       check.gap_mean, tau)
+                checks[modality] = entry
+    details = {"source": f"in_proj features of the model trained at L={source.levels}", "model": source.name,
+               "tolerance_bits": float(e.tolerance_bits), "batches": int(e.batches), "questions_per_batch":
+               int(e.questions), **checks}
+    return per_model, details, estimates
+
+
+def run(config: Any, workdir: str) -> dict[str, Any]:
+    """Runs (or resumes) the whole experiment; returns what ``figure3.json`` holds."""
+    workdir = os.path.abspath(workdir)
+    plan = models(config)
+    os.makedirs(workdir, exist_ok=True)
+    timings = Timings(workdir)
+    if config.preset in BUILTIN_PRESETS:
+        with timings.phase("data"):
+            image_size = int(config.stage1.model.vision.image_size)
+            given = inputs_lib.prepare_builtin(os.path.join(workdir, "data"), config.corpus.to_dict(), image_size,
+                                               blank=bool(config.blind))
+    else:
+        given = {"images": inputs_lib.check_paths(config.paths.to_dict())}
+    measured = {}
+    for model in plan:
+        model_inputs = given["blank" if model.blind else "images"]
+        for stage in (1, 2):
+            train_stage(config, model, stage, model_inputs, workdir, timings)
+        measured[model.name] = measure_model(config, model, model_inputs, workdir, timings)
+    rows = [dict(measured[m.name], train={f"stage{s}": _read(os.path.join(workdir, m.name, f"stage{s}", STAGE_DONE))
+                                          for s in (1, 2)}) for m in plan if not m.blind]
+    for r in rows:
+        r.pop("metrics", None)
+    blind = next((measured[m.name]["scores"] for m in plan if m.blind), None)
+    knee = report.knee_levels(rows)
+    quantized = [m for m in plan if m.levels > 0]
+    notes = []
+    per_model, details, estimates = {}, {}, {}
+    if quantized:
+        with timings.phase("entropy_rule"):
+            per_model, details, estimates = entropy_rule(config, quantized, workdir, knee)
+    else:
+        notes.append("No quantized model: the entropy rule has no features to read.")
+    for r in rows:
+        if r["name"] in per_model:
+            r["entropy_rule"] = per_model[r["name"]]
+        if blind:
+            r["beats_blind"] = {b: report.beats_blind(s, blind.get(b)) for b, s in r["scores"].items()}
+    if not any(k.startswith("roundtrip") or k.startswith("downlink") for r in rows for k in r["uplink_bytes_per_sample"]):
+        notes.append("Round-trip bytes are not reported: the split link's metrics.jsonl of this run has no "
+                     "roundtrip_bytes_per_sample / downlink_bytes_fp32 figure.")
+    result = {
+        "preset": config.preset, "rows": rows, "blind": blind,
+        "entropy_rule": {m: details[m]["levels"] for m in ("image", "text") if m in details},
+        "entropy_rule_details": details, "knee_levels": knee,
+        "knee_definition": "the smallest trained L whose headline on every benchmark is >= the lower end of the "
+                           "16-bit baseline's 95 % bootstrap interval",
+        "timing": timings.phases, "notes": notes,
+        "config": json.loads(config.to_json_best_effort()),
+    }
+    paths = report.write(result, estimates, workdir)
+    print(f"figure3: wrote {', '.join(paths.values())}", flush=True)
+    return result
+
+
+def main(argv: list[str]) -> None:
+    from absl import app, flags, logging
+
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from qtl_jax import xla_flags
+
+    xla_flags.apply_defaults()  # before the first JAX computation; see qtl_jax/xla_flags.py
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    config = flags.FLAGS.config
+    try:  # bad settings or paths are one line, before anything slow
+        models(config)
+        if config.preset not in BUILTIN_PRESETS:
+            inputs_lib.check_paths(config.paths.to_dict())
+    except (ValueError, FileNotFoundError) as e:
+        print(f"figure3: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    run(config, flags.FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "configs/figure3.py:<builtin|half|tiny|paper>.", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Directory of the experiment (resumed if it holds one).")
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)

@@ -1,0 +1,214 @@
+"""The Figure-3 experiment: bootstrap intervals of the five scorers, the knee, the rule-vs-knee window,
+the report files and (slow) the whole experiment at test size with its resume.
+
+Bootstrap tests score the built-in shapes benchmark files (official layouts, qtl_jax/data/shapes/benchmarks.py)
+with scripted answers drawn per question from a seeded generator, so every scorer sees a mix of right and
+wrong answers and the recomputed headline must equal the scorer's.
+"""
+
+import json
+import math
+import os
+import types
+import zlib
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from configs import eval as eval_config
+from configs import figure3 as figure3_config
+from qtl_jax.data.shapes import ShapesConfig
+from qtl_jax.data.shapes import benchmarks as benchmark_files
+from qtl_jax.eval import bootstrap, harness
+from qtl_jax.eval.answers import answers_path, read_answers
+from qtl_jax.eval.benchmarks import BENCHMARKS, benchmark_specs, subsample
+from qtl_jax.experiments import figure3, inputs, report
+
+STUB = types.SimpleNamespace(source="scripted", levels=lambda: None)
+# Answers a scripted model picks from, per benchmark: some right, some wrong, some unparseable.
+CHOICES = {"mme": ("Yes", "No", "maybe"), "pope": ("Yes", "No"), "scienceqa": ("A", "B", "C", "D"),
+           "vqav2": ("red", "2", "circle", "yes", "top left"), "textvqa": ("blue", "1", "square", "no")}
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory):
+    """(config, {benchmark: (spec, examples, rows, metrics)}) for seeded random answers on every benchmark."""
+    root = str(tmp_path_factory.mktemp("benchmarks"))
+    benchmark_files.write_benchmarks(root, seed=0, cfg=ShapesConfig(image_size=32), n_mme=6, n_pope=6,
+                                     n_scienceqa=40, n_vqa=20)
+    config = eval_config.get_config("tiny")
+    config.benchmark_dir = root
+    config.shapes_benchmarks.enabled = False
+    work = str(tmp_path_factory.mktemp("answers"))
+    out = {}
+    for name, spec in benchmark_specs(config).items():
+        def answer(batch, name=name):
+            return [CHOICES[name][zlib.crc32(ex.key.encode()) % len(CHOICES[name])] for ex in batch]
+
+        metrics = harness.run_benchmarks(STUB, config, work, answerer=answer, specs={name: spec})
+        bench = BENCHMARKS[spec["kind"]]
+        examples = subsample(bench.load(spec), int(config.max_examples), bench.group)
+        rows = read_answers(answers_path(os.path.join(work, "answers"), name), bench.by_prompt)
+        out[name] = (spec, examples, rows, metrics[name])
+    return config, out
+
+
+@pytest.mark.parametrize("name", ["mme", "pope", "scienceqa", "vqav2", "textvqa"])
+def test_outcomes_reproduce_the_scorer_and_the_interval_holds_it(scored, name):
+    _, table = scored
+    spec, examples, rows, metrics = table[name]
+    out = bootstrap.outcomes(spec, examples, rows, scored=metrics)  # raises if the headline differs
+    assert out.value() == pytest.approx(metrics[out.headline], rel=1e-12, abs=1e-12)
+    assert 0 < metrics[out.headline] < (1200 if name == "mme" else 100)  # a mix of right and wrong answers
+    low, high = bootstrap.bootstrap_interval(out, samples=400, seed=3)
+    assert low <= out.value() <= high and low < high
+    assert (low, high) == bootstrap.bootstrap_interval(out, samples=400, seed=3)  # seeded
+    expected_n = {"mme": 2 * 4 * 6, "pope": 3 * 6 * 6}.get(name)
+    if expected_n:
+        assert out.questions == expected_n
+
+
+def test_outcomes_refuse_a_disagreeing_score(scored):
+    _, table = scored
+    spec, examples, rows, metrics = table["pope"]
+    with pytest.raises(ValueError, match="must score the same answers"):
+        bootstrap.outcomes(spec, examples, rows, scored={**metrics, "f1": metrics["f1"] + 1.0})
+    with pytest.raises(ValueError, match="no bootstrap for benchmark kind"):
+        bootstrap.outcomes({**spec, "kind": "gqa"}, examples, rows)
+
+
+def test_bootstrap_interval_of_a_mean_has_the_binomial_width():
+    # 1000 units, 40 % right: the 95 % interval half-width is 1.96 * sqrt(p (1 - p) / n) = 3.04 points. The
+    # percentile interval of 4000 replicates estimates each end with a standard error of about
+    # sqrt(0.025 * 0.975 / 4000) / density ~ 0.13 points; 4 of those bound the check.
+    right = np.zeros((1000, 1))
+    right[:400] = 1.0
+    out = bootstrap.Outcomes("scienceqa", "img_accuracy", {"": right},
+                             lambda c: 100.0 * np.mean(c[""][..., 0], axis=-1), 1000)
+    low, high = bootstrap.bootstrap_interval(out, samples=4000, seed=0)
+    half = 100 * 1.96 * math.sqrt(0.4 * 0.6 / 1000)
+    se_end = 100 * math.sqrt(0.025 * 0.975 / 4000) / (math.exp(-1.96 ** 2 / 2) / math.sqrt(2 * math.pi)
+                                                     / math.sqrt(0.4 * 0.6 / 1000))
+    assert abs((40.0 - low) - half) < 4 * se_end and abs((high - 40.0) - half) < 4 * se_end
+    constant = bootstrap.Outcomes("scienceqa", "img_accuracy", {"": np.ones((50, 1))},
+                                  lambda c: 100.0 * np.mean(c[""][..., 0], axis=-1), 50)
+    assert bootstrap.bootstrap_interval(constant, samples=100) == (100.0, 100.0)
+    with pytest.raises(ValueError, match="0 < level < 1"):
+        bootstrap.bootstrap_interval(out, level=1.0)
+
+
+def _row(levels, **values):
+    return {"levels": levels, "scores": {b: {"value": v, "ci95": [v - 2.0, v + 2.0], "n": 500}
+                                         for b, v in values.items()}}
+
+
+def test_knee_is_the_smallest_l_within_the_baseline_interval_everywhere():
+    base = _row(0, pope=80.0, mme=900.0)
+    rows = [base, _row(2, pope=70.0, mme=950.0), _row(4, pope=78.5, mme=898.0), _row(8, pope=90.0, mme=899.0)]
+    assert report.knee_levels(rows) == 4  # L=2 misses POPE; 78.5 >= 78 and 898 >= 898
+    assert report.knee_levels([base, _row(2, pope=77.9, mme=900.0)]) is None
+    assert report.knee_levels(rows[1:]) is None  # no baseline
+    assert report.beats_blind(base["scores"]["pope"], {"ci95": [70.0, 77.9]}) is True
+    assert report.beats_blind(base["scores"]["pope"], {"ci95": [70.0, 78.0]}) is False
+    assert report.beats_blind(base["scores"]["pope"], None) is None
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(0.0, 2.0, allow_nan=False), min_size=2, max_size=6), st.data())
+def test_tolerance_window_is_where_the_rule_picks_the_target(gaps, data):
+    candidates = [2 ** (i + 1) for i in range(len(gaps))]
+    target = data.draw(st.sampled_from(candidates))
+    window = report.tolerance_window(candidates, gaps, target)
+    taus = [t for t in {0.01, 0.05, 0.1, 0.3, 1.0, 1.5, 3.0} | {abs(g) for g in gaps} if t > 0]
+    for tau in taus:
+        inside = window is not None and window[0] <= tau < window[1]
+        assert (report.rule_choice(candidates, gaps, tau) == target) == inside or (
+            # The rule returns the largest candidate also when nothing fits (tau below its gap).
+            target == candidates[-1] and tau < abs(gaps[-1]))
+    assert report.tolerance_window(candidates, gaps, 3) is None
+
+
+def test_report_files_from_a_result(tmp_path):
+    rows = []
+    for levels in (0, 2, 4):
+        r = _row(levels, pope=80.0 + levels, mme=900.0)
+        r.update(bits=16 if levels == 0 else math.log2(levels), trained_levels=levels, name=f"L{levels}",
+                 uplink_bytes_per_sample={"fp16": 2000.0, "packed": 250.0 * max(levels, 1), "ans": 200.0})
+        rows.append(r)
+    result = {"preset": "test", "rows": rows, "blind": _row(0, pope=60.0, mme=500.0)["scores"],
+              "entropy_rule": {"image": 4, "text": 8}, "entropy_rule_details": {"tolerance_bits": 0.1},
+              "knee_levels": report.knee_levels(rows), "notes": ["a note"], "timing": {}}
+    paths = report.write(result, None, str(tmp_path))
+    assert sorted(os.path.basename(p) for p in paths.values()) == ["figure3.json", "figure3.md", "figure3.png"]
+    assert json.load(open(paths["json"]))["knee_levels"] == 2
+    md = open(paths["md"]).read()
+    assert "| L=2 | 1 | " in md and "image-blind control" in md and "L = 2 (1 bits)" in md
+
+
+def test_models_plan_and_clear_errors(tmp_path):
+    c = figure3_config.get_config("builtin")
+    assert [m.name for m in figure3.models(c)] == ["fp16", "blind", "L2", "L4", "L8", "L16", "L32"]
+    assert [m.bits for m in figure3.models(c)][2:] == [1, 2, 3, 4, 5]
+    c.levels = (4, 4)
+    with pytest.raises(ValueError, match="distinct numbers of levels"):
+        figure3.models(c)
+    paper = figure3_config.get_config("paper")
+    paper.blind = True
+    with pytest.raises(ValueError, match="blind=True needs the built-in corpus"):
+        figure3.models(paper)
+    with pytest.raises(FileNotFoundError, match=r"paths.vision_dir is not set; pass --config.paths.vision_dir"):
+        inputs.check_paths(figure3_config.get_config("paper").paths.to_dict())
+    with pytest.raises(ValueError, match="unknown figure3 preset 'huge'"):
+        figure3_config.get_config("huge")
+
+
+def test_builtin_preset_has_enough_questions():
+    c = figure3_config.get_config("builtin").corpus
+    assert 4 * 2 * c.n_mme >= 500  # MME perception: 4 subtasks, a pair of questions per image
+    assert 3 * 6 * c.n_pope >= 500  # POPE: 3 splits, 3 yes + 3 no per image
+    assert 2 * c.n_vqa >= 500  # VQAv2 and TextVQA: 2 questions per image
+    assert 0.8 * c.n_scienceqa >= 500  # ScienceQA-IMG: ~80 % of the problems have an image
+
+
+@pytest.mark.slow
+def test_tiny_experiment_writes_the_figure_and_resumes(tmp_path):
+    """The whole experiment at test size (two trained models, the blind control), then a rerun that trains
+    and evaluates nothing again and writes the same rows."""
+    c = figure3_config.get_config("tiny")
+    c.levels = (2,)
+    c.blind = True
+    work = str(tmp_path / "fig3")
+    first = figure3.run(c, work)
+    for f in ("figure3.json", "figure3.md", "figure3.png", "figureA1.png"):
+        assert os.path.isfile(os.path.join(work, f)), f
+    on_disk = json.load(open(os.path.join(work, "figure3.json")))
+    assert [r["levels"] for r in on_disk["rows"]] == [0, 2]
+    assert [r["trained_levels"] for r in on_disk["rows"]] == [0, 2]
+    for r in on_disk["rows"]:
+        assert set(r["scores"]) == {"mme", "pope", "scienceqa", "textvqa", "vqav2"}
+        for s in r["scores"].values():
+            assert set(s) >= {"value", "ci95", "n"} and s["ci95"][0] <= s["value"] <= s["ci95"][1]
+        assert set(r["uplink_bytes_per_sample"]) >= {"fp16", "packed", "ans"}
+    assert set(on_disk["blind"]) == {"mme", "pope", "scienceqa", "textvqa", "vqav2"}
+    assert set(on_disk["entropy_rule"]) == {"image", "text"} and "knee_levels" in on_disk
+    assert on_disk["rows"][1]["uplink_bytes_per_sample"]["packed"] < on_disk["rows"][0]["uplink_bytes_per_sample"]["fp16"]
+    phases = dict(first["timing"])
+    again = figure3.run(c, work)
+    assert again["rows"] == first["rows"] and again["blind"] == first["blind"]
+    # Nothing was trained or evaluated again: those phases kept their first timings.
+    assert {k: v for k, v in again["timing"].items() if "/" in k} == {k: v for k, v in phases.items() if "/" in k}
+
+
+def test_cli_bad_paths_are_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "qtl_jax.experiments.figure3", "--config=configs/figure3.py:paper",
+                          f"--workdir={tmp_path}"], capture_output=True, text=True, timeout=120,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "figure3: error: figure3 (paper): paths.vision_dir is not set; pass --config.paths.vision_dir=/local/dir "
+        "(the SigLIP checkpoint directory (safetensors + config.json))."]
