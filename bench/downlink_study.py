@@ -3,13 +3,12 @@
 Each variant trains ``configs/stage1.py:demo`` then ``configs/stage2.py:demo`` (from its own stage 1),
 same seed and steps, with the in-process server half (the loss curves and held-out scores do not depend
 on the transport: tests/test_grpc_split.py shows the gRPC run computes what the in-process one does).
-The variants differ only in ``split.downlink*``; ``splitfed3`` runs three clients with one server
-(qtl_jax.split.splitfed, the same total examples as one client).
+The variants differ only in ``split.downlink*``.
 
 Runs are sequential, resumable (a finished stage is skipped, an interrupted one resumes from its
 checkpoint) and meant to run under ``nice``::
 
-    nice -n 10 python -m bench.downlink_study run --out=/tmp/qtl_study --variants=fp32,q4,q4ef,q2ef,splitfed3
+    nice -n 10 python -m bench.downlink_study run --out=/tmp/qtl_study --variants=fp32,q4,q4ef,q2ef
     python -m bench.downlink_study report --out=/tmp/qtl_study --json=docs/bench/downlink_study.json \
         --plot=docs/downlink_study.png
 
@@ -39,7 +38,7 @@ def _quantized(bits: int, ef: bool, **extra: Any) -> list[str]:
     return args + [f"--config.split.downlink_{k}={v}" for k, v in extra.items()]
 
 
-# name -> (description, train.py overrides). 'splitfed3' is run by qtl_jax.split.splitfed.
+# name -> (description, train.py overrides).
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "fp32": ("fp32 (the paper)", ["--config.split.downlink=fp32"]),
     "bf16": ("bf16", ["--config.split.downlink=bf16"]),
@@ -49,34 +48,31 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "q4ef": ("quantized 4 bits + EF", _quantized(4, True)),
     "q2": ("quantized 2 bits", _quantized(2, False)),
     "q2ef": ("quantized 2 bits + EF", _quantized(2, True)),
-    "splitfed3": ("SplitFed, 3 clients (fp32 downlink)", []),
 }
 STAGES = (("stage1", "configs/stage1.py:demo"), ("stage2", "configs/stage2.py:demo"))
 # Bytes are measured every 5th step (host entropy coding); the curves use every step.
 COMMON = ["--config.split.measure_every=5", "--config.progress_bar=False"]
-SPLITFED_CLIENTS = 3
 
 
 def _done(workdir: str) -> bool:
     return os.path.isfile(os.path.join(workdir, "eval.jsonl"))
 
 
-def run_variant(name: str, out: str, log) -> None:
+def run_variant(name: str, out: str, log, stages: tuple[str, ...] = ("stage1", "stage2"),
+                extra_args: tuple[str, ...] = ()) -> None:
     data = os.path.join(out, "data")
     for stage, config in STAGES:
+        if stage not in stages:
+            continue
         workdir = os.path.join(out, name, stage)
         if _done(workdir):
             continue
-        extra = [f"--config.data.data_dir={data}"]
+        extra = [f"--config.data.data_dir={data}", *extra_args]
         if stage == "stage2":
             extra.append(f"--config.init.from_workdir={os.path.join(out, name, 'stage1')}")
         t0 = time.time()
-        if name.startswith("splitfed"):
-            cmd = [sys.executable, "-m", "qtl_jax.split.splitfed", "demo", f"--config={config}", f"--workdir={workdir}",
-                   f"--clients={SPLITFED_CLIENTS}", *COMMON, *extra]
-        else:
-            cmd = [sys.executable, "train.py", f"--config={config}", f"--workdir={workdir}", *VARIANTS[name][1],
-                   *COMMON, *extra]
+        cmd = [sys.executable, "train.py", f"--config={config}", f"--workdir={workdir}", *VARIANTS[name][1],
+               *COMMON, *extra]
         print(f"[{time.strftime('%H:%M:%S')}] {name} {stage}: {' '.join(cmd[1:])}", file=log, flush=True)
         proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         print(f"[{time.strftime('%H:%M:%S')}] {name} {stage}: exit {proc.returncode} after {time.time() - t0:.0f} s",
@@ -111,7 +107,9 @@ def _mean(records: list[dict[str, Any]], key: str) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
-def collect(out: str, names: list[str]) -> dict[str, Any]:
+def collect(out: str, names: list[str], final: str = "stage2") -> dict[str, Any]:
+    """Per variant and stage: losses, the held-out scores with their intervals, bytes; ``final``: the stage
+    whose held-out scores are compared with the fp32 run's interval."""
     result: dict[str, Any] = {}
     for name in names:
         entry: dict[str, Any] = {"description": VARIANTS[name][0]}
@@ -136,9 +134,9 @@ def collect(out: str, names: list[str]) -> dict[str, Any]:
             s["step_time_median"] = sorted(r["step_time"] for r in records)[len(records) // 2] if records else None
             entry[stage] = s
         result[name] = entry
-    ref = result.get("fp32", {}).get("stage2", {})
+    ref = result.get("fp32", {}).get(final, {})
     for name, entry in result.items():
-        s2 = entry.get("stage2", {})
+        s2 = entry.get(final, {})
         if "eval" in s2 and "exact_match_ci" in ref:
             lo, hi = ref["exact_match_ci"]
             entry["exact_match_within_fp32_ci"] = lo <= s2["eval"]["exact_match"] <= hi
@@ -147,12 +145,12 @@ def collect(out: str, names: list[str]) -> dict[str, Any]:
     return result
 
 
-def markdown(result: dict[str, Any]) -> str:
-    lines = ["| variant | stage-2 exact match [95 % CI] | token acc [95 % CI] | in fp32 CI (EM / tok) | "
+def markdown(result: dict[str, Any], final: str = "stage2") -> str:
+    lines = [f"| variant | {final} exact match [95 % CI] | token acc [95 % CI] | in fp32 CI (EM / tok) | "
              "final loss s1 / s2 | downlink B/sample | downlink / fp32 | round trip B/sample | round trip / paper |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, e in result.items():
-        s1, s2 = e.get("stage1", {}), e.get("stage2", {})
+        s1, s2 = e.get("stage1", {}), e.get(final, {})
         if "eval" not in s2:
             lines.append(f"| {e['description']} | (not run) |||||||")
             continue
@@ -170,7 +168,7 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n\nFinal loss: mean of the last 10 logged steps.\n"
 
 
-def plot(result: dict[str, Any], path: str) -> None:
+def plot(result: dict[str, Any], path: str, final: str = "stage2") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -194,18 +192,18 @@ def plot(result: dict[str, Any], path: str) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     ax = axes[2]
-    names = [n for n, e in result.items() if "eval" in e.get("stage2", {})]
+    names = [n for n, e in result.items() if "eval" in e.get(final, {})]
     for i, name in enumerate(names):
-        s2 = result[name]["stage2"]
+        s2 = result[name][final]
         em, (lo, hi) = s2["eval"]["exact_match"], s2["exact_match_ci"]
         ax.errorbar([i], [em], yerr=[[em - lo], [hi - em]], fmt="o", color=f"C{list(result).index(name)}", capsize=4)
     if "fp32" in names:
-        lo, hi = result["fp32"]["stage2"]["exact_match_ci"]
+        lo, hi = result["fp32"][final]["exact_match_ci"]
         ax.axhspan(lo, hi, color="C0", alpha=0.12, label="fp32 95 % CI")
         ax.legend(fontsize=7)
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels(names, rotation=30, fontsize=8)
-    ax.set_title("stage-2 held-out exact match (95 % Wilson CI)")
+    ax.set_title(f"{final} held-out exact match (95 % Wilson CI)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -216,12 +214,18 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("command", choices=("run", "report"))
     p.add_argument("--out", default="/tmp/qtl_study", help="workdirs of the runs")
-    p.add_argument("--variants", default="fp32,q4,q4ef,q2ef,splitfed3,q2,q8,q8ef,bf16")
+    p.add_argument("--variants", default="fp32,q4,q4ef,q2ef,q2,q8,q8ef,bf16")
     p.add_argument("--json", default=None, help="report: write the figures here")
     p.add_argument("--markdown", default=None, help="report: write the table here")
     p.add_argument("--plot", default=None, help="report: write the plot here")
+    p.add_argument("--stages", default="stage1,stage2", help="stages to run (a reduced study: stage1)")
+    p.add_argument("--extra", default="", help="more --config.* overrides for every run, space-separated")
     args = p.parse_args(argv)
     names = [v for v in args.variants.split(",") if v]
+    stages = tuple(v for v in args.stages.split(",") if v)
+    if not stages or any(v not in dict(STAGES) for v in stages):
+        p.error(f"--stages={args.stages!r}: use stage1 and/or stage2")
+    final = stages[-1]
     unknown = [v for v in names if v not in VARIANTS]
     if unknown:
         p.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
@@ -229,10 +233,10 @@ def main(argv: list[str] | None = None) -> None:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "study.log"), "a", encoding="utf-8") as log:
             for name in names:
-                run_variant(name, args.out, log)
+                run_variant(name, args.out, log, stages, tuple(args.extra.split()))
         return
-    result = collect(args.out, names)
-    table = markdown(result)
+    result = collect(args.out, names, final)
+    table = markdown(result, final)
     print(table)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
@@ -241,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
         with open(args.markdown, "w", encoding="utf-8") as f:
             f.write(table)
     if args.plot:
-        plot(result, args.plot)
+        plot(result, args.plot, final)
 
 
 if __name__ == "__main__":
