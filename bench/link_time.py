@@ -17,6 +17,9 @@ Two forms of the model, both ``compute + uplink transfer + downlink transfer``:
   the link sits idle while either side computes, so this is what an end-to-end TCP path pays per message.
 
 ``compute`` is the median step time of the run without shaping (steps after the first, which compiles).
+Over gRPC each step also logs ``rpc_seconds`` (the call's wall time) and ``server_seconds`` (the server's
+time from request to reply): their difference is the network's share of the step, which ``netns``
+compares with the model's transfer times; on a shared machine it is far less noisy than the step time.
 
 ``netns`` measures it (root): the gRPC client and server in two network namespaces joined by a veth
 pair, the rate set by ``tc`` on both ends of the pair, the server on 127.0.0.1 of its namespace::
@@ -99,9 +102,16 @@ def run_figures(records: Sequence[dict[str, Any]]) -> dict[str, float]:
     measured = [r for r in steady if up_key in r]
     if not measured:
         raise ValueError(f"no step logged {up_key}: run with split.measure=True")
-    return {"step_s": median([r["step_time"] for r in steady]), "steps": len(steady),
-            "up_bytes": median([r[up_key] for r in measured]), "down_bytes": median([r[down_key] for r in measured]),
-            "downlink_bytes_fp32": median([r["downlink_bytes_fp32"] for r in measured])}
+    out = {"step_s": median([r["step_time"] for r in steady]), "steps": len(steady),
+           "up_bytes": median([r[up_key] for r in measured]), "down_bytes": median([r[down_key] for r in measured]),
+           "downlink_bytes_fp32": median([r["downlink_bytes_fp32"] for r in measured])}
+    timed = [r for r in steady if "rpc_seconds" in r and "server_seconds" in r]
+    if timed:
+        # The network's share of the round trip, free of the (noisy, shared-machine) compute on either side.
+        out["rpc_s"] = median([r["rpc_seconds"] for r in timed])
+        out["server_s"] = median([r["server_seconds"] for r in timed])
+        out["network_s"] = median([r["rpc_seconds"] - r["server_seconds"] for r in timed])
+    return out
 
 
 def model_table(base: dict[str, float], rates: Sequence[float], rtt_s: float) -> list[dict[str, float]]:
@@ -112,6 +122,9 @@ def model_table(base: dict[str, float], rates: Sequence[float], rtt_s: float) ->
             row[form] = step_seconds(base["step_s"], base["up_bytes"], base["down_bytes"], rate, rtt_s,
                                      form == "slow_start")
         row["transfer_share_pipe"] = 1 - base["step_s"] / row["pipe"]
+        for form in ("pipe", "slow_start"):
+            row[f"network_{form}"] = (transfer_seconds(base["up_bytes"], rate, rtt_s, form == "slow_start")
+                                      + transfer_seconds(base["down_bytes"], rate, rtt_s, form == "slow_start"))
         rows.append(row)
     return rows
 
@@ -134,21 +147,23 @@ def print_model(base: dict[str, float], rows: Sequence[dict[str, float]]) -> Non
 
 
 async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: list[float]) -> None:
-    """Forward what ``reader`` receives to ``writer``, each chunk ``delay[0]`` s after its arrival, in order."""
+    """Forward what ``reader`` receives to ``writer``, each chunk ``delay[0]`` s after its arrival, in order;
+    the end of the stream is forwarded as a half-close (the other direction keeps flowing)."""
     queue: asyncio.Queue = asyncio.Queue()
     loop = asyncio.get_running_loop()
 
     async def deliver():
         while True:
             due, data = await queue.get()
-            if data is None:
-                break
             wait = due - loop.time()
             if wait > 0:
                 await asyncio.sleep(wait)  # the emulated propagation delay itself
+            if data is None:
+                if writer.can_write_eof():
+                    writer.write_eof()
+                break
             writer.write(data)
             await writer.drain()
-        writer.close()
 
     task = asyncio.create_task(deliver())
     while True:
@@ -159,9 +174,9 @@ async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, dela
     await task
 
 
-async def _relay(listen: tuple[str, int], target: tuple[str, int], delay_file: str) -> None:
-    """Listen on ``listen``, forward to ``target`` with the one-way delay (ms) written in ``delay_file``,
-    reread on SIGUSR1."""
+async def start_delay_line(listen: tuple[str, int], target: tuple[str, int], delay_file: str) -> asyncio.Server:
+    """A listening delay line: each connection to ``listen`` is forwarded to ``target`` with the one-way
+    delay (ms) written in ``delay_file``, reread on SIGUSR1 (when started from the main thread)."""
     delay = [0.0]
 
     def reread():
@@ -169,13 +184,22 @@ async def _relay(listen: tuple[str, int], target: tuple[str, int], delay_file: s
             delay[0] = float(f.read()) / 1e3
 
     reread()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, reread)
+    try:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, reread)
+    except (RuntimeError, ValueError):  # not the main thread: the delay stays as first read
+        pass
 
     async def handle(cr: asyncio.StreamReader, cw: asyncio.StreamWriter):
         sr, sw = await asyncio.open_connection(*target)
         await asyncio.gather(_pump(cr, sw, delay), _pump(sr, cw, delay), return_exceptions=True)
+        for w in (cw, sw):
+            w.close()
 
-    server = await asyncio.start_server(handle, *listen)
+    return await asyncio.start_server(handle, *listen)
+
+
+async def _serve_delay_line(listen: tuple[str, int], target: tuple[str, int], delay_file: str) -> None:
+    server = await start_delay_line(listen, target, delay_file)
     async with server:
         await server.serve_forever()
 
@@ -343,8 +367,10 @@ def netns_study(args) -> dict[str, Any]:
             print(f"[{label}] unshaped: {base['step_s']:.3f} s/step, up {base['up_bytes']:,.0f} B, "
                   f"down {base['down_bytes']:,.0f} B", flush=True)
             for fig, m in zip(shaped, model):
-                print(f"[{label}] {format_rate(fig['rate_bps'])}, {rtt * 1e3:.0f} ms: measured {fig['step_s']:.3f} s, "
-                      f"pipe model {m['pipe']:.3f} s, slow-start model {m['slow_start']:.3f} s", flush=True)
+                print(f"[{label}] {format_rate(fig['rate_bps'])}, {rtt * 1e3:.0f} ms: step measured {fig['step_s']:.3f} s, "
+                      f"model {m['pipe']:.3f} s (pipe) / {m['slow_start']:.3f} s (slow start); network share "
+                      f"measured {fig.get('network_s', float('nan')):.3f} s (unshaped {base.get('network_s', float('nan')):.3f} s), "
+                      f"model {m['network_pipe']:.3f} / {m['network_slow_start']:.3f} s", flush=True)
     finally:
         teardown()
     return result
@@ -379,7 +405,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"link_time model: cannot read {args.metrics}: {e}") from None
         print_model(base, model_table(base, [float(x) for x in args.rates.split(",")], args.rtt_ms / 1e3))
     elif args.command == "relay":
-        asyncio.run(_relay(_hostport(args.listen), _hostport(args.target), args.delay_file))
+        asyncio.run(_serve_delay_line(_hostport(args.listen), _hostport(args.target), args.delay_file))
     else:
         os.makedirs(args.out, exist_ok=True)
         result = netns_study(args)

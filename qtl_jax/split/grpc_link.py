@@ -12,7 +12,8 @@ server applies a step once and answers a retry of it from its cache, so a retry 
 Byte accounting from the wire: the metrics of every exchange hold ``wire_uplink_bytes`` /
 ``wire_downlink_bytes`` (serialized protobuf sizes of the request and the reply, what gRPC framed and
 sent) and ``wire_replayed`` (1 when the reply came from the server's cache) next to the theoretical
-``uplink_bytes_{packed,ans,fp16}`` / ``downlink_bytes`` of :mod:`qtl_jax.split.link`.
+``uplink_bytes_{packed,ans,fp16}`` / ``downlink_bytes`` of :mod:`qtl_jax.split.link`; ``rpc_seconds`` (the
+call's wall time) and the server's ``server_seconds`` (its time from request to reply).
 """
 
 from __future__ import annotations
@@ -116,14 +117,19 @@ class GrpcServerHalf(ServerHalf):
         host = jax.device_get(uplink)
         request = wire.uplink_to_proto(host, step=step, client_id=self.client_id, geometry=self.geometry,
                                        codec_method=self.codec_method)
+        t0 = time.perf_counter()
         try:
             reply = self._call(self.stub.Step, request)
         except grpc.RpcError as e:
             if e.code() == grpc.StatusCode.FAILED_PRECONDITION and "out of order" in (e.details() or ""):
                 raise StepMismatchError(e.details()) from e
             raise
+        rpc_seconds = time.perf_counter() - t0
         message = wire.downlink_from_proto(reply, host, step=step)
         metrics: dict[str, Any] = dict(reply.metrics)
+        # Wall time of the call (both transfers, the server's work and any retries); minus the server's
+        # ``server_seconds`` it is the network's share (bench/link_time.py).
+        metrics["rpc_seconds"] = rpc_seconds
         metrics.update(uplink_counts(host, self.codec_method))
         values = int(np.asarray(host.image_valid).sum()) * int(np.prod(np.shape(host.image_codes)[1:]))
         values += int(host.text_positions().sum()) * int(np.shape(host.text_codes)[-1])

@@ -26,6 +26,7 @@ import dataclasses
 import hashlib
 import os
 import threading
+import time
 from concurrent import futures
 import grpc
 import jax
@@ -135,7 +136,11 @@ class SplitServicer(pb_grpc.SplitLearningServicer):
 
     def Step(self, request: pb.UplinkRequest, context) -> pb.DownlinkReply:
         try:
-            return self.apply(request)
+            t0 = time.perf_counter()
+            reply = self.apply(request)
+            # The client subtracts it from the RPC's wall time: what is left is the network's share.
+            reply.metrics["server_seconds"] = time.perf_counter() - t0
+            return reply
         except StepError as e:
             context.abort(e.code, str(e))
         except wire.VersionError as e:
