@@ -380,7 +380,10 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     m = sub.add_parser("model", help="predict step wall time from a run's metrics.jsonl")
-    m.add_argument("--metrics", required=True)
+    m.add_argument("--metrics", default=None, help="a client run's metrics.jsonl (bytes and compute from it)")
+    m.add_argument("--compute_s", type=float, default=None, help="without --metrics: compute per step, s")
+    m.add_argument("--up_bytes", type=float, default=None, help="without --metrics: uplink bytes per step")
+    m.add_argument("--down_bytes", type=float, default=None, help="without --metrics: downlink bytes per step")
     m.add_argument("--rates", default=",".join(str(r) for r in DEFAULT_RATES), help="bits/s, comma-separated")
     m.add_argument("--rtt_ms", type=float, default=20.0)
     r = sub.add_parser("relay", help="a TCP delay line (used by netns)")
@@ -399,10 +402,18 @@ def main(argv: list[str] | None = None) -> None:
     n.add_argument("--extra", default="", help="more --config.* overrides for both sides, space-separated")
     args = p.parse_args(argv)
     if args.command == "model":
-        try:
-            base = run_figures(read_metrics(args.metrics))
-        except (OSError, ValueError, KeyError) as e:
-            raise SystemExit(f"link_time model: cannot read {args.metrics}: {e}") from None
+        given = (args.compute_s, args.up_bytes, args.down_bytes)
+        if args.metrics:
+            try:
+                base = run_figures(read_metrics(args.metrics))
+            except (OSError, ValueError, KeyError) as e:
+                raise SystemExit(f"link_time model: cannot read {args.metrics}: {e}") from None
+        elif None not in given:
+            base = {"step_s": args.compute_s, "steps": 0, "up_bytes": args.up_bytes, "down_bytes": args.down_bytes,
+                    "downlink_bytes_fp32": float("nan")}
+        else:
+            raise SystemExit("link_time model: give --metrics=metrics.jsonl, or all of --compute_s, --up_bytes and "
+                             "--down_bytes.")
         print_model(base, model_table(base, [float(x) for x in args.rates.split(",")], args.rtt_ms / 1e3))
     elif args.command == "relay":
         asyncio.run(_serve_delay_line(_hostport(args.listen), _hostport(args.target), args.delay_file))

@@ -46,7 +46,16 @@ def test_run_figures_take_medians_after_the_compiling_step_and_prefer_wire_bytes
     assert lt.run_figures(in_process)["up_bytes"] == 7
 
 
+def test_model_command_from_given_figures(capsys):
+    lt.main(["model", "--compute_s=1", "--up_bytes=0", "--down_bytes=1250000", "--rates=10e6", "--rtt_ms=20"])
+    row = capsys.readouterr().out.splitlines()[-1].split()
+    assert row[:3] == ["10", "Mbit/s", "20ms"]
+    assert float(row[3]) == pytest.approx(1 + 0.02 + 1250000 * lt.WIRE_OVERHEAD * 8 / 10e6, abs=1e-3)
+
+
 def test_model_command_errors_name_the_file(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="give --metrics"):
+        lt.main(["model", "--compute_s=1"])
     with pytest.raises(SystemExit, match="cannot read .*nope.jsonl"):
         lt.main(["model", f"--metrics={tmp_path / 'nope.jsonl'}"])
     path = tmp_path / "metrics.jsonl"
