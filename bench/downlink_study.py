@@ -146,8 +146,9 @@ def collect(out: str, names: list[str], final: str = "stage2") -> dict[str, Any]
 
 
 def markdown(result: dict[str, Any], final: str = "stage2") -> str:
+    loss_header = "final loss" if final == "stage1" else "final loss s1 / s2"
     lines = [f"| variant | {final} exact match [95 % CI] | token acc [95 % CI] | in fp32 CI (EM / tok) | "
-             "final loss s1 / s2 | downlink B/sample | downlink / fp32 | round trip B/sample | round trip / paper |",
+             f"{loss_header} | downlink B/sample | downlink / fp32 | round trip B/sample | round trip / paper |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, e in result.items():
         s1, s2 = e.get("stage1", {}), e.get(final, {})
@@ -162,7 +163,8 @@ def markdown(result: dict[str, Any], final: str = "stage2") -> str:
         per = lambda k: (s2[f"mean_{k}"] or 0) / max(s2["mean_batch_samples"] or 1, 1)  # noqa: E731
         lines.append(
             f"| {e['description']} | {ev['exact_match']:.3f} [{em_ci[0]:.3f}, {em_ci[1]:.3f}] | "
-            f"{ev['token_accuracy']:.3f} [{tok_ci[0]:.3f}, {tok_ci[1]:.3f}] | {inside} | {tail(s1)} / {tail(s2)} | "
+            f"{ev['token_accuracy']:.3f} [{tok_ci[0]:.3f}, {tok_ci[1]:.3f}] | {inside} | "
+            f"{tail(s1) if final == 'stage1' else tail(s1) + ' / ' + tail(s2)} | "
             f"{per('downlink_bytes'):,.0f} | {s2.get('downlink_vs_fp32', float('nan')):.4f} | "
             f"{s2['mean_roundtrip_bytes_per_sample'] or float('nan'):,.0f} | {s2.get('roundtrip_vs_paper', float('nan')):.4f} |")
     return "\n".join(lines) + "\n\nFinal loss: mean of the last 10 logged steps.\n"
