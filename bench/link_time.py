@@ -247,13 +247,27 @@ def setup_namespaces() -> None:
         sh("ip", "-n", ns, "link", "set", "lo", "up")
 
 
+def tbf_burst(rate_bps: float) -> int:
+    """The token bucket's size: at least a 64 KiB GSO packet (tbf splits larger ones), or 1 ms at the rate."""
+    return max(64 << 10, int(rate_bps / 8 * 0.001))
+
+
+def emulated_network_seconds(up_bytes: float, down_bytes: float, rate_bps: float, rtt_s: float,
+                             unshaped_s: float) -> float:
+    """The ``pipe`` model of the emulated link: a full bucket after the idle compute lets each message's
+    first ``tbf_burst`` bytes through at line rate, and the share measured without shaping is added."""
+    burst = tbf_burst(rate_bps)
+    free = sum(min(b * WIRE_OVERHEAD, burst) for b in (up_bytes, down_bytes)) * 8 / rate_bps
+    return (transfer_seconds(up_bytes, rate_bps, rtt_s, False) + transfer_seconds(down_bytes, rate_bps, rtt_s, False)
+            - free + unshaped_s)
+
+
 def shape(rate_bps: float | None) -> None:
     """Token-bucket rate on both ends of the veth (None: unshaped)."""
     for ns, dev in ((NS_CLIENT, VETH_CLIENT), (NS_SERVER, VETH_SERVER)):
         sh("ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", dev, "root", check=False)
         if rate_bps is not None:
-            # Burst: at least a 64 KiB GSO packet (tbf splits larger ones), queue: 2 s at the rate.
-            burst = max(64 << 10, int(rate_bps / 8 * 0.001))
+            burst = tbf_burst(rate_bps)  # queue: 2 s at the rate
             limit = max(4 * burst, int(rate_bps / 8 * 2.0))
             sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", f"{int(rate_bps)}bit",
                "burst", str(burst), "limit", str(limit))
@@ -367,10 +381,14 @@ def netns_study(args) -> dict[str, Any]:
             print(f"[{label}] unshaped: {base['step_s']:.3f} s/step, up {base['up_bytes']:,.0f} B, "
                   f"down {base['down_bytes']:,.0f} B", flush=True)
             for fig, m in zip(shaped, model):
+                if "network_s" in base:
+                    m["network_emulated"] = emulated_network_seconds(base["up_bytes"], base["down_bytes"],
+                                                                     fig["rate_bps"], rtt, base["network_s"])
                 print(f"[{label}] {format_rate(fig['rate_bps'])}, {rtt * 1e3:.0f} ms: step measured {fig['step_s']:.3f} s, "
                       f"model {m['pipe']:.3f} s (pipe) / {m['slow_start']:.3f} s (slow start); network share "
                       f"measured {fig.get('network_s', float('nan')):.3f} s (unshaped {base.get('network_s', float('nan')):.3f} s), "
-                      f"model {m['network_pipe']:.3f} / {m['network_slow_start']:.3f} s", flush=True)
+                      f"model {m['network_pipe']:.3f} (pipe) / {m.get('network_emulated', float('nan')):.3f} (emulated link) / "
+                      f"{m['network_slow_start']:.3f} s (slow start)", flush=True)
     finally:
         teardown()
     return result

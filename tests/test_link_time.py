@@ -29,6 +29,16 @@ def test_slow_start_waits_a_round_trip_per_window_below_the_pipe():
     assert lt.transfer_seconds(1e6, 1e5, rtt, True) == pytest.approx(lt.transfer_seconds(1e6, 1e5, rtt, False))
 
 
+def test_emulated_link_lets_the_bucket_burst_through_and_adds_the_unshaped_share():
+    rate, rtt = 10e6, 0.02
+    burst = lt.tbf_burst(rate)
+    assert burst == 64 << 10 and lt.tbf_burst(1e9) == 125_000
+    small, big = 1000, 1_000_000  # the first fits in the bucket, the second does not
+    got = lt.emulated_network_seconds(small, big, rate, rtt, 0.05)
+    pipe = lt.transfer_seconds(small, rate, rtt, False) + lt.transfer_seconds(big, rate, rtt, False)
+    assert got == pytest.approx(pipe - (small * lt.WIRE_OVERHEAD + burst) * 8 / rate + 0.05)
+
+
 def test_step_model_adds_compute_and_both_directions():
     got = lt.step_seconds(0.5, 1000, 9000, 1e6, 0.04, slow_start=False)
     assert got == pytest.approx(0.5 + 0.04 + 10_000 * lt.WIRE_OVERHEAD * 8 / 1e6)
