@@ -10,6 +10,8 @@ import logging as pylogging
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from qtl_jax import cli
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Evaluation config file (configs/eval.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for answers, metrics.json, results.md and the sweep.")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -31,4 +33,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run_absl(main)  # bad input: one line and a non-zero exit (qtl_jax/cli.py)

@@ -9,6 +9,8 @@ launcher JAX auto-detects: SLURM, TPU pods) to call ``jax.distributed.initialize
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from qtl_jax import cli
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and metrics (resumed if it has any).")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for jax.distributed.")
@@ -38,4 +40,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run_absl(main)  # bad input: one line and a non-zero exit (qtl_jax/cli.py)

@@ -196,6 +196,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.log_every = 1
     c.checkpoint_every = 500
     c.keep_checkpoints = 2
+    c.checkpoint_fallback = True  # newest checkpoint corrupt: report it, move it aside, resume from an older intact one
     c.progress_bar = True
 
     c.eval = ml_collections.ConfigDict()

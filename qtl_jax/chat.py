@@ -105,4 +105,6 @@ def main(argv: Sequence[str] | None = None) -> str:
     return answer
 
 if __name__ == "__main__":
-    main()
+    from qtl_jax import cli
+
+    cli.run(main, prog="python -m qtl_jax.chat")  # bad input: one line and a non-zero exit

@@ -358,9 +358,13 @@ def test_retry_of_last_step_returns_cached_reply_without_applying_twice(live):
     assert again.image_grad == first.image_grad and again.text_grad == first.text_grad
     assert server.servicer.step == start + 1 and server.servicer.applied_steps.count(start) == 1
     assert_trees_equal(jax.device_get(server.servicer.state.server.params), params_after)
-    # The same step id with different content (another client, or a changed batch) is not a retry.
-    other = good_request(start, client_id="someone-else")
+    # The same step id with different content (a changed batch) is not a retry.
+    other = good_request(start)
+    other.labels = np.full((B, T), -100, "<i4").tobytes()
     expect_error(grpc.StatusCode.FAILED_PRECONDITION, call_step, stub, other, md, match="different request")
+    # Another client of this single-client server is refused whatever it sends.
+    expect_error(grpc.StatusCode.PERMISSION_DENIED, call_step, stub, good_request(start, client_id="someone-else"),
+                 md, match="this server serves client 'tester'")
     # A step from the past (not the last one) or from the future is refused, naming the expected step.
     expect_error(grpc.StatusCode.FAILED_PRECONDITION, call_step, stub, good_request(start + 5), md,
                  match=f"applies step {start + 1} next")
@@ -384,7 +388,8 @@ def test_client_that_loses_the_reply_retries_and_continues(live):
         return reply
 
     server.servicer.apply = apply_then_stall
-    link = GrpcServerHalf(server.target, GEOMETRY, server.security, timeout_s=2.0, retries=3, retry_pause_s=0.1)
+    link = GrpcServerHalf(server.target, GEOMETRY, server.security, client_id="tester", timeout_s=2.0, retries=3,
+                          retry_pause_s=0.1)
     try:
         down, counts = link.exchange(start, _real_uplink())
     finally:
@@ -571,7 +576,8 @@ def test_two_clients_take_turns_and_match_in_process_sequential_training(in_proc
         for c in "ab":
             assert_trees_equal(jax.device_get(states[c].client.params), ref[0][c].params)
         assert_trees_equal(jax.device_get(server.servicer.state.server.params), ref[1].params)
-        assert server.servicer.applied_by == ["a", "b", "a", "b"] and server.servicer.applied_steps == [0, 0, 1, 1]
+        assert list(server.servicer.applied_by) == ["a", "b", "a", "b"]
+        assert list(server.servicer.applied_steps) == [0, 0, 1, 1]
         # Joining tells each client its own next step.
         assert links["b"].join(2) == 2
         # b's step 2 before a's waits for its turn, then goes through.
@@ -593,7 +599,7 @@ def test_two_clients_take_turns_and_match_in_process_sequential_training(in_proc
         stub.Step(good_request(2, "a"), timeout=RPC_TIMEOUT)
         waiter.join(RPC_TIMEOUT)
         server.servicer.apply = original
-        assert result["reply"].step == 2 and server.servicer.applied_by[-2:] == ["a", "b"]
+        assert result["reply"].step == 2 and list(server.servicer.applied_by)[-2:] == ["a", "b"]
         # An id outside the turn order is refused.
         expect_error(grpc.StatusCode.PERMISSION_DENIED, stub.Step, good_request(3, "c"), match="not one of")
         for link in links.values():
@@ -621,7 +627,7 @@ def test_join_rewinds_server_to_its_checkpoint_and_training_continues(tmp_path):
         checkpointer.wait()
         assert server.servicer.step == 2
         # The client "crashes" and restarts from its state after step 1: the server goes back too.
-        assert link.join(1) == 1 and server.servicer.rewinds == [(2, 1)]
+        assert link.join(1) == 1 and list(server.servicer.rewinds) == [(2, 1)]
         with pytest.raises(StepMismatchError):
             step(jax.device_get(after_one).replace(step=np.int32(5)), BATCHES[1])
         resumed, again = step(jax.tree_util.tree_map(lambda x: x, after_one), BATCHES[1])

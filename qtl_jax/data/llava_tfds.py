@@ -60,6 +60,7 @@ import numpy as np
 import PIL.Image
 import tensorflow_datasets as tfds
 
+from qtl_jax import cli
 from qtl_jax.data.constants import IMAGE_PLACEHOLDER
 
 logger = logging.getLogger(__name__)
@@ -664,8 +665,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (OSError, ValueError) as e:
         # Input errors (a missing or unreadable file or folder, broken JSON, bad settings, too many bad
         # rows): one line, no traceback, and argparse's exit status for bad input.
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
+        cli.print_error(e)
+        raise SystemExit(2) from None
     meta = read_metadata(out)
     print(f"dataset: {out}")
     for split, report in meta["splits"].items():
@@ -679,4 +680,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, prog="python -m qtl_jax.data.llava_tfds")  # bad input: one line and a non-zero exit

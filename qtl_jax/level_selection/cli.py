@@ -8,9 +8,9 @@ whatever directory it was started from.
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 
+from qtl_jax.cli import print_error
 from qtl_jax.level_selection.features import SYNTHETIC_KINDS, load_feature_batches, synthetic_feature_batches
 from qtl_jax.level_selection.report import write_report
 from qtl_jax.level_selection.rule import DEFAULT_TOLERANCE_BITS, estimate_over_batches
@@ -63,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed=args.seed,
         )
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_error(e)
         return 2
     paths = write_report(estimate, args.out)
     print(estimate.to_markdown())

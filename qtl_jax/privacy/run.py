@@ -430,4 +430,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    from qtl_jax import cli
+
+    cli.run(main, prog="python -m qtl_jax.privacy.run")  # bad input: one line and a non-zero exit

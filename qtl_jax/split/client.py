@@ -46,6 +46,10 @@ def main(argv) -> None:
     for name in _SECTION_FLAGS:
         if f[name].present:
             section[name] = f[name].value
+    from qtl_jax.split import security as seclib
+
+    # A mistyped path fails here, not after the data is prepared and the model built.
+    seclib.check_files({name: section.get(name) for name in ("token_file", "ca_cert", "cert", "key")})
     result = train_and_evaluate(config, f.workdir)
     print(format_summary(result["wire"]), flush=True)
     loss = "n/a" if result["loss"] is None else f"{result['loss']:.4f}"
@@ -53,8 +57,9 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
 
+    from qtl_jax import cli
     from qtl_jax.split.server import define_flags
 
     define_flags("client")
@@ -63,4 +68,4 @@ if __name__ == "__main__":
     flags.DEFINE_string("server_name", None, "the name the server's TLS certificate must carry")
     flags.DEFINE_float("rpc_timeout_s", None, "deadline of each RPC (the first includes server compilation)")
     flags.DEFINE_integer("retries", None, "re-sends of a step after UNAVAILABLE/DEADLINE_EXCEEDED")
-    app.run(main)
+    cli.run_absl(main, prog="python -m qtl_jax.split.client")  # bad input: one line and a non-zero exit

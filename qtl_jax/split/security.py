@@ -8,8 +8,8 @@ Three settings, chosen by :class:`SecurityConfig`:
   handshake itself refuses any other client (gRPC reports ``UNAVAILABLE`` to it).
 
 A ``token`` (any of the three) is sent as ``authorization: Bearer <token>`` metadata on every call and
-compared in constant time by :class:`TokenAuthInterceptor`; a missing or wrong token gets
-``UNAUTHENTICATED``. Without TLS the token crosses in the clear, so use it with TLS outside loopback.
+compared in constant time by :class:`TokenAuthInterceptor`; a missing or wrong token, or more than one
+``authorization`` entry, gets ``UNAUTHENTICATED``. Without TLS the token crosses in the clear, so use it with TLS outside loopback.
 
 :func:`make_test_pki` writes a throwaway PKI with the ``openssl`` command line tool (offline): a CA, a
 server certificate for ``localhost``/``127.0.0.1``, a client certificate from that CA and one from an
@@ -26,6 +26,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Mapping
 
 import grpc
 
@@ -75,6 +76,17 @@ def _read(path: str | None, what: str) -> bytes:
         return f.read()
 
 
+def check_files(paths: Mapping[str, str | None]) -> None:
+    """``FileNotFoundError`` naming the flag if a file given in ``paths`` (flag name -> path or None) is missing.
+
+    The command lines call it first, so a mistyped certificate or token path fails before any model is
+    built or data is prepared.
+    """
+    for name, path in paths.items():
+        if path and not os.path.isfile(path):
+            raise FileNotFoundError(f"--{name}={path!r} does not exist.")
+
+
 def server_credentials(sec: SecurityConfig) -> grpc.ServerCredentials | None:
     """Credentials for ``server.add_secure_port`` (``None``: plaintext ``add_insecure_port``)."""
     if sec.tls == "none":
@@ -103,22 +115,36 @@ def call_metadata(sec: SecurityConfig) -> tuple[tuple[str, str], ...]:
     return ((AUTH_METADATA_KEY, f"Bearer {sec.token}"),) if sec.token else ()
 
 
+def _refusal(message: str) -> grpc.RpcMethodHandler:
+    def deny(request, context):
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    return grpc.unary_unary_rpc_method_handler(deny)
+
+
 class TokenAuthInterceptor(grpc.ServerInterceptor):
-    """Refuses every call whose ``authorization`` metadata is not ``Bearer <token>`` (UNAUTHENTICATED)."""
+    """Refuses every call that does not carry exactly one ``authorization: Bearer <token>`` (UNAUTHENTICATED).
+
+    A call with several ``authorization`` entries is refused whatever they hold: which one a check
+    reads is an accident of the code (a dict keeps the last), so "wrong, right" must not pass where
+    "right, wrong" fails.
+    """
 
     def __init__(self, token: str):
         self._expected = f"Bearer {token}".encode()
-
-        def deny(request, context):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                          "missing or wrong bearer token: send 'authorization: Bearer <token>' metadata "
-                          "(client config security.token).")
-
-        self._deny = grpc.unary_unary_rpc_method_handler(deny)
+        self._deny = _refusal("missing or wrong bearer token: send 'authorization: Bearer <token>' metadata "
+                              "(client config security.token).")
+        self._deny_several = _refusal("more than one 'authorization' metadata entry: send exactly one "
+                                      "'authorization: Bearer <token>'.")
 
     def intercept_service(self, continuation, handler_call_details):
-        got = dict(handler_call_details.invocation_metadata or ()).get(AUTH_METADATA_KEY, "")
-        if hmac.compare_digest(got.encode(), self._expected):
+        got = [value for key, value in (handler_call_details.invocation_metadata or ())
+               if key.lower() == AUTH_METADATA_KEY]
+        if len(got) > 1:
+            return self._deny_several
+        value = got[0] if got else ""
+        value = value.encode() if isinstance(value, str) else bytes(value)
+        if hmac.compare_digest(value, self._expected):
             return continuation(handler_call_details)
         return self._deny
 

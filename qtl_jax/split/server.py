@@ -7,8 +7,16 @@ and answers with ∂loss/∂ẑ at the real positions plus its metrics. It never
 Exactly-once steps: the server applies step ``s`` only when ``s`` is the step it expects next; a request
 for the step it applied last (a client retrying after a lost reply) gets the cached reply and changes
 nothing; anything else is ``FAILED_PRECONDITION`` naming the expected step. ``Join`` aligns the two sides
-after a restart: a client behind the server makes the server rewind to its own checkpoint at the
-client's step; a client ahead of the server is told the server's step and rewinds itself.
+after a restart: a client ahead of the server is told the server's step and rewinds itself; a client
+behind the server makes it rewind to its own checkpoint at the client's step only where the rewind
+policy allows (``ServerOptions.rewind``: by default only a server with a single client, for the id that
+client fixed at its first Join; never with several clients, whose steps a rewind would erase). A rewind
+never deletes a checkpoint: the later ones are moved aside (``<step>.rewound``).
+
+Every request is untrusted (see docs/network_split.md, "Threat model"): the RPCs take raw bytes and parse
+them here (:mod:`qtl_jax.split.guard`), so a message that is not protobuf is ``INVALID_ARGUMENT``; client
+ids, metadata, message sizes and concurrent calls are bounded, and so is everything the server keeps per
+request (its step history, its replay cache). Refusals are logged at most once a minute per kind.
 
 Command line (same training config as ``train.py``; network options are flags)::
 
@@ -22,12 +30,15 @@ server partition; it stops after ``total_steps`` steps of every client.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
+import logging
 import os
 import threading
 import time
 from concurrent import futures
+
 import grpc
 import jax
 import numpy as np
@@ -35,6 +46,7 @@ import numpy as np
 from qtl_jax.models import quantized as qm
 from qtl_jax.split import downlink as dl
 from qtl_jax.split import link as linklib
+from qtl_jax.split import guard
 from qtl_jax.split import mesh as meshlib
 from qtl_jax.split import security as seclib
 from qtl_jax.split import step as steplib
@@ -43,6 +55,12 @@ from qtl_jax.split.proto import split_pb2 as pb
 from qtl_jax.split.proto import split_pb2_grpc as pb_grpc
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
+SERVICE = pb.DESCRIPTOR.services_by_name["SplitLearning"].full_name
+# Who may make the server rewind on Join: 'own_client' (a single-client server, for the id fixed at the
+# first Join) or 'never' (an operator restarts the server from an older checkpoint: --restore_step).
+REWIND_POLICIES = ("own_client", "never")
+REWOUND_SUFFIX = ".rewound"
+_LOG = logging.getLogger("qtl_jax.split.server")
 
 
 def make_server_update(config: qm.QuantizedTinyLlavaConfig, optimizers: steplib.SplitOptimizers):
@@ -72,6 +90,28 @@ class ServerOptions:
     # any id, local step = global step.
     clients: tuple[str, ...] = ()
     turn_timeout_s: float = 60.0
+    # Bounds on what a peer can make the server hold. A call's metadata (all keys and values) above
+    # max_metadata_bytes is refused by gRPC; calls beyond max_concurrent_rpcs get RESOURCE_EXHAUSTED, so
+    # requests in memory stay below max_concurrent_rpcs * max_message_bytes.
+    max_metadata_bytes: int = 16 << 10
+    max_concurrent_rpcs: int = 16
+    history: int = 1024  # entries kept in applied_steps / applied_by / rewinds (the most recent)
+    rewind: str = "own_client"  # see REWIND_POLICIES
+    # Checkpoints that rewinds moved aside (<step>.rewound) are never deleted by the server; at most this
+    # many may accumulate before further rewinds are refused (an operator clears them).
+    max_rewound: int = 16
+    log_interval_s: float = 60.0  # at most one log line per kind of refused request per interval
+
+    def __post_init__(self):
+        if self.rewind not in REWIND_POLICIES:
+            raise ValueError(f"rewind={self.rewind!r}: use one of {REWIND_POLICIES}.")
+        for client_id in self.clients:
+            guard.check_client_id(client_id)
+        if len(set(self.clients)) != len(self.clients):
+            raise ValueError(f"clients={list(self.clients)} names a client twice.")
+        for name in ("max_message_bytes", "max_metadata_bytes", "max_concurrent_rpcs", "max_workers", "history"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
 
 
 class StepError(Exception):
@@ -109,13 +149,30 @@ class SplitServicer(pb_grpc.SplitLearningServicer):
         self._turn = threading.Condition(self._lock)
         # Per client turn: (local step, digest of the request, reply) of its last applied step, for retries.
         self._last: dict[int, tuple[int, bytes, pb.DownlinkReply]] = {}
-        self.applied_steps: list[int] = []  # every (local) step applied, in order (for tests and logs)
-        self.applied_by: list[str] = []  # the client of each applied step
-        self.rewinds: list[tuple[int, int]] = []
+        # The most recent (local) steps applied, their clients and the rewinds (from, to), for tests and logs.
+        history = int(self.options.history)
+        self.applied_steps: collections.deque[int] = collections.deque(maxlen=history)
+        self.applied_by: collections.deque[str] = collections.deque(maxlen=history)
+        self.rewinds: collections.deque[tuple[int, int]] = collections.deque(maxlen=history)
+        # A single-client server's client: the id of the first successful Join (or applied step).
+        self.client_id: str | None = None
+        self._log = guard.RateLimitedLog(_LOG.warning, self.options.log_interval_s)
 
     @property
     def step(self) -> int:
         return int(jax.device_get(self.state.step))
+
+    def state_sizes(self) -> dict[str, int]:
+        """How much the server keeps because of requests: entries, and the bytes of the client ids held.
+
+        Each is bounded by the options (``history``, one cached reply per client, ids of at most 64
+        bytes), whatever the requests were; ``tests/test_server_faults.py`` checks they stay so.
+        """
+        with self._lock:
+            ids = [*self.applied_by, *([self.client_id] if self.client_id else [])]
+            return {"applied_steps": len(self.applied_steps), "applied_by": len(self.applied_by),
+                    "rewinds": len(self.rewinds), "cached_replies": len(self._last),
+                    "client_id_bytes": sum(len(i.encode()) for i in ids)}
 
     def wait_for_step(self, step: int, timeout: float | None = None) -> bool:
         """Blocks until the server has applied ``step`` steps (woken by each applied step); False on timeout."""
@@ -128,11 +185,11 @@ class SplitServicer(pb_grpc.SplitLearningServicer):
         try:
             return self.join(request)
         except StepError as e:
-            context.abort(e.code, str(e))
+            self.refuse(context, "Join", e.code, str(e))
         except wire.VersionError as e:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+            self.refuse(context, "Join", grpc.StatusCode.FAILED_PRECONDITION, str(e))
         except wire.WireError as e:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            self.refuse(context, "Join", grpc.StatusCode.INVALID_ARGUMENT, str(e))
 
     def Step(self, request: pb.UplinkRequest, context) -> pb.DownlinkReply:
         try:
@@ -142,37 +199,77 @@ class SplitServicer(pb_grpc.SplitLearningServicer):
             reply.metrics["server_seconds"] = time.perf_counter() - t0
             return reply
         except StepError as e:
-            context.abort(e.code, str(e))
+            self.refuse(context, "Step", e.code, str(e))
         except wire.VersionError as e:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+            self.refuse(context, "Step", grpc.StatusCode.FAILED_PRECONDITION, str(e))
         except wire.WireError as e:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            self.refuse(context, "Step", grpc.StatusCode.INVALID_ARGUMENT, str(e))
+
+    def refuse(self, context, method: str, code: grpc.StatusCode, message: str) -> None:
+        """Ends the call with ``code`` and ``message``, logged at most once per interval per (method, code)."""
+        self._log(f"{method} {code.name}", f"qtl_jax.split.server: refused a {method} request: {code.name}: "
+                                           f"{message}")
+        context.abort(code, message)
 
     # -- logic (callable without gRPC) ------------------------------------------------------------
 
     def join(self, request: pb.JoinRequest) -> pb.JoinReply:
+        """The handshake: version, client id and geometry checks, then the rewind policy (module docstring).
+
+        A client behind the server's step for it makes the server rewind only if :meth:`may_rewind`;
+        otherwise the reply carries the server's step and the client must realign its own side.
+        """
         wire.check_version(request.protocol_version)
+        guard.check_client_id(request.client_id)
+        if request.client_step < 0:
+            raise wire.WireError(f"client_step={request.client_step}: steps are >= 0.")
         problems = self.geometry.mismatch(wire.Geometry.from_proto(request.geometry))
         if problems:
             raise wire.WireError("the client's model does not match the server's: " + "; ".join(problems))
-        k = self._client_turn(request.client_id)
         with self._lock:
-            client_step = int(request.client_step)
-            if client_step < self._local_step(k):
-                if self.options.clients:
-                    raise StepError(grpc.StatusCode.FAILED_PRECONDITION,
-                                    f"client {request.client_id!r} restarts at its step {client_step} but the shared server "
-                                    f"is at its step {self._local_step(k)}; with several clients the server does not "
-                                    "rewind (the others' steps would be lost): restore that client from a later checkpoint.")
-                self._rewind(client_step)
+            k = self._client_turn(request.client_id)
+            client_step, server_step = int(request.client_step), self._local_step(k)
+            if client_step < server_step:
+                if self.may_rewind(request.client_id):
+                    self._rewind(client_step)
+                else:
+                    self._log("Join no rewind", f"qtl_jax.split.server: client {request.client_id!r} joined at its "
+                              f"step {client_step}, behind the server's step {server_step} for it; not rewinding "
+                              f"({self._no_rewind_reason()}), the client realigns its own side.")
+            self._fix_client(request.client_id)
             return pb.JoinReply(protocol_version=wire.PROTOCOL_VERSION, server_step=self._local_step(k),
                                 grad_dtype=wire.DOWNLINK_KINDS[self.options.downlink.kind],
                                 codec_method=self.options.codec_method,
                                 downlink=wire.coding_to_proto(self.options.downlink))
 
+    def may_rewind(self, client_id: str) -> bool:
+        """Whether a Join from ``client_id`` behind the server may rewind it (see ``ServerOptions.rewind``).
+
+        With several clients never: the others' steps since would be lost. With one client, under
+        'own_client', only that client (the id fixed at the first Join; ids are checked before this).
+        """
+        return self.options.rewind == "own_client" and not self.options.clients and \
+            self.client_id in (None, client_id)
+
+    def _no_rewind_reason(self) -> str:
+        if self.options.clients:
+            return "several clients share this server; an operator rewinds it with --restore_step"
+        return "the server was started with --rewind=never"
+
+    def _fix_client(self, client_id: str) -> None:
+        """A single-client server keeps the first client id it serves and refuses any other (lock held)."""
+        if self.options.clients:
+            return
+        self._client_turn(client_id)
+        self.client_id = client_id
+
     def _client_turn(self, client_id: str) -> int:
         """Client ``client_id``'s place in the turn order (0 with a single client)."""
         if not self.options.clients:
+            if self.client_id is not None and client_id != self.client_id:
+                raise StepError(grpc.StatusCode.PERMISSION_DENIED,
+                                f"client_id={client_id!r}: this server serves client {self.client_id!r} (the id of its "
+                                "first Join or step); several clients need the server's --clients list.")
             return 0
         if client_id not in self.options.clients:
             raise StepError(grpc.StatusCode.PERMISSION_DENIED,
@@ -185,7 +282,12 @@ class SplitServicer(pb_grpc.SplitLearningServicer):
         return max(0, (self.step - k + n - 1) // n)
 
     def _rewind(self, step: int) -> None:
-        """Back to this server's own checkpoint at ``step`` (a client restarted from an older checkpoint)."""
+        """Back to this server's own checkpoint at ``step`` (its client restarted from an older checkpoint).
+
+        Later checkpoints belong to the abandoned future: they are moved aside (``<step>.rewound``), never
+        deleted, so the replayed steps can save under their numbers. At most ``max_rewound`` of them are
+        kept; a rewind that would exceed that is refused until an operator clears them.
+        """
         have = [] if self.checkpointer is None else self.checkpointer.all_steps()
         if step not in have:
             raise StepError(grpc.StatusCode.FAILED_PRECONDITION,
@@ -193,16 +295,27 @@ class SplitServicer(pb_grpc.SplitLearningServicer):
                             f"checkpoint of step {step} (it has {sorted(have)}); restart the client from one of those "
                             "steps, or give both sides the same checkpoint_every.")
         self.checkpointer.wait()
+        later = [s for s in have if s > step]
+        aside = self.checkpointer.moved_aside(REWOUND_SUFFIX)
+        if later and len(aside) + len(later) > self.options.max_rewound:
+            raise StepError(grpc.StatusCode.FAILED_PRECONDITION,
+                            f"a rewind to step {step} would move checkpoints {later} aside, but "
+                            f"{len(aside)} checkpoints earlier rewinds moved aside are still in "
+                            f"{self.checkpointer.directory} (*{REWOUND_SUFFIX}, at most {self.options.max_rewound}); "
+                            "the server's operator must move or delete them first.")
         before = self.step
-        self.state, _ = self.checkpointer.restore(self.state, step=step)
-        # Later checkpoints belong to the abandoned future; the replayed steps will save their own.
-        for later in have:
-            if later > step:
-                self.checkpointer.manager.delete(later)
+        try:
+            state, _ = self.checkpointer.restore(self.state, step=step)
+        except (OSError, ValueError) as e:  # a corrupt or unreadable checkpoint (CorruptCheckpointError is one)
+            raise StepError(grpc.StatusCode.DATA_LOSS,
+                            f"the server cannot rewind to its checkpoint of step {step}: {' '.join(str(e).split())}; "
+                            f"it stays at step {before}. Restart the client from a later checkpoint.") from e
+        self.state = state
+        moved = [self.checkpointer.move_aside(s, REWOUND_SUFFIX) for s in later]
         self._last = {}
         self.rewinds.append((before, step))
         print(f"qtl_jax.split.server: rewound from step {before} to its checkpoint of step {step} (a client "
-              "restarted there)", flush=True)
+              f"restarted there)" + (f"; moved {', '.join(moved)} aside" if moved else ""), flush=True)
 
     def send(self, server: steplib.PartitionState, k: int, step: int, down, uplink):
         """``(message, server)``: client ``k``'s downlink of its step ``step`` (the in-process server half's
@@ -213,6 +326,7 @@ class SplitServicer(pb_grpc.SplitLearningServicer):
     def apply(self, request: pb.UplinkRequest) -> pb.DownlinkReply:
         """Applies the request's step exactly once (a retry of the last step gets the cached reply)."""
         wire.check_version(request.protocol_version)
+        guard.check_client_id(request.client_id)
         if request.step < 0:
             raise wire.WireError(f"step={request.step}: step ids are >= 0.")
         k = self._client_turn(request.client_id)
@@ -239,6 +353,7 @@ class SplitServicer(pb_grpc.SplitLearningServicer):
                                 f"step {request.step} is out of order: the server applies step {self._local_step(k)} "
                                 "next; call Join with the client's step to realign.")
             up = wire.uplink_from_proto(request, self.geometry)
+            self._fix_client(request.client_id)
             received = jax.tree_util.tree_map(
                 lambda x: jax.device_put(x, meshlib.batch_sharding(self.mesh, np.ndim(x))), up)
             server, down, metrics = self._update(self.state.server, received)
@@ -262,17 +377,48 @@ def _digest(request: pb.UplinkRequest) -> bytes:
     return hashlib.sha256(request.SerializeToString(deterministic=True)).digest()
 
 
-def grpc_options(max_message_bytes: int) -> list[tuple[str, int]]:
-    return [("grpc.max_receive_message_length", int(max_message_bytes)),
-            ("grpc.max_send_message_length", int(max_message_bytes))]
+def grpc_options(max_message_bytes: int, max_metadata_bytes: int | None = None) -> list[tuple[str, int]]:
+    options = [("grpc.max_receive_message_length", int(max_message_bytes)),
+               ("grpc.max_send_message_length", int(max_message_bytes))]
+    if max_metadata_bytes is not None:
+        options.append(("grpc.max_metadata_size", int(max_metadata_bytes)))
+    return options
+
+
+def method_handlers(servicer: SplitServicer) -> grpc.GenericRpcHandler:
+    """The service's RPCs on raw request bytes, parsed by :func:`qtl_jax.split.guard.parse`.
+
+    (``add_SplitLearningServicer_to_server`` would let gRPC deserialize: a request that is not protobuf
+    then gets INTERNAL and a traceback in the log, per request.)
+    """
+
+    def raw(name: str, request_type, reply_type) -> grpc.RpcMethodHandler:
+        method = getattr(servicer, name)
+
+        def handle(data: bytes, context):
+            try:
+                request = guard.parse(request_type, data)
+            except wire.WireError as e:
+                servicer.refuse(context, name, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            return method(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(handle, request_deserializer=None,
+                                                   response_serializer=reply_type.SerializeToString)
+
+    return grpc.method_handlers_generic_handler(SERVICE, {
+        "Join": raw("Join", pb.JoinRequest, pb.JoinReply),
+        "Step": raw("Step", pb.UplinkRequest, pb.DownlinkReply),
+    })
 
 
 def serve(servicer: SplitServicer, address: str, security: seclib.SecurityConfig) -> tuple[grpc.Server, int]:
     """Starts a gRPC server for ``servicer`` on ``address`` (``host:0`` picks a free port); returns (server, port)."""
+    o = servicer.options
     interceptors = [seclib.TokenAuthInterceptor(security.token)] if security.token else []
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=servicer.options.max_workers),
-                         interceptors=interceptors, options=grpc_options(servicer.options.max_message_bytes))
-    pb_grpc.add_SplitLearningServicer_to_server(servicer, server)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=o.max_workers), interceptors=interceptors,
+                         options=grpc_options(o.max_message_bytes, o.max_metadata_bytes),
+                         maximum_concurrent_rpcs=o.max_concurrent_rpcs)
+    server.add_generic_rpc_handlers((method_handlers(servicer),))
     creds = seclib.server_credentials(security)
     port = server.add_insecure_port(address) if creds is None else server.add_secure_port(address, creds)
     if port == 0:
@@ -305,6 +451,7 @@ def main(argv) -> None:
     if int(config.total_steps) <= 0:
         raise app.UsageError("network split runs need a fixed --config.total_steps (both sides build the same "
                              "learning-rate schedule from it).")
+    sec = security_from_flags(f, "server")  # a missing token or certificate file fails before the model is built
     clients = tuple(c for c in (f.clients or "").split(",") if c)
     rounds = int(config.total_steps) * max(len(clients), 1)  # the server applies every client's steps
     workdir = os.path.abspath(f.workdir)
@@ -317,21 +464,30 @@ def main(argv) -> None:
     full = setuplib.create_state(config, setup, meshes, rounds, clients=max(len(clients), 1))
     optimizers = steplib.make_split_optimizers(config.optimizer.to_dict(), rounds,
                                                {"client": full.client.params, "server": full.server.params})
-    checkpointer = ckptlib.Checkpointer(workdir, keep=int(config.keep_checkpoints))
-    if checkpointer.latest_step() is not None:
-        state, _ = checkpointer.restore(full.replace(client=steplib.PartitionState({}, {}, {})))
+    checkpointer = ckptlib.Checkpointer(workdir, keep=int(config.keep_checkpoints),
+                                        fallback=bool(config.checkpoint_fallback))
+    empty = steplib.PartitionState({}, {}, {})
+    restore_step = f.restore_step
+    if restore_step is not None and restore_step not in checkpointer.all_steps():
+        raise ValueError(f"--restore_step={restore_step}: {checkpointer.directory} has no checkpoint of that step "
+                         f"(it has {checkpointer.all_steps()}).")
+    if restore_step is not None or checkpointer.latest_step() is not None:
+        state, _ = checkpointer.restore(full.replace(client=empty), step=restore_step)
         print(f"qtl_jax.split.server: resumed {workdir} at step {int(jax.device_get(state.step))}", flush=True)
+        for later in [s for s in checkpointer.all_steps() if restore_step is not None and s > restore_step]:
+            # Kept on disk, out of the way of the steps run again.
+            print(f"qtl_jax.split.server: moved {checkpointer.move_aside(later, REWOUND_SUFFIX)} aside", flush=True)
     else:
-        state = setuplib.with_initial_params(config, setup, full)
-        state = state.replace(client=steplib.PartitionState({}, {}, {}))
+        # This side holds (and a network stage-1 server saved) only the server partition.
+        state = setuplib.with_initial_params(config, setup, full.replace(client=empty))
     del full
     geometry = wire.geometry_of(setup.model, config.global_batch_size, setup.model.model.max_length)
     options = ServerOptions(downlink=dl.DownlinkSpec.from_config(config.split, int(config.seed)),
                             codec_method=config.split.codec_method,
                             max_message_bytes=int(f.max_message_mb * (1 << 20)),
-                            checkpoint_every=int(config.checkpoint_every), clients=clients)
+                            checkpoint_every=int(config.checkpoint_every), clients=clients, rewind=f.rewind,
+                            max_workers=max(4, len(clients) + 2))  # a worker per client waiting for its turn
     servicer = SplitServicer(setup.model, state, optimizers, meshes.server, geometry, options, checkpointer)
-    sec = security_from_flags(f, "server")
     server, port = serve(servicer, f.address, sec)
     print(f"qtl_jax.split.server: listening on port {port} (tls={sec.tls}, token={'yes' if sec.token else 'no'}), "
           f"next step {servicer.step}", flush=True)
@@ -348,6 +504,7 @@ def main(argv) -> None:
 
 
 def security_from_flags(f, side: str) -> seclib.SecurityConfig:
+    seclib.check_files({name: f[name].value for name in ("token_file", "ca_cert", "cert", "key")})
     token = None
     if f.token_file:
         with open(f.token_file, encoding="utf-8") as fh:
@@ -374,11 +531,16 @@ def define_flags(side: str) -> None:
     if side == "server":
         flags.DEFINE_string("clients", "", "sequential split learning: comma-separated client ids in turn order "
                             "(each client runs total_steps; empty: one client)")
+        flags.DEFINE_enum("rewind", "own_client", list(REWIND_POLICIES),
+                          "who may make the server rewind to an older checkpoint on Join: own_client (a single "
+                          "client, the id of its first Join; never with --clients) | never")
+        flags.DEFINE_integer("restore_step", None, "start from this checkpoint step instead of the newest (an "
+                             "operator's rewind; later checkpoints stay on disk)", lower_bound=0)
     flags.DEFINE_float("max_message_mb", DEFAULT_MAX_MESSAGE_BYTES / (1 << 20), "largest gRPC message, MiB")
 
 
 if __name__ == "__main__":
-    from absl import app
+    from qtl_jax import cli
 
     define_flags("server")
-    app.run(main)
+    cli.run_absl(main, prog="python -m qtl_jax.split.server")  # bad input: one line and a non-zero exit

@@ -17,8 +17,9 @@ server sub-mesh (``split.server.address`` unset) or in a :mod:`qtl_jax.split.ser
 the same in both: the client state, the checkpoints (a remote run's hold only the client partition; the
 server checkpoints its own), ``metrics.jsonl``, resume and the progress bar. Before the first step (and
 whenever the server reports another step) the two sides align with ``ServerHalf.join``: a server ahead of
-this client rewinds to its checkpoint of the client's step, a server behind it makes this run restore its
-own checkpoint of the server's step.
+this client rewinds to its checkpoint of the client's step (where its rewind policy allows; otherwise this
+run must hold a checkpoint of the server's step), a server behind it makes this run restore its own
+checkpoint of the server's step.
 
 Resuming is exact: params, optimizer states, quantizer statistics, step, RNG and the loader's position
 come back from the checkpoint, so the resumed run computes the same per-step losses as an uninterrupted
@@ -222,7 +223,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # A remote run holds (and checkpoints) only the client partition; the server process has the other.
     own = (lambda s: s.replace(server=steplib.PartitionState({}, {}, {}))) if remote else (lambda s: s)
 
-    checkpointer = ckptlib.Checkpointer(workdir, keep=int(config.keep_checkpoints))
+    checkpointer = ckptlib.Checkpointer(workdir, keep=int(config.keep_checkpoints),
+                                        fallback=bool(config.checkpoint_fallback))
     start = checkpointer.latest_step()
     log = MetricsLogger(workdir, total_steps, initial_step=start or 0, progress_bar=config.progress_bar,
                         is_main=is_main)
@@ -265,7 +267,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             checkpointer.wait()
             have = checkpointer.all_steps()
             if theirs != 0 and theirs not in have:
-                raise RuntimeError(
+                # (A ValueError: the workdirs do not fit together, which the person running the client can fix;
+                # the command line prints it as one line.)
+                if theirs > mine:
+                    raise ValueError(
+                        f"the server is at step {theirs} for this client, ahead of its step {mine}, and did not go "
+                        "back (a server with several clients or --rewind=never never rewinds on a Join); this client "
+                        f"has no checkpoint of step {theirs} (it has {sorted(have)}). Restore this client's workdir to "
+                        "one with that checkpoint, or have the server's operator restart it with "
+                        f"--restore_step={mine}.")
+                raise ValueError(
                     f"the server is at step {theirs} and this client at {mine}, and the client has no checkpoint of "
                     f"step {theirs} (it has {sorted(have)}); use the same checkpoint_every on both sides, or restart "
                     "the server from an older checkpoint.")
@@ -308,11 +319,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 time.sleep(float(config.debug.step_delay))
             if not math.isfinite(metrics["loss"]):
                 checkpointer.wait()
-                good = checkpointer.latest_step()
+                saved = checkpointer.all_steps()
+                good = next((s for s in reversed(saved) if checkpointer.is_intact(s)), None)  # re-read from disk now
+                verdict = "none yet" if not saved else "none is intact" if good is None else "intact, verified just now"
                 raise NonFiniteLossError(
                     f"loss is {metrics['loss']} at step {step + 1} (ce={metrics.get('ce')}); stopped without saving. "
                     f"The last good checkpoint is step {good} in {checkpointer.directory} "
-                    f"({'none yet' if good is None else 'intact'}). Lower optimizer.lr or check the data, then rerun: "
+                    f"({verdict}). Lower optimizer.lr or check the data, then rerun: "
                     "train.py resumes from that checkpoint."
                 )
             step += 1

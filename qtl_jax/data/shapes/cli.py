@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from collections.abc import Sequence
 
+from qtl_jax import cli as clilib
 from qtl_jax.data.shapes.corpus import write_corpus
 from qtl_jax.data.shapes.preview import preview_grid
 from qtl_jax.data.shapes.scene import ShapesConfig
@@ -45,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                               bench_sizes=dict(n_mme=a.n_mme, n_pope=a.n_pope, n_scienceqa=a.n_scienceqa,
                                                n_vqa=a.n_vqa))
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        clilib.print_error(e)
         raise SystemExit(2) from None
     n_train = counts["pretrain"] + counts["instruct"]
     print(f"wrote {a.out}: pretrain.json {counts['pretrain']} samples, instruct.json {counts['instruct']} samples "
