@@ -282,7 +282,8 @@ def test_quantized_downlink_with_error_feedback_is_the_same_in_process_and_over_
             net.append(metrics)
         link.close()
         # A client configured for another downlink is refused at the handshake, naming both settings.
-        other = GrpcServerHalf(server.target, GEOMETRY, timeout_s=RPC_TIMEOUT, downlink=dl.DownlinkSpec("fp32"))
+        other = GrpcServerHalf(server.target, GEOMETRY, client_id="q", timeout_s=RPC_TIMEOUT,
+                               downlink=dl.DownlinkSpec("fp32"))
         with pytest.raises(ValueError, match="sends the downlink as quantized 3 bits .* asks for fp32"):
             other.join(STEPS)
         other.close()
