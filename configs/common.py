@@ -177,7 +177,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.split.mode = "split"  # 'split' (two programs, codes over the link) or 'fused' (one program)
     c.split.codec_method = "ans"
     c.split.measure_every = 1  # measure wire bytes every n-th step (host entropy coding costs time)
-    c.split.downlink_dtype = "float32"
+    # What the server sends back (qtl_jax.split.downlink): 'fp32' (the paper), 'bf16', or 'quantized':
+    # unbiased stochastic rounding to 2**bits - 1 levels, per-'token' or per-'channel' scales, entropy
+    # coded; optional error feedback (residual kept by the server per client) and top-k (fraction kept).
+    c.split.downlink = "fp32"
+    c.split.downlink_bits = 4
+    c.split.downlink_scale = "token"
+    c.split.downlink_error_feedback = False
+    c.split.downlink_topk = 1.0
+    # Replaced by split.downlink (fp32 | bf16 | quantized); setting it is an error that says so.
+    c.split.downlink_dtype = config_dict.placeholder(str)
     # Where the server half runs: address None = in this process; host:port = a qtl_jax.split.server over gRPC.
     c.split.server = ml_collections.ConfigDict(dict(
         address=config_dict.placeholder(str), tls="none", ca_cert=config_dict.placeholder(str),

@@ -21,6 +21,7 @@ from qtl_jax.models.vision import VisionConfig
 from qtl_jax.quantizer import QuantizerConfig
 from qtl_jax.models.messages import Downlink, Uplink, check_uplink
 from qtl_jax.split import link as linklib
+from qtl_jax.split.downlink import DownlinkSpec
 from qtl_jax.split import step as steplib
 from qtl_jax.split.mesh import split_meshes
 from tolerances import adam_update_tolerance, rounding_tolerance
@@ -309,7 +310,7 @@ def test_measure_every_and_bf16_downlink():
         return server, grads, {"ce": jnp.float32(1.5)}
 
     server = linklib.InProcessServerHalf(meshes, update, codec_method="packed", measure_every=2,
-                                         downlink_dtype="bfloat16")
+                                         downlink=DownlinkSpec("bf16"))
     server.state = steplib.PartitionState({}, {}, {})
     # Sample 0 has an image and 3 real text tokens; sample 1 is text only with 4.
     up = Uplink(rng.integers(0, 8, (2, 3, 4)).astype(np.uint8), rng.integers(0, 8, (2, 5, 4)).astype(np.uint8),
@@ -324,12 +325,13 @@ def test_measure_every_and_bf16_downlink():
     assert counts["uplink_bytes"] == counts["uplink_bytes_packed"]
     assert counts["uplink_values"] == 1 * 3 * 4 + (3 + 4) * 4  # one real image, 3 + 4 real text tokens
     assert counts["downlink_bytes"] == 2 * counts["uplink_values"]
+    assert counts["downlink_bytes_fp32"] == 4 * counts["uplink_values"] and counts["batch_samples"] == 2
+    assert counts["roundtrip_bytes_per_sample"] == (counts["uplink_bytes"] + counts["downlink_bytes"]) / 2
+    assert counts["roundtrip_bytes_per_sample_paper"] == (counts["uplink_bytes_fp16"] + 4 * counts["uplink_values"]) / 2
     np.testing.assert_array_equal(np.asarray(back.text_grad),
                                   np.asarray(jnp.asarray(grads.text_grad).astype(jnp.bfloat16).astype(jnp.float32)))
     with pytest.raises(ValueError, match="measure_every must be >= 1"):
         linklib.InProcessServerHalf(meshes, update, measure_every=0)
-    with pytest.raises(ValueError, match="downlink_dtype='float16'"):
-        linklib.InProcessServerHalf(meshes, update, downlink_dtype="float16")
     with pytest.raises(ValueError, match="state is not set"):
         linklib.InProcessServerHalf(meshes, update).exchange(0, up)
 

@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
 
+import jax
 import ml_dtypes
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qtl_jax import codec
+from qtl_jax.split import downlink as dl
 from qtl_jax.split import wire
 from qtl_jax.models.messages import Downlink, Uplink
 from qtl_jax.split.link import uplink_counts
@@ -177,27 +180,113 @@ def test_encode_rejects_unknown_method():
         wire.uplink_to_proto(up, step=0, client_id="c", geometry=geometry, codec_method="zip")
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_downlink_round_trip(dtype):
+@pytest.mark.parametrize("kind", ["fp32", "bf16"])
+def test_downlink_round_trip(kind):
     rng = np.random.default_rng(5)
     up, _ = make_uplink(rng, n_images=2)
     down = Downlink(rng.normal(size=np.shape(up.image_codes)).astype(np.float32),
                     rng.normal(size=np.shape(up.text_codes)).astype(np.float32))
-    reply = wire.downlink_to_proto(down, up, step=3, grad_dtype=dtype, metrics={"ce": 1.5})
+    reply = wire.downlink_to_proto(down, up, step=3, spec=dl.DownlinkSpec(kind), metrics={"ce": 1.5})
     got = wire.downlink_from_proto(pb.DownlinkReply.FromString(reply.SerializeToString()), up, step=3)
     valid, text_pos = np.asarray(up.image_valid) > 0, up.text_positions()
     want_image, want_text = down.image_grad[valid], down.text_grad[text_pos]
-    if dtype == "bfloat16":
+    if kind == "bf16":
         want_image = want_image.astype(ml_dtypes.bfloat16).astype(np.float32)
         want_text = want_text.astype(ml_dtypes.bfloat16).astype(np.float32)
     np.testing.assert_array_equal(got.image_grad[valid], want_image)
     np.testing.assert_array_equal(got.text_grad[text_pos], want_text)
     assert not np.any(got.text_grad[~text_pos]) and not np.any(got.image_grad[~valid])
-    width = 4 if dtype == "float32" else 2
+    width = 4 if kind == "fp32" else 2
     assert len(reply.image_grad) + len(reply.text_grad) == width * (want_image.size + want_text.size)
     assert dict(reply.metrics) == {"ce": 1.5}
+    assert wire.coding_from_proto(reply.downlink) == dl.DownlinkSpec(kind)
     with pytest.raises(wire.WireError, match="for step 3, the client sent step 4"):
         wire.downlink_from_proto(reply, up, step=4)
     reply.text_grad = reply.text_grad[:-1]
     with pytest.raises(wire.WireError, match="text_grad is"):
         wire.downlink_from_proto(reply, up, step=3)
+
+
+def quantized_message(rng, up, spec):
+    """The server's message for random gradients (zero where nothing travels, as the server's are)."""
+    valid, text_pos = np.asarray(up.image_valid) > 0, up.text_positions()
+    image = rng.normal(size=np.shape(up.image_codes)).astype(np.float32) * valid[:, None, None]
+    text = rng.normal(size=np.shape(up.text_codes)).astype(np.float32) * text_pos[..., None]
+    message, _ = dl.compress(spec, Downlink(image, text), up, None, dl.step_key(0, 0, 1))
+    return jax.device_get(message)
+
+
+@given(seed=st.integers(0, 2**16), bits=st.integers(2, 8), scale=st.sampled_from(dl.SCALES),
+       method=st.sampled_from(["ans", "packed"]), topk=st.sampled_from([1.0, 0.25]))
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_quantized_downlink_round_trip_property(seed, bits, scale, method, topk):
+    """Indices and steps cross exactly; the positions that did not travel expand to exactly zero."""
+    rng = np.random.default_rng(seed)
+    up, _ = make_uplink(rng)
+    spec = dl.DownlinkSpec("quantized", bits=bits, scale=scale, topk=topk)
+    message = quantized_message(rng, up, spec)
+    reply = wire.downlink_to_proto(message, up, step=9, spec=spec, codec_method=method)
+    got = wire.downlink_from_proto(pb.DownlinkReply.FromString(reply.SerializeToString()), up, step=9)
+    for name in ("image_index", "image_step", "text_index", "text_step"):
+        np.testing.assert_array_equal(getattr(got, name), np.asarray(getattr(message, name)), err_msg=name)
+    assert wire.coding_from_proto(reply.downlink) == dataclasses.replace(spec, topk=float(np.float32(topk)))
+    sent = sum(len(getattr(reply, f)) for f in ("image_grad", "text_grad", "image_step", "text_step"))
+    assert sent == dl.quantized_bytes(message, up, method)
+    grads = jax.device_get(dl.expand(got))
+    valid, text_pos = np.asarray(up.image_valid) > 0, up.text_positions()
+    assert not np.any(grads.image_grad[~valid]) and not np.any(grads.text_grad[~text_pos])
+
+
+@given(seed=st.integers(0, 2**16), field=st.sampled_from(["image_grad", "text_grad", "image_step", "text_step"]),
+       cut=st.integers(0, 40), flip=st.integers(0, 10**6))
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_corrupted_quantized_downlink_raises_wire_error_only(seed, field, cut, flip):
+    rng = np.random.default_rng(seed)
+    up, _ = make_uplink(rng, n_images=2)
+    spec = dl.DownlinkSpec("quantized", bits=3)
+    reply = wire.downlink_to_proto(quantized_message(rng, up, spec), up, step=1, spec=spec)
+    data = bytearray(getattr(reply, field))
+    if data:
+        data[flip % len(data)] ^= 1 << (flip % 8)
+    setattr(reply, field, bytes(data[: max(len(data) - cut, 0)]) if cut % 2 else bytes(data))
+    try:
+        got = wire.downlink_from_proto(reply, up, step=1)
+    except wire.WireError:
+        return
+    assert np.all(np.asarray(got.image_index) < spec.levels) and np.all(np.isfinite(got.text_step))
+
+
+def test_bad_downlink_replies_name_the_problem():
+    rng = np.random.default_rng(2)
+    up, _ = make_uplink(rng, n_images=2)
+    spec = dl.DownlinkSpec("quantized", bits=2)
+    good = wire.downlink_to_proto(quantized_message(rng, up, spec), up, step=1, spec=spec)
+
+    def variant(**changes):
+        reply = pb.DownlinkReply()
+        reply.CopyFrom(good)
+        for k, v in changes.items():
+            if k.startswith("downlink."):
+                setattr(reply.downlink, k.split(".", 1)[1], v)
+            else:
+                setattr(reply, k, v)
+        return reply
+
+    with pytest.raises(wire.VersionError, match="protocol_version=2, but this side speaks version 3"):
+        wire.downlink_from_proto(variant(protocol_version=2), up, step=1)
+    with pytest.raises(wire.WireError, match="levels=3, downlink.bits=4 means levels=15"):
+        wire.downlink_from_proto(variant(**{"downlink.bits": 4}), up, step=1)
+    with pytest.raises(wire.WireError, match="split.downlink_bits=9"):
+        wire.downlink_from_proto(variant(**{"downlink.bits": 9}), up, step=1)
+    with pytest.raises(wire.WireError, match="disagrees with downlink.kind='quantized'"):
+        wire.downlink_from_proto(variant(grad_dtype=pb.FLOAT32), up, step=1)
+    negative = np.frombuffer(good.text_step, "<f4").copy()
+    negative[0] = -1.0
+    with pytest.raises(wire.WireError, match="text_step must hold finite steps >= 0"):
+        wire.downlink_from_proto(variant(text_step=negative.tobytes()), up, step=1)
+    with pytest.raises(wire.WireError, match="image_step is"):
+        wire.downlink_from_proto(variant(image_step=good.image_step + b"\0\0\0\0"), up, step=1)
+    missing = variant()
+    missing.ClearField("downlink")
+    with pytest.raises(wire.WireError, match="downlink .the reply's coding. is missing"):
+        wire.downlink_from_proto(missing, up, step=1)

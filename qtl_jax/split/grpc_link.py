@@ -12,7 +12,8 @@ server applies a step once and answers a retry of it from its cache, so a retry 
 Byte accounting from the wire: the metrics of every exchange hold ``wire_uplink_bytes`` /
 ``wire_downlink_bytes`` (serialized protobuf sizes of the request and the reply, what gRPC framed and
 sent) and ``wire_replayed`` (1 when the reply came from the server's cache) next to the theoretical
-``uplink_bytes_{packed,ans,fp16}`` / ``downlink_bytes`` of :mod:`qtl_jax.split.link`.
+``uplink_bytes_{packed,ans,fp16}`` / ``downlink_bytes`` of :mod:`qtl_jax.split.link`; ``rpc_seconds`` (the
+call's wall time) and the server's ``server_seconds`` (its time from request to reply).
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ import jax
 import numpy as np
 
 from qtl_jax.models.messages import Downlink, Uplink
+from qtl_jax.split import downlink as dl
 from qtl_jax.split import security as seclib
 from qtl_jax.split import wire
-from qtl_jax.split.link import CODEC_METHODS, ServerHalf, StepMismatchError, downlink_counts, uplink_counts
+from qtl_jax.split.link import CODEC_METHODS, ServerHalf, StepMismatchError, roundtrip_counts, uplink_counts
 from qtl_jax.split.proto import split_pb2 as pb
 from qtl_jax.split.proto import split_pb2_grpc as pb_grpc
 
@@ -48,18 +50,21 @@ class GrpcServerHalf(ServerHalf):
       retries: how many times a retryable failure is re-sent.
       retry_pause_s: the pause before the first re-send (growing by this much per attempt, at most 5 s).
       max_message_bytes: the largest message sent or accepted.
+      downlink: the downlink this client's config asks for; ``join`` refuses a server that sends another
+        (None: accept whatever the server sends).
     """
 
     def __init__(self, target: str, geometry: wire.Geometry, security: seclib.SecurityConfig | None = None, *,
                  client_id: str = "client-0", codec_method: str = "ans", timeout_s: float = 300.0,
-                 retries: int = 3, retry_pause_s: float = 0.5, max_message_bytes: int = 64 << 20):
+                 retries: int = 3, retry_pause_s: float = 0.5, max_message_bytes: int = 64 << 20,
+                 downlink: dl.DownlinkSpec | None = None):
         if codec_method not in CODEC_METHODS:
             raise ValueError(f"codec_method={codec_method!r}: use one of {CODEC_METHODS}.")
         if timeout_s <= 0 or retries < 0:
             raise ValueError(f"timeout_s must be > 0 and retries >= 0, got {timeout_s} and {retries}.")
         self.target, self.geometry = target, geometry
         self.security = security or seclib.SecurityConfig()
-        self.client_id, self.codec_method = client_id, codec_method
+        self.client_id, self.codec_method, self.downlink = client_id, codec_method, downlink
         self.timeout_s, self.retries, self.retry_pause_s = float(timeout_s), int(retries), float(retry_pause_s)
         options = [("grpc.max_receive_message_length", int(max_message_bytes)),
                    ("grpc.max_send_message_length", int(max_message_bytes))]
@@ -68,8 +73,8 @@ class GrpcServerHalf(ServerHalf):
         self._metadata = seclib.call_metadata(self.security)
 
     @classmethod
-    def from_config(cls, section: Mapping[str, Any], geometry: wire.Geometry, codec_method: str = "ans"
-                    ) -> GrpcServerHalf:
+    def from_config(cls, section: Mapping[str, Any], geometry: wire.Geometry, codec_method: str = "ans",
+                    downlink: dl.DownlinkSpec | None = None) -> GrpcServerHalf:
         """From a training config's ``split.server`` section (a plain dict; ``address`` must be set)."""
         token = None
         if section.get("token_file"):
@@ -79,7 +84,7 @@ class GrpcServerHalf(ServerHalf):
                                          client_key=section["key"], token=token, server_name=section["server_name"])
         return cls(section["address"], geometry, security, client_id=section["client_id"], codec_method=codec_method,
                    timeout_s=float(section["rpc_timeout_s"]), retries=int(section["retries"]),
-                   max_message_bytes=int(float(section["max_message_mb"]) * (1 << 20)))
+                   max_message_bytes=int(float(section["max_message_mb"]) * (1 << 20)), downlink=downlink)
 
     def close(self) -> None:
         self.channel.close()
@@ -100,25 +105,40 @@ class GrpcServerHalf(ServerHalf):
             protocol_version=wire.PROTOCOL_VERSION, client_id=self.client_id, geometry=self.geometry.to_proto(),
             client_step=int(client_step)))
         wire.check_version(reply.protocol_version)
+        if self.downlink is not None:
+            theirs = wire.coding_from_proto(reply.downlink)
+            if not wire.same_coding(theirs, self.downlink):
+                raise ValueError(f"the server at {self.target} sends the downlink as {theirs.describe()}, this client's "
+                                 f"config asks for {self.downlink.describe()}; give both sides the same split.downlink* "
+                                 "settings.")
         return int(reply.server_step)
 
     def exchange(self, step: int, uplink: Uplink) -> tuple[Downlink, dict[str, Any]]:
         host = jax.device_get(uplink)
         request = wire.uplink_to_proto(host, step=step, client_id=self.client_id, geometry=self.geometry,
                                        codec_method=self.codec_method)
+        t0 = time.perf_counter()
         try:
             reply = self._call(self.stub.Step, request)
         except grpc.RpcError as e:
             if e.code() == grpc.StatusCode.FAILED_PRECONDITION and "out of order" in (e.details() or ""):
                 raise StepMismatchError(e.details()) from e
             raise
-        down = wire.downlink_from_proto(reply, host, step=step)
+        rpc_seconds = time.perf_counter() - t0
+        message = wire.downlink_from_proto(reply, host, step=step)
         metrics: dict[str, Any] = dict(reply.metrics)
+        # Wall time of the call (both transfers, the server's work and any retries); minus the server's
+        # ``server_seconds`` it is the network's share (bench/link_time.py).
+        metrics["rpc_seconds"] = rpc_seconds
         metrics.update(uplink_counts(host, self.codec_method))
-        dtype = {v: k for k, v in wire.GRAD_DTYPES.items()}[reply.grad_dtype]
-        metrics.update(downlink_counts(down, host, dtype))
+        values = int(np.asarray(host.image_valid).sum()) * int(np.prod(np.shape(host.image_codes)[1:]))
+        values += int(host.text_positions().sum()) * int(np.shape(host.text_codes)[-1])
+        # What the server's message carried (the codec's bytes; the protobuf framing is wire_downlink_bytes).
+        metrics["downlink_bytes"] = sum(len(getattr(reply, f)) for f in ("image_grad", "text_grad", "image_step",
+                                                                         "text_step"))
+        metrics["downlink_bytes_fp32"] = 4 * values
+        metrics.update(roundtrip_counts(metrics, np.shape(host.image_valid)[0]))
         metrics["wire_uplink_bytes"] = request.ByteSize()
         metrics["wire_downlink_bytes"] = reply.ByteSize()
         metrics["wire_replayed"] = int(reply.replayed)
-        return Downlink(image_grad=np.asarray(down.image_grad, np.float32),
-                        text_grad=np.asarray(down.text_grad, np.float32)), metrics
+        return dl.expand(message, np.float32), metrics

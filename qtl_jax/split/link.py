@@ -26,13 +26,17 @@ import numpy as np
 
 from qtl_jax import codec
 from qtl_jax.models.messages import Downlink, Uplink, check_uplink
+from qtl_jax.split import downlink as dl
 from qtl_jax.split.mesh import SplitMeshes, batch_sharding
 
 CODEC_METHODS = ("packed", "ans")
-DOWNLINK_DTYPES = ("float32", "bfloat16")
 # Per-step byte counts in the metrics (integers; summed over a run by wire_summary).
 BYTE_KEYS = ("wire_uplink_bytes", "wire_downlink_bytes", "uplink_bytes", "uplink_bytes_packed", "uplink_bytes_ans",
-             "uplink_bytes_fp16", "uplink_bytes_side", "downlink_bytes", "uplink_values")
+             "uplink_bytes_fp16", "uplink_bytes_side", "downlink_bytes", "downlink_bytes_fp32", "uplink_values",
+             "batch_samples")
+# Per-step floats derived from them: (uplink_bytes + downlink_bytes) / B, and the paper's setting
+# (uplink_bytes_fp16 + downlink_bytes_fp32) / B.
+ROUNDTRIP_KEYS = ("roundtrip_bytes_per_sample", "roundtrip_bytes_per_sample_paper")
 
 
 class StepMismatchError(RuntimeError):
@@ -100,12 +104,29 @@ def uplink_counts(msg: Uplink, codec_method: str = "ans") -> dict[str, int]:
     }
 
 
-def downlink_counts(msg: Downlink, up: Uplink, dtype: str = "float32") -> dict[str, int]:
-    """Bytes of the gradients at the positions the uplink carried real values for, in ``dtype``."""
-    width = jnp.dtype(dtype).itemsize
-    n = int(np.asarray(up.image_valid).sum()) * int(np.prod(msg.image_grad.shape[1:]))
-    n += int(up.text_positions().sum()) * int(msg.text_grad.shape[-1])
-    return {"downlink_bytes": n * width}
+def downlink_counts(msg: Downlink | dl.QuantizedDownlink, up: Uplink, codec_method: str = "ans") -> dict[str, int]:
+    """Bytes of the downlink at the positions the uplink carried real values for.
+
+    ``downlink_bytes``: what was sent (the gradients in ``msg``'s dtype; for a quantized message the coded
+    indices plus the float32 steps, :func:`qtl_jax.split.downlink.quantized_bytes`);
+    ``downlink_bytes_fp32``: what the paper sends, 4 bytes per real value.
+    """
+    image_shape = np.shape(msg.image_index if isinstance(msg, dl.QuantizedDownlink) else msg.image_grad)
+    n = int(np.asarray(up.image_valid).sum()) * int(np.prod(image_shape[1:]))
+    n += int(up.text_positions().sum()) * int(image_shape[-1])
+    if isinstance(msg, dl.QuantizedDownlink):
+        sent = dl.quantized_bytes(msg, up, codec_method)
+    else:
+        sent = n * jnp.dtype(msg.image_grad.dtype).itemsize
+    return {"downlink_bytes": sent, "downlink_bytes_fp32": 4 * n}
+
+
+def roundtrip_counts(counts: Mapping[str, int], batch_size: int) -> dict[str, Any]:
+    """``batch_samples`` and the round trip per sample (:data:`ROUNDTRIP_KEYS`) from one step's byte counts."""
+    b = max(int(batch_size), 1)
+    return {"batch_samples": int(batch_size),
+            "roundtrip_bytes_per_sample": (counts["uplink_bytes"] + counts["downlink_bytes"]) / b,
+            "roundtrip_bytes_per_sample_paper": (counts["uplink_bytes_fp16"] + counts["downlink_bytes_fp32"]) / b}
 
 
 class InProcessServerHalf(ServerHalf):
@@ -116,16 +137,19 @@ class InProcessServerHalf(ServerHalf):
       update: the server program ``update(server, uplink) -> (server, Downlink, metrics)``, pure and
         traceable (:func:`qtl_jax.split.step.server_update_fn`); compiled here on the server mesh with the
         server state donated.
-      codec_method: which coded size ``uplink_bytes`` reports ('packed' or 'ans'); both are measured.
+      codec_method: which coded size ``uplink_bytes`` reports ('packed' or 'ans'; both are measured), and
+        the codec of a quantized downlink.
       measure: measure bytes at all (host time: the codes are fetched and entropy coded).
       measure_every: measure every n-th step (step 0 always, when ``measure``).
-      downlink_dtype: 'float32' (the paper) or 'bfloat16': the gradients are rounded to bf16 on the way
-        back, which changes training (split then no longer equals fused) and halves the downlink.
+      downlink: how the gradients come back (:class:`qtl_jax.split.downlink.DownlinkSpec`; default fp32,
+        the paper). Anything but fp32 changes training (split then no longer equals fused).
+      client: this client's index (the stochastic rounding's key and the error-feedback residual's slot).
 
     Attributes:
       state: the server partition (a ``PartitionState``) the next exchange updates. The split step sets it
         from its ``TrainState`` before the exchange and takes the updated one back, so checkpoints and the
-        evaluation see one state holding both partitions.
+        evaluation see one state holding both partitions. With error feedback its ``batch_stats`` hold the
+        residual (:func:`qtl_jax.split.downlink.initial_residual`).
     """
 
     in_process = True
@@ -137,19 +161,19 @@ class InProcessServerHalf(ServerHalf):
         codec_method: str = "ans",
         measure: bool = True,
         measure_every: int = 1,
-        downlink_dtype: str = "float32",
+        downlink: dl.DownlinkSpec | None = None,
+        client: int = 0,
     ):
         if codec_method not in CODEC_METHODS:
             raise ValueError(f"codec_method={codec_method!r}: use one of {CODEC_METHODS}.")
-        if downlink_dtype not in DOWNLINK_DTYPES:
-            raise ValueError(f"downlink_dtype={downlink_dtype!r}: use one of {DOWNLINK_DTYPES}.")
         if int(measure_every) < 1:
             raise ValueError(f"measure_every must be >= 1, got {measure_every}.")
         self.meshes = meshes
         self.codec_method = codec_method
         self.measure = measure
         self.measure_every = int(measure_every)
-        self.downlink_dtype = downlink_dtype
+        self.downlink = downlink or dl.DownlinkSpec()
+        self.client = int(client)
         self.state: Any = None
         self._update = update
         self._program = None
@@ -175,23 +199,41 @@ class InProcessServerHalf(ServerHalf):
         if self.state is None:
             raise ValueError("InProcessServerHalf.state is not set: assign the server PartitionState before exchanging.")
         check_uplink(uplink)
-        counts: dict[str, int] = {}
+        counts: dict[str, Any] = {}
         host = None
         if self._measuring(step):
             host = jax.device_get(uplink)
             counts = uplink_counts(host, self.codec_method)
         if self._program is None:
             self._compile()
-        self.state, down, metrics = self._program(self.state, _put(uplink, self.meshes.server))
+        on_server = _put(uplink, self.meshes.server)
+        self.state, down, metrics = self._program(self.state, on_server)
         # Back in the server's own dtype on arrival: float32 (float64 in the tests' float64 runs).
-        dtypes = jax.tree_util.tree_map(lambda g: g.dtype, down)
-        if self.downlink_dtype != "float32":
-            dt = jnp.dtype(self.downlink_dtype)
-            down = jax.tree_util.tree_map(lambda g: g.astype(dt), down)
+        dtype = down.image_grad.dtype
+        message, self.state = send_downlink(self.downlink, self.state, str(self.client), down, on_server,
+                                            dl.step_key(self.downlink.seed, self.client, step))
         if host is not None:
-            counts.update(downlink_counts(down, host, self.downlink_dtype))
-        received = jax.tree_util.tree_map(lambda g, dt: g.astype(dt), _put(down, self.meshes.client), dtypes)
+            counts.update(downlink_counts(jax.device_get(message), host, self.codec_method))
+            counts.update(roundtrip_counts(counts, np.shape(host.image_valid)[0]))
+        received = dl.expand(_put(message, self.meshes.client), dtype)
         return received, {**metrics, **counts}
+
+
+def send_downlink(spec: dl.DownlinkSpec, server: Any, slot: str, down: Downlink, uplink: Uplink,
+                  key: jax.Array) -> tuple[Any, Any]:
+    """``(message, server)``: the downlink message for ``down`` under ``spec`` and the server partition
+    with client ``slot``'s error-feedback residual updated (unchanged without error feedback)."""
+    if not spec.error_feedback:
+        return dl.compress(spec, down, uplink, None, key)[0], server
+    stats = server.batch_stats.get(dl.RESIDUAL_KEY, {}) if isinstance(server.batch_stats, Mapping) else {}
+    if slot not in stats:
+        raise ValueError(f"split.downlink_error_feedback is on but the server state holds no residual for client "
+                         f"{slot!r} (it has {sorted(stats)}); build the state with downlink.initial_residual.")
+    message, residual = dl.compress(spec, down, uplink, stats[slot], key)
+    # Kept where the state had it, so the server program's compiled input shardings still hold.
+    residual = jax.tree_util.tree_map(lambda new, old: jax.device_put(new, old.sharding), residual, stats[slot])
+    new_stats = {**server.batch_stats, dl.RESIDUAL_KEY: {**stats, slot: residual}}
+    return message, server.replace(batch_stats=new_stats)
 
 
 def _put(tree: Any, mesh) -> Any:

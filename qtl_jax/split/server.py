@@ -36,6 +36,7 @@ import hashlib
 import logging
 import os
 import threading
+import time
 from concurrent import futures
 
 import grpc
@@ -43,6 +44,8 @@ import jax
 import numpy as np
 
 from qtl_jax.models import quantized as qm
+from qtl_jax.split import downlink as dl
+from qtl_jax.split import link as linklib
 from qtl_jax.split import guard
 from qtl_jax.split import mesh as meshlib
 from qtl_jax.split import security as seclib
@@ -74,8 +77,10 @@ def make_server_update(config: qm.QuantizedTinyLlavaConfig, optimizers: steplib.
 class ServerOptions:
     """Network-side settings of :class:`SplitServicer` / :func:`serve`."""
 
-    grad_dtype: str = "float32"  # downlink: 'float32' (exact) or 'bfloat16' (half the bytes)
-    codec_method: str = "ans"  # what clients are told to send ('ans' or 'packed'); both are accepted
+    # What the downlink sends (split.downlink*: fp32, bf16 or quantized); its seed keys the stochastic rounding.
+    downlink: dl.DownlinkSpec = dataclasses.field(default_factory=dl.DownlinkSpec)
+    codec_method: str = "ans"  # what clients are told to send ('ans' or 'packed'; both are accepted) and the
+    # codec of a quantized downlink
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     checkpoint_every: int = 0  # save the server state every n applied steps (0: never)
     max_workers: int = 4
@@ -188,7 +193,11 @@ class SplitServicer(pb_grpc.SplitLearningServicer):
 
     def Step(self, request: pb.UplinkRequest, context) -> pb.DownlinkReply:
         try:
-            return self.apply(request)
+            t0 = time.perf_counter()
+            reply = self.apply(request)
+            # The client subtracts it from the RPC's wall time: what is left is the network's share.
+            reply.metrics["server_seconds"] = time.perf_counter() - t0
+            return reply
         except StepError as e:
             self.refuse(context, "Step", e.code, str(e))
         except wire.VersionError as e:
@@ -229,8 +238,9 @@ class SplitServicer(pb_grpc.SplitLearningServicer):
                               f"({self._no_rewind_reason()}), the client realigns its own side.")
             self._fix_client(request.client_id)
             return pb.JoinReply(protocol_version=wire.PROTOCOL_VERSION, server_step=self._local_step(k),
-                                grad_dtype=wire.GRAD_DTYPES[self.options.grad_dtype],
-                                codec_method=self.options.codec_method)
+                                grad_dtype=wire.DOWNLINK_KINDS[self.options.downlink.kind],
+                                codec_method=self.options.codec_method,
+                                downlink=wire.coding_to_proto(self.options.downlink))
 
     def may_rewind(self, client_id: str) -> bool:
         """Whether a Join from ``client_id`` behind the server may rewind it (see ``ServerOptions.rewind``).
@@ -307,6 +317,12 @@ class SplitServicer(pb_grpc.SplitLearningServicer):
         print(f"qtl_jax.split.server: rewound from step {before} to its checkpoint of step {step} (a client "
               f"restarted there)" + (f"; moved {', '.join(moved)} aside" if moved else ""), flush=True)
 
+    def send(self, server: steplib.PartitionState, k: int, step: int, down, uplink):
+        """``(message, server)``: client ``k``'s downlink of its step ``step`` (the in-process server half's
+        computation, :func:`qtl_jax.split.link.send_downlink`) and the server partition with its residual."""
+        spec = self.options.downlink
+        return linklib.send_downlink(spec, server, str(k), down, uplink, dl.step_key(spec.seed, k, step))
+
     def apply(self, request: pb.UplinkRequest) -> pb.DownlinkReply:
         """Applies the request's step exactly once (a retry of the last step gets the cached reply)."""
         wire.check_version(request.protocol_version)
@@ -341,10 +357,11 @@ class SplitServicer(pb_grpc.SplitLearningServicer):
             received = jax.tree_util.tree_map(
                 lambda x: jax.device_put(x, meshlib.batch_sharding(self.mesh, np.ndim(x))), up)
             server, down, metrics = self._update(self.state.server, received)
+            message, server = self.send(server, k, int(request.step), down, received)
             self.state = self.state.replace(server=server, step=self.state.step + 1)
             host_metrics = {name: float(v) for name, v in jax.device_get(metrics).items()}
-            reply = wire.downlink_to_proto(jax.device_get(down), up, step=request.step,
-                                           grad_dtype=self.options.grad_dtype, metrics=host_metrics)
+            reply = wire.downlink_to_proto(jax.device_get(message), up, step=request.step, spec=self.options.downlink,
+                                           codec_method=self.options.codec_method, metrics=host_metrics)
             reply.uplink_wire_bytes = request.ByteSize()
             self._last[k] = (int(request.step), _digest(request), reply)
             self.applied_steps.append(int(request.step))
@@ -444,7 +461,7 @@ def main(argv) -> None:
     mc = config.mesh
     meshes = meshlib.split_meshes(mc.client_devices, mc.server_devices, client_fsdp=mc.client_fsdp,
                                   server_fsdp=mc.server_fsdp)
-    full = setuplib.create_state(config, setup, meshes, rounds)
+    full = setuplib.create_state(config, setup, meshes, rounds, clients=max(len(clients), 1))
     optimizers = steplib.make_split_optimizers(config.optimizer.to_dict(), rounds,
                                                {"client": full.client.params, "server": full.server.params})
     checkpointer = ckptlib.Checkpointer(workdir, keep=int(config.keep_checkpoints),
@@ -465,7 +482,8 @@ def main(argv) -> None:
         state = setuplib.with_initial_params(config, setup, full.replace(client=empty))
     del full
     geometry = wire.geometry_of(setup.model, config.global_batch_size, setup.model.model.max_length)
-    options = ServerOptions(grad_dtype=config.split.downlink_dtype, codec_method=config.split.codec_method,
+    options = ServerOptions(downlink=dl.DownlinkSpec.from_config(config.split, int(config.seed)),
+                            codec_method=config.split.codec_method,
                             max_message_bytes=int(f.max_message_mb * (1 << 20)),
                             checkpoint_every=int(config.checkpoint_every), clients=clients, rewind=f.rewind,
                             max_workers=max(4, len(clients) + 2))  # a worker per client waiting for its turn

@@ -22,14 +22,18 @@ import numpy as np
 
 from qtl_jax import codec
 from qtl_jax.models.messages import Downlink, Uplink
-from qtl_jax.split.link import CODEC_METHODS, DOWNLINK_DTYPES
+from qtl_jax.split import downlink as dl
+from qtl_jax.split.link import CODEC_METHODS
 from qtl_jax.split.proto import split_pb2 as pb
 
 # 2: row i of every array is sample i (version 1 put the real images first).
-PROTOCOL_VERSION = 2
+# 3: the downlink's coding (fp32, bf16 or quantized indices + steps) in JoinReply and DownlinkReply.
+PROTOCOL_VERSION = 3
 IGNORE_INDEX = -100
-GRAD_DTYPES = {"float32": pb.FLOAT32, "bfloat16": pb.BFLOAT16}
-_GRAD_NAMES = {v: k for k, v in GRAD_DTYPES.items()}
+DOWNLINK_KINDS = {"fp32": pb.FLOAT32, "bf16": pb.BFLOAT16, "quantized": pb.QUANTIZED}
+_KIND_NAMES = {v: k for k, v in DOWNLINK_KINDS.items()}
+_SCALES = {"token": pb.TOKEN, "channel": pb.CHANNEL}
+_SCALE_NAMES = {v: k for k, v in _SCALES.items()}
 
 
 class WireError(ValueError):
@@ -81,6 +85,34 @@ def check_version(version: int) -> None:
         )
 
 
+def coding_to_proto(spec: dl.DownlinkSpec) -> pb.DownlinkCoding:
+    return pb.DownlinkCoding(kind=DOWNLINK_KINDS[spec.kind], bits=int(spec.bits), scale=_SCALES[spec.scale],
+                             error_feedback=bool(spec.error_feedback), topk=float(spec.topk))
+
+
+def coding_from_proto(msg: pb.DownlinkCoding, seed: int = 0) -> dl.DownlinkSpec:
+    """The sender's :class:`~qtl_jax.split.downlink.DownlinkSpec` (``seed``: the receiver's; it is not sent)."""
+    if msg.kind not in _KIND_NAMES:
+        raise WireError(f"downlink.kind={msg.kind} is not one of {sorted(_KIND_NAMES)}.")
+    if msg.scale not in _SCALE_NAMES:
+        raise WireError(f"downlink.scale={msg.scale} is not one of {sorted(_SCALE_NAMES)}.")
+    try:
+        # float32 on the wire: 0.1 comes back as 0.10000000149; round to what a config can hold.
+        return dl.DownlinkSpec(kind=_KIND_NAMES[msg.kind], bits=int(msg.bits), scale=_SCALE_NAMES[msg.scale],
+                               error_feedback=bool(msg.error_feedback), topk=float(np.float32(msg.topk).item()),
+                               seed=seed)
+    except ValueError as e:
+        raise WireError(f"downlink: {e}") from e
+
+
+def same_coding(a: dl.DownlinkSpec, b: dl.DownlinkSpec) -> bool:
+    """The same downlink (the seed aside; the quantizer's settings only matter for 'quantized')."""
+    if a.kind != b.kind:
+        return False
+    return a.kind != "quantized" or (a.bits, a.scale, a.error_feedback, np.float32(a.topk)) == \
+        (b.bits, b.scale, b.error_feedback, np.float32(b.topk))
+
+
 # ---------------------------------------------------------------------------------------------------
 # Uplink
 
@@ -120,7 +152,8 @@ def _binary(field: str, arr: np.ndarray) -> np.ndarray:
     return arr
 
 
-def _codes(field: str, data: bytes, levels: int, shape: tuple[int, ...]) -> np.ndarray:
+def _codes(field: str, data: bytes, levels: int, shape: tuple[int, ...], why: str | None = None) -> np.ndarray:
+    """The indices of a codec message, checked against ``levels`` (``why``: where that number comes from)."""
     n = int(np.prod(shape))
     try:
         head = codec.describe(data, max_elements=n)
@@ -130,7 +163,7 @@ def _codes(field: str, data: bytes, levels: int, shape: tuple[int, ...]) -> np.n
         if head["method"] not in expected_method:
             raise WireError(f"{field} is a {head['method']!r} message; levels={levels} needs one of {expected_method}.")
         if head["levels"] != levels:
-            raise WireError(f"{field} declares levels={head['levels']}, the geometry says {levels}.")
+            raise WireError(f"{field} declares levels={head['levels']}, {why or f'the geometry says {levels}'}.")
         arr = codec.decode(data, max_elements=n)
     except WireError:
         raise
@@ -198,52 +231,86 @@ def uplink_from_proto(req: pb.UplinkRequest, geometry: Geometry) -> Uplink:
 # Downlink
 
 
-def _to_dtype(x: np.ndarray, dtype: str) -> bytes:
-    if dtype == "float32":
+def _to_dtype(x: np.ndarray, kind: str) -> bytes:
+    if kind == "fp32":
         return np.asarray(x, "<f4").tobytes()
-    # bfloat16 via ml_dtypes (jax's own bf16): round to nearest even, as InProcessLink's astype does.
+    # bfloat16 via ml_dtypes (jax's own bf16): round to nearest even, as the in-process astype does.
     import ml_dtypes
 
-    return np.asarray(x, np.float32).astype(ml_dtypes.bfloat16).view("<u2").tobytes()
+    return np.asarray(x).astype(ml_dtypes.bfloat16).view("<u2").tobytes()
 
 
-def _from_dtype(field: str, data: bytes, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
-    if dtype == "float32":
+def _from_dtype(field: str, data: bytes, kind: str, shape: tuple[int, ...]) -> np.ndarray:
+    if kind == "fp32":
         return _raw(field, data, "<f4", shape).astype(np.float32)
     import ml_dtypes
 
     return _raw(field, data, "<u2", shape).view(ml_dtypes.bfloat16).astype(np.float32)
 
 
-def downlink_to_proto(msg: Downlink, up: Uplink, *, step: int, grad_dtype: str = "float32",
+def downlink_to_proto(message: Downlink | dl.QuantizedDownlink, up: Uplink, *, step: int,
+                      spec: dl.DownlinkSpec | None = None, codec_method: str = "ans",
                       metrics: Mapping[str, float] | None = None) -> pb.DownlinkReply:
-    """The server's reply: gradients at the positions ``up`` carried real values for."""
-    if grad_dtype not in DOWNLINK_DTYPES:
-        raise ValueError(f"grad_dtype={grad_dtype!r}: use one of {DOWNLINK_DTYPES}.")
-    image = np.asarray(msg.image_grad)[np.asarray(up.image_valid) > 0]
-    text = np.asarray(msg.text_grad)[up.text_positions()]
-    return pb.DownlinkReply(
-        protocol_version=PROTOCOL_VERSION, step=int(step), grad_dtype=GRAD_DTYPES[grad_dtype],
-        image_grad=_to_dtype(image, grad_dtype), text_grad=_to_dtype(text, grad_dtype),
-        metrics={k: float(v) for k, v in (metrics or {}).items()},
-    )
+    """The server's reply: the downlink message (:func:`qtl_jax.split.downlink.compress` of ``spec``, on
+    the host) at the positions ``up`` carried real values for."""
+    spec = spec or dl.DownlinkSpec()
+    reply = pb.DownlinkReply(protocol_version=PROTOCOL_VERSION, step=int(step), grad_dtype=DOWNLINK_KINDS[spec.kind],
+                             downlink=coding_to_proto(spec), metrics={k: float(v) for k, v in (metrics or {}).items()})
+    if spec.kind == "quantized":
+        if not isinstance(message, dl.QuantizedDownlink):
+            raise TypeError(f"split.downlink='quantized' sends a QuantizedDownlink, got {type(message).__name__}.")
+        for name, data in dl.encode_quantized(message, up, codec_method).items():
+            setattr(reply, name, data)
+        return reply
+    reply.image_grad = _to_dtype(np.asarray(message.image_grad)[np.asarray(up.image_valid) > 0], spec.kind)
+    reply.text_grad = _to_dtype(np.asarray(message.text_grad)[up.text_positions()], spec.kind)
+    return reply
 
 
-def downlink_from_proto(reply: pb.DownlinkReply, up: Uplink, *, step: int) -> Downlink:
-    """The gradients as float32 arrays of the step's static shapes (zeros where nothing was sent)."""
+def _steps(field: str, data: bytes, shape: tuple[int, ...]) -> np.ndarray:
+    steps = _raw(field, data, "<f4", shape).astype(np.float32)
+    if not np.all(np.isfinite(steps)) or np.any(steps < 0):
+        raise WireError(f"{field} must hold finite steps >= 0.")
+    return steps
+
+
+def downlink_from_proto(reply: pb.DownlinkReply, up: Uplink, *, step: int) -> Downlink | dl.QuantizedDownlink:
+    """The reply's message in the step's static shapes (nothing at the positions that did not travel):
+    a float32 :class:`Downlink` (fp32, bf16) or a numpy :class:`~qtl_jax.split.downlink.QuantizedDownlink`
+    (:func:`qtl_jax.split.downlink.expand` turns it into gradients)."""
     check_version(reply.protocol_version)
     if reply.step != step:
         raise WireError(f"the reply is for step {reply.step}, the client sent step {step}.")
-    if reply.grad_dtype not in _GRAD_NAMES:
-        raise WireError(f"grad_dtype={reply.grad_dtype} is not one of {sorted(_GRAD_NAMES)}.")
-    dtype = _GRAD_NAMES[reply.grad_dtype]
+    if not reply.HasField("downlink"):
+        raise WireError("downlink (the reply's coding) is missing.")
+    spec = coding_from_proto(reply.downlink)
+    if DOWNLINK_KINDS[spec.kind] != reply.grad_dtype:
+        raise WireError(f"grad_dtype={reply.grad_dtype} disagrees with downlink.kind={spec.kind!r}.")
     valid = np.asarray(up.image_valid) > 0
     text_pos = up.text_positions()
     image_shape, text_shape = np.shape(up.image_codes), np.shape(up.text_codes)
-    image = _from_dtype("image_grad", reply.image_grad, dtype, (int(valid.sum()),) + tuple(image_shape[1:]))
-    text = _from_dtype("text_grad", reply.text_grad, dtype, (int(text_pos.sum()), text_shape[-1]))
-    image_full = np.zeros(image_shape, np.float32)
-    image_full[valid] = image
-    text_full = np.zeros(text_shape, np.float32)
-    text_full[text_pos] = text
-    return Downlink(image_grad=image_full, text_grad=text_full)
+    n_images, n_text, d = int(valid.sum()), int(text_pos.sum()), text_shape[-1]
+    if spec.kind != "quantized":
+        image = _from_dtype("image_grad", reply.image_grad, spec.kind, (n_images,) + tuple(image_shape[1:]))
+        text = _from_dtype("text_grad", reply.text_grad, spec.kind, (n_text, d))
+        image_full = np.zeros(image_shape, np.float32)
+        image_full[valid] = image
+        text_full = np.zeros(text_shape, np.float32)
+        text_full[text_pos] = text
+        return Downlink(image_grad=image_full, text_grad=text_full)
+    m = spec.half_levels
+    parts = {}
+    for name, rows, shape in (("image", valid, image_shape), ("text", text_pos, text_shape)):
+        n_rows = int(rows.sum())
+        index = _codes(f"{name}_grad", getattr(reply, f"{name}_grad"), spec.levels,
+                       (n_rows,) + tuple(shape[rows.ndim:]), why=f"downlink.bits={spec.bits} means levels={spec.levels}")
+        full = np.full(shape, m, np.uint8)
+        full[rows] = index
+        if spec.scale == "token":
+            steps = np.zeros(shape[:-1], np.float32)
+            steps[rows] = _steps(f"{name}_step", getattr(reply, f"{name}_step"), (n_rows,) + tuple(shape[rows.ndim:-1]))
+        else:
+            steps = _steps(f"{name}_step", getattr(reply, f"{name}_step"), (d,))
+        parts[name] = (full, steps)
+    return dl.QuantizedDownlink(parts["image"][0], parts["image"][1], parts["text"][0], parts["text"][1],
+                                half_levels=m)

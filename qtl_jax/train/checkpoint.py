@@ -10,6 +10,7 @@ item                 content
 ``client_stats``     its quantizer running statistics (``{}`` unless scaling='ema')
 ``server_params``    the server partition's parameters
 ``server_opt``       its optimizer state
+``server_stats``     its running state: the downlink's error-feedback residuals (absent without them)
 ``train``            ``{'step', 'rng'}``
 ``data``             the input loader's JSON state (exact position in the data stream)
 ``config``           the run's config as JSON (what was trained, for the next stage and for people)
@@ -50,7 +51,7 @@ import orbax.checkpoint as ocp
 
 from qtl_jax.split.step import PartitionState, TrainState
 
-ARRAY_ITEMS = ("client_params", "client_opt", "client_stats", "server_params", "server_opt", "train")
+ARRAY_ITEMS = ("client_params", "client_opt", "client_stats", "server_params", "server_opt", "server_stats", "train")
 JSON_ITEMS = ("data", "config")
 CHECKSUM_ITEM = "checksums"
 CHECKSUM_FORMAT = 1
@@ -93,6 +94,7 @@ def _items(state: TrainState) -> dict[str, Any]:
         "client_stats": state.client.batch_stats,
         "server_params": state.server.params,
         "server_opt": state.server.opt_state,
+        "server_stats": state.server.batch_stats,
         "train": {"step": state.step, "rng": state.rng},
     }
 
@@ -568,7 +570,7 @@ class Checkpointer:
         state = TrainState(
             step=got["train"]["step"],
             client=PartitionState(got["client_params"], got["client_opt"], got["client_stats"]),
-            server=PartitionState(got["server_params"], got["server_opt"], like.server.batch_stats),
+            server=PartitionState(got["server_params"], got["server_opt"], got["server_stats"]),
             rng=got["train"]["rng"],
         )
         return state, dict(out["data"])

@@ -51,6 +51,7 @@ from qtl_jax.optimizer import learning_rate_schedule
 from qtl_jax.split import mesh as meshlib
 from qtl_jax.split import step as steplib
 from qtl_jax.split import wire
+from qtl_jax.split.downlink import DownlinkSpec
 from qtl_jax.split.link import BYTE_KEYS, InProcessServerHalf, ServerHalf, StepMismatchError, wire_summary
 from qtl_jax.train import checkpoint as ckptlib
 from qtl_jax.train import demo_eval
@@ -169,11 +170,12 @@ def make_server_half(config: ml_collections.ConfigDict, setup: Setup, meshes: me
         from qtl_jax.split.grpc_link import GrpcServerHalf
 
         geometry = wire.geometry_of(setup.model, int(config.global_batch_size), setup.model.model.max_length)
-        return GrpcServerHalf.from_config(section, geometry, codec_method=config.split.codec_method)
+        return GrpcServerHalf.from_config(section, geometry, codec_method=config.split.codec_method,
+                                          downlink=DownlinkSpec.from_config(config.split, int(config.seed)))
     return InProcessServerHalf(meshes, steplib.server_update_fn(setup.model, optimizers),
                                codec_method=config.split.codec_method, measure=jax.process_count() == 1,
                                measure_every=int(config.split.measure_every),
-                               downlink_dtype=config.split.downlink_dtype)
+                               downlink=DownlinkSpec.from_config(config.split, int(config.seed)))
 
 
 def _check_remote(config: ml_collections.ConfigDict) -> None:

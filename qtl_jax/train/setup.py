@@ -31,8 +31,9 @@ from qtl_jax.data.shapes import tokenizer as shapes_tokenizer
 from qtl_jax.models import builder
 from qtl_jax.models.quantized import QuantizedTinyLlavaConfig
 from qtl_jax.models.tinyllava import TinyLlava
+from qtl_jax.split import downlink
 from qtl_jax.split import step as steplib
-from qtl_jax.split.mesh import SplitMeshes
+from qtl_jax.split.mesh import SplitMeshes, replicated
 from qtl_jax.train import checkpoint as ckptlib
 
 T = TypeVar("T")
@@ -197,12 +198,24 @@ def on_main_first(fn: Callable[[], T]) -> T:
     return out if jax.process_index() == 0 else fn()
 
 
-def create_state(config: ml_collections.ConfigDict, setup: Setup, meshes: SplitMeshes, total_steps: int
-                 ) -> steplib.TrainState:
-    """The state drawn from ``config.seed`` (base weights copied in), each partition on its own mesh."""
+def create_state(config: ml_collections.ConfigDict, setup: Setup, meshes: SplitMeshes, total_steps: int,
+                 clients: int = 1) -> steplib.TrainState:
+    """The state drawn from ``config.seed`` (base weights copied in), each partition on its own mesh.
+
+    With downlink error feedback (``split.downlink_error_feedback``) the server partition's ``batch_stats``
+    hold a zero residual for each of ``clients`` clients (:func:`qtl_jax.split.downlink.initial_residual`).
+    """
     k_state, _ = seed_keys(config)
-    return steplib.create_train_state(setup.model, k_state, meshes, config.optimizer.to_dict(), total_steps,
-                                      setup.pretrained, sharding_rules=list(config.sharding))
+    state = steplib.create_train_state(setup.model, k_state, meshes, config.optimizer.to_dict(), total_steps,
+                                       setup.pretrained, sharding_rules=list(config.sharding))
+    m = setup.model.model
+    residual = downlink.initial_residual(downlink.DownlinkSpec.from_config(config.split, int(config.seed)),
+                                         int(config.global_batch_size), int(m.num_image_tokens), int(m.max_length),
+                                         int(m.llm.hidden_size), clients)
+    if residual:
+        stats = jax.device_put(residual, replicated(meshes.server))
+        state = state.replace(server=state.server.replace(batch_stats=stats))
+    return state
 
 
 def with_initial_params(config: ml_collections.ConfigDict, setup: Setup, state: steplib.TrainState,
