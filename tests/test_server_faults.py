@@ -36,7 +36,7 @@ from qtl_jax.split import wire
 from qtl_jax.split.proto import split_pb2 as pb
 from qtl_jax.split.proto import split_pb2_grpc as pb_grpc
 from qtl_jax.train import checkpoint as ckptlib
-from test_grpc_split import GEOMETRY, RPC_TIMEOUT, Server, assert_trees_close, good_request
+from test_grpc_split import GEOMETRY, RPC_TIMEOUT, Server, assert_trees_equal, good_request
 
 TOKEN = "s3cret-token"
 MD = (("authorization", f"Bearer {TOKEN}"),)
@@ -225,7 +225,7 @@ def test_with_several_clients_no_peer_rolls_the_server_back(tmp_path, caplog):
             assert error.code() == grpc.StatusCode.PERMISSION_DENIED and "not one of" in error.details()
         assert server.servicer.step == 4 and not server.servicer.rewinds
         assert checkpointer.all_steps() == saved and rewound_dirs(checkpointer) == []
-        assert_trees_close(jax.device_get(server.servicer.state.server.params), params, tol=0)
+        assert_trees_equal(jax.device_get(server.servicer.state.server.params), params)
         notes = [r.getMessage() for r in caplog.records if r.name == LOGGER and "not rewinding" in r.getMessage()]
         assert len(notes) == 1 and "not rewinding (several clients share this server" in notes[0], notes
     finally:
@@ -314,7 +314,7 @@ def test_rewind_to_a_corrupt_checkpoint_is_data_loss_and_the_server_stays(tmp_pa
             assert "\n" not in details
             # Nothing moved; the server goes on from step 2.
             assert server.servicer.step == 2 and checkpointer.all_steps() == [1, 2] and not server.servicer.rewinds
-            assert_trees_close(jax.device_get(server.servicer.state.server.params), params, tol=0)
+            assert_trees_equal(jax.device_get(server.servicer.state.server.params), params)
             assert stub.Step(good_request(2), metadata=MD, timeout=RPC_TIMEOUT).step == 2
     finally:
         server.stop()
