@@ -363,6 +363,16 @@ class Decoder(nn.Module):
         uses, which for right padding (and no padding) equal ``arange(T)`` on every real token, and
         for left padding start at 0 on the first real token. Outputs at padded positions are garbage.
         """
+        return self._head(self.final_hidden(inputs_embeds, attention_mask, position_ids))
+
+    def final_hidden(
+        self,
+        inputs_embeds: jnp.ndarray,
+        attention_mask: jnp.ndarray | None = None,
+        position_ids: jnp.ndarray | None = None,
+    ) -> jnp.ndarray:
+        """As :meth:`__call__` up to the final norm: ``[B,T,D]`` in the compute dtype, what the head reads
+        (a loss that never forms the logits, ``qtl_jax.models.cross_entropy.fused_head``, starts here)."""
         cfg = self.config
         if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != cfg.hidden_size:
             raise ValueError(
@@ -389,11 +399,13 @@ class Decoder(nn.Module):
         allowed = causal[None] & attention_mask.astype(jnp.bool_)[:, None, :]
         for layer in self.layers:
             x = layer(x, cos, sin, allowed)
-        return self._logits(x)
+        return self.norm(x)
 
     def _logits(self, x: jnp.ndarray) -> jnp.ndarray:
+        return self._head(self.norm(x))
+
+    def _head(self, x: jnp.ndarray) -> jnp.ndarray:
         cfg = self.config
-        x = self.norm(x)
         if cfg.tie_word_embeddings:
             table = self.embed_tokens.embedding.astype(cfg.dtype)
             return jnp.einsum("btd,vd->btv", x, table, preferred_element_type=accum_dtype(cfg.dtype))
@@ -485,6 +497,18 @@ def init_cache(config: DecoderConfig, batch: int, max_length: int, dtype: Any = 
     )
 
 
+def head_of(config: DecoderConfig, params: Mapping[str, Any]) -> tuple[jnp.ndarray, jnp.ndarray | None, bool]:
+    """The output head in a decoder's params: ``(weight, bias or None, vocab_major)``.
+
+    Tied: the embedding table ``[V, D]`` (``vocab_major``); untied: ``lm_head``'s kernel ``[D, V]`` and bias.
+    What :meth:`Decoder.final_hidden`'s output is multiplied by to give the logits.
+    """
+    if config.tie_word_embeddings:
+        return params["embed_tokens"]["embedding"], None, True
+    head = params["lm_head"]
+    return head["kernel"], head.get("bias"), False
+
+
 def dtype_from_name(name: str | Any) -> Any:
     """``'bfloat16'`` -> ``jnp.bfloat16``; dtypes pass through."""
     if isinstance(name, str):
@@ -513,6 +537,7 @@ __all__: Sequence[str] = (
     "KVCache",
     "dot_product_attention",
     "dtype_from_name",
+    "head_of",
     "init_cache",
     "init_shapes",
     "param_count",

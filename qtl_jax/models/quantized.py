@@ -39,8 +39,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from qtl_jax import quantizer as qlib
-from qtl_jax.precision import accum_dtype, upcast
-from qtl_jax.data.constants import IGNORE_INDEX
+from qtl_jax.precision import accum_dtype
+from qtl_jax.models import cross_entropy
+from qtl_jax.models.decoder import head_of
 from qtl_jax.models.tinyllava import TinyLlava, TinyLlavaConfig, compute_layout, init_params, scatter
 from qtl_jax.quantizer import Quantizer, QuantizerConfig
 from qtl_jax.models.messages import Uplink
@@ -58,6 +59,8 @@ class QuantizedTinyLlavaConfig:
     model: TinyLlavaConfig
     image_quantizer: QuantizerConfig
     text_quantizer: QuantizerConfig
+    # Target rows per chunk of the fused head + cross-entropy (memory O(rows x vocabulary)).
+    loss_chunk_rows: int = cross_entropy.DEFAULT_CHUNK_ROWS
 
     def __post_init__(self):
         problems = []
@@ -260,42 +263,6 @@ def straight_through(z: Array, codes: Array, levels: int) -> Array:
     return jax.lax.stop_gradient(values) + (z - jax.lax.stop_gradient(z))
 
 
-@jax.custom_vjp
-def _token_nll(logits: Array, targets: Array) -> Array:
-    """``logsumexp(logits) - logits[target]`` per position; ``targets`` must lie in ``[0, V)``."""
-    return _token_nll_fwd(logits, targets)[0]
-
-
-def _token_nll_fwd(logits, targets):
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return lse - picked, (logits, lse, targets)
-
-
-def _token_nll_bwd(residuals, g):
-    # d nll / d logits = softmax - onehot: one fused pass over [B, T, V], where autodiff of the
-    # logsumexp and the gather makes several (and a scatter), which dominate the loss at a 32k vocabulary.
-    logits, lse, targets = residuals
-    vocab = jnp.arange(logits.shape[-1], dtype=targets.dtype)
-    d = jnp.exp(logits - lse[..., None]) - (vocab == targets[..., None]).astype(logits.dtype)
-    return d * g[..., None], np.zeros(targets.shape, jax.dtypes.float0)
-
-
-_token_nll.defvjp(_token_nll_fwd, _token_nll_bwd)
-
-
-def cross_entropy(logits: Array, labels: Array) -> tuple[Array, Array]:
-    """Next-token cross-entropy averaged over targets != -100; returns ``(mean, number of targets)``."""
-    # Shift the labels rather than slice the logits: a slice of [B, T, V] is a copy, and a pad of its
-    # gradient in the backward pass.
-    logits = upcast(logits)
-    targets = jnp.concatenate([labels[:, 1:], jnp.full_like(labels[:, :1], IGNORE_INDEX)], axis=1)
-    valid = targets != IGNORE_INDEX
-    nll = _token_nll(logits, jnp.where(valid, targets, 0))
-    count = jnp.sum(valid)
-    return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(count, 1).astype(logits.dtype), count
-
-
 def server_layout(config: QuantizedTinyLlavaConfig, uplink: Uplink):
     """The merge layout, rebuilt from the placeholder mask alone (the server never sees token ids); sample
     ``i``'s placeholder takes image row ``i`` (the rows of text-only samples are never read)."""
@@ -305,8 +272,8 @@ def server_layout(config: QuantizedTinyLlavaConfig, uplink: Uplink):
                           num_images=uplink.image_codes.shape[0], images_by_sample=True)
 
 
-def server_logits(config: QuantizedTinyLlavaConfig, server_params: Params, values: Mapping[str, Array], uplink: Uplink):
-    """Dequantized values ``{'image', 'text'}`` -> ``(logits [B, L, V], layout)``."""
+def _server_decode(config: QuantizedTinyLlavaConfig, server_params: Params, values: Mapping[str, Array],
+                   uplink: Uplink, method):
     cfg = config.model
     decoded = {}
     for modality in MODALITIES:
@@ -315,18 +282,27 @@ def server_logits(config: QuantizedTinyLlavaConfig, server_params: Params, value
             {"params": server_params[f"{modality}_quantizer"]}, values[modality], method="project_out"
         ).astype(cfg.dtype)
     layout = server_layout(config, uplink)
-    model = TinyLlava(cfg)
     merged = scatter(decoded["image"], decoded["text"], layout)
-    logits = model.apply({"params": {"llm": server_params["llm"]}}, merged, layout, method=TinyLlava.decode)
-    return logits, layout
+    return TinyLlava(cfg).apply({"params": {"llm": server_params["llm"]}}, merged, layout, method=method), layout
+
+
+def server_logits(config: QuantizedTinyLlavaConfig, server_params: Params, values: Mapping[str, Array], uplink: Uplink):
+    """Dequantized values ``{'image', 'text'}`` -> ``(logits [B, L, V], layout)``."""
+    return _server_decode(config, server_params, values, uplink, TinyLlava.decode)
 
 
 def server_loss_from_values(
     config: QuantizedTinyLlavaConfig, server_params: Params, values: Mapping[str, Array], uplink: Uplink
 ) -> tuple[Array, dict[str, Array]]:
-    """Cross-entropy from dequantized values; differentiable w.r.t. params and values."""
-    logits, layout = server_logits(config, server_params, values, uplink)
-    ce, targets = cross_entropy(logits, layout.labels)
+    """Cross-entropy from dequantized values; differentiable w.r.t. params and values.
+
+    The loss is taken from the LLM's final hidden states with the head fused in
+    (:func:`qtl_jax.models.cross_entropy.fused_head`): the ``[B, L, V]`` logits are never formed.
+    """
+    hidden, layout = _server_decode(config, server_params, values, uplink, TinyLlava.decode_hidden)
+    weight, bias, vocab_major = head_of(config.model.llm, server_params["llm"])
+    ce, targets = cross_entropy.fused_head(hidden, weight, layout.labels, bias, vocab_major=vocab_major,
+                                           chunk_rows=config.loss_chunk_rows)
     metrics = {
         "ce": ce,
         "target_tokens": targets,
