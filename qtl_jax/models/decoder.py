@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 
 from qtl_jax.models import rope
+from qtl_jax.models.remat import REMAT_POLICIES, remat_module
+from qtl_jax.models.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from qtl_jax.models.attention import dot_product_attention, dot_product_attention_heads_major
 from qtl_jax.precision import accum_dtype, upcast
 
@@ -55,7 +57,6 @@ ACTIVATIONS = {
 }
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
 
 def _per_layer(value: Any, num_layers: int, name: str) -> tuple[int, ...]:
     if isinstance(value, int):
@@ -107,9 +108,17 @@ class DecoderConfig:
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     remat: bool = False
+    # What a rematerialised block keeps for its backward pass (REMAT_POLICIES); only read when remat is set.
+    remat_policy: str = "nothing_saveable"
+    # The attention kernel of the training forward (qtl_jax.models.attention.IMPLEMENTATIONS; 'auto' by backend).
+    attention: str = "auto"
 
     def __post_init__(self):
         problems = []
+        if self.remat_policy not in REMAT_POLICIES:
+            problems.append(f"remat_policy {self.remat_policy!r} is not one of {REMAT_POLICIES}")
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            problems.append(f"attention {self.attention!r} is not one of {ATTENTION_IMPLEMENTATIONS}")
         if self.family not in FAMILIES:
             problems.append(f"family {self.family!r} is not one of {FAMILIES}")
         if self.norm not in NORMS:
@@ -264,7 +273,7 @@ class Attention(nn.Module):
             q, k = q_norm(q), k_norm(k)
         q, k = rope.apply_rotary(q, cos, sin), rope.apply_rotary(k, cos, sin)
         if kv_cache is None:
-            out = dot_product_attention(q, k, v, allowed, d**-0.5)
+            out = dot_product_attention(q, k, v, allowed, d**-0.5, cfg.attention)
             return dense(cfg.hidden_size, cfg.o_bias, "o_proj")(out)
         cache_k, cache_v = kv_cache
         # Only this chunk is transposed into the cache's heads-major layout; the cache itself is read as is.
@@ -339,7 +348,7 @@ class Decoder(nn.Module):
     def setup(self):
         cfg = self.config
         self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=cfg.param_dtype)
-        block = nn.remat(Block) if cfg.remat else Block
+        block = remat_module(Block, cfg.remat, cfg.remat_policy)
         self.layers = [block(cfg, i, name=f"layers_{i}") for i in range(cfg.num_layers)]
         self.norm = Norm(cfg.norm, cfg.norm_eps, cfg.norm_offset, cfg.norm_bias, cfg.dtype, cfg.param_dtype)
         if not cfg.tie_word_embeddings:

@@ -19,9 +19,11 @@ Data flow of one batch (the ``factory`` convention: one -200 placeholder per ima
   as the input pipeline yields them); tower -> connector -> image quantizer -> ``image_codes [B, T_img, D]``
   (row ``i`` again sample ``i``'s image; ``image_valid = has_image``). Token ids -> the client's embedding table -> vectors ``[B, T, D]``
   with the placeholder and padding positions set to zero (the paper's zero padding) -> text quantizer
-  -> ``text_codes [B, T, D]``. The quantizers see every position (the paper's batch statistics include
-  padding and dummy images); their ``mask`` (real images, real text tokens) is used by the non-paper
-  scalings and by the statistics.
+  -> ``text_codes [B, T, D]``. The paper's batch statistics include padding and dummy images: the image
+  quantizer's are over every image row, the text quantizer's over the rows of the official text tensor
+  (each sample's text padded to the batch's longest, :func:`paper_text_rows`), whatever padding ``T`` has
+  beyond that; their ``mask`` (real images, real text tokens) is used by the non-paper scalings and by the
+  diagnostics.
 * server (:func:`server_loss`): codes -> dequantized grid values -> ``out_proj`` -> merged into one
   sequence by the layout rebuilt from the placeholder mask, attention mask and labels (no token ids
   reach the server; sample ``i``'s placeholder takes image row ``i``) -> decoder -> shifted
@@ -171,15 +173,34 @@ def check_batch(config: QuantizedTinyLlavaConfig, batch: Mapping[str, Any]) -> N
         )
 
 
-def _quantizer_apply(qcfg: QuantizerConfig, params: Params, stats: Params | None, x, mask, train: bool):
+def paper_text_rows(text_real: Array) -> Array:
+    """``[B, T]`` bool: the rows of the official text tensor, each sample's text padded to the batch's longest.
+
+    The official code quantizes ``seq[~image_mask].view(B, -1, D)``: the merged sequence without its image
+    positions, every sample padded with zero vectors to the batch's longest, so sample ``i`` contributes its
+    ``n_i`` real tokens and ``max(n) - n_i`` zero rows (method.md §2.2 step 5). Our ``[B, T]`` text tensor
+    has zeros at the image placeholder and at every padding position up to the (bucketed) length ``T``; all
+    of them are zero vectors, hence equal to the official zero rows after ``in_proj``. Row ``i`` keeps its
+    real tokens and its first ``max(n) - n_i`` zero rows: the official tensor's rows as a multiset, whatever
+    ``T`` is, so the batch statistics and the distortion loss are the official ones.
+    """
+    real = text_real.astype(bool)
+    n = jnp.sum(real, axis=1, keepdims=True)
+    rank = jnp.cumsum(~real, axis=1)  # 1, 2, ... over each row's zero rows
+    return real | (~real & (rank <= jnp.max(n) - n))
+
+
+def _quantizer_apply(qcfg: QuantizerConfig, params: Params, stats: Params | None, x, mask, train: bool,
+                     stat_mask=None):
     variables = {"params": params}
     ema = qcfg.bound == "linear" and qcfg.scaling == "ema"
     if ema:
         variables["batch_stats"] = stats
     if ema and train:
-        enc, updated = Quantizer(qcfg).apply(variables, x, mask, train, method="encode", mutable=["batch_stats"])
+        enc, updated = Quantizer(qcfg).apply(variables, x, mask, train, stat_mask, method="encode",
+                                             mutable=["batch_stats"])
         return enc, updated["batch_stats"]
-    enc = Quantizer(qcfg).apply(variables, x, mask, train, method="encode")
+    enc = Quantizer(qcfg).apply(variables, x, mask, train, stat_mask, method="encode")
     return enc, stats
 
 
@@ -206,14 +227,15 @@ def client_forward(
     text_vectors = jnp.where(text_real[..., None], text_vectors, 0).astype(cfg.dtype)
 
     image_mask = jnp.broadcast_to(image_valid[:, None], image_vectors.shape[:2])
-    inputs = {"image": (image_vectors, image_mask), "text": (text_vectors, text_real)}
+    # (features, real rows, the paper's rows for its batch statistics): every image row, dummies included.
+    inputs = {"image": (image_vectors, image_mask, None), "text": (text_vectors, text_real, paper_text_rows(text_real))}
     codes, z, metrics, new_stats = {}, {}, {}, {}
     loss = jnp.zeros((), jnp.float32)
     for modality in MODALITIES:
         qcfg = config.quantizer(modality)
         name = f"{modality}_quantizer"
-        x, mask = inputs[modality]
-        enc, stats = _quantizer_apply(qcfg, client_params[name], batch_stats.get(name), x, mask, train)
+        x, mask, stat_mask = inputs[modality]
+        enc, stats = _quantizer_apply(qcfg, client_params[name], batch_stats.get(name), x, mask, train, stat_mask)
         if stats is not None:
             new_stats[name] = stats
         codes[modality], z[modality] = enc.codes, enc.z

@@ -72,6 +72,9 @@ class TinyLlavaConfig:
     scale_image_embeddings: bool | None = None
     dtype: Any = jnp.float32
     remat: bool = False
+    remat_policy: str = "nothing_saveable"
+    # Attention kernel of tower and decoder (qtl_jax.models.attention.IMPLEMENTATIONS; 'auto': by backend).
+    attention: str = "auto"
 
     def __post_init__(self):
         problems = []
@@ -299,11 +302,12 @@ class TinyLlava(nn.Module):
 
     def setup(self):
         cfg = self.config
-        self.vision_tower = VisionTower(cfg.vision, cfg.dtype, cfg.remat)
+        self.vision_tower = VisionTower(cfg.vision, cfg.dtype, cfg.remat, cfg.remat_policy, cfg.attention)
         self.connector = Connector(cfg.connector, cfg.dtype)
         # Embedding scaling (Gemma) is done here, not in the decoder, because text and image vectors
         # are scaled differently by the two references (see TinyLlavaConfig.scale_image_embeddings).
-        self.llm = Decoder(dataclasses.replace(cfg.llm, dtype=cfg.dtype, remat=cfg.remat, embed_scale=None))
+        self.llm = Decoder(dataclasses.replace(cfg.llm, dtype=cfg.dtype, remat=cfg.remat, remat_policy=cfg.remat_policy,
+                                               attention=cfg.attention, embed_scale=None))
 
     # ---- client ----
     def encode_images(self, pixel_values: Array) -> Array:
