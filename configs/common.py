@@ -70,6 +70,13 @@ def paper_model() -> ml_collections.ConfigDict:
     m.max_length = 2048
     m.dtype = "float32"  # compute dtype: 'float32' or 'bfloat16' (params stay float32)
     m.remat = False  # rematerialise blocks in the backward pass (memory for compute)
+    # What a rematerialised block keeps (qtl_jax.models.remat.REMAT_POLICIES); read only when remat is set.
+    m.remat_policy = "nothing_saveable"
+    # Target rows per chunk of the fused output-head + cross-entropy (never [B, T, V] logits); 0 = the default.
+    m.loss_chunk_rows = 0
+    # Attention kernel (qtl_jax.models.attention): 'auto' = cuDNN on GPU (bf16), XLA's on TPU, the hand-written
+    # VJP on CPU; or 'custom' / 'xla' / 'cudnn'.
+    m.attention = "auto"
     # Only read when source='random'. SigLIP-so400m-patch14-384: 27 x 27 = 729 patches (728 with 'patch').
     m.vision = ml_collections.ConfigDict(dict(
         kind="siglip", hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
@@ -147,6 +154,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.num_epochs = 1
     c.data.worker_count = 0
     c.data.read_threads = 2
+    # Each batch is padded to its longest sample (as TinyLLaVA Factory pads) rounded up to the first of these
+    # lengths (input positions, an image placeholder counting one) that holds it, so jit compiles at most one
+    # program per bucket; model.max_length stays the truncation limit and the last bucket. () = always max_length.
+    c.data.length_buckets = (32, 64, 128, 256, 512, 1024)
     # Shapes corpus sizes (data.kind='shapes'); 'stream' picks the pretrain (captions) or instruct stream.
     c.data.shapes = ml_collections.ConfigDict(dict(
         stream="pretrain", seed=0, n_pretrain=2000, n_instruct=2000, text_only_fraction=0.1))

@@ -299,11 +299,12 @@ class Quantizer(nn.Module):
                 f"axis, {tuple(x.shape[:-1])}."
             )
 
-    def _statistics(self, u: jax.Array, mask: jax.Array | None, train: bool):
+    def _statistics(self, u: jax.Array, mask: jax.Array | None, train: bool, stat_mask: jax.Array | None = None):
         cfg = self.config
         if cfg.scaling == "batch":
-            # The paper: one scalar pair over the whole tensor, padding included (mask ignored on purpose).
-            return moments(u)
+            # The paper: one scalar pair over the whole tensor, padding included (mask ignored on purpose);
+            # stat_mask says which rows that tensor has when ours holds more (see encode).
+            return moments(u, stat_mask)
         if cfg.scaling == "token":
             return moments(u, axis=-1)
         if not hasattr(self, "running_mean"):
@@ -324,8 +325,14 @@ class Quantizer(nn.Module):
             self.count.value = self.count.value + 1
         return mean, std
 
-    def encode(self, x: jax.Array, mask: jax.Array | None = None, train: bool = False) -> Encoded:
+    def encode(self, x: jax.Array, mask: jax.Array | None = None, train: bool = False,
+               stat_mask: jax.Array | None = None) -> Encoded:
         """Client side. ``x``: [..., D] features; ``mask``: [...] (1 = real token) or None.
+
+        ``stat_mask`` ([...], scaling='batch' only): the rows of the paper's tensor, over which the batch
+        statistics and the distortion loss are taken (padding rows included, as the paper has them); None
+        takes every row. A caller whose tensor holds more padding than the paper's (a bucket-padded batch,
+        image placeholders) marks the paper's rows here.
 
         ``stats`` holds ``histogram`` (level-usage fractions, [L]), ``entropy_bits`` (of that histogram),
         ``clip_rate`` (fraction clipped by the ±clip_sigma·std bounds; 0 for tanh, which never clips),
@@ -335,6 +342,9 @@ class Quantizer(nn.Module):
         cfg = self.config
         x = jnp.asarray(x)
         self._check_input(x, mask)
+        if stat_mask is not None and tuple(jnp.shape(stat_mask)) != tuple(x.shape[:-1]):
+            raise ValueError(f"stat_mask shape {tuple(jnp.shape(stat_mask))} must equal the features' shape without "
+                             f"the channel axis, {tuple(x.shape[:-1])}.")
         valid = None if mask is None else jnp.asarray(mask, jnp.float32)
         if cfg.bound == "none":
             z = upcast(x)
@@ -345,7 +355,7 @@ class Quantizer(nn.Module):
 
         u = upcast(self.in_proj(x))
         if cfg.bound == "linear":
-            mean, std = self._statistics(u, mask, train)
+            mean, std = self._statistics(u, mask, train, stat_mask)
             z, clipped = linear_scale(u, mean, std, cfg.clip_sigma)
             clip_rate = _masked_mean(clipped.astype(z.dtype), valid)
         else:
@@ -354,7 +364,7 @@ class Quantizer(nn.Module):
         z_hat, codes = round_to_levels(z, cfg.levels)
         # The official code averages the distortion over every row, padding included; the non-paper
         # variants keep padding out of everything.
-        loss_mask = None if (cfg.bound == "linear" and cfg.scaling == "batch") else valid
+        loss_mask = stat_mask if (cfg.bound == "linear" and cfg.scaling == "batch") else valid
         distortion = cosine_distortion(z, z_hat, loss_mask)
         stats = code_stats(codes, cfg.levels, valid)
         stats.update(
@@ -384,9 +394,10 @@ class Quantizer(nn.Module):
             raise ValueError(f"decode expects indices [..., {cfg.dim}], got shape {tuple(codes.shape)}.")
         return self.project_out(dequantize(codes, cfg.levels))
 
-    def __call__(self, x: jax.Array, mask: jax.Array | None = None, train: bool = False) -> QuantizerOutput:
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None, train: bool = False,
+                 stat_mask: jax.Array | None = None) -> QuantizerOutput:
         """The fused forward (non-split training and evaluation); equals decode(encode(x).codes)."""
-        enc = self.encode(x, mask, train)
+        enc = self.encode(x, mask, train, stat_mask)
         if self.config.bound == "none":
             values = enc.codes.astype(jnp.float32)
         else:

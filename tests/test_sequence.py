@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from qtl_jax.data.constants import IGNORE_INDEX as IGN
 from qtl_jax.data.constants import IMAGE_TOKEN_INDEX as IMG
+from qtl_jax.data import sequence
 from qtl_jax.data.sequence import ImageTruncatedError, assemble, collate, expanded_length, pack
 from qtl_jax.data.templates import TokenizedSample
 
@@ -220,3 +221,39 @@ def test_collate_stacks_and_checks():
         collate([a, {"input_ids": a["input_ids"]}])
     with pytest.raises(ValueError, match="at least one"):
         collate([])
+
+
+def _right_padded(lengths, width):
+    mask = (np.arange(width)[None] < np.asarray(lengths)[:, None]).astype(np.int32)
+    ids = np.where(mask > 0, np.arange(1, width + 1)[None], 0).astype(np.int32)
+    return {"input_ids": ids, "labels": np.where(mask > 0, ids, -100).astype(np.int32), "attention_mask": mask,
+            "pixel_values": np.zeros((len(lengths), 2, 2, 3), np.float32)}
+
+
+@pytest.mark.parametrize("lengths, buckets, expected", [
+    ((3, 7, 5), (4, 8, 16), 8),      # the longest (7) rounded up to the next bucket
+    ((3, 8, 5), (4, 8, 16), 8),      # a bucket holds its own length
+    ((3, 17, 5), (4, 8, 16), 20),    # past every bucket: the batch's own length (max_length) is the last
+    ((3, 7, 5), (), 20),             # no buckets: unchanged
+    ((3, 7, 5), (64, 8), 8),         # order does not matter
+    ((0, 0, 0), (4, 8), 4),          # all padding: the smallest bucket
+])
+def test_pad_to_bucket_cuts_to_longest_rounded_up(lengths, buckets, expected):
+    batch = _right_padded(lengths, 20)
+    out = sequence.pad_to_bucket(batch, buckets)
+    for key in ("input_ids", "labels", "attention_mask"):
+        assert out[key].shape == (3, expected)
+        np.testing.assert_array_equal(out[key], batch[key][:, :expected])  # only padding was cut
+    assert out["pixel_values"] is batch["pixel_values"]  # not a sequence field
+    assert sequence.bucket_length(7, (4, 8, 16), 20) == 8
+
+
+def test_pad_to_bucket_errors():
+    batch = _right_padded((3, 5), 8)
+    batch["attention_mask"][0, 1] = 0  # a hole: not right-padded
+    with pytest.raises(ValueError, match="right-padded"):
+        sequence.pad_to_bucket(batch, (4,))
+    with pytest.raises(ValueError, match="positive"):
+        sequence.pad_to_bucket(_right_padded((3, 5), 8), (0, 4))
+    with pytest.raises(ValueError, match="exceeds max_length"):
+        sequence.bucket_length(9, (4,), 8)

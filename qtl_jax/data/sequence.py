@@ -195,6 +195,47 @@ def pack(
     return out
 
 
+# Fields of an assembled or packed example that run along the sequence (trimmed by pad_to_bucket).
+SEQUENCE_KEYS = ("input_ids", "labels", "attention_mask", "segment_ids", "positions")
+
+
+def bucket_length(n: int, buckets: Sequence[int], max_length: int) -> int:
+    """The smallest of ``buckets`` that is >= ``n``; ``max_length`` is the last bucket (and caps the others).
+
+    Raises:
+      ValueError: ``n`` exceeds ``max_length``, or a bucket is not a positive int.
+    """
+    if any(int(b) < 1 for b in buckets):
+        raise ValueError(f"length buckets must be positive, got {tuple(buckets)}.")
+    if n > max_length:
+        raise ValueError(f"a sample of {n} positions exceeds max_length={max_length}; assemble truncates to it.")
+    for b in sorted(int(b) for b in buckets):
+        if n <= b <= max_length:
+            return b
+    return int(max_length)
+
+
+def pad_to_bucket(batch: Mapping[str, np.ndarray], buckets: Sequence[int]) -> dict[str, np.ndarray]:
+    """A right-padded batch cut to its longest sample rounded up by :func:`bucket_length`.
+
+    TinyLLaVA Factory pads each batch to its longest sample; rounding that up to one of a few ``buckets``
+    keeps the number of distinct shapes (jit compilations) small. The batch's current length is the last
+    bucket (its ``max_length``); ``buckets=()`` keeps it. Only the padding is cut: every sample keeps all its
+    positions (``attention_mask`` says which are real).
+    """
+    batch = dict(batch)
+    length = batch["attention_mask"].shape[1]
+    real = batch["attention_mask"].astype(bool)
+    if np.any(real[:, 1:] & ~real[:, :-1]):
+        raise ValueError("pad_to_bucket needs right-padded samples (attention_mask 1...1 0...0).")
+    longest = int(real.sum(axis=1).max()) if real.size else 0
+    target = bucket_length(max(longest, 1), buckets, length)
+    for key in SEQUENCE_KEYS:
+        if key in batch:
+            batch[key] = np.ascontiguousarray(batch[key][:, :target])
+    return batch
+
+
 def collate(examples: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Stacks equally shaped examples into a batch: ``{key: [B, ...]}``.
 

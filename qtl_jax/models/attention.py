@@ -9,6 +9,12 @@ forward pass and two elementwise passes, and masked entries get an exact zero. F
 same function as before (float32 scores and softmax; probabilities cast to the value dtype), so every
 parity test against ``transformers`` holds unchanged.
 
+Per backend (``implementation``, a config choice: ``model.attention``): ``'custom'`` is the hand-written VJP
+above, which wins on CPU; ``'xla'`` and ``'cudnn'`` are ``jax.nn.dot_product_attention``'s implementations
+(cuDNN's fused flash attention on GPU, bf16/fp16 only; XLA's on TPU and elsewhere). ``'auto'`` picks cudnn
+on GPU for 16-bit inputs, xla on TPU (and on GPU for float32) and custom on CPU (:func:`resolve`). The KV-cache
+path used by generation (:func:`dot_product_attention_heads_major`) is always the custom one.
+
 Shapes: ``q [B,T,H,d]``, ``k``/``v`` ``[B,S,K,d]`` with ``H`` a multiple of ``K`` (grouped-query: query
 head ``h`` reads key/value head ``h // (H/K)``, the order of HF's ``repeat_kv``), ``allowed [B,T,S]`` bool
 or ``None`` (every key visible). Rows with no allowed key (padding queries) output zeros instead of NaN
@@ -27,6 +33,19 @@ from qtl_jax.precision import accum_dtype
 Array = jax.Array
 
 _MASKED = float(jnp.finfo(jnp.float32).min)
+IMPLEMENTATIONS = ("auto", "custom", "xla", "cudnn")
+
+
+def resolve(implementation: str, dtype=jnp.float32, backend: str | None = None) -> str:
+    """The implementation ``'auto'`` stands for on ``backend`` (default: JAX's) for inputs of ``dtype``."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation {implementation!r} is not one of {IMPLEMENTATIONS}")
+    if implementation != "auto":
+        return implementation
+    backend = backend or jax.default_backend()
+    if backend == "gpu":
+        return "cudnn" if jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) else "xla"
+    return "xla" if backend == "tpu" else "custom"
 
 
 def _where_allowed(allowed: Array | None, x: Array, fill: float) -> Array:
@@ -80,10 +99,20 @@ def _attention_bwd(scale, residuals, d_out):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def dot_product_attention(q: Array, k: Array, v: Array, allowed: Array | None, scale: float) -> Array:
+def dot_product_attention(q: Array, k: Array, v: Array, allowed: Array | None, scale: float,
+                          implementation: str = "custom") -> Array:
     """Grouped-query attention ``[B,T,H,d] x [B,S,K,d] -> [B,T,H*d]`` (see the module docstring)."""
     if k.ndim != 4 or k.shape != v.shape:
         raise ValueError(f"k and v must both be [B,S,K,d], got k {k.shape}, v {v.shape}")
+    implementation = resolve(implementation, q.dtype)
+    if implementation != "custom":
+        b, t, h, d = q.shape
+        if allowed is not None and allowed.shape != (b, t, k.shape[1]):
+            raise ValueError(f"allowed must be [B,T,S] = {(b, t, k.shape[1])}, got {allowed.shape}")
+        mask = None if allowed is None else allowed.astype(jnp.bool_)[:, None]
+        out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask, scale=float(scale),
+                                           implementation=implementation)
+        return out.reshape(b, t, h * d)
     return dot_product_attention_heads_major(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), allowed, scale)
 
 

@@ -37,7 +37,7 @@ def tinyllava_config(model: Mapping[str, Any], vocab_size: int | None = None) ->
     """The architecture a ``model.source='random'`` section describes (``configs/common.py`` ``demo_model``).
 
     ``llm.vocab_size`` 0 takes ``vocab_size`` (the tokenizer's size). Precision, ``max_length`` and
-    ``remat`` are not applied here (:func:`build_model` applies them to any base).
+    ``remat*`` are not applied here (:func:`build_model` applies them to any base).
     """
     missing = [k for k in ("vision", "llm", "connector_type") if k not in model]
     if missing:
@@ -76,8 +76,9 @@ def build_model(model: Mapping[str, Any], quantizer: Mapping[str, Any], *, vocab
     """The quantized split model of a ``model`` + ``quantizer`` config section, and its image processor.
 
     Args:
-      model: the ``model`` section as a dict. Read: ``dtype``, ``max_length``, ``remat`` (optional),
-        ``image_mean``/``image_std`` and, without ``base``, the architecture (:func:`tinyllava_config`).
+      model: the ``model`` section as a dict. Read: ``dtype``, ``max_length``, ``remat``, ``remat_policy``,
+        ``attention``, ``loss_chunk_rows`` (optional), ``image_mean``/``image_std`` and, without ``base``, the architecture
+        (:func:`tinyllava_config`).
       quantizer: the ``quantizer`` section as a dict (:func:`quantized_config`).
       vocab_size: the tokenizer's size, for a random architecture whose ``llm.vocab_size`` is 0.
       base: the TinyLLaVA of loaded weights; its architecture wins over the section's (a llava-hf one is
@@ -92,5 +93,10 @@ def build_model(model: Mapping[str, Any], quantizer: Mapping[str, Any], *, vocab
                                    scale_image_embeddings=base.scales_images)
     base = dataclasses.replace(base, dtype=dtype_from_name(model.get("dtype", "float32")),
                                max_length=None if model.get("max_length") is None else int(model["max_length"]),
-                               remat=bool(model.get("remat", False)))
-    return BuiltModel(quantized_config(base, quantizer), image_processor(model, base.vision.image_size))
+                               remat=bool(model.get("remat", False)),
+                               remat_policy=str(model.get("remat_policy", "nothing_saveable")),
+                               attention=str(model.get("attention", "auto")))
+    quantized = quantized_config(base, quantizer)
+    if model.get("loss_chunk_rows"):
+        quantized = dataclasses.replace(quantized, loss_chunk_rows=int(model["loss_chunk_rows"]))
+    return BuiltModel(quantized, image_processor(model, base.vision.image_size))

@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 
 from qtl_jax.models import rope
+from qtl_jax.models.remat import REMAT_POLICIES, remat_module
+from qtl_jax.models.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from qtl_jax.models.attention import dot_product_attention, dot_product_attention_heads_major
 from qtl_jax.precision import accum_dtype, upcast
 
@@ -55,7 +57,6 @@ ACTIVATIONS = {
 }
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
 
 def _per_layer(value: Any, num_layers: int, name: str) -> tuple[int, ...]:
     if isinstance(value, int):
@@ -107,9 +108,17 @@ class DecoderConfig:
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     remat: bool = False
+    # What a rematerialised block keeps for its backward pass (REMAT_POLICIES); only read when remat is set.
+    remat_policy: str = "nothing_saveable"
+    # The attention kernel of the training forward (qtl_jax.models.attention.IMPLEMENTATIONS; 'auto' by backend).
+    attention: str = "auto"
 
     def __post_init__(self):
         problems = []
+        if self.remat_policy not in REMAT_POLICIES:
+            problems.append(f"remat_policy {self.remat_policy!r} is not one of {REMAT_POLICIES}")
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            problems.append(f"attention {self.attention!r} is not one of {ATTENTION_IMPLEMENTATIONS}")
         if self.family not in FAMILIES:
             problems.append(f"family {self.family!r} is not one of {FAMILIES}")
         if self.norm not in NORMS:
@@ -264,7 +273,7 @@ class Attention(nn.Module):
             q, k = q_norm(q), k_norm(k)
         q, k = rope.apply_rotary(q, cos, sin), rope.apply_rotary(k, cos, sin)
         if kv_cache is None:
-            out = dot_product_attention(q, k, v, allowed, d**-0.5)
+            out = dot_product_attention(q, k, v, allowed, d**-0.5, cfg.attention)
             return dense(cfg.hidden_size, cfg.o_bias, "o_proj")(out)
         cache_k, cache_v = kv_cache
         # Only this chunk is transposed into the cache's heads-major layout; the cache itself is read as is.
@@ -339,7 +348,7 @@ class Decoder(nn.Module):
     def setup(self):
         cfg = self.config
         self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=cfg.param_dtype)
-        block = nn.remat(Block) if cfg.remat else Block
+        block = remat_module(Block, cfg.remat, cfg.remat_policy)
         self.layers = [block(cfg, i, name=f"layers_{i}") for i in range(cfg.num_layers)]
         self.norm = Norm(cfg.norm, cfg.norm_eps, cfg.norm_offset, cfg.norm_bias, cfg.dtype, cfg.param_dtype)
         if not cfg.tie_word_embeddings:
@@ -363,6 +372,16 @@ class Decoder(nn.Module):
         uses, which for right padding (and no padding) equal ``arange(T)`` on every real token, and
         for left padding start at 0 on the first real token. Outputs at padded positions are garbage.
         """
+        return self._head(self.final_hidden(inputs_embeds, attention_mask, position_ids))
+
+    def final_hidden(
+        self,
+        inputs_embeds: jnp.ndarray,
+        attention_mask: jnp.ndarray | None = None,
+        position_ids: jnp.ndarray | None = None,
+    ) -> jnp.ndarray:
+        """As :meth:`__call__` up to the final norm: ``[B,T,D]`` in the compute dtype, what the head reads
+        (a loss that never forms the logits, ``qtl_jax.models.cross_entropy.fused_head``, starts here)."""
         cfg = self.config
         if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != cfg.hidden_size:
             raise ValueError(
@@ -389,11 +408,13 @@ class Decoder(nn.Module):
         allowed = causal[None] & attention_mask.astype(jnp.bool_)[:, None, :]
         for layer in self.layers:
             x = layer(x, cos, sin, allowed)
-        return self._logits(x)
+        return self.norm(x)
 
     def _logits(self, x: jnp.ndarray) -> jnp.ndarray:
+        return self._head(self.norm(x))
+
+    def _head(self, x: jnp.ndarray) -> jnp.ndarray:
         cfg = self.config
-        x = self.norm(x)
         if cfg.tie_word_embeddings:
             table = self.embed_tokens.embedding.astype(cfg.dtype)
             return jnp.einsum("btd,vd->btv", x, table, preferred_element_type=accum_dtype(cfg.dtype))
@@ -485,6 +506,18 @@ def init_cache(config: DecoderConfig, batch: int, max_length: int, dtype: Any = 
     )
 
 
+def head_of(config: DecoderConfig, params: Mapping[str, Any]) -> tuple[jnp.ndarray, jnp.ndarray | None, bool]:
+    """The output head in a decoder's params: ``(weight, bias or None, vocab_major)``.
+
+    Tied: the embedding table ``[V, D]`` (``vocab_major``); untied: ``lm_head``'s kernel ``[D, V]`` and bias.
+    What :meth:`Decoder.final_hidden`'s output is multiplied by to give the logits.
+    """
+    if config.tie_word_embeddings:
+        return params["embed_tokens"]["embedding"], None, True
+    head = params["lm_head"]
+    return head["kernel"], head.get("bias"), False
+
+
 def dtype_from_name(name: str | Any) -> Any:
     """``'bfloat16'`` -> ``jnp.bfloat16``; dtypes pass through."""
     if isinstance(name, str):
@@ -513,6 +546,7 @@ __all__: Sequence[str] = (
     "KVCache",
     "dot_product_attention",
     "dtype_from_name",
+    "head_of",
     "init_cache",
     "init_shapes",
     "param_count",

@@ -19,9 +19,11 @@ Data flow of one batch (the ``factory`` convention: one -200 placeholder per ima
   as the input pipeline yields them); tower -> connector -> image quantizer -> ``image_codes [B, T_img, D]``
   (row ``i`` again sample ``i``'s image; ``image_valid = has_image``). Token ids -> the client's embedding table -> vectors ``[B, T, D]``
   with the placeholder and padding positions set to zero (the paper's zero padding) -> text quantizer
-  -> ``text_codes [B, T, D]``. The quantizers see every position (the paper's batch statistics include
-  padding and dummy images); their ``mask`` (real images, real text tokens) is used by the non-paper
-  scalings and by the statistics.
+  -> ``text_codes [B, T, D]``. The paper's batch statistics include padding and dummy images: the image
+  quantizer's are over every image row, the text quantizer's over the rows of the official text tensor
+  (each sample's text padded to the batch's longest, :func:`paper_text_rows`), whatever padding ``T`` has
+  beyond that; their ``mask`` (real images, real text tokens) is used by the non-paper scalings and by the
+  diagnostics.
 * server (:func:`server_loss`): codes -> dequantized grid values -> ``out_proj`` -> merged into one
   sequence by the layout rebuilt from the placeholder mask, attention mask and labels (no token ids
   reach the server; sample ``i``'s placeholder takes image row ``i``) -> decoder -> shifted
@@ -39,8 +41,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from qtl_jax import quantizer as qlib
-from qtl_jax.precision import accum_dtype, upcast
-from qtl_jax.data.constants import IGNORE_INDEX
+from qtl_jax.precision import accum_dtype
+from qtl_jax.models import cross_entropy
+from qtl_jax.models.decoder import head_of
 from qtl_jax.models.tinyllava import TinyLlava, TinyLlavaConfig, compute_layout, init_params, scatter
 from qtl_jax.quantizer import Quantizer, QuantizerConfig
 from qtl_jax.models.messages import Uplink
@@ -58,6 +61,8 @@ class QuantizedTinyLlavaConfig:
     model: TinyLlavaConfig
     image_quantizer: QuantizerConfig
     text_quantizer: QuantizerConfig
+    # Target rows per chunk of the fused head + cross-entropy (memory O(rows x vocabulary)).
+    loss_chunk_rows: int = cross_entropy.DEFAULT_CHUNK_ROWS
 
     def __post_init__(self):
         problems = []
@@ -168,15 +173,34 @@ def check_batch(config: QuantizedTinyLlavaConfig, batch: Mapping[str, Any]) -> N
         )
 
 
-def _quantizer_apply(qcfg: QuantizerConfig, params: Params, stats: Params | None, x, mask, train: bool):
+def paper_text_rows(text_real: Array) -> Array:
+    """``[B, T]`` bool: the rows of the official text tensor, each sample's text padded to the batch's longest.
+
+    The official code quantizes ``seq[~image_mask].view(B, -1, D)``: the merged sequence without its image
+    positions, every sample padded with zero vectors to the batch's longest, so sample ``i`` contributes its
+    ``n_i`` real tokens and ``max(n) - n_i`` zero rows (method.md §2.2 step 5). Our ``[B, T]`` text tensor
+    has zeros at the image placeholder and at every padding position up to the (bucketed) length ``T``; all
+    of them are zero vectors, hence equal to the official zero rows after ``in_proj``. Row ``i`` keeps its
+    real tokens and its first ``max(n) - n_i`` zero rows: the official tensor's rows as a multiset, whatever
+    ``T`` is, so the batch statistics and the distortion loss are the official ones.
+    """
+    real = text_real.astype(bool)
+    n = jnp.sum(real, axis=1, keepdims=True)
+    rank = jnp.cumsum(~real, axis=1)  # 1, 2, ... over each row's zero rows
+    return real | (~real & (rank <= jnp.max(n) - n))
+
+
+def _quantizer_apply(qcfg: QuantizerConfig, params: Params, stats: Params | None, x, mask, train: bool,
+                     stat_mask=None):
     variables = {"params": params}
     ema = qcfg.bound == "linear" and qcfg.scaling == "ema"
     if ema:
         variables["batch_stats"] = stats
     if ema and train:
-        enc, updated = Quantizer(qcfg).apply(variables, x, mask, train, method="encode", mutable=["batch_stats"])
+        enc, updated = Quantizer(qcfg).apply(variables, x, mask, train, stat_mask, method="encode",
+                                             mutable=["batch_stats"])
         return enc, updated["batch_stats"]
-    enc = Quantizer(qcfg).apply(variables, x, mask, train, method="encode")
+    enc = Quantizer(qcfg).apply(variables, x, mask, train, stat_mask, method="encode")
     return enc, stats
 
 
@@ -203,14 +227,15 @@ def client_forward(
     text_vectors = jnp.where(text_real[..., None], text_vectors, 0).astype(cfg.dtype)
 
     image_mask = jnp.broadcast_to(image_valid[:, None], image_vectors.shape[:2])
-    inputs = {"image": (image_vectors, image_mask), "text": (text_vectors, text_real)}
+    # (features, real rows, the paper's rows for its batch statistics): every image row, dummies included.
+    inputs = {"image": (image_vectors, image_mask, None), "text": (text_vectors, text_real, paper_text_rows(text_real))}
     codes, z, metrics, new_stats = {}, {}, {}, {}
     loss = jnp.zeros((), jnp.float32)
     for modality in MODALITIES:
         qcfg = config.quantizer(modality)
         name = f"{modality}_quantizer"
-        x, mask = inputs[modality]
-        enc, stats = _quantizer_apply(qcfg, client_params[name], batch_stats.get(name), x, mask, train)
+        x, mask, stat_mask = inputs[modality]
+        enc, stats = _quantizer_apply(qcfg, client_params[name], batch_stats.get(name), x, mask, train, stat_mask)
         if stats is not None:
             new_stats[name] = stats
         codes[modality], z[modality] = enc.codes, enc.z
@@ -260,42 +285,6 @@ def straight_through(z: Array, codes: Array, levels: int) -> Array:
     return jax.lax.stop_gradient(values) + (z - jax.lax.stop_gradient(z))
 
 
-@jax.custom_vjp
-def _token_nll(logits: Array, targets: Array) -> Array:
-    """``logsumexp(logits) - logits[target]`` per position; ``targets`` must lie in ``[0, V)``."""
-    return _token_nll_fwd(logits, targets)[0]
-
-
-def _token_nll_fwd(logits, targets):
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return lse - picked, (logits, lse, targets)
-
-
-def _token_nll_bwd(residuals, g):
-    # d nll / d logits = softmax - onehot: one fused pass over [B, T, V], where autodiff of the
-    # logsumexp and the gather makes several (and a scatter), which dominate the loss at a 32k vocabulary.
-    logits, lse, targets = residuals
-    vocab = jnp.arange(logits.shape[-1], dtype=targets.dtype)
-    d = jnp.exp(logits - lse[..., None]) - (vocab == targets[..., None]).astype(logits.dtype)
-    return d * g[..., None], np.zeros(targets.shape, jax.dtypes.float0)
-
-
-_token_nll.defvjp(_token_nll_fwd, _token_nll_bwd)
-
-
-def cross_entropy(logits: Array, labels: Array) -> tuple[Array, Array]:
-    """Next-token cross-entropy averaged over targets != -100; returns ``(mean, number of targets)``."""
-    # Shift the labels rather than slice the logits: a slice of [B, T, V] is a copy, and a pad of its
-    # gradient in the backward pass.
-    logits = upcast(logits)
-    targets = jnp.concatenate([labels[:, 1:], jnp.full_like(labels[:, :1], IGNORE_INDEX)], axis=1)
-    valid = targets != IGNORE_INDEX
-    nll = _token_nll(logits, jnp.where(valid, targets, 0))
-    count = jnp.sum(valid)
-    return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(count, 1).astype(logits.dtype), count
-
-
 def server_layout(config: QuantizedTinyLlavaConfig, uplink: Uplink):
     """The merge layout, rebuilt from the placeholder mask alone (the server never sees token ids); sample
     ``i``'s placeholder takes image row ``i`` (the rows of text-only samples are never read)."""
@@ -305,8 +294,8 @@ def server_layout(config: QuantizedTinyLlavaConfig, uplink: Uplink):
                           num_images=uplink.image_codes.shape[0], images_by_sample=True)
 
 
-def server_logits(config: QuantizedTinyLlavaConfig, server_params: Params, values: Mapping[str, Array], uplink: Uplink):
-    """Dequantized values ``{'image', 'text'}`` -> ``(logits [B, L, V], layout)``."""
+def _server_decode(config: QuantizedTinyLlavaConfig, server_params: Params, values: Mapping[str, Array],
+                   uplink: Uplink, method):
     cfg = config.model
     decoded = {}
     for modality in MODALITIES:
@@ -315,18 +304,27 @@ def server_logits(config: QuantizedTinyLlavaConfig, server_params: Params, value
             {"params": server_params[f"{modality}_quantizer"]}, values[modality], method="project_out"
         ).astype(cfg.dtype)
     layout = server_layout(config, uplink)
-    model = TinyLlava(cfg)
     merged = scatter(decoded["image"], decoded["text"], layout)
-    logits = model.apply({"params": {"llm": server_params["llm"]}}, merged, layout, method=TinyLlava.decode)
-    return logits, layout
+    return TinyLlava(cfg).apply({"params": {"llm": server_params["llm"]}}, merged, layout, method=method), layout
+
+
+def server_logits(config: QuantizedTinyLlavaConfig, server_params: Params, values: Mapping[str, Array], uplink: Uplink):
+    """Dequantized values ``{'image', 'text'}`` -> ``(logits [B, L, V], layout)``."""
+    return _server_decode(config, server_params, values, uplink, TinyLlava.decode)
 
 
 def server_loss_from_values(
     config: QuantizedTinyLlavaConfig, server_params: Params, values: Mapping[str, Array], uplink: Uplink
 ) -> tuple[Array, dict[str, Array]]:
-    """Cross-entropy from dequantized values; differentiable w.r.t. params and values."""
-    logits, layout = server_logits(config, server_params, values, uplink)
-    ce, targets = cross_entropy(logits, layout.labels)
+    """Cross-entropy from dequantized values; differentiable w.r.t. params and values.
+
+    The loss is taken from the LLM's final hidden states with the head fused in
+    (:func:`qtl_jax.models.cross_entropy.fused_head`): the ``[B, L, V]`` logits are never formed.
+    """
+    hidden, layout = _server_decode(config, server_params, values, uplink, TinyLlava.decode_hidden)
+    weight, bias, vocab_major = head_of(config.model.llm, server_params["llm"])
+    ce, targets = cross_entropy.fused_head(hidden, weight, layout.labels, bias, vocab_major=vocab_major,
+                                           chunk_rows=config.loss_chunk_rows)
     metrics = {
         "ce": ce,
         "target_tokens": targets,

@@ -13,8 +13,10 @@ Image placeholders come in two conventions:
   ``input_ids``; the model expands it to the image's ``T_img`` tokens. As in the Factory, padding
   (``attention_mask == 0``) is removed, each sample is rebuilt, truncated to the merged length and
   re-padded on ``padding_side`` with zero vectors. The **static merged length** is
-  ``config.max_length`` when set, else ``T_text + min(max_images_per_sample, N_img) * (T_img - 1)``
-  (so a text-only batch keeps ``T_text``).
+  ``T_text + min(max_images_per_sample, N_img) * (T_img - 1)`` (so a text-only batch keeps ``T_text``),
+  capped at ``config.max_length`` when set (the Factory's truncation limit). A batch padded to its longest
+  sample thus gets a merged sequence as long as its longest merged sample (plus the bucket rounding of
+  ``qtl_jax.data.sequence.bucket_length``), as the Factory pads it.
 * ``'llava_hf'``: the image token id is already repeated ``T_img`` times; the sequence keeps its
   length and padding, and the k-th image token (row-major over the batch) takes image vector k.
 
@@ -59,7 +61,8 @@ class TinyLlavaConfig:
     vision_feature_select_strategy: str = "patch"
     image_token_index: int = IMAGE_TOKEN_INDEX
     convention: Convention = "factory"
-    # Static merged sequence length ('factory'); None derives it from the text length (see module doc).
+    # Cap of the static merged sequence length ('factory'), the truncation limit; the length itself is derived
+    # from the text length (see the module docstring). None: no cap.
     max_length: int | None = None
     max_images_per_sample: int = 1
     padding_side: Literal["right", "left"] = "right"
@@ -69,6 +72,9 @@ class TinyLlavaConfig:
     scale_image_embeddings: bool | None = None
     dtype: Any = jnp.float32
     remat: bool = False
+    remat_policy: str = "nothing_saveable"
+    # Attention kernel of tower and decoder (qtl_jax.models.attention.IMPLEMENTATIONS; 'auto': by backend).
+    attention: str = "auto"
 
     def __post_init__(self):
         problems = []
@@ -110,10 +116,9 @@ class TinyLlavaConfig:
         """The static merged sequence length for ``text_length`` input tokens and ``num_images`` images."""
         if self.convention == "llava_hf":
             return text_length
-        if self.max_length is not None:
-            return self.max_length
         slots = min(self.max_images_per_sample, num_images)  # a text-only batch keeps its length
-        return text_length + slots * (self.num_image_tokens - 1)
+        derived = text_length + slots * (self.num_image_tokens - 1)
+        return derived if self.max_length is None else min(derived, self.max_length)
 
 
 @flax.struct.dataclass
@@ -297,11 +302,12 @@ class TinyLlava(nn.Module):
 
     def setup(self):
         cfg = self.config
-        self.vision_tower = VisionTower(cfg.vision, cfg.dtype, cfg.remat)
+        self.vision_tower = VisionTower(cfg.vision, cfg.dtype, cfg.remat, cfg.remat_policy, cfg.attention)
         self.connector = Connector(cfg.connector, cfg.dtype)
         # Embedding scaling (Gemma) is done here, not in the decoder, because text and image vectors
         # are scaled differently by the two references (see TinyLlavaConfig.scale_image_embeddings).
-        self.llm = Decoder(dataclasses.replace(cfg.llm, dtype=cfg.dtype, remat=cfg.remat, embed_scale=None))
+        self.llm = Decoder(dataclasses.replace(cfg.llm, dtype=cfg.dtype, remat=cfg.remat, remat_policy=cfg.remat_policy,
+                                               attention=cfg.attention, embed_scale=None))
 
     # ---- client ----
     def encode_images(self, pixel_values: Array) -> Array:
@@ -327,11 +333,18 @@ class TinyLlava(nn.Module):
     # ---- server ----
     def decode(self, inputs_embeds: Array, layout: MergeLayout) -> Array:
         """Merged ``[B, L, D]`` embeddings -> ``[B, L, V]`` float32 logits."""
+        return self.llm(self._scaled(inputs_embeds, layout), layout.attention_mask, layout.position_ids)
+
+    def decode_hidden(self, inputs_embeds: Array, layout: MergeLayout) -> Array:
+        """As :meth:`decode` up to the LLM's final norm (``[B, L, D]``); the head is ``decoder.head_of``'s."""
+        return self.llm.final_hidden(self._scaled(inputs_embeds, layout), layout.attention_mask, layout.position_ids)
+
+    def _scaled(self, inputs_embeds: Array, layout: MergeLayout) -> Array:
         cfg = self.config
         if cfg.scales_images:
             scale = jnp.where(layout.is_image[..., None] > 0, cfg.llm.embed_scale, 1.0)
             inputs_embeds = inputs_embeds * scale.astype(inputs_embeds.dtype)
-        return self.llm(inputs_embeds, layout.attention_mask, layout.position_ids)
+        return inputs_embeds
 
     def __call__(
         self,

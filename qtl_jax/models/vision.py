@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from qtl_jax.models.attention import dot_product_attention
+from qtl_jax.models.remat import remat_module
 from qtl_jax.precision import accum_dtype
 
 Array = jax.Array
@@ -170,6 +171,7 @@ def num_feature_tokens(config: VisionConfig, strategy: str) -> int:
 class _Attention(nn.Module):
     config: VisionConfig
     dtype: Any = jnp.float32
+    implementation: str = "auto"
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -179,20 +181,21 @@ class _Attention(nn.Module):
         split = lambda t: t.reshape(*t.shape[:-1], heads, head_dim)  # noqa: E731
         q, k, v = (split(dense(n)(x)) for n in ("q_proj", "k_proj", "v_proj"))
         # Softmax in fp32 even for bf16 compute: the reference does the same and it is what keeps bf16 close.
-        out = dot_product_attention(q, k, v, None, head_dim**-0.5)
+        out = dot_product_attention(q, k, v, None, head_dim**-0.5, self.implementation)
         return dense("out_proj")(out)
 
 
 class _EncoderLayer(nn.Module):
     config: VisionConfig
     dtype: Any = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         cfg = self.config
         norm = lambda name: nn.LayerNorm(cfg.layer_norm_eps, dtype=accum_dtype(self.dtype), name=name)  # noqa: E731
         h = norm("layer_norm1")(x).astype(self.dtype)
-        x = x + _Attention(cfg, self.dtype, name="self_attn")(h)
+        x = x + _Attention(cfg, self.dtype, self.attention, name="self_attn")(h)
         h = norm("layer_norm2")(x).astype(self.dtype)
         h = nn.Dense(cfg.intermediate_size, dtype=self.dtype, name="fc1")(h)
         h = nn.Dense(cfg.hidden_size, dtype=self.dtype, name="fc2")(_ACTIVATIONS[cfg.hidden_act](h))
@@ -205,12 +208,15 @@ class VisionTower(nn.Module):
     The second output is SigLIP's ``last_hidden_state``; CLIP's ``pooler_output`` is its token 0.
 
     ``dtype`` is the compute dtype (params stay fp32); ``remat`` recomputes each encoder layer in
-    the backward pass instead of storing its activations.
+    the backward pass instead of storing its activations, keeping what ``remat_policy`` names
+    (``qtl_jax.models.remat.REMAT_POLICIES``).
     """
 
     config: VisionConfig
     dtype: Any = jnp.float32
     remat: bool = False
+    remat_policy: str = "nothing_saveable"
+    attention: str = "auto"  # qtl_jax.models.attention.IMPLEMENTATIONS
 
     @nn.compact
     def __call__(self, pixel_values: Array) -> tuple[tuple[Array, ...], Array]:
@@ -242,10 +248,10 @@ class VisionTower(nn.Module):
         x = x + pos.astype(x.dtype)[None]
         if cfg.kind == "clip":
             x = nn.LayerNorm(cfg.layer_norm_eps, dtype=accum_dtype(self.dtype), name="pre_layrnorm")(x).astype(self.dtype)
-        layer_cls = nn.remat(_EncoderLayer) if self.remat else _EncoderLayer
+        layer_cls = remat_module(_EncoderLayer, self.remat, self.remat_policy)
         hidden_states = [x]
         for i in range(cfg.num_hidden_layers):
-            x = layer_cls(cfg, self.dtype, name=f"layers_{i}")(x)
+            x = layer_cls(cfg, self.dtype, self.attention, name=f"layers_{i}")(x)
             hidden_states.append(x)
         # Kept so the checkpoint round-trips losslessly; under jit it is dead code for LLaVA features.
         last = nn.LayerNorm(cfg.layer_norm_eps, dtype=accum_dtype(self.dtype), name="post_layernorm")(x)

@@ -46,7 +46,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from qtl_jax.data import pipeline, templates
+from qtl_jax.data import pipeline, sequence, templates
 from qtl_jax.optimizer import learning_rate_schedule
 from qtl_jax.split import mesh as meshlib
 from qtl_jax.split import step as steplib
@@ -154,7 +154,9 @@ def run_eval(setup: Setup, config: ml_collections.ConfigDict, meshes, state: ste
     loader = make_loader(setup, config, dataset_dir, e.split, e.template, global_batch_size=int(e.batch_size),
                          shuffle=False, num_epochs=1, seed=0)
     eval_step = steplib.make_eval_step(setup.model, meshes)
-    return demo_eval.evaluate(eval_step, state, loader, max_batches=n_batches)
+    buckets = tuple(config.data.length_buckets)
+    return demo_eval.evaluate(eval_step, state, (sequence.pad_to_bucket(b, buckets) for b in loader),
+                              max_batches=n_batches)
 
 
 def config_to_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -298,10 +300,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             step = realign(step)
         last: dict[str, Any] = {}
         batch = None
+        # Each batch is cut to its longest sample rounded up to a bucket (TinyLLaVA Factory pads to the longest);
+        # a remote server half checks one fixed sequence length (split.wire geometry), so it keeps max_length.
+        buckets = () if remote else tuple(config.data.length_buckets)
+        lengths_seen: set[int] = set()
         while step < total_steps:
             t0 = time.perf_counter()
             if batch is None:
-                batch = gather_global_batch(next(loader))
+                batch = sequence.pad_to_bucket(gather_global_batch(next(loader)), buckets)
+                length = int(batch["input_ids"].shape[1])
+                if length not in lengths_seen:
+                    lengths_seen.add(length)
+                    log.print(f"qtl_jax: new batch shape {tuple(batch['input_ids'].shape)} (bucket of the longest "
+                              f"sample; {len(lengths_seen)} distinct so far): the step compiles for it")
                 if step == config.debug.poison_step:
                     batch = _poison(batch)
             t1 = time.perf_counter()

@@ -1,0 +1,85 @@
+"""Attention per backend: the library implementations against the hand-written VJP, and the 'auto' choice.
+
+Only the paths that run on this CPU are compared (``custom`` and ``xla``); ``cudnn`` needs a GPU
+(``bench/device_run.sh`` runs the model with it there). Inputs are float64, but the library's XLA
+implementation takes its softmax in float32 whatever the input dtype, so the tolerance is float32 rounding
+of the chained reductions (scores over d, softmax over S, output over S), scaled by the values compared.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qtl_jax.models import attention
+from tolerances import rounding_tolerance
+
+B, T, H, K, D = 2, 7, 4, 2, 8
+
+
+def problem(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    q, k, v = (rng.normal(size=(B, T, n, D)) for n in (H, K, K))
+    lengths = np.array([T, 4])  # sample 1 right-padded after 4 positions
+    valid = np.arange(T)[None] < lengths[:, None]
+    causal = np.tril(np.ones((T, T), bool))
+    allowed = causal[None] & valid[:, None, :] & valid[:, :, None]
+    return q, k, v, allowed, valid
+
+
+@pytest.mark.parametrize("masked", [True, False], ids=["causal_padded", "no_mask"])
+def test_xla_equals_custom_values_and_gradients_in_float64(masked):
+    q, k, v, allowed, valid = problem()
+    rows = valid if masked else np.ones_like(valid)  # rows with no allowed key are meaningless by contract
+    weights = np.random.default_rng(1).normal(size=(B, T, H * D)) * rows[..., None]
+
+    def loss(impl, q, k, v):
+        out = attention.dot_product_attention(q, k, v, jnp.asarray(allowed) if masked else None, D**-0.5, impl)
+        return jnp.sum(out * weights), out
+
+    with jax.enable_x64(True):
+        args = tuple(jnp.asarray(a, jnp.float64) for a in (q, k, v))
+        results = {impl: jax.value_and_grad(loss, argnums=(1, 2, 3), has_aux=True)(impl, *args)
+                   for impl in ("custom", "xla")}
+    (_, out_c), grads_c = results["custom"]
+    (_, out_x), grads_x = results["xla"]
+    def close(actual, desired, depth=3):
+        tol = rounding_tolerance(np.float32, max(T, D), depth, float(np.abs(desired).max()))
+        np.testing.assert_allclose(actual, desired, rtol=0, atol=tol)
+
+    close(np.asarray(out_x)[rows], np.asarray(out_c)[rows])
+    for gx, gc in zip(grads_x, grads_c):  # backward: three more chained reductions
+        close(np.asarray(gx), np.asarray(gc), depth=6)
+
+
+def test_auto_picks_by_backend_and_dtype():
+    assert attention.resolve("auto", jnp.float32, "cpu") == "custom"
+    assert attention.resolve("auto", jnp.bfloat16, "gpu") == "cudnn"
+    assert attention.resolve("auto", jnp.float32, "gpu") == "xla"  # cuDNN's fused kernel is 16-bit only
+    assert attention.resolve("auto", jnp.bfloat16, "tpu") == "xla"
+    assert attention.resolve("xla", jnp.float32, "cpu") == "xla"
+    with pytest.raises(ValueError, match="not one of"):
+        attention.resolve("flash", jnp.float32, "cpu")
+
+
+def test_decoder_with_xla_attention_equals_custom():
+    """The whole decoder forward with either kernel (selected by DecoderConfig.attention)."""
+    from qtl_jax.models.decoder import Decoder, DecoderConfig
+
+    with jax.enable_x64(True):
+        configs = {impl: DecoderConfig.make(family="llama", vocab_size=32, hidden_size=16, num_layers=2, num_heads=4,
+                                            num_kv_heads=2, intermediate_size=24, head_dim=4, dtype=jnp.float64,
+                                            param_dtype=jnp.float64, attention=impl)
+                   for impl in ("custom", "xla")}
+        x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 6, 16)))
+        mask = jnp.asarray([[1] * 6, [1] * 3 + [0] * 3])
+        positions = jnp.broadcast_to(jnp.arange(6), (2, 6))
+        params = Decoder(configs["custom"]).init(jax.random.key(0), x, mask, positions)
+        out = {impl: np.asarray(Decoder(c).apply(params, x, mask, positions)) for impl, c in configs.items()}
+    real = np.asarray(mask) > 0
+    # Two layers of attention at float32 softmax, then the MLP and the head (reductions over 16..32 terms).
+    tol = rounding_tolerance(np.float32, 32, 2 * 6, float(np.abs(out["custom"]).max()))
+    np.testing.assert_allclose(out["xla"][real], out["custom"][real], rtol=0, atol=tol)
+    with pytest.raises(ValueError, match="attention 'flash'"):
+        DecoderConfig.make(family="llama", vocab_size=32, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
+                           intermediate_size=24, head_dim=8, attention="flash")
