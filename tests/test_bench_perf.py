@@ -16,6 +16,8 @@ BINDING_FLOATS = ("ours_step_s", "torch_eager_step_s", "ratio_vs_torch_eager", "
 SHARES = ("quantizer_share_of_step", "codec_share_of_step", "codec_packed_share_of_step")
 
 
+# ~85 s of CPU on 2 cores (every bench size compiles): kept out of CI's ten minutes; run with -m slow.
+@pytest.mark.slow
 def test_perf_command_writes_json_and_markdown(tmp_path, monkeypatch, capsys):
     with pytest.raises(ValueError, match=r"unknown size\(s\) \['huge'\]: choose from"):
         perf.run(["huge"], str(tmp_path))

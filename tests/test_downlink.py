@@ -4,6 +4,7 @@ config keys. Small host arrays; the wire round trip of the messages is in tests/
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -37,6 +38,14 @@ def group_max(x: np.ndarray, rows: np.ndarray, scale: str) -> np.ndarray:
     return np.broadcast_to(x.reshape(-1, x.shape[-1]).max(axis=0), x.shape)
 
 
+@functools.lru_cache(maxsize=None)
+def quantize_fn(spec: dl.DownlinkSpec, draws: bool = False):
+    """One jitted quantizer per spec (x, rows and keys are arguments): hypothesis examples reuse the program
+    instead of compiling one per example."""
+    fn = functools.partial(dl.quantize, spec)
+    return jax.jit(jax.vmap(fn, in_axes=(None, None, 0)) if draws else fn)
+
+
 @given(seed=st.integers(0, 2**20), bits=st.integers(2, 8), scale=st.sampled_from(dl.SCALES), heavy=st.booleans())
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_stochastic_rounding_is_unbiased(seed, bits, scale, heavy):
@@ -49,7 +58,7 @@ def test_stochastic_rounding_is_unbiased(seed, bits, scale, heavy):
     rows = np.array([[True] * 5, [True, True, False, True, False]])
     draws = 4000
     keys = jax.random.split(jax.random.key(seed), draws)
-    _, step, values = jax.jit(jax.vmap(lambda k: dl.quantize(spec, x, rows, k)))(keys)
+    _, step, values = quantize_fn(spec, draws=True)(x, rows, keys)
     mean = np.asarray(values, np.float64).mean(axis=0)
     step = np.asarray(step[0], np.float64)
     step = step[..., None] if scale == "token" else step
@@ -69,7 +78,7 @@ def test_decode_error_is_below_one_step(seed, bits, scale, heavy):
     spec = dl.DownlinkSpec("quantized", bits=bits, scale=scale)
     x = gradients(seed, (3, 4, 24), heavy)
     rows = np.random.default_rng(seed).random((3, 4)) < 0.8
-    index, step, values = jax.jit(lambda k: dl.quantize(spec, x, rows, k))(jax.random.key(seed))
+    index, step, values = quantize_fn(spec)(x, rows, jax.random.key(seed))
     index, step, values = np.asarray(index), np.asarray(step), np.asarray(values)
     assert index.dtype == np.uint8 and index.max() <= 2 * spec.half_levels
     wide = step[..., None] if scale == "token" else step

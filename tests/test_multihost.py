@@ -47,6 +47,8 @@ def _env(devices: int):
     return env
 
 
+# ~80 s of CPU (two JAX processes compile the same step): kept out of CI's ten minutes; run with -m slow.
+@pytest.mark.slow
 def test_two_processes_agree_with_one(tmp_path):
     data_dir = str(tmp_path / "data")
     llava_tfds.prepare_shapes_tfds(data_dir, seed=0, n_pretrain=64, n_instruct=64, image_size=32)
