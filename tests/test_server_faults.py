@@ -378,7 +378,7 @@ def mutate(data: bytes, plan) -> bytes:
     return bytes(out[: cut % (len(out) + 1)] if cut is not None else out)
 
 
-def check_fuzzed(handlers, server, name: str, data: bytes) -> None:
+def assert_answered_or_refused(handlers, server, name: str, data: bytes) -> None:
     step = server.servicer.step
     got = outcome(handlers[name], data)
     if isinstance(got, grpc.StatusCode):
@@ -393,40 +393,40 @@ FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCh
 FUZZ_LONG = settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-def fuzz_raw(handlers, live, name, data):
-    check_fuzzed(handlers, live[0], name, data)
+def assert_raw_bytes_handled(handlers, live, name, data):
+    assert_answered_or_refused(handlers, live[0], name, data)
 
 
-def fuzz_mutated(handlers, live, name, plan):
+def assert_mutated_request_handled(handlers, live, name, plan):
     server = live[0]
     good = (good_request(server.servicer.step) if name == "Step" else join_request("tester", server.servicer.step))
-    check_fuzzed(handlers, server, name, mutate(good.SerializeToString(), plan))
+    assert_answered_or_refused(handlers, server, name, mutate(good.SerializeToString(), plan))
 
 
 @FUZZ
 @given(name=st.sampled_from(["Join", "Step"]), data=st.binary(max_size=512))
 def test_fuzz_raw_bytes(handlers, live, name, data):
-    fuzz_raw(handlers, live, name, data)
+    assert_raw_bytes_handled(handlers, live, name, data)
 
 
 @FUZZ
 @given(name=st.sampled_from(["Join", "Step"]), plan=mutations())
 def test_fuzz_mutated_valid_requests(handlers, live, name, plan):
-    fuzz_mutated(handlers, live, name, plan)
+    assert_mutated_request_handled(handlers, live, name, plan)
 
 
 @pytest.mark.slow
 @FUZZ_LONG
 @given(name=st.sampled_from(["Join", "Step"]), data=st.binary(max_size=4096))
 def test_fuzz_raw_bytes_long(handlers, live, name, data):
-    fuzz_raw(handlers, live, name, data)
+    assert_raw_bytes_handled(handlers, live, name, data)
 
 
 @pytest.mark.slow
 @FUZZ_LONG
 @given(name=st.sampled_from(["Join", "Step"]), plan=mutations())
 def test_fuzz_mutated_valid_requests_long(handlers, live, name, plan):
-    fuzz_mutated(handlers, live, name, plan)
+    assert_mutated_request_handled(handlers, live, name, plan)
 
 
 def test_fuzzed_requests_over_the_network_then_a_good_step(live):
