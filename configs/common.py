@@ -198,6 +198,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.split.downlink_topk = 1.0
     # Replaced by split.downlink (fp32 | bf16 | quantized); setting it is an error that says so.
     c.split.downlink_dtype = config_dict.placeholder(str)
+    # SplitFed (several clients against one server, qtl_jax.split.fedavg): every fedavg_every = K steps each
+    # client uploads its client model and gets the example-weighted average of the round's clients back
+    # (0: never, each client keeps its own model). A round waits at most fedavg_timeout_s for missing
+    # clients, then averages those who came. Clients and server must use the same K.
+    c.split.fedavg_every = 0
+    c.split.fedavg_timeout_s = 120.0
     # Where the server half runs: address None = in this process; host:port = a qtl_jax.split.server over gRPC.
     c.split.server = ml_collections.ConfigDict(dict(
         address=config_dict.placeholder(str), tls="none", ca_cert=config_dict.placeholder(str),

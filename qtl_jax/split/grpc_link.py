@@ -28,6 +28,7 @@ import numpy as np
 
 from qtl_jax.models.messages import Downlink, Uplink
 from qtl_jax.split import downlink as dl
+from qtl_jax.split import fedavg
 from qtl_jax.split import security as seclib
 from qtl_jax.split import wire
 from qtl_jax.split.link import CODEC_METHODS, ServerHalf, StepMismatchError, roundtrip_counts, uplink_counts
@@ -52,12 +53,14 @@ class GrpcServerHalf(ServerHalf):
       max_message_bytes: the largest message sent or accepted.
       downlink: the downlink this client's config asks for; ``join`` refuses a server that sends another
         (None: accept whatever the server sends).
+      fedavg_every: SplitFed's K (``split.fedavg_every``; 0: no averaging); ``join`` refuses a server with
+        another K, and :meth:`average` takes part in its rounds.
     """
 
     def __init__(self, target: str, geometry: wire.Geometry, security: seclib.SecurityConfig | None = None, *,
                  client_id: str = "client-0", codec_method: str = "ans", timeout_s: float = 300.0,
                  retries: int = 3, retry_pause_s: float = 0.5, max_message_bytes: int = 64 << 20,
-                 downlink: dl.DownlinkSpec | None = None):
+                 downlink: dl.DownlinkSpec | None = None, fedavg_every: int = 0):
         if codec_method not in CODEC_METHODS:
             raise ValueError(f"codec_method={codec_method!r}: use one of {CODEC_METHODS}.")
         if timeout_s <= 0 or retries < 0:
@@ -65,6 +68,7 @@ class GrpcServerHalf(ServerHalf):
         self.target, self.geometry = target, geometry
         self.security = security or seclib.SecurityConfig()
         self.client_id, self.codec_method, self.downlink = client_id, codec_method, downlink
+        self.fedavg_every = int(fedavg_every)
         self.timeout_s, self.retries, self.retry_pause_s = float(timeout_s), int(retries), float(retry_pause_s)
         options = [("grpc.max_receive_message_length", int(max_message_bytes)),
                    ("grpc.max_send_message_length", int(max_message_bytes))]
@@ -74,7 +78,7 @@ class GrpcServerHalf(ServerHalf):
 
     @classmethod
     def from_config(cls, section: Mapping[str, Any], geometry: wire.Geometry, codec_method: str = "ans",
-                    downlink: dl.DownlinkSpec | None = None) -> GrpcServerHalf:
+                    downlink: dl.DownlinkSpec | None = None, fedavg_every: int = 0) -> GrpcServerHalf:
         """From a training config's ``split.server`` section (a plain dict; ``address`` must be set)."""
         token = None
         if section.get("token_file"):
@@ -84,7 +88,8 @@ class GrpcServerHalf(ServerHalf):
                                          client_key=section["key"], token=token, server_name=section["server_name"])
         return cls(section["address"], geometry, security, client_id=section["client_id"], codec_method=codec_method,
                    timeout_s=float(section["rpc_timeout_s"]), retries=int(section["retries"]),
-                   max_message_bytes=int(float(section["max_message_mb"]) * (1 << 20)), downlink=downlink)
+                   max_message_bytes=int(float(section["max_message_mb"]) * (1 << 20)), downlink=downlink,
+                   fedavg_every=fedavg_every)
 
     def close(self) -> None:
         self.channel.close()
@@ -103,7 +108,7 @@ class GrpcServerHalf(ServerHalf):
         """Handshake: version and geometry check; returns the server's next step (it rewinds if it is ahead)."""
         reply = self._call(self.stub.Join, pb.JoinRequest(
             protocol_version=wire.PROTOCOL_VERSION, client_id=self.client_id, geometry=self.geometry.to_proto(),
-            client_step=int(client_step)))
+            client_step=int(client_step), fedavg_every=self.fedavg_every))
         wire.check_version(reply.protocol_version)
         if self.downlink is not None:
             theirs = wire.coding_from_proto(reply.downlink)
@@ -112,6 +117,31 @@ class GrpcServerHalf(ServerHalf):
                                  f"config asks for {self.downlink.describe()}; give both sides the same split.downlink* "
                                  "settings.")
         return int(reply.server_step)
+
+    def average(self, round_: int, leaves: Mapping[str, np.ndarray], examples: int, fetch: bool = False):
+        """SplitFed: uploads this client's averaged leaves after its step ``round_`` with weight ``examples`` and
+        returns the round's :class:`~qtl_jax.split.fedavg.Average` (blocks until the server has it); ``fetch``:
+        uploads nothing and returns the newest average (None when no round has completed).
+
+        A retry after a lost reply gets the same average: the server caches completed rounds.
+        """
+        request = pb.AverageRequest(protocol_version=wire.PROTOCOL_VERSION, client_id=self.client_id,
+                                    round=int(round_), examples=int(examples), tensors=fedavg.to_tensors(leaves),
+                                    fetch=bool(fetch))
+        try:
+            reply = self._call(self.stub.Average, request)
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.UNIMPLEMENTED:
+                raise ValueError(f"the server at {self.target} has no Average RPC (an older qtl_jax): run the same "
+                                 "release on every client and the server.") from e
+            raise
+        wire.check_version(reply.protocol_version)
+        if reply.round == 0:
+            return None
+        if not fetch and reply.round != round_ and not reply.replayed:
+            raise wire.WireError(f"the server answered round {reply.round} to this client's round {round_}.")
+        return fedavg.Average(int(reply.round), fedavg.from_tensors(reply.tensors), tuple(reply.members),
+                              int(reply.examples), bool(reply.replayed))
 
     def exchange(self, step: int, uplink: Uplink) -> tuple[Downlink, dict[str, Any]]:
         host = jax.device_get(uplink)

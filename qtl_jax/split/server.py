@@ -45,6 +45,7 @@ import numpy as np
 
 from qtl_jax.models import quantized as qm
 from qtl_jax.split import downlink as dl
+from qtl_jax.split import fedavg
 from qtl_jax.split import link as linklib
 from qtl_jax.split import guard
 from qtl_jax.split import mesh as meshlib
@@ -90,6 +91,12 @@ class ServerOptions:
     # any id, local step = global step.
     clients: tuple[str, ...] = ()
     turn_timeout_s: float = 60.0
+    # SplitFed (split.fedavg_every = K > 0, needs clients): no turn order, each client's steps are applied
+    # in the order they arrive (exactly once per client), and the client models are averaged through the
+    # Average RPC every K steps (qtl_jax.split.fedavg). A round waits at most fedavg_timeout_s after its
+    # first upload for the others; the missing ones are dropped from it.
+    fedavg_every: int = 0
+    fedavg_timeout_s: float = 120.0
     # Bounds on what a peer can make the server hold. A call's metadata (all keys and values) above
     # max_metadata_bytes is refused by gRPC; calls beyond max_concurrent_rpcs get RESOURCE_EXHAUSTED, so
     # requests in memory stay below max_concurrent_rpcs * max_message_bytes.
@@ -109,6 +116,12 @@ class ServerOptions:
             guard.check_client_id(client_id)
         if len(set(self.clients)) != len(self.clients):
             raise ValueError(f"clients={list(self.clients)} names a client twice.")
+        if int(self.fedavg_every) < 0 or float(self.fedavg_timeout_s) <= 0:
+            raise ValueError(f"fedavg_every must be >= 0 and fedavg_timeout_s > 0, got {self.fedavg_every} and "
+                             f"{self.fedavg_timeout_s}.")
+        if self.fedavg_every and not self.clients:
+            raise ValueError(f"fedavg_every={self.fedavg_every} averages several clients' models: list them in "
+                             "clients (--clients=a,b,c on the command line).")
         for name in ("max_message_bytes", "max_metadata_bytes", "max_concurrent_rpcs", "max_workers", "history"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
@@ -135,11 +148,13 @@ class SplitServicer(pb_grpc.SplitLearningServicer):
       checkpointer: a :class:`qtl_jax.train.checkpoint.Checkpointer` for the server state, or None.
       update: a program from :func:`make_server_update` for these config and optimizers (default: built
         here; pass one to share its compilation between servers of one process).
+      client_template: with ``options.fedavg_every``: ``{name: (shape, dtype)}`` of the client leaves
+        FedAvg averages (:func:`qtl_jax.split.fedavg.template_of`); uploads must match it.
     """
 
     def __init__(self, config: qm.QuantizedTinyLlavaConfig, state: steplib.TrainState,
                  optimizers: steplib.SplitOptimizers, mesh, geometry: wire.Geometry,
-                 options: ServerOptions | None = None, checkpointer=None, update=None):
+                 options: ServerOptions | None = None, checkpointer=None, update=None, client_template=None):
         self.config, self.mesh, self.geometry = config, mesh, geometry
         self.options = options or ServerOptions()
         self.state = state
@@ -157,6 +172,26 @@ class SplitServicer(pb_grpc.SplitLearningServicer):
         # A single-client server's client: the id of the first successful Join (or applied step).
         self.client_id: str | None = None
         self._log = guard.RateLimitedLog(_LOG.warning, self.options.log_interval_s)
+        o = self.options
+        self.rounds: fedavg.Rounds | None = None
+        # SplitFed: each client's next step (no turn order to derive it from); checkpointed with the state.
+        self._next: dict[int, int] = {}
+        if o.fedavg_every:
+            if client_template is None:
+                raise ValueError("fedavg_every needs client_template (the averaged client leaves' shapes).")
+            self.rounds = fedavg.Rounds(o.clients, o.fedavg_every, o.fedavg_timeout_s, client_template)
+            self._next = {k: 0 for k in range(len(o.clients))}
+
+    def client_steps(self) -> dict[str, int]:
+        """SplitFed: each client's next step, by id (what a server checkpoint records besides the state)."""
+        with self._lock:
+            return {c: self._next[k] for k, c in enumerate(self.options.clients)} if self._next else {}
+
+    def set_client_steps(self, steps: dict[str, int]) -> None:
+        """SplitFed: each client's next step, from a checkpoint's record (:meth:`client_steps`)."""
+        with self._lock:
+            for k, c in enumerate(self.options.clients):
+                self._next[k] = int(steps.get(c, 0))
 
     @property
     def step(self) -> int:
@@ -190,6 +225,16 @@ class SplitServicer(pb_grpc.SplitLearningServicer):
             self.refuse(context, "Join", grpc.StatusCode.FAILED_PRECONDITION, str(e))
         except wire.WireError as e:
             self.refuse(context, "Join", grpc.StatusCode.INVALID_ARGUMENT, str(e))
+
+    def Average(self, request: pb.AverageRequest, context) -> pb.AverageReply:
+        try:
+            return self.average(request)
+        except StepError as e:
+            self.refuse(context, "Average", e.code, str(e))
+        except wire.VersionError as e:
+            self.refuse(context, "Average", grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        except (wire.WireError, fedavg.FedAvgError) as e:
+            self.refuse(context, "Average", grpc.StatusCode.INVALID_ARGUMENT, str(e))
 
     def Step(self, request: pb.UplinkRequest, context) -> pb.DownlinkReply:
         try:
@@ -226,6 +271,11 @@ class SplitServicer(pb_grpc.SplitLearningServicer):
         problems = self.geometry.mismatch(wire.Geometry.from_proto(request.geometry))
         if problems:
             raise wire.WireError("the client's model does not match the server's: " + "; ".join(problems))
+        if request.fedavg_every != self.options.fedavg_every:
+            raise StepError(grpc.StatusCode.FAILED_PRECONDITION,
+                            f"the client averages its model every {request.fedavg_every} steps (split.fedavg_every; 0: "
+                            f"never), this server every {self.options.fedavg_every}; give every client and the server "
+                            "the same split.fedavg_every.")
         with self._lock:
             k = self._client_turn(request.client_id)
             client_step, server_step = int(request.client_step), self._local_step(k)
@@ -240,7 +290,36 @@ class SplitServicer(pb_grpc.SplitLearningServicer):
             return pb.JoinReply(protocol_version=wire.PROTOCOL_VERSION, server_step=self._local_step(k),
                                 grad_dtype=wire.DOWNLINK_KINDS[self.options.downlink.kind],
                                 codec_method=self.options.codec_method,
-                                downlink=wire.coding_to_proto(self.options.downlink))
+                                downlink=wire.coding_to_proto(self.options.downlink),
+                                fedavg_every=self.options.fedavg_every)
+
+    def average(self, request: pb.AverageRequest) -> pb.AverageReply:
+        """SplitFed: adds the client's model to its round and answers with the round's average (blocks until
+        the round's members have uploaded or its deadline has passed); ``fetch``: the newest average."""
+        wire.check_version(request.protocol_version)
+        guard.check_client_id(request.client_id)
+        if self.rounds is None:
+            raise StepError(grpc.StatusCode.FAILED_PRECONDITION,
+                            "this server does not average client models (split.fedavg_every=0); start it with the "
+                            "clients' split.fedavg_every.")
+        if request.client_id not in self.options.clients:
+            raise StepError(grpc.StatusCode.PERMISSION_DENIED, f"client_id={request.client_id!r} is not one of this "
+                            f"server's clients {list(self.options.clients)}.")
+        if request.fetch:
+            if request.tensors or request.round or request.examples:
+                raise fedavg.FedAvgError("a fetch carries no round, examples or tensors.")
+            return fedavg.average_to_reply(self.rounds.latest())
+        self.rounds.check(request.client_id, int(request.round), int(request.examples))
+        k = self.options.clients.index(request.client_id)
+        with self._lock:
+            applied = self._next[k]
+        if request.round > applied:
+            raise StepError(grpc.StatusCode.FAILED_PRECONDITION,
+                            f"round {request.round} comes after the client's step {request.round}, but the server has "
+                            f"applied only {applied} of its steps; a client averages after that step's exchange.")
+        leaves = fedavg.from_tensors(request.tensors, self.rounds.template)
+        return fedavg.average_to_reply(self.rounds.submit(request.client_id, int(request.round),
+                                                          int(request.examples), leaves))
 
     def may_rewind(self, client_id: str) -> bool:
         """Whether a Join from ``client_id`` behind the server may rewind it (see ``ServerOptions.rewind``).
@@ -278,6 +357,8 @@ class SplitServicer(pb_grpc.SplitLearningServicer):
 
     def _local_step(self, k: int) -> int:
         """How many steps client ``k`` has had applied: its next local step."""
+        if self._next:
+            return self._next[k]
         n = max(len(self.options.clients), 1)
         return max(0, (self.step - k + n - 1) // n)
 
@@ -343,12 +424,12 @@ class SplitServicer(pb_grpc.SplitLearningServicer):
                 reply.CopyFrom(last[2])
                 reply.replayed = True
                 return reply
-            if n > 1 and target > self.step:
+            if n > 1 and not self._next and target > self.step:
                 if not self._turn.wait_for(lambda: self.step >= target, timeout=self.options.turn_timeout_s):
                     raise StepError(grpc.StatusCode.UNAVAILABLE,
                                     f"client {request.client_id!r} step {request.step} is still waiting for its turn "
                                     f"(the server is at global step {self.step}); retry.")
-            if target != self.step:
+            if (request.step != self._next[k]) if self._next else (target != self.step):
                 raise StepError(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"step {request.step} is out of order: the server applies step {self._local_step(k)} "
                                 "next; call Join with the client's step to realign.")
@@ -359,6 +440,8 @@ class SplitServicer(pb_grpc.SplitLearningServicer):
             server, down, metrics = self._update(self.state.server, received)
             message, server = self.send(server, k, int(request.step), down, received)
             self.state = self.state.replace(server=server, step=self.state.step + 1)
+            if self._next:
+                self._next[k] += 1
             host_metrics = {name: float(v) for name, v in jax.device_get(metrics).items()}
             reply = wire.downlink_to_proto(jax.device_get(message), up, step=request.step, spec=self.options.downlink,
                                            codec_method=self.options.codec_method, metrics=host_metrics)
@@ -369,8 +452,20 @@ class SplitServicer(pb_grpc.SplitLearningServicer):
             self._turn.notify_all()
             every = self.options.checkpoint_every
             if self.checkpointer is not None and every > 0 and self.step % every == 0:
-                self.checkpointer.save(self.state, {}, {})
+                self.checkpointer.save(self.state, self._record(), {})
             return reply
+
+
+    def _record(self) -> dict:
+        """What a checkpoint keeps besides the state (lock held): SplitFed's per-client steps."""
+        if not self._next:
+            return {}
+        return {"client_steps": {c: self._next[k] for k, c in enumerate(self.options.clients)}}
+
+    def save(self) -> None:
+        """Checkpoints the state now (the command line's last save)."""
+        with self._lock:
+            self.checkpointer.save(self.state, self._record(), {})
 
 
 def _digest(request: pb.UplinkRequest) -> bytes:
@@ -408,6 +503,7 @@ def method_handlers(servicer: SplitServicer) -> grpc.GenericRpcHandler:
     return grpc.method_handlers_generic_handler(SERVICE, {
         "Join": raw("Join", pb.JoinRequest, pb.JoinReply),
         "Step": raw("Step", pb.UplinkRequest, pb.DownlinkReply),
+        "Average": raw("Average", pb.AverageRequest, pb.AverageReply),
     })
 
 
@@ -453,6 +549,9 @@ def main(argv) -> None:
                              "learning-rate schedule from it).")
     sec = security_from_flags(f, "server")  # a missing token or certificate file fails before the model is built
     clients = tuple(c for c in (f.clients or "").split(",") if c)
+    if int(config.split.fedavg_every) and len(clients) < 2:
+        raise app.UsageError(f"split.fedavg_every={config.split.fedavg_every} averages several clients' models: "
+                             "name them with --clients=a,b,c.")
     rounds = int(config.total_steps) * max(len(clients), 1)  # the server applies every client's steps
     workdir = os.path.abspath(f.workdir)
     # The client's initial state, drawn from the same seed; this side keeps the server partition.
@@ -471,8 +570,12 @@ def main(argv) -> None:
     if restore_step is not None and restore_step not in checkpointer.all_steps():
         raise ValueError(f"--restore_step={restore_step}: {checkpointer.directory} has no checkpoint of that step "
                          f"(it has {checkpointer.all_steps()}).")
+    every = int(config.split.fedavg_every)
+    # SplitFed: the shapes of the client leaves the clients average (uploads must match them).
+    template = fedavg.template_of(fedavg.averaged_leaves(full.client, optimizers.client_frozen)) if every else None
+    record = {}
     if restore_step is not None or checkpointer.latest_step() is not None:
-        state, _ = checkpointer.restore(full.replace(client=empty), step=restore_step)
+        state, record = checkpointer.restore(full.replace(client=empty), step=restore_step)
         print(f"qtl_jax.split.server: resumed {workdir} at step {int(jax.device_get(state.step))}", flush=True)
         for later in [s for s in checkpointer.all_steps() if restore_step is not None and s > restore_step]:
             # Kept on disk, out of the way of the steps run again.
@@ -486,8 +589,13 @@ def main(argv) -> None:
                             codec_method=config.split.codec_method,
                             max_message_bytes=int(f.max_message_mb * (1 << 20)),
                             checkpoint_every=int(config.checkpoint_every), clients=clients, rewind=f.rewind,
-                            max_workers=max(4, len(clients) + 2))  # a worker per client waiting for its turn
-    servicer = SplitServicer(setup.model, state, optimizers, meshes.server, geometry, options, checkpointer)
+                            fedavg_every=every, fedavg_timeout_s=float(config.split.fedavg_timeout_s),
+                            # a worker per client waiting for its turn or its round, and one for its next call
+                            max_workers=max(4, 2 * len(clients) + 2))
+    servicer = SplitServicer(setup.model, state, optimizers, meshes.server, geometry, options, checkpointer,
+                             client_template=template)
+    if every and "client_steps" in record:
+        servicer.set_client_steps(record["client_steps"])
     server, port = serve(servicer, f.address, sec)
     print(f"qtl_jax.split.server: listening on port {port} (tls={sec.tls}, token={'yes' if sec.token else 'no'}), "
           f"next step {servicer.step}", flush=True)
@@ -498,7 +606,7 @@ def main(argv) -> None:
         server.stop(grace=5.0).wait()
         checkpointer.wait()  # a save of the last step may still be in flight
         if checkpointer.latest_step() != servicer.step:
-            checkpointer.save(servicer.state, {}, {})
+            servicer.save()
         checkpointer.close()
     print(f"qtl_jax.split.server: done at step {servicer.step}", flush=True)
 

@@ -48,6 +48,7 @@ import numpy as np
 
 from qtl_jax.data import pipeline, sequence, templates
 from qtl_jax.optimizer import learning_rate_schedule
+from qtl_jax.split import fedavg
 from qtl_jax.split import mesh as meshlib
 from qtl_jax.split import step as steplib
 from qtl_jax.split import wire
@@ -173,7 +174,8 @@ def make_server_half(config: ml_collections.ConfigDict, setup: Setup, meshes: me
 
         geometry = wire.geometry_of(setup.model, int(config.global_batch_size), setup.model.model.max_length)
         return GrpcServerHalf.from_config(section, geometry, codec_method=config.split.codec_method,
-                                          downlink=DownlinkSpec.from_config(config.split, int(config.seed)))
+                                          downlink=DownlinkSpec.from_config(config.split, int(config.seed)),
+                                          fedavg_every=int(config.split.fedavg_every))
     return InProcessServerHalf(meshes, steplib.server_update_fn(setup.model, optimizers),
                                codec_method=config.split.codec_method, measure=jax.process_count() == 1,
                                measure_every=int(config.split.measure_every),
@@ -189,6 +191,8 @@ def _check_remote(config: ml_collections.ConfigDict) -> None:
                         "--config.total_steps on client and server)")
     if jax.process_count() > 1:
         problems.append(f"{jax.process_count()} processes (the network client runs in one process)")
+    if int(config.split.fedavg_every) < 0:
+        problems.append(f"split.fedavg_every={config.split.fedavg_every} (use 0, off, or K >= 1)")
     if problems:
         raise ValueError(f"split.server.address={config.split.server.address!r}: " + "; ".join(problems) + ".")
 
@@ -206,6 +210,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     remote = bool(config.split.server.address)
     if remote:
         _check_remote(config)
+    elif int(config.split.fedavg_every):
+        raise ValueError(f"split.fedavg_every={config.split.fedavg_every} averages several clients' models through a "
+                         "server: set split.server.address (python -m qtl_jax.split.client) or split.fedavg_every=0.")
+    every = int(config.split.fedavg_every)
     _, k_setup = seed_keys(config)
     setup = build_setup(config, workdir, k_setup)
     config_json = config_to_json(config)
@@ -263,9 +271,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
         def realign(mine: int) -> int:
             """Joins the server half; whichever side is ahead goes back to its checkpoint of the other's step."""
+            nonlocal state
             theirs = server.join(mine)
             if theirs == mine:
                 return mine
+            if theirs > mine and every:
+                # SplitFed: the shared server never rewinds (the other clients' steps); this client skips the steps
+                # it lost (their data, its updates) and picks up the clients' newest average (federate).
+                for _ in range(theirs - mine):
+                    next(loader)
+                state = state.replace(step=state.step + (theirs - mine))
+                log.print(f"qtl_jax: rejoined at the server's step {theirs} for this client (from step {mine})")
+                return theirs
             checkpointer.wait()
             have = checkpointer.all_steps()
             if theirs != 0 and theirs not in have:
@@ -295,9 +312,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         log.print(f"qtl_jax: stage {config.stage}, {total_steps} steps of {config.global_batch_size} examples, "
                   f"{jax.device_count()} devices ({jax.process_count()} processes), mode={config.split.mode}{where}")
 
+        def federate(at: int, fetch: bool = False) -> None:
+            """SplitFed: this client's model into round ``at`` and the round's average back (``fetch``: the newest)."""
+            nonlocal state
+            client, average = fedavg.client_round(server, at, state.client, optimizers.client_frozen,
+                                                  loader.num_records, fetch=fetch)
+            state = state.replace(client=client)
+            log.print(f"qtl_jax: FedAvg {fedavg.describe(average)}" if average else "qtl_jax: FedAvg: no average yet")
+
         step = start or 0
         if server is not None:
             step = realign(step)
+            if every and step > 0:  # a restart: the round this step closes, or the newest average
+                federate(step, fetch=step % every != 0)
         last: dict[str, Any] = {}
         batch = None
         # Each batch is cut to its longest sample rounded up to a bucket (TinyLLaVA Factory pads to the longest);
@@ -340,6 +367,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     "train.py resumes from that checkpoint."
                 )
             step += 1
+            if every and step % every == 0:
+                federate(step)  # before the checkpoint of this step, which then holds the average
             last = _step_record(metrics, float(schedule(step - 1)), t2 - t1, t1 - t0, int(config.global_batch_size))
             if step % int(config.log_every) == 0 or step == total_steps:
                 log.write(step, last)

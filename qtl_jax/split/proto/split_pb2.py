@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fqtl_jax/split/proto/split.proto\x12\x10qtl_jax.split.v1\"\x9f\x01\n\x0e\x44ownlinkCoding\x12)\n\x04kind\x18\x01 \x01(\x0e\x32\x1b.qtl_jax.split.v1.GradDtype\x12\x0c\n\x04\x62its\x18\x02 \x01(\r\x12.\n\x05scale\x18\x03 \x01(\x0e\x32\x1f.qtl_jax.split.v1.DownlinkScale\x12\x16\n\x0e\x65rror_feedback\x18\x04 \x01(\x08\x12\x0c\n\x04topk\x18\x05 \x01(\x02\"\x91\x01\n\x08Geometry\x12\x12\n\nbatch_size\x18\x01 \x01(\r\x12\x0f\n\x07seq_len\x18\x02 \x01(\r\x12\x14\n\x0cimage_tokens\x18\x03 \x01(\r\x12\x0b\n\x03\x64im\x18\x04 \x01(\r\x12\x14\n\x0cimage_levels\x18\x05 \x01(\r\x12\x13\n\x0btext_levels\x18\x06 \x01(\r\x12\x12\n\nvocab_size\x18\x07 \x01(\r\"}\n\x0bJoinRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12,\n\x08geometry\x18\x03 \x01(\x0b\x32\x1a.qtl_jax.split.v1.Geometry\x12\x13\n\x0b\x63lient_step\x18\x04 \x01(\x03\"\xb5\x01\n\tJoinReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x13\n\x0bserver_step\x18\x02 \x01(\x03\x12/\n\ngrad_dtype\x18\x03 \x01(\x0e\x32\x1b.qtl_jax.split.v1.GradDtype\x12\x14\n\x0c\x63odec_method\x18\x04 \x01(\t\x12\x32\n\x08\x64ownlink\x18\x05 \x01(\x0b\x32 .qtl_jax.split.v1.DownlinkCoding\"\xf2\x01\n\rUplinkRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12,\n\x08geometry\x18\x04 \x01(\x0b\x32\x1a.qtl_jax.split.v1.Geometry\x12\x13\n\x0bimage_codes\x18\x05 \x01(\x0c\x12\x12\n\ntext_codes\x18\x06 \x01(\x0c\x12\x16\n\x0e\x61ttention_mask\x18\x07 \x01(\x0c\x12\x12\n\nimage_mask\x18\x08 \x01(\x0c\x12\x13\n\x0bimage_valid\x18\t \x01(\x0c\x12\x0e\n\x06labels\x18\n \x01(\x0c\"\x86\x03\n\rDownlinkReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12/\n\ngrad_dtype\x18\x03 \x01(\x0e\x32\x1b.qtl_jax.split.v1.GradDtype\x12\x12\n\nimage_grad\x18\x04 \x01(\x0c\x12\x11\n\ttext_grad\x18\x05 \x01(\x0c\x12=\n\x07metrics\x18\x06 \x03(\x0b\x32,.qtl_jax.split.v1.DownlinkReply.MetricsEntry\x12\x19\n\x11uplink_wire_bytes\x18\x07 \x01(\r\x12\x10\n\x08replayed\x18\x08 \x01(\x08\x12\x32\n\x08\x64ownlink\x18\t \x01(\x0b\x32 .qtl_jax.split.v1.DownlinkCoding\x12\x12\n\nimage_step\x18\n \x01(\x0c\x12\x11\n\ttext_step\x18\x0b \x01(\x0c\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*Q\n\tGradDtype\x12\x1a\n\x16GRAD_DTYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0c\n\x08\x42\x46LOAT16\x10\x02\x12\r\n\tQUANTIZED\x10\x03*G\n\rDownlinkScale\x12\x1e\n\x1a\x44OWNLINK_SCALE_UNSPECIFIED\x10\x00\x12\t\n\x05TOKEN\x10\x01\x12\x0b\n\x07\x43HANNEL\x10\x02\x32\x9d\x01\n\rSplitLearning\x12\x42\n\x04Join\x12\x1d.qtl_jax.split.v1.JoinRequest\x1a\x1b.qtl_jax.split.v1.JoinReply\x12H\n\x04Step\x12\x1f.qtl_jax.split.v1.UplinkRequest\x1a\x1f.qtl_jax.split.v1.DownlinkReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fqtl_jax/split/proto/split.proto\x12\x10qtl_jax.split.v1\"\x9f\x01\n\x0e\x44ownlinkCoding\x12)\n\x04kind\x18\x01 \x01(\x0e\x32\x1b.qtl_jax.split.v1.GradDtype\x12\x0c\n\x04\x62its\x18\x02 \x01(\r\x12.\n\x05scale\x18\x03 \x01(\x0e\x32\x1f.qtl_jax.split.v1.DownlinkScale\x12\x16\n\x0e\x65rror_feedback\x18\x04 \x01(\x08\x12\x0c\n\x04topk\x18\x05 \x01(\x02\"\x91\x01\n\x08Geometry\x12\x12\n\nbatch_size\x18\x01 \x01(\r\x12\x0f\n\x07seq_len\x18\x02 \x01(\r\x12\x14\n\x0cimage_tokens\x18\x03 \x01(\r\x12\x0b\n\x03\x64im\x18\x04 \x01(\r\x12\x14\n\x0cimage_levels\x18\x05 \x01(\r\x12\x13\n\x0btext_levels\x18\x06 \x01(\r\x12\x12\n\nvocab_size\x18\x07 \x01(\r\"\x93\x01\n\x0bJoinRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12,\n\x08geometry\x18\x03 \x01(\x0b\x32\x1a.qtl_jax.split.v1.Geometry\x12\x13\n\x0b\x63lient_step\x18\x04 \x01(\x03\x12\x14\n\x0c\x66\x65\x64\x61vg_every\x18\x05 \x01(\r\"\xcb\x01\n\tJoinReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x13\n\x0bserver_step\x18\x02 \x01(\x03\x12/\n\ngrad_dtype\x18\x03 \x01(\x0e\x32\x1b.qtl_jax.split.v1.GradDtype\x12\x14\n\x0c\x63odec_method\x18\x04 \x01(\t\x12\x32\n\x08\x64ownlink\x18\x05 \x01(\x0b\x32 .qtl_jax.split.v1.DownlinkCoding\x12\x14\n\x0c\x66\x65\x64\x61vg_every\x18\x06 \x01(\r\"\xf2\x01\n\rUplinkRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12,\n\x08geometry\x18\x04 \x01(\x0b\x32\x1a.qtl_jax.split.v1.Geometry\x12\x13\n\x0bimage_codes\x18\x05 \x01(\x0c\x12\x12\n\ntext_codes\x18\x06 \x01(\x0c\x12\x16\n\x0e\x61ttention_mask\x18\x07 \x01(\x0c\x12\x12\n\nimage_mask\x18\x08 \x01(\x0c\x12\x13\n\x0bimage_valid\x18\t \x01(\x0c\x12\x0e\n\x06labels\x18\n \x01(\x0c\"\x86\x03\n\rDownlinkReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12/\n\ngrad_dtype\x18\x03 \x01(\x0e\x32\x1b.qtl_jax.split.v1.GradDtype\x12\x12\n\nimage_grad\x18\x04 \x01(\x0c\x12\x11\n\ttext_grad\x18\x05 \x01(\x0c\x12=\n\x07metrics\x18\x06 \x03(\x0b\x32,.qtl_jax.split.v1.DownlinkReply.MetricsEntry\x12\x19\n\x11uplink_wire_bytes\x18\x07 \x01(\r\x12\x10\n\x08replayed\x18\x08 \x01(\x08\x12\x32\n\x08\x64ownlink\x18\t \x01(\x0b\x32 .qtl_jax.split.v1.DownlinkCoding\x12\x12\n\nimage_step\x18\n \x01(\x0c\x12\x11\n\ttext_step\x18\x0b \x01(\x0c\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"B\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\r\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\x98\x01\n\x0e\x41verageRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x03\x12\x10\n\x08\x65xamples\x18\x04 \x01(\x04\x12)\n\x07tensors\x18\x05 \x03(\x0b\x32\x18.qtl_jax.split.v1.Tensor\x12\r\n\x05\x66\x65tch\x18\x06 \x01(\x08\"\x97\x01\n\x0c\x41verageReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05round\x18\x02 \x01(\x03\x12)\n\x07tensors\x18\x03 \x03(\x0b\x32\x18.qtl_jax.split.v1.Tensor\x12\x0f\n\x07members\x18\x04 \x03(\t\x12\x10\n\x08\x65xamples\x18\x05 \x01(\x04\x12\x10\n\x08replayed\x18\x06 \x01(\x08*Q\n\tGradDtype\x12\x1a\n\x16GRAD_DTYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0c\n\x08\x42\x46LOAT16\x10\x02\x12\r\n\tQUANTIZED\x10\x03*G\n\rDownlinkScale\x12\x1e\n\x1a\x44OWNLINK_SCALE_UNSPECIFIED\x10\x00\x12\t\n\x05TOKEN\x10\x01\x12\x0b\n\x07\x43HANNEL\x10\x02\x32\xea\x01\n\rSplitLearning\x12\x42\n\x04Join\x12\x1d.qtl_jax.split.v1.JoinRequest\x1a\x1b.qtl_jax.split.v1.JoinReply\x12H\n\x04Step\x12\x1f.qtl_jax.split.v1.UplinkRequest\x1a\x1f.qtl_jax.split.v1.DownlinkReply\x12K\n\x07\x41verage\x12 .qtl_jax.split.v1.AverageRequest\x1a\x1e.qtl_jax.split.v1.AverageReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,24 +33,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DOWNLINKREPLY_METRICSENTRY']._loaded_options = None
   _globals['_DOWNLINKREPLY_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_GRADDTYPE']._serialized_start=1312
-  _globals['_GRADDTYPE']._serialized_end=1393
-  _globals['_DOWNLINKSCALE']._serialized_start=1395
-  _globals['_DOWNLINKSCALE']._serialized_end=1466
+  _globals['_GRADDTYPE']._serialized_start=1734
+  _globals['_GRADDTYPE']._serialized_end=1815
+  _globals['_DOWNLINKSCALE']._serialized_start=1817
+  _globals['_DOWNLINKSCALE']._serialized_end=1888
   _globals['_DOWNLINKCODING']._serialized_start=54
   _globals['_DOWNLINKCODING']._serialized_end=213
   _globals['_GEOMETRY']._serialized_start=216
   _globals['_GEOMETRY']._serialized_end=361
-  _globals['_JOINREQUEST']._serialized_start=363
-  _globals['_JOINREQUEST']._serialized_end=488
-  _globals['_JOINREPLY']._serialized_start=491
-  _globals['_JOINREPLY']._serialized_end=672
-  _globals['_UPLINKREQUEST']._serialized_start=675
-  _globals['_UPLINKREQUEST']._serialized_end=917
-  _globals['_DOWNLINKREPLY']._serialized_start=920
-  _globals['_DOWNLINKREPLY']._serialized_end=1310
-  _globals['_DOWNLINKREPLY_METRICSENTRY']._serialized_start=1264
-  _globals['_DOWNLINKREPLY_METRICSENTRY']._serialized_end=1310
-  _globals['_SPLITLEARNING']._serialized_start=1469
-  _globals['_SPLITLEARNING']._serialized_end=1626
+  _globals['_JOINREQUEST']._serialized_start=364
+  _globals['_JOINREQUEST']._serialized_end=511
+  _globals['_JOINREPLY']._serialized_start=514
+  _globals['_JOINREPLY']._serialized_end=717
+  _globals['_UPLINKREQUEST']._serialized_start=720
+  _globals['_UPLINKREQUEST']._serialized_end=962
+  _globals['_DOWNLINKREPLY']._serialized_start=965
+  _globals['_DOWNLINKREPLY']._serialized_end=1355
+  _globals['_DOWNLINKREPLY_METRICSENTRY']._serialized_start=1309
+  _globals['_DOWNLINKREPLY_METRICSENTRY']._serialized_end=1355
+  _globals['_TENSOR']._serialized_start=1357
+  _globals['_TENSOR']._serialized_end=1423
+  _globals['_AVERAGEREQUEST']._serialized_start=1426
+  _globals['_AVERAGEREQUEST']._serialized_end=1578
+  _globals['_AVERAGEREPLY']._serialized_start=1581
+  _globals['_AVERAGEREPLY']._serialized_end=1732
+  _globals['_SPLITLEARNING']._serialized_start=1891
+  _globals['_SPLITLEARNING']._serialized_end=2125
 # @@protoc_insertion_point(module_scope)

@@ -44,6 +44,11 @@ class SplitLearningStub:
                 request_serializer=qtl__jax_dot_split_dot_proto_dot_split__pb2.UplinkRequest.SerializeToString,
                 response_deserializer=qtl__jax_dot_split_dot_proto_dot_split__pb2.DownlinkReply.FromString,
                 _registered_method=True)
+        self.Average = channel.unary_unary(
+                '/qtl_jax.split.v1.SplitLearning/Average',
+                request_serializer=qtl__jax_dot_split_dot_proto_dot_split__pb2.AverageRequest.SerializeToString,
+                response_deserializer=qtl__jax_dot_split_dot_proto_dot_split__pb2.AverageReply.FromString,
+                _registered_method=True)
 
 
 class SplitLearningServicer:
@@ -63,6 +68,13 @@ class SplitLearningServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Average(self, request, context):
+        """SplitFed: upload the client model after step `round`, wait for the round's members, get their average.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SplitLearningServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -75,6 +87,11 @@ def add_SplitLearningServicer_to_server(servicer, server):
                     servicer.Step,
                     request_deserializer=qtl__jax_dot_split_dot_proto_dot_split__pb2.UplinkRequest.FromString,
                     response_serializer=qtl__jax_dot_split_dot_proto_dot_split__pb2.DownlinkReply.SerializeToString,
+            ),
+            'Average': grpc.unary_unary_rpc_method_handler(
+                    servicer.Average,
+                    request_deserializer=qtl__jax_dot_split_dot_proto_dot_split__pb2.AverageRequest.FromString,
+                    response_serializer=qtl__jax_dot_split_dot_proto_dot_split__pb2.AverageReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -131,6 +148,33 @@ class SplitLearning:
             '/qtl_jax.split.v1.SplitLearning/Step',
             qtl__jax_dot_split_dot_proto_dot_split__pb2.UplinkRequest.SerializeToString,
             qtl__jax_dot_split_dot_proto_dot_split__pb2.DownlinkReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Average(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qtl_jax.split.v1.SplitLearning/Average',
+            qtl__jax_dot_split_dot_proto_dot_split__pb2.AverageRequest.SerializeToString,
+            qtl__jax_dot_split_dot_proto_dot_split__pb2.AverageReply.FromString,
             options,
             channel_credentials,
             insecure,
