@@ -8,6 +8,9 @@ come from one thread per client (the ``Average`` RPC blocks until the round is c
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
 import threading
 
 import grpc
@@ -302,3 +305,48 @@ def test_options_and_averages_named_errors():
     frozen["connector"]["fc_0"]["bias"] = False
     names = sorted(fedavg.averaged_leaves(state.client, frozen))
     assert names == ["batch_stats/text_quantizer/mean", "batch_stats/text_quantizer/var", "params/connector/fc_0/bias"]
+
+
+@pytest.mark.slow
+def test_command_lines_three_clients_one_killed_and_restarted(tmp_path):
+    """The server and three client processes (tiny config, K=2, 6 steps each): client c is SIGKILLed
+    after its step 3 (its checkpoint: step 2) and restarted. It rejoins at the server's step for it
+    and the last round is averaged over all three; all four processes finish."""
+    from test_grpc_split import PROCESS_TIMEOUT, ROOT, free_port, losses, wait_for
+
+    port = free_port()
+    common = ["--config=configs/stage1.py:tiny", "--config.eval.enabled=False", "--config.checkpoint_every=2",
+              "--config.split.fedavg_every=2", "--config.split.fedavg_timeout_s=300", f"--address=127.0.0.1:{port}"]
+    logs = {name: tmp_path / f"{name}.log" for name in ("server", "a", "b", "c")}
+
+    def launch(name, *extra):
+        module = "qtl_jax.split.server" if name == "server" else "qtl_jax.split.client"
+        with open(logs[name], "a") as log:
+            return subprocess.Popen([sys.executable, "-m", module, *common, f"--workdir={tmp_path / name}", *extra],
+                                    cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
+
+    seeds = {"a": 0, "b": 1, "c": 2}
+    client = lambda c, *x: launch(c, f"--client_id={c}", f"--config.data.shapes.seed={seeds[c]}", *x)  # noqa: E731
+    procs = [launch("server", "--clients=a,b,c"), client("a"), client("b"),
+             client("c", "--config.debug.step_delay=1.0")]
+    try:
+        wait_for(lambda: 3 in losses(tmp_path / "c"), "client c's step 3")
+        procs[3].kill()
+        procs[3].wait(10)
+        procs.append(client("c"))
+        for p in procs[1:3] + procs[4:]:
+            assert p.wait(timeout=PROCESS_TIMEOUT) == 0, {n: logs[n].read_text()[-2000:] for n in logs}
+        assert procs[0].wait(timeout=120) == 0, logs["server"].read_text()[-3000:]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait(10)
+    text = {n: logs[n].read_text() for n in logs}
+    assert "qtl_jax.split.server: done at step 18" in text["server"]
+    # c was killed after its step 3, before or after sending step 4: the server had 3 or 4 of its steps.
+    assert "resumed" in text["c"] and re.search(r"rejoined at the server's step [34] for this client \(from step 2\)",
+                                                 text["c"])
+    for c in "abc":
+        assert "FedAvg round 6: 3 clients (a, b, c)" in text[c], text[c][-2000:]
+    assert sorted(losses(tmp_path / "a")) == sorted(losses(tmp_path / "b")) == list(range(1, 7))
+    assert {1, 2, 6} <= set(losses(tmp_path / "c"))

@@ -210,6 +210,11 @@ class Rounds:
         with self._cond:
             return self._done[max(self._done)] if self._done else None
 
+    def wait_done(self, round_: int, timeout: float | None = None) -> bool:
+        """Blocks until round ``round_`` (or a later one) has completed; False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: max(self._done, default=0) >= round_, timeout=timeout)
+
     def state_sizes(self) -> dict[str, int]:
         with self._cond:
             return {"pending_rounds": len(self._pending), "cached_rounds": len(self._done),

@@ -601,6 +601,9 @@ def main(argv) -> None:
           f"next step {servicer.step}", flush=True)
     try:
         servicer.wait_for_step(rounds)
+        if every and int(config.total_steps) >= every:
+            # The clients' last round comes after their last step: answer it before stopping.
+            servicer.rounds.wait_done(int(config.total_steps) // every * every)
     finally:
         # In-flight RPCs (the last reply) finish within the grace period; new ones are refused.
         server.stop(grace=5.0).wait()
