@@ -44,7 +44,7 @@ MAX_ELEMENTS = 1 << 31  # what one upload may declare in all (a bound before any
 Named = dict[str, np.ndarray]
 
 
-class FedAvgError(ValueError):
+class FedAvgError(wire.WireError):
     """An upload that does not fit the server's client model or the round (the message says what)."""
 
 
@@ -87,7 +87,8 @@ def with_leaves(client, named: Mapping[str, np.ndarray]):
 
         return jax.tree_util.tree_map_with_path(one, tree)
 
-    return client.replace(params=replace("params", client.params), batch_stats=replace("batch_stats", client.batch_stats))
+    return client.replace(params=replace("params", client.params),
+                          batch_stats=replace("batch_stats", client.batch_stats))
 
 
 def weighted_average(contributions: Sequence[tuple[int, Mapping[str, np.ndarray]]]) -> Named:
@@ -127,7 +128,10 @@ def to_tensors(named: Mapping[str, np.ndarray]) -> list[pb.Tensor]:
     return out
 
 
-def from_tensors(tensors: Iterable[pb.Tensor], template: Mapping[str, tuple[tuple[int, ...], str]] | None = None) -> Named:
+Template = Mapping[str, tuple[tuple[int, ...], str]]  # {name: (shape, dtype name)}
+
+
+def from_tensors(tensors: Iterable[pb.Tensor], template: Template | None = None) -> Named:
     """The arrays of ``tensors``, each checked (dtype, shape, length, finite; with ``template``: exactly its
     names, shapes and dtypes). Raises :class:`FedAvgError` naming the tensor."""
     out: Named = {}
@@ -163,7 +167,7 @@ def from_tensors(tensors: Iterable[pb.Tensor], template: Mapping[str, tuple[tupl
     return out
 
 
-def template_of(named: Mapping[str, np.ndarray]) -> dict[str, tuple[tuple[int, ...], str]]:
+def template_of(named: Mapping[str, np.ndarray]) -> Template:
     """``{name: (shape, dtype name)}``: what :func:`from_tensors` accepts from clients."""
     return {k: (tuple(np.shape(v)), np.asarray(v).dtype.name) for k, v in named.items()}
 
@@ -188,16 +192,15 @@ class Rounds:
       timeout_s: how long a round waits for missing members after its first upload.
       template: ``{name: (shape, dtype)}`` of the averaged leaves (:func:`template_of`); uploads must match.
       keep: completed rounds kept for retries and late clients.
-      clock: seconds, monotonic (tests may pass their own).
     """
 
     def __init__(self, clients: Sequence[str], every: int, timeout_s: float,
-                 template: Mapping[str, tuple[tuple[int, ...], str]], keep: int = 4, clock=time.monotonic):
+                 template: Template, keep: int = 4):
         if int(every) < 1 or float(timeout_s) <= 0 or int(keep) < 1 or not clients:
             raise ValueError(f"Rounds needs clients, every >= 1, timeout_s > 0 and keep >= 1; got {list(clients)}, "
                              f"{every}, {timeout_s}, {keep}.")
         self.clients, self.every, self.timeout_s = tuple(clients), int(every), float(timeout_s)
-        self.template, self.keep, self._clock = dict(template), int(keep), clock
+        self.template, self.keep = dict(template), int(keep)
         self._cond = threading.Condition()
         self.absent: set[str] = set()
         self._pending: dict[int, dict[str, tuple[int, Named]]] = {}
@@ -243,12 +246,12 @@ class Rounds:
                 return dataclasses.replace(self._done[max(self._done)], replayed=True)
             uploads = self._pending.setdefault(round_, {})
             if not uploads:
-                self._deadline[round_] = self._clock() + self.timeout_s
+                self._deadline[round_] = time.monotonic() + self.timeout_s
             uploads.setdefault(client, (int(examples), leaves))  # a retry waits for the same round
             self._cond.notify_all()
             while round_ not in self._done:
                 missing = [c for c in self.clients if c not in self.absent and c not in uploads]
-                left = self._deadline[round_] - self._clock()
+                left = self._deadline[round_] - time.monotonic()
                 if missing and left > 0:
                     self._cond.wait(timeout=left)
                     continue

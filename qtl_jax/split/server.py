@@ -13,6 +13,11 @@ policy allows (``ServerOptions.rewind``: by default only a server with a single 
 client fixed at its first Join; never with several clients, whose steps a rewind would erase). A rewind
 never deletes a checkpoint: the later ones are moved aside (``<step>.rewound``).
 
+SplitFed (``ServerOptions.fedavg_every`` = K, ``split.fedavg_every`` on the command line): there is no turn
+order, each client's steps are applied as they arrive (exactly once per client, each client's next step
+kept and checkpointed), and the third RPC, ``Average``, collects the clients' client models after every
+K of their steps and answers each with their example-weighted average (:mod:`qtl_jax.split.fedavg`).
+
 Every request is untrusted (see docs/network_split.md, "Threat model"): the RPCs take raw bytes and parse
 them here (:mod:`qtl_jax.split.guard`), so a message that is not protobuf is ``INVALID_ARGUMENT``; client
 ids, metadata, message sizes and concurrent calls are bounded, and so is everything the server keeps per
@@ -136,7 +141,7 @@ class StepError(Exception):
 
 
 class SplitServicer(pb_grpc.SplitLearningServicer):
-    """The server partition's state and the two RPCs. Steps are applied one at a time, in order.
+    """The server partition's state and the RPCs (Join, Step, Average). Steps are applied one at a time, in order.
 
     Args:
       config: the model.
@@ -217,38 +222,31 @@ class SplitServicer(pb_grpc.SplitLearningServicer):
     # -- RPCs -------------------------------------------------------------------------------------
 
     def Join(self, request: pb.JoinRequest, context) -> pb.JoinReply:
-        try:
-            return self.join(request)
-        except StepError as e:
-            self.refuse(context, "Join", e.code, str(e))
-        except wire.VersionError as e:
-            self.refuse(context, "Join", grpc.StatusCode.FAILED_PRECONDITION, str(e))
-        except wire.WireError as e:
-            self.refuse(context, "Join", grpc.StatusCode.INVALID_ARGUMENT, str(e))
-
-    def Average(self, request: pb.AverageRequest, context) -> pb.AverageReply:
-        try:
-            return self.average(request)
-        except StepError as e:
-            self.refuse(context, "Average", e.code, str(e))
-        except wire.VersionError as e:
-            self.refuse(context, "Average", grpc.StatusCode.FAILED_PRECONDITION, str(e))
-        except (wire.WireError, fedavg.FedAvgError) as e:
-            self.refuse(context, "Average", grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        return self._answer("Join", self.join, request, context)
 
     def Step(self, request: pb.UplinkRequest, context) -> pb.DownlinkReply:
-        try:
+        def timed(req):
             t0 = time.perf_counter()
-            reply = self.apply(request)
+            reply = self.apply(req)
             # The client subtracts it from the RPC's wall time: what is left is the network's share.
             reply.metrics["server_seconds"] = time.perf_counter() - t0
             return reply
+
+        return self._answer("Step", timed, request, context)
+
+    def Average(self, request: pb.AverageRequest, context) -> pb.AverageReply:
+        return self._answer("Average", self.average, request, context)
+
+    def _answer(self, method: str, handler, request, context):
+        """``handler(request)``, or the call ended with the status its error maps to."""
+        try:
+            return handler(request)
         except StepError as e:
-            self.refuse(context, "Step", e.code, str(e))
+            self.refuse(context, method, e.code, str(e))
         except wire.VersionError as e:
-            self.refuse(context, "Step", grpc.StatusCode.FAILED_PRECONDITION, str(e))
-        except wire.WireError as e:
-            self.refuse(context, "Step", grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            self.refuse(context, method, grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        except wire.WireError as e:  # fedavg.FedAvgError is one
+            self.refuse(context, method, grpc.StatusCode.INVALID_ARGUMENT, str(e))
 
     def refuse(self, context, method: str, code: grpc.StatusCode, message: str) -> None:
         """Ends the call with ``code`` and ``message``, logged at most once per interval per (method, code)."""

@@ -269,8 +269,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 if later > to:  # the abandoned future; the replayed steps save their own
                     checkpointer.manager.delete(later)
 
-        def realign(mine: int) -> int:
-            """Joins the server half; whichever side is ahead goes back to its checkpoint of the other's step."""
+        def realign(mine: int, held: int = 0) -> int:
+            """Joins the server half; whichever side is ahead goes back to its checkpoint of the other's step.
+
+            ``held``: batches taken from the loader for steps not run (SplitFed's skip ahead counts them).
+            """
             nonlocal state
             theirs = server.join(mine)
             if theirs == mine:
@@ -278,7 +281,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if theirs > mine and every:
                 # SplitFed: the shared server never rewinds (the other clients' steps); this client skips the steps
                 # it lost (their data, its updates) and picks up the clients' newest average (federate).
-                for _ in range(theirs - mine):
+                for _ in range(theirs - mine - held):
                     next(loader)
                 state = state.replace(step=state.step + (theirs - mine))
                 log.print(f"qtl_jax: rejoined at the server's step {theirs} for this client (from step {mine})")
@@ -347,7 +350,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 state, metrics = train_step(state, batch)
             except StepMismatchError as e:  # the server restarted from a checkpoint
                 log.print(f"qtl_jax: {e}")
-                aligned = realign(step)
+                aligned = realign(step, held=1)
                 if aligned != step:
                     step, batch = aligned, None
                 continue
