@@ -26,7 +26,7 @@ from qtl_jax.split.grpc_link import GrpcServerHalf
 from qtl_jax.split.proto import split_pb2 as pb
 from qtl_jax.split.proto import split_pb2_grpc as pb_grpc
 from test_grpc_split import (CONFIG, GEOMETRY, MESHES, PROGRAMS, RPC_TIMEOUT, Server, assert_trees_equal,
-                             expect_error, fresh_state, halves, make_batch)
+                             expect_error, fresh_state, good_request, halves, make_batch)
 from tolerances import rounding_tolerance
 
 CLIENTS = ("a", "b", "c")
@@ -248,7 +248,9 @@ def test_a_crashed_client_is_dropped_from_its_round_and_rejoins_from_its_checkpo
         server.stop()
 
 
-def test_bad_uploads_and_mismatched_peers_get_clear_errors():
+def test_bad_uploads_and_mismatched_peers_get_clear_errors_and_steps_need_no_turn():
+    """Each malformed upload is refused with its status and a message naming the problem, and starts no
+    round; a client and a server with different K are refused at Join; steps go in arrival order."""
     server = fedavg_server()
     plain = Server(options=serverlib.ServerOptions(clients=("a", "b")))
     try:
@@ -287,6 +289,14 @@ def test_bad_uploads_and_mismatched_peers_get_clear_errors():
             GrpcServerHalf(plain.target, GEOMETRY, client_id="a", timeout_s=RPC_TIMEOUT, fedavg_every=K).join(0)
         expect_error(grpc.StatusCode.FAILED_PRECONDITION, pb_grpc.SplitLearningStub(link(plain, "a").channel).Average,
                      request(), match="does not average client models")
+        # Steps: no turn order (b may go before a), each client's steps exactly once and in its own order.
+        step = lambda r: stub.Step(r, timeout=RPC_TIMEOUT)  # noqa: E731
+        expect_error(grpc.StatusCode.FAILED_PRECONDITION, step, good_request(1, "b"),
+                     match="step 1 is out of order: the server applies step 0 next")
+        first = step(good_request(0, "b"))
+        again = step(good_request(0, "b"))
+        assert not first.replayed and again.replayed and again.image_grad == first.image_grad
+        assert server.servicer.client_steps() == {"a": K, "b": 1, "c": 0} and server.servicer.step == 1
     finally:
         server.stop()
         plain.stop()
