@@ -47,6 +47,14 @@ def test_perf_command_writes_json_and_markdown(tmp_path, monkeypatch, capsys):
     assert r["ours_xla_step_bytes"] == (r["ours_xla_argument_bytes"] + r["ours_xla_output_bytes"]
                                         + r["ours_xla_temp_bytes"] - r["ours_xla_alias_bytes"])
     assert r["ours_step_s_iqr"] >= 0 and r["torch_eager_step_s_iqr"] >= 0
+    # The codec in the step vs in background threads: each phase measured, the overlapped phase's codec time
+    # split into what the loop waited for and the rest.
+    for key in ("codec_off_step_s", "codec_sync_step_s", "codec_overlap_step_s", "codec_busy_s"):
+        assert isinstance(r[key], float) and math.isfinite(r[key]) and r[key] > 0, key
+    assert r["codec_threads"] == perf.CODEC_THREADS and r["codec_exposed_s"] >= 0
+    assert r["codec_hidden_s"] == pytest.approx(max(r["codec_busy_s"] - r["codec_exposed_s"], 0.0))
+    assert r["codec_sync_added_share"] == pytest.approx(r["codec_sync_step_s"] / r["codec_off_step_s"] - 1)
+    assert r["codec_overlap_added_share"] == pytest.approx(r["codec_overlap_step_s"] / r["codec_off_step_s"] - 1)
     assert "mfu" not in r and "ours_bf16_step_s" not in r  # GPU only
     assert "torch_compile_step_s" not in r and r["torch_compile_error"].startswith("skipped")
     # Same weights, greedy, fp32: both implementations pick the same tokens.
