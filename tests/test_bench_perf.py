@@ -72,12 +72,14 @@ def test_a_failed_measurement_is_recorded_and_the_rest_still_runs(tmp_path, monk
     monkeypatch.setattr(perf, "time_torch", broken)
     # Our step's timing is not what this test is about: a fixed time keeps it fast.
     monkeypatch.setattr(perf, "time_ours", lambda *args, **kwargs: [0.5, 0.5])
+    monkeypatch.setattr(perf, "codec_overlap_figures", lambda *args, **kwargs: {"codec_overlap_step_s": 0.5})
     monkeypatch.setattr(sys, "argv", ["perf", "--sizes=micro", f"--out={tmp_path}", "--steps=1", "--matmul-n=64",
                                       "--no-torch-compile", "--no-gen", "--no-mem=micro"])
     perf.main()
     r = json.loads((tmp_path / "perf.json").read_text())["sizes"]["micro"]
     assert r["torch_eager_error"] == "RuntimeError: torch is broken here"
     assert r["ours_step_s"] == 0.5 and r["quantizer_share_of_step"] > 0  # measured after the failure
+    assert r["codec_overlap_step_s"] == 0.5
     assert "ratio_vs_torch_eager" not in r and r["gen_error"].startswith("skipped")
     assert "ours_peak_mem_bytes" not in r and "ours_mem_error" not in r
     assert "torch_eager not measured: RuntimeError: torch is broken here" in (tmp_path / "perf.md").read_text()
