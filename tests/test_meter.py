@@ -143,7 +143,7 @@ def byte_records(workdir):
     return [{k: r[k] for k in ("step", "loss", *keys) if k in r} for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))]
 
 
-# Two toy trainings, each compiling its programs: ~35 s idle, 100 s on a loaded machine. The default suite runs
+# Two toy trainings, each compiling its programs: 104 s measured on this loaded machine. The default suite runs
 # the background path through tests/test_train.py (the default split.codec_threads; NaN stop and resume).
 @pytest.mark.slow
 def test_training_logs_the_same_bytes_with_the_codec_in_the_background(tmp_path):
