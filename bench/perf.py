@@ -234,8 +234,9 @@ OPTIMIZER = dict(lr=1e-4, weight_decay=0.0, warmup_ratio=0.0, schedule="constant
                  no_decay=[], param_groups=[(".*", 1.0)])
 
 
-def build_ours(s: Size, mode: str, dtype: Any = jnp.float32):
-    """(step, state, batch) of our jitted train step at size ``s`` (every parameter trains)."""
+def build_ours(s: Size, mode: str, dtype: Any = jnp.float32, codec_threads: int | None = None):
+    """(step, state, batch) of our jitted train step at size ``s`` (every parameter trains); split mode
+    measures bytes only with ``codec_threads`` set (0: in the step, n: on n background threads)."""
     from qtl_jax.split import link as linklib
     from qtl_jax.split import step as steplib
     from qtl_jax.split.mesh import split_meshes
@@ -248,7 +249,8 @@ def build_ours(s: Size, mode: str, dtype: Any = jnp.float32):
                                                                  "server": state.server.params})
     server = None
     if mode == "split":
-        server = linklib.InProcessServerHalf(meshes, steplib.server_update_fn(config, optimizers), measure=False)
+        server = linklib.InProcessServerHalf(meshes, steplib.server_update_fn(config, optimizers),
+                                             measure=codec_threads is not None, codec_threads=codec_threads or 0)
     step = steplib.make_train_step(config, meshes, optimizers, mode=mode, server=server)
     return step, state, make_batch(s)
 
@@ -368,6 +370,59 @@ def codec_figures(s: Size, runs: int = 5) -> dict[str, float]:
     r["entropy_bits_per_index"] = sum(codec.empirical_entropy_bits(c, s.levels) for c in codes.values()) / n
     r["codec_overhead_vs_entropy"] = r["codec_bits_per_index"] / r["entropy_bits_per_index"] - 1.0
     r["codec_indices_per_step"] = float(n)
+    return r
+
+
+CODEC_THREADS = 2
+
+
+def codec_overlap_figures(s: Size, steps: int, threads: int = CODEC_THREADS) -> dict[str, float]:
+    """Our split step measuring every step's bytes with the real codec: in the step vs in the background.
+
+    One split step (one compile), run in three phases after one warm-up: bytes not measured
+    (``codec_off_step_s``), measured inside the step (``codec_threads=0``: ``codec_sync_step_s``) and measured
+    on ``threads`` background threads with each step's counts merged one step later, as ``train.py`` does
+    (``codec_overlap_step_s``). The phases run in the order off, sync, overlap, overlap, sync, off, each
+    ``max(steps // 2, 2)`` steps, so that a linear drift of the machine cancels. Per step of the overlapped
+    phases: ``codec_busy_s`` (host codec time), ``codec_exposed_s`` (time the step loop waited for it) and
+    ``codec_hidden_s`` (the rest). Wall times are means over each phase (a step's coding ends in the next).
+    """
+    from qtl_jax.split.link import PENDING_COUNTS
+    from qtl_jax.split.meter import ByteMeter
+
+    step, state, batch = build_ours(s, "split", codec_threads=0)
+    server = step.server
+    state, _ = step(state, batch)  # compiles
+    n_steps = max(steps // 2, 2)
+    wall = {"off": 0.0, "sync": 0.0, "overlap": 0.0}
+    busy = exposed = 0.0
+    for phase in ("off", "sync", "overlap", "overlap", "sync", "off"):
+        n = threads if phase == "overlap" else 0
+        server.measure, server.meter, step.defer_counts = phase != "off", ByteMeter(n), n > 0
+        try:
+            pending, start = None, time.perf_counter()
+            for _ in range(n_steps):
+                state, metrics = step(state, batch)
+                if pending is not None:
+                    pending.result()
+                pending = metrics.pop(PENDING_COUNTS, None)
+                if phase != "off" and pending is None and "uplink_bytes" not in metrics:
+                    raise RuntimeError(f"the {phase} phase measured no bytes")
+            if pending is not None:
+                pending.result()
+            jax.block_until_ready(state)
+            wall[phase] += time.perf_counter() - start
+            if phase == "overlap":
+                st = server.meter.stats()
+                busy, exposed = busy + st["codec_seconds"], exposed + st["exposed_seconds"]
+        finally:
+            server.meter.close()
+    r: dict[str, float] = {"codec_threads": float(threads)}
+    r.update({f"codec_{phase}_step_s": t / (2 * n_steps) for phase, t in wall.items()})
+    r["codec_busy_s"], r["codec_exposed_s"] = busy / (2 * n_steps), exposed / (2 * n_steps)
+    r["codec_hidden_s"] = max(r["codec_busy_s"] - r["codec_exposed_s"], 0.0)
+    r["codec_sync_added_share"] = r["codec_sync_step_s"] / r["codec_off_step_s"] - 1.0
+    r["codec_overlap_added_share"] = r["codec_overlap_step_s"] / r["codec_off_step_s"] - 1.0
     return r
 
 
@@ -751,9 +806,13 @@ def bench_size(name: str, s: Size, steps: int, torch_compile: bool, gen_runs: in
         r["codec_share_of_step"] = r["codec_ans_s"] / r["ours_step_s"]
         r["codec_packed_share_of_step"] = r["codec_packed_s"] / r["ours_step_s"]
 
+    def codec_overlap():
+        r.update(codec_overlap_figures(s, steps))
+
     if "ours_step_s" in r:
         _guarded(r, "quantizer", quantizer, log)
         _guarded(r, "codec", codec_, log)
+        _guarded(r, "codec_overlap", codec_overlap, log)
         if "quantizer_share_of_step" in r and "codec_share_of_step" in r:
             r["quantizer_and_codec_share_of_step"] = r["quantizer_share_of_step"] + r["codec_share_of_step"]
 
@@ -822,6 +881,11 @@ TABLE_ROWS = [
     ("quantizer_share_of_step", "both quantizers fwd+bwd / our split step"),
     ("codec_share_of_step", "ANS encode+decode of the step's codes (host) / our split step"),
     ("codec_packed_share_of_step", "packed encode+decode / our split step"),
+    ("codec_sync_added_share", "bytes measured in the step: step time / unmeasured - 1"),
+    ("codec_overlap_added_share", "bytes measured in background threads: step time / unmeasured - 1"),
+    ("codec_busy_s", "host codec seconds per measured step"),
+    ("codec_exposed_s", "of which the step loop waited for (s)"),
+    ("codec_hidden_s", "of which overlapped with device work (s)"),
     ("codec_bits_per_index", "ANS bits per index (headers included)"),
     ("entropy_bits_per_index", "empirical entropy, bits per index"),
     ("codec_overhead_vs_entropy", "ANS bits / entropy - 1"),

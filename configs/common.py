@@ -188,6 +188,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.split.mode = "split"  # 'split' (two programs, codes over the link) or 'fused' (one program)
     c.split.codec_method = "ans"
     c.split.measure_every = 1  # measure wire bytes every n-th step (host entropy coding costs time)
+    # Host threads that code the measured steps' messages while the devices run the next programs
+    # (qtl_jax.split.meter); 0 codes them inside the step (all of that time on the step's critical path).
+    c.split.codec_threads = 2
     # What the server sends back (qtl_jax.split.downlink): 'fp32' (the paper), 'bf16', or 'quantized':
     # unbiased stochastic rounding to 2**bits - 1 levels, per-'token' or per-'channel' scales, entropy
     # coded; optional error feedback (residual kept by the server per client) and top-k (fraction kept).

@@ -47,6 +47,14 @@ def test_perf_command_writes_json_and_markdown(tmp_path, monkeypatch, capsys):
     assert r["ours_xla_step_bytes"] == (r["ours_xla_argument_bytes"] + r["ours_xla_output_bytes"]
                                         + r["ours_xla_temp_bytes"] - r["ours_xla_alias_bytes"])
     assert r["ours_step_s_iqr"] >= 0 and r["torch_eager_step_s_iqr"] >= 0
+    # The codec in the step vs in background threads: each phase measured, the overlapped phase's codec time
+    # split into what the loop waited for and the rest.
+    for key in ("codec_off_step_s", "codec_sync_step_s", "codec_overlap_step_s", "codec_busy_s"):
+        assert isinstance(r[key], float) and math.isfinite(r[key]) and r[key] > 0, key
+    assert r["codec_threads"] == perf.CODEC_THREADS and r["codec_exposed_s"] >= 0
+    assert r["codec_hidden_s"] == pytest.approx(max(r["codec_busy_s"] - r["codec_exposed_s"], 0.0))
+    assert r["codec_sync_added_share"] == pytest.approx(r["codec_sync_step_s"] / r["codec_off_step_s"] - 1)
+    assert r["codec_overlap_added_share"] == pytest.approx(r["codec_overlap_step_s"] / r["codec_off_step_s"] - 1)
     assert "mfu" not in r and "ours_bf16_step_s" not in r  # GPU only
     assert "torch_compile_step_s" not in r and r["torch_compile_error"].startswith("skipped")
     # Same weights, greedy, fp32: both implementations pick the same tokens.
@@ -64,12 +72,14 @@ def test_a_failed_measurement_is_recorded_and_the_rest_still_runs(tmp_path, monk
     monkeypatch.setattr(perf, "time_torch", broken)
     # Our step's timing is not what this test is about: a fixed time keeps it fast.
     monkeypatch.setattr(perf, "time_ours", lambda *args, **kwargs: [0.5, 0.5])
+    monkeypatch.setattr(perf, "codec_overlap_figures", lambda *args, **kwargs: {"codec_overlap_step_s": 0.5})
     monkeypatch.setattr(sys, "argv", ["perf", "--sizes=micro", f"--out={tmp_path}", "--steps=1", "--matmul-n=64",
                                       "--no-torch-compile", "--no-gen", "--no-mem=micro"])
     perf.main()
     r = json.loads((tmp_path / "perf.json").read_text())["sizes"]["micro"]
     assert r["torch_eager_error"] == "RuntimeError: torch is broken here"
     assert r["ours_step_s"] == 0.5 and r["quantizer_share_of_step"] > 0  # measured after the failure
+    assert r["codec_overlap_step_s"] == 0.5
     assert "ratio_vs_torch_eager" not in r and r["gen_error"].startswith("skipped")
     assert "ours_peak_mem_bytes" not in r and "ours_mem_error" not in r
     assert "torch_eager not measured: RuntimeError: torch is broken here" in (tmp_path / "perf.md").read_text()

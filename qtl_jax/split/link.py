@@ -8,7 +8,8 @@ dequantized values. Two implementations:
 * :class:`InProcessServerHalf`: the server program (:func:`qtl_jax.split.step.server_update_fn`) on the
   server device sub-mesh of this process; the uplink is put on that mesh and the downlink back on the
   client's, and what a network transport would send is measured (:func:`uplink_counts`,
-  :func:`downlink_counts`).
+  :func:`downlink_counts`), in background threads while the devices work when ``codec_threads > 0``
+  (:mod:`qtl_jax.split.meter`).
 * :class:`qtl_jax.split.grpc_link.GrpcServerHalf`: a remote :mod:`qtl_jax.split.server` over gRPC.
 
 The messages and their layout (row ``i`` = sample ``i``) are documented in :mod:`qtl_jax.models.messages`.
@@ -28,6 +29,7 @@ from qtl_jax import codec
 from qtl_jax.models.messages import Downlink, Uplink, check_uplink
 from qtl_jax.split import downlink as dl
 from qtl_jax.split.mesh import SplitMeshes, batch_sharding
+from qtl_jax.split.meter import ByteMeter, Pending
 
 CODEC_METHODS = ("packed", "ans")
 # Per-step byte counts in the metrics (integers; summed over a run by wire_summary).
@@ -37,6 +39,9 @@ BYTE_KEYS = ("wire_uplink_bytes", "wire_downlink_bytes", "uplink_bytes", "uplink
 # Per-step floats derived from them: (uplink_bytes + downlink_bytes) / B, and the paper's setting
 # (uplink_bytes_fp16 + downlink_bytes_fp32) / B.
 ROUNDTRIP_KEYS = ("roundtrip_bytes_per_sample", "roundtrip_bytes_per_sample_paper")
+# Where a server half measuring in the background puts the :class:`~qtl_jax.split.meter.Pending` byte
+# counts of a measured step, in place of the counts themselves (:func:`with_counts` merges them).
+PENDING_COUNTS = "pending_byte_counts"
 
 
 class StepMismatchError(RuntimeError):
@@ -49,7 +54,9 @@ class ServerHalf(abc.ABC):
     ``exchange(step, uplink)`` sends step ``step``'s message, applies the server half's update for it
     exactly once and returns ``(downlink, metrics)``: the gradients (float32, the uplink's shapes) and the
     server's metrics (``ce``, ``tokens``, ``target_tokens``, ``examples``: scalars, device arrays or
-    numbers) plus, when the step was measured, the integer byte counts (:data:`BYTE_KEYS`). It raises
+    numbers) plus, when the step was measured, the integer byte counts (:data:`BYTE_KEYS`), or a
+    :class:`~qtl_jax.split.meter.Pending` of them under :data:`PENDING_COUNTS` when they are being measured in
+    the background (:func:`with_counts` waits for and merges them). It raises
     :class:`StepMismatchError` when the server expects another step.
 
     ``join(client_step)`` aligns the two sides after a restart and returns the step the server applies
@@ -73,14 +80,16 @@ class ServerHalf(abc.ABC):
         return None
 
 
-def uplink_counts(msg: Uplink, codec_method: str = "ans") -> dict[str, int]:
+def uplink_counts(msg: Uplink, codec_method: str = "ans",
+                  map_fn: Callable[[Callable[[Any], Any], list], list] | None = None) -> dict[str, int]:
     """Bytes a network transport sends for ``msg``, measured from the codec's real output on host numpy.
 
     Returns ``uplink_bytes_packed`` / ``uplink_bytes_ans`` (both modalities' codec messages, headers
     included, plus the side info), ``uplink_bytes_fp16`` (the same positions as float16 values: the
     paper's 16-bit "Original", plus the side info), ``uplink_bytes_side`` (masks and labels as sent) and
     ``uplink_values`` (how many feature values were sent). ``codec_method`` only picks which of the two
-    coded sizes ``uplink_bytes`` reports.
+    coded sizes ``uplink_bytes`` reports. ``map_fn(fn, items)`` runs the codec calls (one per modality and
+    method; default: one after the other), e.g. :meth:`qtl_jax.split.meter.ByteMeter.map` over threads.
     """
     if codec_method not in CODEC_METHODS:
         raise ValueError(f"codec_method={codec_method!r}: use one of {CODEC_METHODS}.")
@@ -88,12 +97,19 @@ def uplink_counts(msg: Uplink, codec_method: str = "ans") -> dict[str, int]:
     text = np.asarray(msg.text_codes)[msg.text_positions()]
     side = sum(int(np.asarray(v).nbytes) for v in msg.side_arrays().values())
     sizes = {"packed": side, "ans": side, "fp16": side}
+    jobs = []
     for codes, levels in ((image, msg.image_levels), (text, msg.text_levels)):
         # The size of an fp16 message depends only on the shape; the features themselves stay on the client.
         fp16 = len(codec.encode_fp16(np.zeros(codes.shape, np.float16)))
         sizes["fp16"] += fp16
         for method in CODEC_METHODS:
-            sizes[method] += fp16 if levels == 0 else len(codec.encode(codes, levels, method=method))
+            if levels == 0:
+                sizes[method] += fp16
+            else:
+                jobs.append((method, codes, levels))
+    coded = (map_fn or _serial_map)(lambda job: len(codec.encode(job[1], job[2], method=job[0])), jobs)
+    for (method, _, _), size in zip(jobs, coded):
+        sizes[method] += size
     return {
         "uplink_bytes": sizes[codec_method],
         "uplink_bytes_packed": sizes["packed"],
@@ -121,6 +137,29 @@ def downlink_counts(msg: Downlink | dl.QuantizedDownlink, up: Uplink, codec_meth
     return {"downlink_bytes": sent, "downlink_bytes_fp32": 4 * n}
 
 
+def _serial_map(fn: Callable[[Any], Any], items: list) -> list:
+    return [fn(x) for x in items]
+
+
+def step_counts(up: Uplink, down: Downlink | dl.QuantizedDownlink, codec_method: str = "ans",
+                map_fn: Callable[[Callable[[Any], Any], list], list] | None = None) -> dict[str, Any]:
+    """Every byte count of one measured step (:data:`BYTE_KEYS` but the ``wire_*`` ones, and
+    :data:`ROUNDTRIP_KEYS`) from its uplink and the downlink message as sent, on host numpy."""
+    counts: dict[str, Any] = uplink_counts(up, codec_method, map_fn)
+    counts.update(downlink_counts(down, up, codec_method))
+    counts.update(roundtrip_counts(counts, np.shape(up.image_valid)[0]))
+    return counts
+
+
+def with_counts(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """``metrics`` with the byte counts of a :data:`PENDING_COUNTS` entry merged in (waiting for them)."""
+    out = dict(metrics)
+    pending = out.pop(PENDING_COUNTS, None)
+    if pending is not None:
+        out.update(pending.result())
+    return out
+
+
 def roundtrip_counts(counts: Mapping[str, int], batch_size: int) -> dict[str, Any]:
     """``batch_samples`` and the round trip per sample (:data:`ROUNDTRIP_KEYS`) from one step's byte counts."""
     b = max(int(batch_size), 1)
@@ -141,6 +180,10 @@ class InProcessServerHalf(ServerHalf):
         the codec of a quantized downlink.
       measure: measure bytes at all (host time: the codes are fetched and entropy coded).
       measure_every: measure every n-th step (step 0 always, when ``measure``).
+      codec_threads: 0 measures in ``exchange`` itself (the counts are in its metrics); n > 0 measures in
+        the background on n codec threads (:class:`qtl_jax.split.meter.ByteMeter`) while the devices run
+        the server and client programs, and ``exchange`` returns a ``Pending`` under
+        :data:`PENDING_COUNTS`. The counts are the same; :meth:`close` stops the threads.
       downlink: how the gradients come back (:class:`qtl_jax.split.downlink.DownlinkSpec`; default fp32,
         the paper). Anything but fp32 changes training (split then no longer equals fused).
       client: this client's index (the stochastic rounding's key and the error-feedback residual's slot).
@@ -163,6 +206,7 @@ class InProcessServerHalf(ServerHalf):
         measure_every: int = 1,
         downlink: dl.DownlinkSpec | None = None,
         client: int = 0,
+        codec_threads: int = 0,
     ):
         if codec_method not in CODEC_METHODS:
             raise ValueError(f"codec_method={codec_method!r}: use one of {CODEC_METHODS}.")
@@ -174,6 +218,7 @@ class InProcessServerHalf(ServerHalf):
         self.measure_every = int(measure_every)
         self.downlink = downlink or dl.DownlinkSpec()
         self.client = int(client)
+        self.meter = ByteMeter(codec_threads)
         self.state: Any = None
         self._update = update
         self._program = None
@@ -199,11 +244,6 @@ class InProcessServerHalf(ServerHalf):
         if self.state is None:
             raise ValueError("InProcessServerHalf.state is not set: assign the server PartitionState before exchanging.")
         check_uplink(uplink)
-        counts: dict[str, Any] = {}
-        host = None
-        if self._measuring(step):
-            host = jax.device_get(uplink)
-            counts = uplink_counts(host, self.codec_method)
         if self._program is None:
             self._compile()
         on_server = _put(uplink, self.meshes.server)
@@ -212,11 +252,25 @@ class InProcessServerHalf(ServerHalf):
         dtype = down.image_grad.dtype
         message, self.state = send_downlink(self.downlink, self.state, str(self.client), down, on_server,
                                             dl.step_key(self.downlink.seed, self.client, step))
-        if host is not None:
-            counts.update(downlink_counts(jax.device_get(message), host, self.codec_method))
-            counts.update(roundtrip_counts(counts, np.shape(host.image_valid)[0]))
+        metrics = dict(metrics)
+        if self._measuring(step):
+            # Dispatched after the server program, so the codes' copy to the host and the coding overlap it.
+            metrics[PENDING_COUNTS] = self._measure(step, uplink, message)
+            if not self.meter.background:
+                metrics = with_counts(metrics)
         received = dl.expand(_put(message, self.meshes.client), dtype)
-        return received, {**metrics, **counts}
+        return received, metrics
+
+    def _measure(self, step: int, uplink: Uplink, message: Any) -> Pending:
+        for leaf in jax.tree_util.tree_leaves((uplink, message)):
+            if isinstance(leaf, jax.Array):
+                leaf.copy_to_host_async()
+        method = self.codec_method
+        return self.meter.submit(step, lambda: jax.device_get((uplink, message)),
+                                 lambda host, meter: step_counts(host[0], host[1], method, meter.map))
+
+    def close(self) -> None:
+        self.meter.close()
 
 
 def send_downlink(spec: dl.DownlinkSpec, server: Any, slot: str, down: Downlink, uplink: Uplink,

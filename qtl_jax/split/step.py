@@ -40,7 +40,7 @@ from qtl_jax.models import cross_entropy
 from qtl_jax.models import quantized as qm
 from qtl_jax.models.messages import Downlink, Uplink
 from qtl_jax.models.quantized import QuantizedTinyLlavaConfig
-from qtl_jax.split.link import InProcessServerHalf, ServerHalf
+from qtl_jax.split.link import PENDING_COUNTS, InProcessServerHalf, ServerHalf
 from qtl_jax.split.mesh import SplitMeshes, batch_sharding, param_shardings, replicated
 
 PARTITIONS = ("client", "server")
@@ -206,6 +206,7 @@ def make_train_step(
     mode: str = "split",
     server: ServerHalf | None = None,
     check_batches: bool = True,
+    defer_counts: bool = False,
 ) -> Callable[[TrainState, Mapping[str, Any]], tuple[TrainState, dict[str, float]]]:
     """``step(state, batch) -> (state, metrics)``; ``batch`` is a dict of host numpy arrays, row i = sample i.
 
@@ -219,7 +220,11 @@ def make_train_step(
     ``clip_rate_*``, ``mse_*``, ``tokens`` (real merged positions), ``target_tokens``, ``examples``
     and, when the server half measured this step, the integer byte counts
     ``uplink_bytes_{fp16,packed,ans,side}``, ``uplink_bytes``, ``uplink_values`` and ``downlink_bytes``
-    (a remote server half adds ``wire_*``).
+    (a remote server half adds ``wire_*``). A server half measuring in the background
+    (``InProcessServerHalf(codec_threads=n)``) codes the step's messages while the server and client
+    programs run; the step waits for the counts at its end, or, with ``defer_counts``, returns their
+    :class:`~qtl_jax.split.meter.Pending` under ``link.PENDING_COUNTS`` for the caller to merge later
+    (``link.with_counts``), so that the coding also overlaps the next step's programs.
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: use one of {MODES}.")
@@ -234,7 +239,7 @@ def make_train_step(
         return _fused_step(config, meshes, optimizers, check_batches)
     if server is None:
         server = InProcessServerHalf(meshes, server_update_fn(config, optimizers))
-    return SplitStep(config, meshes, optimizers, server, check_batches)
+    return SplitStep(config, meshes, optimizers, server, check_batches, defer_counts)
 
 
 def client_begin_fn(config: QuantizedTinyLlavaConfig, optimizers: SplitOptimizers) -> Callable:
@@ -297,11 +302,13 @@ class SplitStep:
     new connection) without recompiling them. With a server half ``in_process`` (an
     :class:`InProcessServerHalf`) the state holds both partitions and the server's comes back updated; with
     a remote one the state's server partition stays as given (empty: it lives in the server process).
+    ``defer_counts``: see :func:`make_train_step`.
     """
 
     def __init__(self, config: QuantizedTinyLlavaConfig, meshes: SplitMeshes, optimizers: SplitOptimizers,
-                 server: ServerHalf, check_batches: bool = True):
+                 server: ServerHalf, check_batches: bool = True, defer_counts: bool = False):
         self.config, self.meshes, self.server, self.check_batches = config, meshes, server, check_batches
+        self.defer_counts = defer_counts
         begin_fn = client_begin_fn(config, optimizers)
         finish_fn = client_finish_fn(optimizers)
 
@@ -342,9 +349,16 @@ class SplitStep:
                 self.server.state = None
         down = jax.tree_util.tree_map(lambda x: jax.device_put(x, batch_sharding(client_mesh, np.ndim(x))), down)
         client, new_step = self._finish(state.client, backward, down, batch_stats, state.step)
+        s_metrics = dict(s_metrics)
+        pending = s_metrics.pop(PENDING_COUNTS, None)
         metrics = {k: float(v) for k, v in jax.device_get(c_metrics).items()}
         metrics.update({k: v if isinstance(v, int) else float(v) for k, v in jax.device_get(s_metrics).items()})
         metrics["loss"] = metrics["ce"] + metrics["dist_image"] + metrics["dist_text"]
+        if pending is not None:
+            if self.defer_counts:
+                metrics[PENDING_COUNTS] = pending
+            else:
+                metrics.update(pending.result())
         return TrainState(new_step, client, server, state.rng), metrics
 
 

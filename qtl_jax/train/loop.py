@@ -53,7 +53,8 @@ from qtl_jax.split import mesh as meshlib
 from qtl_jax.split import step as steplib
 from qtl_jax.split import wire
 from qtl_jax.split.downlink import DownlinkSpec
-from qtl_jax.split.link import BYTE_KEYS, InProcessServerHalf, ServerHalf, StepMismatchError, wire_summary
+from qtl_jax.split.link import (BYTE_KEYS, PENDING_COUNTS, InProcessServerHalf, ServerHalf, StepMismatchError,
+                                wire_summary)
 from qtl_jax.train import checkpoint as ckptlib
 from qtl_jax.train import demo_eval
 from qtl_jax.train.metrics_log import METRICS_FILE, MetricsLogger, read_jsonl
@@ -179,7 +180,8 @@ def make_server_half(config: ml_collections.ConfigDict, setup: Setup, meshes: me
     return InProcessServerHalf(meshes, steplib.server_update_fn(setup.model, optimizers),
                                codec_method=config.split.codec_method, measure=jax.process_count() == 1,
                                measure_every=int(config.split.measure_every),
-                               downlink=DownlinkSpec.from_config(config.split, int(config.seed)))
+                               downlink=DownlinkSpec.from_config(config.split, int(config.seed)),
+                               codec_threads=int(config.split.codec_threads))
 
 
 def _check_remote(config: ml_collections.ConfigDict) -> None:
@@ -239,6 +241,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     log = MetricsLogger(workdir, total_steps, initial_step=start or 0, progress_bar=config.progress_bar,
                         is_main=is_main)
     server = None
+    last: dict[str, Any] = {}
+    held: dict[str, Any] = {}  # the last step's record while its byte counts are measured in the background
+
+    def finish_held() -> None:
+        """Writes the held record (if due) once its byte counts are in; ``last`` becomes that record."""
+        nonlocal last
+        if not held:
+            return
+        h = dict(held)
+        held.clear()
+        metrics = dict(h["metrics"])
+        if h["pending"] is not None:
+            metrics.update(h["pending"].result())
+        last = _step_record(metrics, h["lr"], h["step_time"], h["data_time"], int(config.global_batch_size))
+        if h["step"] % int(config.log_every) == 0 or h["step"] == total_steps:
+            log.write(h["step"], last)
+
     try:
         initial_data = loader.get_state()
         if start is not None:
@@ -269,10 +288,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 if later > to:  # the abandoned future; the replayed steps save their own
                     checkpointer.manager.delete(later)
 
-        def realign(mine: int, held: int = 0) -> int:
+        def realign(mine: int, unused_batches: int = 0) -> int:
             """Joins the server half; whichever side is ahead goes back to its checkpoint of the other's step.
 
-            ``held``: batches taken from the loader for steps not run (SplitFed's skip ahead counts them).
+            ``unused_batches``: batches taken from the loader for steps not run (SplitFed's skip ahead counts them).
             """
             nonlocal state
             theirs = server.join(mine)
@@ -281,7 +300,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if theirs > mine and every:
                 # SplitFed: the shared server never rewinds (the other clients' steps); this client skips the steps
                 # it lost (their data, its updates) and picks up the clients' newest average (federate).
-                for _ in range(theirs - mine - held):
+                for _ in range(theirs - mine - unused_batches):
                     next(loader)
                 state = state.replace(step=state.step + (theirs - mine))
                 log.print(f"qtl_jax: rejoined at the server's step {theirs} for this client (from step {mine})")
@@ -308,7 +327,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
         if config.split.mode == "split":
             server = make_server_half(config, setup, meshes, optimizers)
-        train_step = steplib.make_train_step(setup.model, meshes, optimizers, mode=config.split.mode, server=server)
+        # Byte counts measured in the background are merged into their step's record one step later, so the
+        # coding overlaps the next step's programs (records are written in order, each before its checkpoint).
+        train_step = steplib.make_train_step(setup.model, meshes, optimizers, mode=config.split.mode, server=server,
+                                             defer_counts=True)
         schedule = learning_rate_schedule(opt_cfg, total_steps)
         where = (f", server at {config.split.server.address}" if remote else
                  ", server half in process" if server is not None else "")
@@ -328,7 +350,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             step = realign(step)
             if every and step > 0:  # a restart: the round this step closes, or the newest average
                 federate(step, fetch=step % every != 0)
-        last: dict[str, Any] = {}
         batch = None
         # Each batch is cut to its longest sample rounded up to a bucket (TinyLLaVA Factory pads to the longest);
         # a remote server half checks one fixed sequence length (split.wire geometry), so it keeps max_length.
@@ -349,12 +370,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             try:
                 state, metrics = train_step(state, batch)
             except StepMismatchError as e:  # the server restarted from a checkpoint
+                finish_held()
                 log.print(f"qtl_jax: {e}")
-                aligned = realign(step, held=1)
+                aligned = realign(step, unused_batches=1)
                 if aligned != step:
                     step, batch = aligned, None
                 continue
             batch = None
+            pending = metrics.pop(PENDING_COUNTS, None)
+            finish_held()  # the previous step's counts, coded while this step ran; the wait counts as this step's
             t2 = time.perf_counter()
             if config.debug.step_delay > 0:
                 time.sleep(float(config.debug.step_delay))
@@ -372,12 +396,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             step += 1
             if every and step % every == 0:
                 federate(step)  # before the checkpoint of this step, which then holds the average
-            last = _step_record(metrics, float(schedule(step - 1)), t2 - t1, t1 - t0, int(config.global_batch_size))
-            if step % int(config.log_every) == 0 or step == total_steps:
-                log.write(step, last)
+            held.update(step=step, metrics=metrics, pending=pending, lr=float(schedule(step - 1)), step_time=t2 - t1,
+                        data_time=t1 - t0)
+            if pending is None:
+                finish_held()
             log.advance()
             if step % int(config.checkpoint_every) == 0 or step == total_steps:
+                finish_held()  # a resumed run keeps the lines up to its checkpoint
                 checkpointer.save(state, _gather_json(loader.get_state()), config_json)
+        finish_held()
         checkpointer.wait()
         final_step = int(jax.device_get(state.step))
         result: dict[str, Any] = {"step": final_step, "loss": last.get("loss")}
@@ -400,6 +427,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                       f"(majority {ev['majority_token_accuracy']:.4f}) over {ev['answers']} answers")
         return result
     finally:
+        if held:  # an error is on its way out: still write the steps before it, as the synchronous path did
+            try:
+                finish_held()
+            except Exception:  # noqa: BLE001 - the error being raised is the one to report
+                pass
         if server is not None:
             server.close()
         checkpointer.close()
