@@ -1,7 +1,7 @@
 r"""Compile time of the split step's programs at a training config's shapes, without running them.
 
     python -m bench.compile_time --config=configs/stage1.py:paper_random --text_len=64 \
-        [--programs=client_begin,server_update,client_finish] [--scan=both|on|off]
+        [--programs=client_begin,server_update,client_finish,init_split_params] [--scan=both|on|off]
 
 Each program is lowered and compiled from abstract inputs (``jax.ShapeDtypeStruct``: no weights are
 allocated, so the paper's shapes need about 2 GB rather than the run's 12-18 GB) for a batch of
@@ -36,7 +36,8 @@ _PROGRAMS = flags.DEFINE_list("programs", ["client_begin", "server_update", "cli
 _SCAN = flags.DEFINE_enum("scan", "both", ["both", "on", "off"], "model.scan_layers setting(s) to compile with.")
 _OUT = flags.DEFINE_string("out", None, "Optional JSON file for the figures.")
 
-PROGRAMS = ("client_begin", "server_update", "client_finish")
+# init_split_params: the random initialisation train.py compiles first (also before a restore).
+PROGRAMS = ("client_begin", "server_update", "client_finish", "init_split_params")
 
 
 def _timed(fn) -> tuple[Any, dict[str, float]]:
@@ -71,6 +72,7 @@ def compile_programs(train_config, text_len: int, programs: tuple[str, ...], sca
     uplink, backward, _, batch_stats = jax.eval_shape(begin, state["client"], batch)
     figures: dict[str, Any] = {}
     args = {
+        "init_split_params": (jax.jit(lambda k: qm.init_split_params(config, k)), (jax.random.key(0),)),
         "client_begin": (begin, (state["client"], batch)),
         "server_update": (jax.jit(steplib.server_update_fn(config, optimizers)), (state["server"], uplink)),
     }
