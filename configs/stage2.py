@@ -18,8 +18,7 @@ the latter's quantizer projections are loaded too) pass ``--config.init.checkpoi
 
 ``demo`` continues the stage-1 demo (``init.from_workdir`` defaults to ``/tmp/qtl_demo/stage1``) on shapes
 instructions, then evaluates answer exact match on held-out questions. ``paper_random`` starts from random
-weights unless ``init.from_workdir`` names a stage-1 run, and rematerialises the tower's and the LLM's
-blocks (``model.remat``) so that its step fits in 16 GB at batch 4. Measured results are in docs/training.md and
+weights unless ``init.from_workdir`` names a stage-1 run. Measured results are in docs/training.md and
 README.md.
 """
 
@@ -34,14 +33,6 @@ def _demo(c: ml_collections.ConfigDict) -> None:
     c.total_steps = 300
 
 
-def _paper_random(c: ml_collections.ConfigDict) -> None:
-    # Stage 2 also keeps the LLM's gradients and AdamW moments (3 x 271 M floats): with every block's
-    # activations stored it peaked at 17.7 GB at batch 4, over what a 24 GB machine leaves (docs/training.md).
-    # Recomputing each block in the backward pass is what fits; stage 1 fits without it and stays faster.
-    c.model.remat = True
-    c.model.remat_policy = "nothing_saveable"
-
-
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = common.base_config()
     c.stage = 2
@@ -52,4 +43,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optimizer.weight_decay = 0.0
     c.optimizer.warmup_ratio = 0.03
     c.global_batch_size = 16
-    return common.apply_preset(c, arg, common.train_presets(demo=_demo, paper_random=_paper_random))
+    return common.apply_preset(c, arg, common.train_presets(demo=_demo))

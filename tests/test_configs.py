@@ -75,11 +75,7 @@ def test_paper_random_runs_a_few_steps_on_the_shapes_corpus_at_384_px():
         assert c.optimizer.param_groups == groups == paper.optimizer.param_groups
         assert (c.optimizer.lr, c.data.template, c.model.max_length) == (
             paper.optimizer.lr, paper.data.template, paper.model.max_length)
-    # The same model; stage 2, which also keeps the LLM's gradients and moments, recomputes blocks to fit.
-    s1_model, s2_model = stage1.get_config("paper_random").model, stage2.get_config("paper_random").model
-    assert (s1_model.remat, s2_model.remat) == (False, True)
-    s2_model.remat, s2_model.remat_policy = s1_model.remat, s1_model.remat_policy
-    assert s2_model == s1_model
+    assert stage2.get_config("paper_random").model == stage1.get_config("paper_random").model
     assert stage2.get_config("paper_random").init.from_workdir is None
     e = eval_config.get_config("paper_random")
     assert e.checkpoint is None and e.shapes_benchmarks.enabled and e.shapes_benchmarks.image_size == 384
