@@ -7,7 +7,8 @@ Each program is lowered and compiled from abstract inputs (``jax.ShapeDtypeStruc
 allocated, so the paper's shapes need about 2 GB rather than the run's 12-18 GB) for a batch of
 ``global_batch_size`` rows of ``text_len`` input ids (a length bucket, as ``train.py`` logs it). Printed per
 program: the lowering and the XLA compile, each as wall seconds and this process's CPU seconds (on a
-shared machine the wall time depends on the load; the CPU time much less), and the 1-minute load average.
+shared machine the wall time depends on the load; the CPU time much less), the 1-minute load average and
+XLA's memory analysis (argument, output, aliased (donated) and temporary bytes).
 ``--scan`` compiles with ``model.scan_layers`` off, on, or both (``qtl_jax.models.scan``).
 """
 
@@ -87,7 +88,8 @@ def compile_programs(train_config, text_len: int, programs: tuple[str, ...], sca
         compiled, compile_t = _timed(lowered.compile)
         memory = compiled.memory_analysis()
         figures[name] = {"lower": lower_t, "compile": compile_t, "load_1min": os.getloadavg()[0],
-                         "temp_bytes": getattr(memory, "temp_size_in_bytes", None)}
+                         **{f"{k}_bytes": getattr(memory, f"{k}_size_in_bytes", None)
+                            for k in ("argument", "output", "alias", "temp")}}
         print(json.dumps({"program": name, "scan_layers": scan_layers, **figures[name]}), flush=True)
     return figures
 
