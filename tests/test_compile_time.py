@@ -6,6 +6,7 @@ from bench import compile_time
 from configs import stage1
 
 
+@pytest.mark.slow
 def test_compiles_each_program_with_and_without_scan():
     config = stage1.get_config("tiny")
     for scan in (False, True):
