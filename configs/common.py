@@ -77,6 +77,9 @@ def paper_model() -> ml_collections.ConfigDict:
     # Attention kernel (qtl_jax.models.attention): 'auto' = cuDNN on GPU (bf16), XLA's on TPU, the hand-written
     # VJP on CPU; or 'custom' / 'xla' / 'cudnn'.
     m.attention = "auto"
+    # Run identical layers as one jax.lax.scan (qtl_jax.models.scan): the vision tower's, and the decoder's when
+    # every layer has the same shape (OpenELM's do not). Same parameter tree and function; compiles one layer.
+    m.scan_layers = False
     # Only read when source='random'. SigLIP-so400m-patch14-384: 27 x 27 = 729 patches (728 with 'patch').
     m.vision = ml_collections.ConfigDict(dict(
         kind="siglip", hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,

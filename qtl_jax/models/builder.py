@@ -77,7 +77,7 @@ def build_model(model: Mapping[str, Any], quantizer: Mapping[str, Any], *, vocab
 
     Args:
       model: the ``model`` section as a dict. Read: ``dtype``, ``max_length``, ``remat``, ``remat_policy``,
-        ``attention``, ``loss_chunk_rows`` (optional), ``image_mean``/``image_std`` and, without ``base``, the architecture
+        ``attention``, ``scan_layers``, ``loss_chunk_rows`` (optional), ``image_mean``/``image_std`` and, without ``base``, the architecture
         (:func:`tinyllava_config`).
       quantizer: the ``quantizer`` section as a dict (:func:`quantized_config`).
       vocab_size: the tokenizer's size, for a random architecture whose ``llm.vocab_size`` is 0.
@@ -95,7 +95,8 @@ def build_model(model: Mapping[str, Any], quantizer: Mapping[str, Any], *, vocab
                                max_length=None if model.get("max_length") is None else int(model["max_length"]),
                                remat=bool(model.get("remat", False)),
                                remat_policy=str(model.get("remat_policy", "nothing_saveable")),
-                               attention=str(model.get("attention", "auto")))
+                               attention=str(model.get("attention", "auto")),
+                               scan_layers=bool(model.get("scan_layers", False)))
     quantized = quantized_config(base, quantizer)
     if model.get("loss_chunk_rows"):
         quantized = dataclasses.replace(quantized, loss_chunk_rows=int(model["loss_chunk_rows"]))

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from qtl_jax.models import rope
+from qtl_jax.models import scan as layer_scan
 from qtl_jax.models.remat import REMAT_POLICIES, remat_module
 from qtl_jax.models.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from qtl_jax.models.attention import dot_product_attention, dot_product_attention_heads_major
@@ -112,6 +113,9 @@ class DecoderConfig:
     remat_policy: str = "nothing_saveable"
     # The attention kernel of the training forward (qtl_jax.models.attention.IMPLEMENTATIONS; 'auto' by backend).
     attention: str = "auto"
+    # Run the blocks of the training forward as one jax.lax.scan (qtl_jax.models.scan) when they are identical
+    # (one head count, KV head count and FFN width for every layer; OpenELM's differ, so it stays unrolled).
+    scan_layers: bool = False
 
     def __post_init__(self):
         problems = []
@@ -150,6 +154,11 @@ class DecoderConfig:
     @property
     def rotary_dim(self) -> int:
         return rope.rotary_dim(self.head_dim, self.partial_rotary_factor)
+
+    @property
+    def scans_layers(self) -> bool:
+        """Whether the training forward scans its blocks: ``scan_layers`` set and every layer the same shape."""
+        return self.scan_layers and layer_scan.uniform(self.num_heads, self.num_kv_heads, self.intermediate_size)
 
 
 class DenseParams(nn.Module):
@@ -406,8 +415,14 @@ class Decoder(nn.Module):
         cos, sin = rope.cos_sin(position_ids, cfg.rotary_dim, cfg.rope_theta, cfg.dtype)
         causal = jnp.tril(jnp.ones((t, t), jnp.bool_))
         allowed = causal[None] & attention_mask.astype(jnp.bool_)[:, None, :]
-        for layer in self.layers:
-            x = layer(x, cos, sin, allowed)
+        if cfg.scans_layers and not self.is_initializing():
+            # Init stays unrolled so that it creates the same layers_{i} tree the scan then stacks.
+            per_layer = layer_scan.layer_params(self.variables["params"], cfg.num_layers)
+            x, _ = layer_scan.scan_layers(Block(cfg, 0, parent=None), per_layer, x, cos, sin, allowed,
+                                          remat=cfg.remat, remat_policy=cfg.remat_policy)
+        else:
+            for layer in self.layers:
+                x = layer(x, cos, sin, allowed)
         return self.norm(x)
 
     def _logits(self, x: jnp.ndarray) -> jnp.ndarray:

@@ -75,6 +75,8 @@ class TinyLlavaConfig:
     remat_policy: str = "nothing_saveable"
     # Attention kernel of tower and decoder (qtl_jax.models.attention.IMPLEMENTATIONS; 'auto': by backend).
     attention: str = "auto"
+    # Scan the tower's layers, and the decoder's when they are identical (qtl_jax.models.scan).
+    scan_layers: bool = False
 
     def __post_init__(self):
         problems = []
@@ -302,12 +304,14 @@ class TinyLlava(nn.Module):
 
     def setup(self):
         cfg = self.config
-        self.vision_tower = VisionTower(cfg.vision, cfg.dtype, cfg.remat, cfg.remat_policy, cfg.attention)
+        self.vision_tower = VisionTower(cfg.vision, cfg.dtype, cfg.remat, cfg.remat_policy, cfg.attention,
+                                        cfg.scan_layers)
         self.connector = Connector(cfg.connector, cfg.dtype)
         # Embedding scaling (Gemma) is done here, not in the decoder, because text and image vectors
         # are scaled differently by the two references (see TinyLlavaConfig.scale_image_embeddings).
         self.llm = Decoder(dataclasses.replace(cfg.llm, dtype=cfg.dtype, remat=cfg.remat, remat_policy=cfg.remat_policy,
-                                               attention=cfg.attention, embed_scale=None))
+                                               attention=cfg.attention, scan_layers=cfg.scan_layers,
+                                               embed_scale=None))
 
     # ---- client ----
     def encode_images(self, pixel_values: Array) -> Array:

@@ -33,6 +33,7 @@ from flax import linen as nn
 
 from qtl_jax.models.attention import dot_product_attention
 from qtl_jax.models.remat import remat_module
+from qtl_jax.models import scan as layer_scan
 from qtl_jax.precision import accum_dtype
 
 Array = jax.Array
@@ -209,7 +210,9 @@ class VisionTower(nn.Module):
 
     ``dtype`` is the compute dtype (params stay fp32); ``remat`` recomputes each encoder layer in
     the backward pass instead of storing its activations, keeping what ``remat_policy`` names
-    (``qtl_jax.models.remat.REMAT_POLICIES``).
+    (``qtl_jax.models.remat.REMAT_POLICIES``). ``scan_layers`` runs the (identical) encoder layers as
+    one ``jax.lax.scan`` (``qtl_jax.models.scan``): one layer compiled instead of all of them, the same
+    parameter tree and the same function.
     """
 
     config: VisionConfig
@@ -217,6 +220,7 @@ class VisionTower(nn.Module):
     remat: bool = False
     remat_policy: str = "nothing_saveable"
     attention: str = "auto"  # qtl_jax.models.attention.IMPLEMENTATIONS
+    scan_layers: bool = False
 
     @nn.compact
     def __call__(self, pixel_values: Array) -> tuple[tuple[Array, ...], Array]:
@@ -248,11 +252,19 @@ class VisionTower(nn.Module):
         x = x + pos.astype(x.dtype)[None]
         if cfg.kind == "clip":
             x = nn.LayerNorm(cfg.layer_norm_eps, dtype=accum_dtype(self.dtype), name="pre_layrnorm")(x).astype(self.dtype)
-        layer_cls = remat_module(_EncoderLayer, self.remat, self.remat_policy)
         hidden_states = [x]
-        for i in range(cfg.num_hidden_layers):
-            x = layer_cls(cfg, self.dtype, self.attention, name=f"layers_{i}")(x)
-            hidden_states.append(x)
+        if self.scan_layers and not self.is_initializing():
+            # Init stays unrolled so that it creates the same layers_{i} tree the scan then stacks.
+            layer = _EncoderLayer(cfg, self.dtype, self.attention, parent=None)
+            per_layer = layer_scan.layer_params(self.variables["params"], cfg.num_hidden_layers)
+            x, outputs = layer_scan.scan_layers(layer, per_layer, x, remat=self.remat, remat_policy=self.remat_policy,
+                                                keep_outputs=True)
+            hidden_states += list(outputs)
+        else:
+            layer_cls = remat_module(_EncoderLayer, self.remat, self.remat_policy)
+            for i in range(cfg.num_hidden_layers):
+                x = layer_cls(cfg, self.dtype, self.attention, name=f"layers_{i}")(x)
+                hidden_states.append(x)
         # Kept so the checkpoint round-trips losslessly; under jit it is dead code for LLaVA features.
         last = nn.LayerNorm(cfg.layer_norm_eps, dtype=accum_dtype(self.dtype), name="post_layernorm")(x)
         return tuple(hidden_states), last

@@ -88,7 +88,7 @@ def model_section(config: ml_collections.ConfigDict) -> dict[str, Any]:
         with open(path, encoding="utf-8") as f:
             previous = json.load(f)["model"]
         # Precision and the memory settings are this stage's choice; the architecture is the previous stage's.
-        own = ("dtype", "remat", "remat_policy", "loss_chunk_rows", "attention")
+        own = ("dtype", "remat", "remat_policy", "loss_chunk_rows", "attention", "scan_layers")
         return {**previous, **{k: config.model[k] for k in own if k in config.model}}
     return config.model.to_dict()
 
