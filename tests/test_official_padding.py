@@ -83,7 +83,9 @@ def official_text_tensor(table: np.ndarray, batch: dict[str, np.ndarray]) -> tup
     return out, real
 
 
-@pytest.mark.parametrize("buckets", [(16,), ()], ids=["bucket16", "max_length"])
+# The max_length case (the loader's fixed padding, statistics over the official rows only) runs with -m slow.
+@pytest.mark.parametrize("buckets", [pytest.param((16,), id="bucket16"),
+                                     pytest.param((), id="max_length", marks=pytest.mark.slow)])
 def test_codes_equal_official_quantizer_on_batch_padded_to_longest(buckets):
     """Our codes (and clip rate, distortion) on a bucket- or max_length-padded batch are the official ones.
 

@@ -216,7 +216,9 @@ def quantized_message(rng, up, spec):
     return jax.device_get(message)
 
 
-@given(seed=st.integers(0, 2**16), bits=st.integers(2, 8), scale=st.sampled_from(dl.SCALES),
+# Bits 2, 3, 5 and 8 (the extremes, an odd and an even width): each spec compiles its own quantizer, so all of
+# 2..8 cost CI a minute of compiles for no new path (tests/test_downlink.py covers every width).
+@given(seed=st.integers(0, 2**16), bits=st.sampled_from([2, 3, 5, 8]), scale=st.sampled_from(dl.SCALES),
        method=st.sampled_from(["ans", "packed"]), topk=st.sampled_from([1.0, 0.25]))
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_quantized_downlink_round_trip_property(seed, bits, scale, method, topk):
