@@ -31,11 +31,20 @@ from qtl_jax.models import quantized as qm
 from qtl_jax.models.messages import Downlink
 from qtl_jax.split import step as steplib
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "A training config (e.g. configs/stage1.py:paper_random).")
-_TEXT_LEN = flags.DEFINE_integer("text_len", 64, "Input ids per sample (a length bucket; the image placeholder counts one).")
-_PROGRAMS = flags.DEFINE_list("programs", ["client_begin", "server_update", "client_finish"], "Programs to compile.")
-_SCAN = flags.DEFINE_enum("scan", "both", ["both", "on", "off"], "model.scan_layers setting(s) to compile with.")
-_OUT = flags.DEFINE_string("out", None, "Optional JSON file for the figures.")
+
+def define_flags() -> dict:
+    """The command's flags, defined only when it runs: defined at import they would clash with train.py's
+    ``--config`` in any process that imports both (a test worker does)."""
+    return dict(
+        config=config_flags.DEFINE_config_file("config", None, "A training config (e.g. configs/stage1.py:paper_random)."),
+        text_len=flags.DEFINE_integer("text_len", 64, "Input ids per sample (a length bucket; the image placeholder counts one)."),
+        programs=flags.DEFINE_list("programs", ["client_begin", "server_update", "client_finish"], "Programs to compile."),
+        scan=flags.DEFINE_enum("scan", "both", ["both", "on", "off"], "model.scan_layers setting(s) to compile with."),
+        out=flags.DEFINE_string("out", None, "Optional JSON file for the figures."),
+    )
+
+
+FLAGS: dict = {}
 
 # init_split_params: the random initialisation train.py compiles first (also before a restore).
 PROGRAMS = ("client_begin", "server_update", "client_finish", "init_split_params")
@@ -96,16 +105,18 @@ def compile_programs(train_config, text_len: int, programs: tuple[str, ...], sca
 
 def main(argv) -> None:
     del argv
-    if _CONFIG.value is None:
+    if FLAGS["config"].value is None:
         sys.exit("bench.compile_time: --config is required (e.g. --config=configs/stage1.py:paper_random).")
-    scans = {"both": (False, True), "on": (True,), "off": (False,)}[_SCAN.value]
-    report = {f"scan_layers={s}": compile_programs(_CONFIG.value, _TEXT_LEN.value, tuple(_PROGRAMS.value), s)
+    scans = {"both": (False, True), "on": (True,), "off": (False,)}[FLAGS["scan"].value]
+    report = {f"scan_layers={s}": compile_programs(FLAGS["config"].value, FLAGS["text_len"].value,
+                                                   tuple(FLAGS["programs"].value), s)
               for s in scans}
-    if _OUT.value:
-        with open(_OUT.value, "w", encoding="utf-8") as f:
+    if FLAGS["out"].value:
+        with open(FLAGS["out"].value, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=1)
 
 
 if __name__ == "__main__":
+    FLAGS.update(define_flags())
     np.set_printoptions(precision=3)
     app.run(main)

@@ -1,5 +1,9 @@
 """bench/compile_time.py: each split program lowered and compiled from abstract inputs, at toy size."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from bench import compile_time
@@ -20,3 +24,12 @@ def test_compiles_each_program_with_and_without_scan():
 def test_unknown_program_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown programs.*known: client_begin"):
         compile_time.compile_programs(stage1.get_config("tiny"), 16, ("client_start",), False)
+
+
+def test_importing_the_bench_leaves_train_py_its_flags():
+    """A process that imports both (a pytest worker) must not see ``--config`` defined twice."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", "import bench.compile_time, train; print('ok')"], cwd=root,
+                         env=dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
