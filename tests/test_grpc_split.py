@@ -716,6 +716,10 @@ def test_command_lines_train_like_train_py(in_process_run, tmp_path):
     with open(tmp_path / "client" / "wire_summary.json", encoding="utf-8") as f:
         summary = __import__("json").load(f)
     assert summary["steps"] == 6 and summary["samples"] == 48
+    # Both sides' workdirs say which model they hold, so a next stage can start from either one.
+    from qtl_jax.train import checkpoint as ckptlib
+
+    assert ckptlib.read_config(tmp_path / "server")["model"] == ckptlib.read_config(tmp_path / "client")["model"]
 
 
 @pytest.mark.slow

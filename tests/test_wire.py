@@ -292,3 +292,23 @@ def test_bad_downlink_replies_name_the_problem():
     missing.ClearField("downlink")
     with pytest.raises(wire.WireError, match="downlink .the reply's coding. is missing"):
         wire.downlink_from_proto(missing, up, step=1)
+
+
+def test_a_batch_cut_to_a_bucket_travels_at_its_own_length():
+    """The client sends a batch at its bucketed length (as train.py's in-process run computes it); the
+    server accepts the lengths ``accepted_lengths`` gives and refuses any other, naming the ones it takes."""
+    assert wire.accepted_lengths((32, 64, 128, 256), 100) == (32, 64, 100)
+    assert wire.accepted_lengths((), 100) == (100,)
+    up, short = make_uplink(np.random.default_rng(5), t=6, n_images=2)
+    server = wire.Geometry(**{**short.__dict__, "seq_len": 9})
+    # The client's geometry is the server's (max_length 9); the request declares the batch's own 6.
+    req = wire.uplink_to_proto(up, step=0, client_id="c", geometry=server)
+    assert req.geometry.seq_len == 6
+    got = wire.uplink_from_proto(req, server, wire.accepted_lengths((6,), 9))
+    assert got.attention_mask.shape == (4, 6) and got.text_codes.shape == (4, 6, 5)
+    for sent, received in zip(real_parts(up), real_parts(got)):
+        np.testing.assert_array_equal(received, sent)
+    with pytest.raises(wire.WireError, match=r"seq_len: got 6, expected one of \[4, 9\]"):
+        wire.uplink_from_proto(req, server, (4,))
+    with pytest.raises(wire.WireError, match=r"seq_len: got 6, expected one of \[9\]"):
+        wire.uplink_from_proto(req, server)

@@ -38,6 +38,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
+import json
 import logging
 import os
 import threading
@@ -102,6 +103,9 @@ class ServerOptions:
     # first upload for the others; the missing ones are dropped from it.
     fedavg_every: int = 0
     fedavg_timeout_s: float = 120.0
+    # Sequence lengths below max_length a batch may be cut to (wire.accepted_lengths of data.length_buckets):
+    # one compiled program each; any other length is refused.
+    lengths: tuple[int, ...] = ()
     # Bounds on what a peer can make the server hold. A call's metadata (all keys and values) above
     # max_metadata_bytes is refused by gRPC; calls beyond max_concurrent_rpcs get RESOURCE_EXHAUSTED, so
     # requests in memory stay below max_concurrent_rpcs * max_message_bytes.
@@ -431,7 +435,7 @@ class SplitServicer(pb_grpc.SplitLearningServicer):
                 raise StepError(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"step {request.step} is out of order: the server applies step {self._local_step(k)} "
                                 "next; call Join with the client's step to realign.")
-            up = wire.uplink_from_proto(request, self.geometry)
+            up = wire.uplink_from_proto(request, self.geometry, self.options.lengths)
             self._fix_client(request.client_id)
             received = jax.tree_util.tree_map(
                 lambda x: jax.device_put(x, meshlib.batch_sharding(self.mesh, np.ndim(x))), up)
@@ -581,6 +585,8 @@ def main(argv) -> None:
     else:
         # This side holds (and a network stage-1 server saved) only the server partition.
         state = setuplib.with_initial_params(config, setup, full.replace(client=empty))
+        # As train.py's workdirs: so that a next stage's init.from_workdir (or eval.py) can read the model.
+        ckptlib.write_config(workdir, json.loads(config.to_json_best_effort()))
     del full
     geometry = wire.geometry_of(setup.model, config.global_batch_size, setup.model.model.max_length)
     options = ServerOptions(downlink=dl.DownlinkSpec.from_config(config.split, int(config.seed)),
@@ -588,6 +594,7 @@ def main(argv) -> None:
                             max_message_bytes=int(f.max_message_mb * (1 << 20)),
                             checkpoint_every=int(config.checkpoint_every), clients=clients, rewind=f.rewind,
                             fedavg_every=every, fedavg_timeout_s=float(config.split.fedavg_timeout_s),
+                            lengths=wire.accepted_lengths(config.data.length_buckets, geometry.seq_len),
                             # a worker per client waiting for its turn or its round, and one for its next call
                             max_workers=max(4, 2 * len(clients) + 2))
     servicer = SplitServicer(setup.model, state, optimizers, meshes.server, geometry, options, checkpointer,

@@ -16,7 +16,7 @@ consistency, label range, codec headers (levels, shape, element bound) and index
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -129,7 +129,9 @@ def uplink_to_proto(msg: Uplink, *, step: int, client_id: str, geometry: Geometr
                               ("text", np.asarray(msg.text_codes)[text_pos], msg.text_levels)):
         codes[name] = codec.encode_fp16(arr) if levels == 0 else codec.encode(arr, levels, method=codec_method)
     return pb.UplinkRequest(
-        protocol_version=PROTOCOL_VERSION, client_id=client_id, step=int(step), geometry=geometry.to_proto(),
+        protocol_version=PROTOCOL_VERSION, client_id=client_id, step=int(step),
+        # The batch's own length (a bucket, at most geometry.seq_len = max_length); the server checks it.
+        geometry=dataclasses.replace(geometry, seq_len=int(np.shape(msg.attention_mask)[1])).to_proto(),
         image_codes=codes["image"], text_codes=codes["text"],
         attention_mask=np.asarray(msg.attention_mask, np.uint8).tobytes(),
         image_mask=np.asarray(msg.image_mask, np.uint8).tobytes(),
@@ -177,18 +179,38 @@ def _codes(field: str, data: bytes, levels: int, shape: tuple[int, ...], why: st
     return arr
 
 
-def uplink_from_proto(req: pb.UplinkRequest, geometry: Geometry) -> Uplink:
-    """Validates ``req`` against the server's ``geometry`` and rebuilds the static-shape :class:`Uplink`."""
+def accepted_lengths(buckets: Sequence[int], max_length: int) -> tuple[int, ...]:
+    """The sequence lengths a batch may have: the buckets below ``max_length``, then ``max_length``.
+
+    A batch is cut to its longest sample rounded up to a bucket (:func:`qtl_jax.data.sequence.pad_to_bucket`),
+    so over the network too its length is one of a few; the server compiles a program per length and refuses
+    any other (a peer cannot make it compile without bound).
+    """
+    return tuple(sorted({int(b) for b in buckets if 0 < int(b) < int(max_length)} | {int(max_length)}))
+
+
+def uplink_from_proto(req: pb.UplinkRequest, geometry: Geometry, lengths: Sequence[int] = ()) -> Uplink:
+    """Validates ``req`` against the server's ``geometry`` and rebuilds the static-shape :class:`Uplink`.
+
+    ``geometry.seq_len`` is the server's ``max_length``; a request may declare a shorter ``seq_len`` if it
+    is one of ``lengths`` (:func:`accepted_lengths`: the batch was cut to a bucket).
+    """
     check_version(req.protocol_version)
     if req.step < 0:
         raise WireError(f"step={req.step}: step ids are >= 0.")
     if not req.HasField("geometry"):
         raise WireError("geometry is missing.")
-    problems = geometry.mismatch(Geometry.from_proto(req.geometry))
+    declared = Geometry.from_proto(req.geometry)
+    t = declared.seq_len
+    allowed = set(lengths) | {geometry.seq_len}
+    problems = geometry.mismatch(dataclasses.replace(declared, seq_len=geometry.seq_len))
+    if t not in allowed:
+        problems.insert(1, f"seq_len: got {t}, expected one of {sorted(allowed)} (data.length_buckets below "
+                           f"model.max_length={geometry.seq_len}, and max_length itself)")
     if problems:
         raise WireError("geometry does not match the server's: " + "; ".join(problems))
     g = geometry
-    b, t = g.batch_size, g.seq_len
+    b = g.batch_size
     attention = _binary("attention_mask", _raw("attention_mask", req.attention_mask, "u1", (b, t)))
     image_mask = _binary("image_mask", _raw("image_mask", req.image_mask, "u1", (b, t)))
     image_valid = _binary("image_valid", _raw("image_valid", req.image_valid, "u1", (b,)))

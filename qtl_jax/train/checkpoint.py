@@ -628,6 +628,15 @@ def restore_params(workdir: str, like: TrainState, fallback: bool = True,
     raise _none_intact(directory, bad, "Point init.from_workdir at a run with an intact checkpoint.")
 
 
+def write_config(workdir: str, config_json: dict[str, Any]) -> None:
+    """Writes the run's config JSON into its workdir: what ``init.from_workdir`` and ``eval.py`` read back."""
+    path = os.path.join(workdir, "config.json")
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(config_json, f, indent=1)
+    os.replace(tmp, path)  # a run killed while writing leaves the old file or none, never half of one
+
+
 def read_config(workdir: str) -> dict[str, Any]:
     """The config JSON a run wrote into its workdir (``config.json``)."""
     path = os.path.join(workdir, "config.json")

@@ -268,8 +268,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         else:
             state = own(with_initial_params(config, setup, full, log.print))
             if is_main:
-                with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-                    json.dump(config_json, f, indent=1)
+                ckptlib.write_config(workdir, config_json)
             log.truncate_after(0)  # lines of an earlier attempt that died before its first checkpoint
         del full
 
@@ -352,8 +351,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 federate(step, fetch=step % every != 0)
         batch = None
         # Each batch is cut to its longest sample rounded up to a bucket (TinyLLaVA Factory pads to the longest);
-        # a remote server half checks one fixed sequence length (split.wire geometry), so it keeps max_length.
-        buckets = () if remote else tuple(config.data.length_buckets)
+        # a remote server accepts exactly these lengths (wire.accepted_lengths of its own data.length_buckets).
+        buckets = tuple(config.data.length_buckets)
         lengths_seen: set[int] = set()
         while step < total_steps:
             t0 = time.perf_counter()
