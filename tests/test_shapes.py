@@ -639,6 +639,8 @@ def test_bad_arguments_are_clear_errors(tmp_path):
         CO.write_corpus(str(tmp_path), n_pretrain=-1, n_instruct=0)
     with pytest.raises(ValueError, match="disagrees"):
         CO.write_corpus(str(tmp_path), n_pretrain=1, n_instruct=1, image_size=64, cfg=SC.ShapesConfig(image_size=96))
+    with pytest.raises(ValueError, match=r"probe_fraction=-0.1 must be in \[0, 1\]"):
+        CO.write_corpus(str(tmp_path), n_pretrain=0, n_instruct=0, probe_fraction=-0.1)
     with pytest.raises(ValueError, match="n_pope=0"):
         B.write_benchmarks(str(tmp_path), n_pope=0)
     with pytest.raises(ValueError, match="unknown question task"):

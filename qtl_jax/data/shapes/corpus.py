@@ -48,6 +48,9 @@ def write_corpus(out_dir: str, *, seed: int = 0, n_pretrain: int = 2000, n_instr
     """
     if n_pretrain < 0 or n_instruct < 0:
         raise ValueError(f"sample counts must be >= 0, got n_pretrain={n_pretrain}, n_instruct={n_instruct}.")
+    if not 0.0 <= probe_fraction <= 1.0:
+        raise ValueError(f"probe_fraction={probe_fraction} must be in [0, 1] (the share of stage-2 samples that are "
+                         f"benchmark-format yes/no probes).")
     if cfg is None:
         cfg = ShapesConfig(image_size=image_size)
     elif cfg.image_size != image_size:
