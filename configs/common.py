@@ -163,7 +163,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.length_buckets = (32, 64, 128, 256, 512, 1024)
     # Shapes corpus sizes (data.kind='shapes'); 'stream' picks the pretrain (captions) or instruct stream.
     c.data.shapes = ml_collections.ConfigDict(dict(
-        stream="pretrain", seed=0, n_pretrain=2000, n_instruct=2000, text_only_fraction=0.1))
+        stream="pretrain", seed=0, n_pretrain=2000, n_instruct=2000, text_only_fraction=0.1, probe_fraction=0.0))
 
     c.global_batch_size = 64
     # -1: num_epochs over the dataset (floor(examples / global_batch_size) per epoch).

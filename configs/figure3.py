@@ -52,7 +52,7 @@ def _base() -> ml_collections.ConfigDict:
         {n: dict(eval_configs.LLAVA_BENCHMARKS[n]) for n in FIGURE3_BENCHMARKS})
     # The built-in corpus (preset builtin): training splits and benchmark sizes.
     c.corpus = ml_collections.ConfigDict(dict(
-        seed=0, n_pretrain=0, n_instruct=0, text_only_fraction=0.1, n_mme=0, n_pope=0, n_scienceqa=0, n_vqa=0))
+        seed=0, n_pretrain=0, n_instruct=0, text_only_fraction=0.1, probe_fraction=0.0, n_mme=0, n_pope=0, n_scienceqa=0, n_vqa=0))
     # The real inputs (preset paper); each is required there and checked before anything runs.
     c.paths = ml_collections.ConfigDict(dict(
         vision_dir=config_dict.placeholder(str), llm_dir=config_dict.placeholder(str),

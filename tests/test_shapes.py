@@ -99,7 +99,8 @@ def test_write_corpus_is_byte_identical_for_the_same_seed(corpus, tmp_path):
 # Computed with the single-module generator before it was split into qtl_jax/data/shapes/*.py. A deliberate
 # change of the corpus (new questions, balanced benchmarks) changes these: update them in the same commit
 # and say why. Pixels are hashed decoded, so a zlib/Pillow PNG-encoder change alone does not move them.
-PINNED_CORPUS_DIGEST = "6bf52f0dfa6d574619124407625208c14a53e2545885f6ea34cc26917fc0c1b2"
+# Session 22: corpus_info.json records probe_fraction (0 here; every other file is unchanged).
+PINNED_CORPUS_DIGEST = "0b624aa1c2620a1b92cf39fe1718b73090ec7b25ef93c36cd97317e50fe608e2"
 PINNED_VOCABULARY_DIGEST = "19e819c966ae794b37b0ae5ead50480535c934577c4e466e7bfd73561dc76632"
 
 
@@ -419,6 +420,34 @@ def test_mme_folder(corpus):
         assert (sub, img[:-4], q) in gt
 
 
+def _mme_holds(sub, q, scene):
+    """Whether the MME question ``q`` of subtask ``sub`` (without its yes/no suffix) is true of ``scene``."""
+    kinds = {v: k for k, v in TX.KIND_PLURALS.items()}
+    if sub == "existence":
+        m = re.fullmatch(r"Is there a (\w+) (\w+) in this image\?", q)
+        return f"{m[1]} {m[2]}" in scene.names()
+    if sub == "count":
+        m = re.fullmatch(r"Is the number of (\w+) in this image (\d+)\?", q)
+        n = len(scene.objects) if m[1] == "shapes" else scene.count(kind=kinds[m[1]])
+        return n == int(m[2])
+    if sub == "numerical_calculation":
+        m = re.fullmatch(r"Is the number of (\w+) plus the number of (\w+) equal to (\d+)\?", q)
+        return scene.count(kind=kinds[m[1]]) + scene.count(kind=kinds[m[2]]) == int(m[3])
+    if sub == "position":
+        m = re.fullmatch(r"Is the (\w+) (\w+) (?:at the|in the) ([a-z ]+) of this image\?", q)
+        (o,) = [o for o in scene.objects if (o.color, o.kind) == (m[1], m[2])]
+        return o.position == m[3]
+    if sub == "color":
+        m = re.fullmatch(r"Is " + _REF + r" (?P<c>\w+)\?", q)
+        (o,) = [o for o in scene.objects if o.kind == m["kind"] and (m["pos"] is None or o.position == m["pos"])]
+        return o.color == m["c"]
+    m = re.fullmatch(r"Is the (\w+) (\w+) (to the left of|above|bigger than) the (\w+) (\w+)\?", q)
+    (a,) = [o for o in scene.objects if (o.color, o.kind) == (m[1], m[2])]
+    (b,) = [o for o in scene.objects if (o.color, o.kind) == (m[4], m[5])]
+    return {"to the left of": a.col < b.col, "above": a.row < b.row,
+            "bigger than": a.size == "large" and b.size == "small"}[m[3]]
+
+
 def test_mme_answers_are_right():
     for sub in B.MME_PERCEPTION + B.MME_COGNITION:
         cfg = B.with_min_objects(CFG, 2) if sub == "commonsense_reasoning" else CFG
@@ -426,36 +455,7 @@ def test_mme_answers_are_right():
             scene, _, rng = SM.scene_and_image(0, "mme", 1000 + i, cfg)
             q_yes, q_no = B.mme_questions(sub, scene, rng, cfg)
             assert q_yes != q_no
-            for q, truth in ((q_yes, True), (q_no, False)):
-                if sub == "existence":
-                    m = re.fullmatch(r"Is there a (\w+) (\w+) in this image\?", q)
-                    assert (f"{m[1]} {m[2]}" in scene.names()) == truth
-                elif sub == "count":
-                    m = re.fullmatch(r"Is the number of (\w+) in this image (\d+)\?", q)
-                    kinds = {v: k for k, v in TX.KIND_PLURALS.items()}
-                    n = len(scene.objects) if m[1] == "shapes" else scene.count(kind=kinds[m[1]])
-                    assert (n == int(m[2])) == truth
-                elif sub == "numerical_calculation":
-                    m = re.fullmatch(r"Is the number of (\w+) plus the number of (\w+) equal to (\d+)\?", q)
-                    kinds = {v: k for k, v in TX.KIND_PLURALS.items()}
-                    n = scene.count(kind=kinds[m[1]]) + scene.count(kind=kinds[m[2]])
-                    assert (n == int(m[3])) == truth
-                elif sub == "position":
-                    m = re.fullmatch(r"Is the (\w+) (\w+) (?:at the|in the) ([a-z ]+) of this image\?", q)
-                    (o,) = [o for o in scene.objects if (o.color, o.kind) == (m[1], m[2])]
-                    assert (o.position == m[3]) == truth
-                elif sub == "color":
-                    m = re.fullmatch(r"Is " + _REF + r" (?P<c>\w+)\?", q)
-                    (o,) = [o for o in scene.objects
-                            if o.kind == m["kind"] and (m["pos"] is None or o.position == m["pos"])]
-                    assert (o.color == m["c"]) == truth
-                else:
-                    m = re.fullmatch(r"Is the (\w+) (\w+) (to the left of|above|bigger than) the (\w+) (\w+)\?", q)
-                    (a,) = [o for o in scene.objects if (o.color, o.kind) == (m[1], m[2])]
-                    (b,) = [o for o in scene.objects if (o.color, o.kind) == (m[4], m[5])]
-                    holds = {"to the left of": a.col < b.col, "above": a.row < b.row,
-                             "bigger than": a.size == "large" and b.size == "small"}[m[3]]
-                    assert holds == truth
+            assert _mme_holds(sub, q_yes, scene) and not _mme_holds(sub, q_no, scene)
 
 
 def test_pope_files_follow_the_pope_rules(corpus):
@@ -639,6 +639,8 @@ def test_bad_arguments_are_clear_errors(tmp_path):
         CO.write_corpus(str(tmp_path), n_pretrain=-1, n_instruct=0)
     with pytest.raises(ValueError, match="disagrees"):
         CO.write_corpus(str(tmp_path), n_pretrain=1, n_instruct=1, image_size=64, cfg=SC.ShapesConfig(image_size=96))
+    with pytest.raises(ValueError, match=r"probe_fraction=-0.1 must be in \[0, 1\]"):
+        CO.write_corpus(str(tmp_path), n_pretrain=0, n_instruct=0, probe_fraction=-0.1)
     with pytest.raises(ValueError, match="n_pope=0"):
         B.write_benchmarks(str(tmp_path), n_pope=0)
     with pytest.raises(ValueError, match="unknown question task"):
@@ -724,3 +726,79 @@ def test_preview_grid_writes_a_png(tmp_path):
     preview.preview_grid(path, seed=0, n=4, columns=2)
     w, h = Image.open(path).size
     assert w > 400 and h > 400
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stage-2 probes: yes/no questions in the benchmarks' own formats.
+
+def test_probe_pairs_are_exactly_balanced_and_spread():
+    # floor(M f) of the first M pairs are probe pairs; in each, the even sample is Yes and the odd one No.
+    for f, n in ((0.5, 400), (0.3, 1000), (1.0, 20), (0.0, 50)):
+        probes = [i for i in range(n) if SM.is_probe(i, f)]
+        assert len(probes) == 2 * int((n // 2) * f + 1e-9)
+        assert all(SM.is_probe(i ^ 1, f) for i in probes)  # both samples of a pair
+    with pytest.raises(ValueError, match=r"probe_fraction=1.5 must be in \[0, 1\]"):
+        SM.is_probe(0, 1.5)
+
+
+@pytest.fixture(scope="module")
+def probe_corpus(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("probes"))
+    counts = CO.write_corpus(out, seed=4, n_pretrain=2, n_instruct=160, image_size=48, probe_fraction=0.5,
+                             bench_sizes=dict(n_mme=3, n_pope=3, n_scienceqa=4, n_vqa=2))
+    return out, counts
+
+
+def test_probes_ask_as_the_benchmarks_do_and_are_right(probe_corpus):
+    out, counts = probe_corpus
+    records = _load(os.path.join(out, "instruct.json"))
+    cfg = SC.ShapesConfig(image_size=48)
+    scenes = {r["id"]: SM.scene_and_image(4, "instruct", i, cfg)[0] for i, r in enumerate(records)}
+    suffix_pope = "\n" + TX.SHORT_ANSWER_PROMPT
+    suffix_mme = f" {TX.YES_NO_PROMPT}\n{TX.SHORT_ANSWER_PROMPT}"
+    # The benchmark files end their prompts the same way (LLaVA's llava_pope_test.jsonl / llava_mme.jsonl).
+    assert all(r["text"].endswith(suffix_pope) and " yes or no" not in r["text"]
+               for r in _jsonl(os.path.join(out, "eval", "pope", "llava_pope_test.jsonl")))
+    assert all(r["text"].endswith(suffix_mme) for r in _jsonl(os.path.join(out, "eval", "mme", "llava_mme.jsonl")))
+    answers, formats = collections.Counter(), collections.Counter()
+    for i, r in enumerate(records):
+        if not SM.is_probe(i, 0.5):
+            continue
+        human, gpt = r["conversations"]
+        assert r["image"] == SM.image_path("instruct", i) and len(r["conversations"]) == 2
+        assert human["value"].startswith(TX.IMAGE_TOKEN + "\n")
+        prompt, answer = human["value"][len(TX.IMAGE_TOKEN) + 1:], gpt["value"]
+        assert answer == ("Yes" if i % 2 == 0 else "No")
+        answers[answer] += 1
+        scene = scenes[r["id"]]
+        if prompt.endswith(suffix_mme):
+            q = prompt[:-len(suffix_mme)]
+            sub = TX.PROBE_FORMATS[(i // 2 // 2) % len(TX.PROBE_FORMATS)]  # pairs take the formats in turn
+            slots = {"ref": "[a-z ]+", "at_position": "[a-z ]+"}
+            template = re.sub(r"\\\{(\w+)\\\}", lambda m: slots.get(m[1], r"\w+"), re.escape(B.MME_TEMPLATES[sub]))
+            assert re.fullmatch(template, q), (sub, q)
+            assert _mme_holds(sub, q, scene) == (answer == "Yes")
+            assert prompt == TX.mme_prompt(q)
+            formats[sub] += 1
+        else:
+            assert TX.PROBE_FORMATS[(i // 2 // 2) % len(TX.PROBE_FORMATS)] == "pope"
+            m = re.fullmatch(r"Is there a (\w+) (\w+) in the image\?", prompt[:-len(suffix_pope)])
+            assert prompt == TX.pope_prompt(m[1], m[2])
+            name = f"{m[1]} {m[2]}"
+            assert (name in scene.names()) == (answer == "Yes")
+            if answer == "No":  # POPE's negatives: objects annotated in other images of the set
+                others = set().union(*(scenes[o["id"]].names() for j, o in enumerate(records)
+                                       if j != i and "image" in o))
+                assert name in others
+            formats["pope"] += 1
+    assert counts["instruct_probes"] == sum(answers.values()) == 80
+    assert answers["Yes"] == answers["No"] == 40
+    assert formats == {"pope": 40, "existence": 10, "count": 10, "position": 10, "color": 10}  # samples, 2 per pair
+
+
+def test_no_probes_leave_the_corpus_as_it_was(tmp_path):
+    # probe_fraction=0 is the corpus before probes existed (the pinned digest above holds it too).
+    a = [SM.instruct_sample(3, i, CFG, 0.1).record for i in range(30)]
+    b = [SM.instruct_sample(3, i, CFG, 0.1, 0.0).record for i in range(30)]
+    assert a == b
+    assert any(SM.instruct_sample(3, i, CFG, 0.1, 0.5).record != a[i] for i in range(30))

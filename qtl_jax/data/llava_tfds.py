@@ -540,6 +540,7 @@ def prepare_shapes_tfds(
     n_instruct: int = 2000,
     image_size: int = 64,
     text_only_fraction: float = 0.1,
+    probe_fraction: float = 0.0,
     corpus_dir: str | None = None,
     num_workers: int = 1,
 ) -> dict[str, str]:
@@ -551,7 +552,7 @@ def prepare_shapes_tfds(
 
     Args:
         data_dir: TFDS data directory to build into.
-        seed, n_pretrain, n_instruct, image_size, text_only_fraction: the corpus
+        seed, n_pretrain, n_instruct, image_size, text_only_fraction, probe_fraction: the corpus
             (``qtl_jax.data.shapes.write_corpus``); they are part of the dataset names, so different
             corpora never reuse each other's build.
         corpus_dir: where the JSON and images go; default ``<data_dir>/downloads/<pretrain name>``.
@@ -563,7 +564,8 @@ def prepare_shapes_tfds(
     tag = f"s{seed}_{image_size}px"
     names = {
         "pretrain": f"shapes_pretrain_{tag}_n{n_pretrain}",
-        "instruct": f"shapes_instruct_{tag}_n{n_instruct}_text{round(100 * text_only_fraction)}pct",
+        "instruct": f"shapes_instruct_{tag}_n{n_instruct}_text{round(100 * text_only_fraction)}pct"
+                    + (f"_probe{round(100 * probe_fraction)}pct" if probe_fraction else ""),
     }
     out = {k: os.path.join(data_dir, DATASET_NAME, v, "1.0.0") for k, v in names.items()}
     if all(os.path.isfile(os.path.join(d, "dataset_info.json")) for d in out.values()):
@@ -578,6 +580,7 @@ def prepare_shapes_tfds(
         n_instruct=n_instruct,
         image_size=image_size,
         text_only_fraction=text_only_fraction,
+        probe_fraction=probe_fraction,
         benchmarks=False,
     )
     for kind, name in names.items():

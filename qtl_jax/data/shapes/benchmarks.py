@@ -37,27 +37,15 @@ import numpy as np
 
 from qtl_jax.data.shapes.samples import STREAMS, save_png, scene_and_image
 from qtl_jax.data.shapes.scene import ALL_POSITIONS, Scene, ShapesConfig
-from qtl_jax.data.shapes.text import (IMAGE_TOKEN, KIND_PLURALS, NO, OPTION_LETTERS, OPTION_PROMPT,
-                                      SHORT_ANSWER_PROMPT, SIDES, YES, YES_NO_PROMPT, absent_object, at_position,
-                                      question, ref_by_kind)
+from qtl_jax.data.shapes.text import (IMAGE_TOKEN, MME_COGNITION, MME_PERCEPTION, MME_TEMPLATES, NO,
+                                      OPTION_LETTERS, OPTION_PROMPT, POPE_QUESTION, SHORT_ANSWER_PROMPT, SIDES, YES,
+                                      YES_NO_PROMPT, mme_prompt, mme_questions, pick, pope_prompt, question,
+                                      ref_by_kind)
 
-MME_PERCEPTION = ("existence", "count", "position", "color")
-MME_COGNITION = ("numerical_calculation", "commonsense_reasoning")
 POPE_SPLITS = ("random", "popular", "adversarial")
-POPE_QUESTION = "Is there a {color} {kind} in the image?"
 # The first question id of each category in LLaVA's llava_pope_test.jsonl (docs/evaluation.md, POPE).
 POPE_QID_OFFSETS = {"adversarial": 1, "random": 10000001, "popular": 20000001}
 
-MME_TEMPLATES = {
-    "existence": "Is there a {color} {kind} in this image?",
-    "count": "Is the number of {noun} in this image {n}?",
-    "position": "Is the {color} {kind} {at_position} of this image?",
-    "color": "Is {ref} {color}?",
-    "numerical_calculation": "Is the number of {kinds} plus the number of {kinds2} equal to {n}?",
-    "left": "Is the {color} {kind} to the left of the {color2} {kind2}?",
-    "above": "Is the {color} {kind} above the {color2} {kind2}?",
-    "bigger": "Is the {color} {kind} bigger than the {color2} {kind2}?",
-}
 SQA_TEMPLATES = {
     "color": "Which color is {ref}?",
     "shape": "Which shape is {color}?",
@@ -96,63 +84,8 @@ def _json(path: str, obj) -> None:
         json.dump(obj, f, indent=1)
 
 
-def _pick(rng: np.random.Generator, seq):
-    return seq[int(rng.integers(len(seq)))]
-
-
 # ---------------------------------------------------------------------------------------------------
 # MME.
-
-def _obj_text(o) -> dict:
-    return {"color": o.color, "kind": o.kind}
-
-
-def mme_questions(subtask: str, scene: Scene, rng: np.random.Generator, cfg: ShapesConfig) -> tuple[str, str]:
-    """(question answered Yes, question answered No) for one image, without the yes/no suffix."""
-    objs = scene.objects
-    o = _pick(rng, objs)
-    t = MME_TEMPLATES
-    if subtask == "existence":
-        color, kind = absent_object(scene, rng, cfg, hard=rng.random() < 0.5)
-        return (t["existence"].format(**_obj_text(o)), t["existence"].format(color=color, kind=kind))
-    if subtask == "count":
-        if rng.random() < 0.5:
-            noun, n = "shapes", len(objs)
-        else:
-            kind = _pick(rng, cfg.kinds)
-            noun, n = KIND_PLURALS[kind], scene.count(kind=kind)
-        wrong = _pick(rng, [m for m in range(cfg.max_objects + 1) if m != n])
-        return t["count"].format(noun=noun, n=n), t["count"].format(noun=noun, n=wrong)
-    if subtask == "position":
-        wrong = _pick(rng, [p for p in ALL_POSITIONS if p != o.position])
-        return (t["position"].format(**_obj_text(o), at_position=at_position(o.position)),
-                t["position"].format(**_obj_text(o), at_position=at_position(wrong)))
-    if subtask == "color":
-        ref = ref_by_kind(scene, o)
-        wrong = _pick(rng, [c for c in cfg.colors if c != o.color])
-        return t["color"].format(ref=ref, color=o.color), t["color"].format(ref=ref, color=wrong)
-    if subtask == "numerical_calculation":
-        k1, k2 = rng.choice(len(cfg.kinds), size=2, replace=False)
-        k1, k2 = cfg.kinds[k1], cfg.kinds[k2]
-        n = scene.count(kind=k1) + scene.count(kind=k2)
-        wrong = _pick(rng, [m for m in (n - 2, n - 1, n + 1, n + 2) if m >= 0])
-        kw = dict(kinds=KIND_PLURALS[k1], kinds2=KIND_PLURALS[k2])
-        return (t["numerical_calculation"].format(**kw, n=n), t["numerical_calculation"].format(**kw, n=wrong))
-    if subtask == "commonsense_reasoning":
-        # A relation that holds for an ordered pair (a, b) and fails for (b, a).
-        rels = [(name, a, b) for a in objs for b in objs if a is not b
-                for name, holds in (("left", a.col < b.col), ("above", a.row < b.row),
-                                    ("bigger", a.size == "large" and b.size == "small")) if holds]
-        if not rels:
-            raise ValueError("commonsense_reasoning needs a scene with two objects in different cells")
-        name, a, b = _pick(rng, rels)
-
-        def fmt(x, y):
-            return t[name].format(color=x.color, kind=x.kind, color2=y.color, kind2=y.kind)
-
-        return fmt(a, b), fmt(b, a)
-    raise ValueError(f"unknown MME subtask {subtask!r}; expected one of {MME_PERCEPTION + MME_COGNITION}.")
-
 
 def write_mme(out_dir: str, *, seed: int, cfg: ShapesConfig, n_per_subtask: int = 30) -> dict:
     """MME-style folder: 2 yes/no questions per image (one Yes, one No) per perception/cognition subtask."""
@@ -169,13 +102,13 @@ def write_mme(out_dir: str, *, seed: int, cfg: ShapesConfig, n_per_subtask: int 
             name = f"{i:04d}"
             save_png(image, os.path.join(root, subtask, f"{name}.png"))
             q_yes, q_no = mme_questions(subtask, scene, rng, sub_cfg)
-            pairs = [(f"{q_yes} {YES_NO_PROMPT}", "Yes"), (f"{q_no} {YES_NO_PROMPT}", "No")]
+            pairs = [(q_yes, "Yes"), (q_no, "No")]
             with open(os.path.join(root, subtask, f"{name}.txt"), "w") as f:
-                f.writelines(f"{q}\t{a}\n" for q, a in pairs)
+                f.writelines(f"{q} {YES_NO_PROMPT}\t{a}\n" for q, a in pairs)
             for q, a in pairs:
                 llava_rows.append({"question_id": f"{subtask}/{name}.png", "image": f"{subtask}/{name}.png",
-                                   "text": f"{q}\n{SHORT_ANSWER_PROMPT}", "category": subtask})
-                gt_rows.append(f"{name}.png\t{q}\t{a}\n")
+                                   "text": mme_prompt(q), "category": subtask})
+                gt_rows.append(f"{name}.png\t{q} {YES_NO_PROMPT}\t{a}\n")
         tool = os.path.join(out_dir, "eval_tool", "Your_Results")
         os.makedirs(tool, exist_ok=True)
         with open(os.path.join(tool, f"{subtask}.txt"), "w") as f:
@@ -258,7 +191,7 @@ def write_pope(out_dir: str, *, seed: int, cfg: ShapesConfig, n_images: int = 50
                     text = POPE_QUESTION.format(color=color, kind=kind)
                     rows.append({"question_id": len(rows) + 1, "image": name, "text": text, "label": label})
                     llava_rows[split].append({"question_id": POPE_QID_OFFSETS[split] + len(rows) - 1, "image": name,
-                                              "text": f"{text}\n{SHORT_ANSWER_PROMPT}", "category": split})
+                                              "text": pope_prompt(color, kind), "category": split})
         _jsonl(os.path.join(out_dir, "coco", f"coco_pope_{split}.json"), rows)
         counts[split] = len(rows)
     # LLaVA's file lists the categories in the order of their offsets.
@@ -274,8 +207,8 @@ def sqa_problem(scene: Scene, rng: np.random.Generator, cfg: ShapesConfig, with_
     """One multiple-choice problem: question, choices (2-4), answer index."""
     t = SQA_TEMPLATES
     if with_image:
-        task = _pick(rng, ("color", "shape", "count", "present", "position"))
-        o = _pick(rng, scene.objects)
+        task = pick(rng, ("color", "shape", "count", "present", "position"))
+        o = pick(rng, scene.objects)
         if task == "color":
             q, answer, domain = t["color"].format(ref=ref_by_kind(scene, o)), o.color, cfg.colors
         elif task == "shape":
@@ -285,7 +218,7 @@ def sqa_problem(scene: Scene, rng: np.random.Generator, cfg: ShapesConfig, with_
                 task, q, answer, domain = "count", t["count"], str(len(scene.objects)), [
                     str(i) for i in range(1, cfg.max_objects + 1)]
             else:
-                o = _pick(rng, uniq)
+                o = pick(rng, uniq)
                 q, answer, domain = t["shape"].format(color=o.color), o.kind, cfg.kinds
         elif task == "count":
             q, answer, domain = t["count"], str(len(scene.objects)), [str(i) for i in range(1, cfg.max_objects + 1)]
@@ -295,12 +228,12 @@ def sqa_problem(scene: Scene, rng: np.random.Generator, cfg: ShapesConfig, with_
         else:
             q, answer, domain = t["position"].format(color=o.color, kind=o.kind), o.position, ALL_POSITIONS
     else:
-        task = _pick(rng, ("sides", "is_color", "sum"))
+        task = pick(rng, ("sides", "is_color", "sum"))
         if task == "sides":
-            kind = _pick(rng, ("triangle", "square"))
+            kind = pick(rng, ("triangle", "square"))
             q, answer, domain = t["sides"].format(kind=kind), str(SIDES[kind]), ["2", "3", "4", "5", "6"]
         elif task == "is_color":
-            q, answer = t["is_color"], _pick(rng, cfg.colors)
+            q, answer = t["is_color"], pick(rng, cfg.colors)
             domain = [answer] + list(cfg.kinds)
         else:
             a, b = int(rng.integers(0, 10)), int(rng.integers(0, 10))
@@ -366,9 +299,9 @@ def annotator_answers(answer: str, domain: tuple[str, ...], rng: np.random.Gener
     if rng.random() < 0.5:
         for j in rng.choice(10, size=int(rng.integers(1, 4)), replace=False):
             if rng.random() < 0.7:
-                answers[j] = _pick(rng, ANSWER_VARIANTS.get(answer, (answer,)))
+                answers[j] = pick(rng, ANSWER_VARIANTS.get(answer, (answer,)))
             else:
-                answers[j] = _pick(rng, [d for d in domain if d != answer])
+                answers[j] = pick(rng, [d for d in domain if d != answer])
     return answers
 
 
@@ -381,7 +314,7 @@ def _vqa_image(out_dir: str, seed: int, stream: str, i: int, cfg: ShapesConfig, 
     seen, out, tries = set(), [], 0
     while len(out) < per_image and tries < 50:
         tries += 1
-        task = _pick(rng, VQA_TASKS)
+        task = pick(rng, VQA_TASKS)
         qa = question(task, scene, rng, cfg)
         if qa is None or qa.question in seen:  # TextVQA keys answers by (image, question)
             continue

@@ -12,13 +12,15 @@ The records use the LLaVA JSON formats (``blip_laion_cc_sbu_558k.json`` for stag
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 
 import numpy as np
 from PIL import Image
 
 from qtl_jax.data.shapes.scene import Scene, ShapesConfig, render, sample_scene
-from qtl_jax.data.shapes.text import IMAGE_TOKEN, caption, image_conversation, text_conversation
+from qtl_jax.data.shapes.text import (IMAGE_TOKEN, PROBE_FORMATS, caption, image_conversation, mme_prompt,
+                                      mme_questions, pick, pope_prompt, text_conversation)
 
 # Disjoint random streams: training never shares a SeedSequence with a benchmark, whatever the seeds.
 STREAMS = {"pretrain": 0, "instruct": 1, "mme": 2, "pope": 3, "scienceqa": 4, "vqa": 5, "textvqa": 6}
@@ -69,11 +71,80 @@ def pretrain_sample(seed: int, index: int, cfg: ShapesConfig = ShapesConfig()) -
     return Sample(image=image, scene=scene, record=record)
 
 
+def is_probe(index: int, probe_fraction: float) -> bool:
+    """Whether stage-2 sample ``index`` is a benchmark-format yes/no probe (:func:`instruct_sample`).
+
+    Probes come in pairs (2m, 2m + 1): the even one is answered Yes, the odd one No, so the probes are
+    balanced exactly, and pair m is a probe pair when floor((m + 1) f) > floor(m f), i.e. exactly
+    floor(M f) of the first M pairs, evenly spread.
+    """
+    if not 0.0 <= probe_fraction <= 1.0:
+        raise ValueError(f"probe_fraction={probe_fraction} must be in [0, 1].")
+    m = index // 2
+    return math.floor((m + 1) * probe_fraction) > math.floor(m * probe_fraction)
+
+
+def instruct_has_image(seed: int, index: int, text_only_fraction: float, probe_fraction: float) -> bool:
+    """Whether stage-2 sample ``index`` has an image, without generating it (the text-only coin is the first
+    draw of the sample's text generator, as in :func:`instruct_sample`)."""
+    if is_probe(index, probe_fraction):
+        return True
+    return not sample_rngs(seed, "instruct", index)[2].random() < text_only_fraction
+
+
+def absent_from_other_image(seed: int, index: int, scene: Scene, rng: np.random.Generator, cfg: ShapesConfig,
+                            text_only_fraction: float, probe_fraction: float) -> tuple[str, str]:
+    """A (colour, kind) absent from ``scene`` that is in the image of another stage-2 sample.
+
+    As POPE draws its negatives from objects annotated in other images of the set: the other samples are
+    tried in a random order among the earlier indices first (always in the corpus), then the later ones.
+    """
+    present = scene.names()
+    earlier = [int(j) for j in rng.permutation(index)]
+    for j in earlier + list(range(index + 1, index + 1 + 64)):
+        if not instruct_has_image(seed, j, text_only_fraction, probe_fraction):
+            continue
+        other = sample_scene(sample_rngs(seed, "instruct", j)[0], cfg)
+        absent = [o for o in other.objects if o.name not in present]
+        if absent:
+            o = pick(rng, absent)
+            return o.color, o.kind
+    raise ValueError(f"no image near stage-2 sample {index} has an object absent from it; use more colours or kinds.")
+
+
+def probe_conversation(seed: int, index: int, scene: Scene, rng: np.random.Generator, cfg: ShapesConfig,
+                       text_only_fraction: float, probe_fraction: float) -> list[dict]:
+    """One yes/no question about ``scene`` exactly as a benchmark asks it (POPE, or an MME perception subtask,
+    taking turns by pair), answered Yes for an even ``index`` and No for an odd one."""
+    pair = math.floor((index // 2) * probe_fraction)  # how many probe pairs come before this one
+    fmt = PROBE_FORMATS[pair % len(PROBE_FORMATS)]
+    yes = index % 2 == 0
+    if fmt == "pope":
+        if yes:
+            o = pick(rng, scene.objects)
+            color, kind = o.color, o.kind
+        else:
+            color, kind = absent_from_other_image(seed, index, scene, rng, cfg, text_only_fraction, probe_fraction)
+        prompt = pope_prompt(color, kind)
+    else:
+        q_yes, q_no = mme_questions(fmt, scene, rng, cfg)
+        prompt = mme_prompt(q_yes if yes else q_no)
+    return [{"from": "human", "value": f"{IMAGE_TOKEN}\n{prompt}"}, {"from": "gpt", "value": "Yes" if yes else "No"}]
+
+
 def instruct_sample(seed: int, index: int, cfg: ShapesConfig = ShapesConfig(),
-                    text_only_fraction: float = 0.1) -> Sample:
-    """Stage-2 sample (``llava_v1_5_mix665k.json`` style); a ``text_only_fraction`` have no image."""
+                    text_only_fraction: float = 0.1, probe_fraction: float = 0.0) -> Sample:
+    """Stage-2 sample (``llava_v1_5_mix665k.json`` style).
+
+    A ``probe_fraction`` of the samples are yes/no probes in the benchmarks' own formats
+    (:func:`probe_conversation`); of the others a ``text_only_fraction`` have no image.
+    """
     scene, image, rng = scene_and_image(seed, "instruct", index, cfg)
     sid = sample_id(seed, "instruct", index)
+    if is_probe(index, probe_fraction):
+        record = {"id": sid, "image": image_path("instruct", index), "conversations": probe_conversation(
+            seed, index, scene, rng, cfg, text_only_fraction, probe_fraction)}
+        return Sample(image=image, scene=scene, record=record)
     if rng.random() < text_only_fraction:
         return Sample(image=None, scene=None, record={"id": sid, "conversations": text_conversation(rng, cfg)})
     record = {"id": sid, "image": image_path("instruct", index),

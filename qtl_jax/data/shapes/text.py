@@ -93,6 +93,26 @@ TEXT_ONLY_TEMPLATES = (
 SIDES = {"triangle": 3, "square": 4, "circle": 0}
 YES, NO = "yes", "no"
 
+# The yes/no benchmarks' question templates. The benchmark writers (``benchmarks``) and the stage-2 probes
+# (:func:`probe_turn`) both build their prompts with :func:`pope_prompt` / :func:`mme_prompt`, so the
+# training mix asks exactly what the benchmarks ask, in their format.
+POPE_QUESTION = "Is there a {color} {kind} in the image?"
+MME_PERCEPTION = ("existence", "count", "position", "color")
+MME_COGNITION = ("numerical_calculation", "commonsense_reasoning")
+MME_TEMPLATES = {
+    "existence": "Is there a {color} {kind} in this image?",
+    "count": "Is the number of {noun} in this image {n}?",
+    "position": "Is the {color} {kind} {at_position} of this image?",
+    "color": "Is {ref} {color}?",
+    "numerical_calculation": "Is the number of {kinds} plus the number of {kinds2} equal to {n}?",
+    "left": "Is the {color} {kind} to the left of the {color2} {kind2}?",
+    "above": "Is the {color} {kind} above the {color2} {kind2}?",
+    "bigger": "Is the {color} {kind} bigger than the {color2} {kind2}?",
+}
+# Which benchmark format each successive probe pair of the stage-2 mix takes: POPE half of the time, the
+# four MME perception subtasks the other half.
+PROBE_FORMATS = ("pope", "existence", "pope", "count", "pope", "position", "pope", "color")
+
 
 def _cap(text: str) -> str:
     return text[:1].upper() + text[1:]
@@ -247,6 +267,72 @@ def _verification(task: str, q: str, scene: Scene, o: ShapeObject, rng: np.rando
     wrong = [c for c in cfg.colors if c != o.color]
     asked = o.color if yes else wrong[int(rng.integers(len(wrong)))]
     return QA(task, q.format(ref=ref, color=asked), answer, f"{head}, {ref} is {o.color}.", (YES, NO))
+
+
+def pick(rng: np.random.Generator, seq):
+    """One element of ``seq``, uniformly."""
+    return seq[int(rng.integers(len(seq)))]
+
+
+def pope_prompt(color: str, kind: str) -> str:
+    """A POPE question as LLaVA's ``llava_pope_test.jsonl`` asks it (with the short-answer line)."""
+    return f"{POPE_QUESTION.format(color=color, kind=kind)}\n{SHORT_ANSWER_PROMPT}"
+
+
+def mme_prompt(q: str) -> str:
+    """An MME question as LLaVA's ``llava_mme.jsonl`` asks it: the yes/no suffix, then the short-answer line."""
+    return f"{q} {YES_NO_PROMPT}\n{SHORT_ANSWER_PROMPT}"
+
+
+def obj_text(o) -> dict:
+    return {"color": o.color, "kind": o.kind}
+
+
+def mme_questions(subtask: str, scene: Scene, rng: np.random.Generator, cfg: ShapesConfig) -> tuple[str, str]:
+    """(question answered Yes, question answered No) for one image, without the yes/no suffix."""
+    objs = scene.objects
+    o = pick(rng, objs)
+    t = MME_TEMPLATES
+    if subtask == "existence":
+        color, kind = absent_object(scene, rng, cfg, hard=rng.random() < 0.5)
+        return (t["existence"].format(**obj_text(o)), t["existence"].format(color=color, kind=kind))
+    if subtask == "count":
+        if rng.random() < 0.5:
+            noun, n = "shapes", len(objs)
+        else:
+            kind = pick(rng, cfg.kinds)
+            noun, n = KIND_PLURALS[kind], scene.count(kind=kind)
+        wrong = pick(rng, [m for m in range(cfg.max_objects + 1) if m != n])
+        return t["count"].format(noun=noun, n=n), t["count"].format(noun=noun, n=wrong)
+    if subtask == "position":
+        wrong = pick(rng, [p for p in ALL_POSITIONS if p != o.position])
+        return (t["position"].format(**obj_text(o), at_position=at_position(o.position)),
+                t["position"].format(**obj_text(o), at_position=at_position(wrong)))
+    if subtask == "color":
+        ref = ref_by_kind(scene, o)
+        wrong = pick(rng, [c for c in cfg.colors if c != o.color])
+        return t["color"].format(ref=ref, color=o.color), t["color"].format(ref=ref, color=wrong)
+    if subtask == "numerical_calculation":
+        k1, k2 = rng.choice(len(cfg.kinds), size=2, replace=False)
+        k1, k2 = cfg.kinds[k1], cfg.kinds[k2]
+        n = scene.count(kind=k1) + scene.count(kind=k2)
+        wrong = pick(rng, [m for m in (n - 2, n - 1, n + 1, n + 2) if m >= 0])
+        kw = dict(kinds=KIND_PLURALS[k1], kinds2=KIND_PLURALS[k2])
+        return (t["numerical_calculation"].format(**kw, n=n), t["numerical_calculation"].format(**kw, n=wrong))
+    if subtask == "commonsense_reasoning":
+        # A relation that holds for an ordered pair (a, b) and fails for (b, a).
+        rels = [(name, a, b) for a in objs for b in objs if a is not b
+                for name, holds in (("left", a.col < b.col), ("above", a.row < b.row),
+                                    ("bigger", a.size == "large" and b.size == "small")) if holds]
+        if not rels:
+            raise ValueError("commonsense_reasoning needs a scene with two objects in different cells")
+        name, a, b = pick(rng, rels)
+
+        def fmt(x, y):
+            return t[name].format(color=x.color, kind=x.kind, color2=y.color, kind2=y.kind)
+
+        return fmt(a, b), fmt(b, a)
+    raise ValueError(f"unknown MME subtask {subtask!r}; expected one of {MME_PERCEPTION + MME_COGNITION}.")
 
 
 def multiple_choice(qa: QA, rng: np.random.Generator, n_options: int = 4) -> tuple[str, str, tuple[str, ...]]:
