@@ -215,7 +215,7 @@ def torch_model(model, stage: int):
             self.layers_used = vision_layers_used(model)
 
         def features(self, pixels):
-            vm = self.vision.vision_model
+            vm = getattr(self.vision, "vision_model", self.vision)  # transformers 5 flattened the wrapper
             h = vm.embeddings(pixels)
             for layer in vm.encoder.layers[: self.layers_used]:
                 h = layer(h, None)
@@ -307,7 +307,7 @@ def tinyllava_of(config):
     from qtl_jax.models import builder
 
     m = config.model.to_dict()
-    vocab = None if m["llm"].get("vocab_size") else len(shapes_tokenizer.build_shapes_tokenizer(m["max_length"]))
+    vocab = None if m["llm"].get("vocab_size") else len(shapes_tokenizer.build_shapes_tokenizer(model_max_length=m["max_length"]))
     return builder.tinyllava_config(m, vocab)
 
 
@@ -324,12 +324,15 @@ def run_worker(framework: str, stage: int, batch_file: str, steps: int, dtype: s
         from bench import perf
 
         env.update(QTL_BENCH_TORCH_DEVICE=perf.torch_device(), JAX_PLATFORMS="cpu")
+    load = os.getloadavg()[0]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=root, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-3:]
         raise RuntimeError(f"paper {framework} worker (stage {stage}) exited {proc.returncode}: {' | '.join(tail)}")
-    return json.loads(lines[-1])
+    # The machine's 1-minute load average before and after: on a shared machine it says how fair a run was.
+    key = "ours" if framework == "ours" else "torch_eager"
+    return {**json.loads(lines[-1]), f"{key}_load_avg_1m": [load, os.getloadavg()[0]]}
 
 
 def bench_stage(stage: int, batch: int, steps: int, dtype: str, out: str, peak: float, r: dict[str, Any],
