@@ -125,7 +125,7 @@ def flops(model, batch: dict[str, np.ndarray], stage: int) -> float:
     connector = 2 * b * t_img * (d * dl + dl * dl)
     quant = 2 * b * (t_img + t) * 2 * dl * dl
     hd = llm.head_dim
-    dec = sum(2 * dl * (h + 2 * k) * hd + 3 * dl * w for h, k, w in
+    dec = sum(dl * hd * (2 * h + 2 * k) + 3 * dl * w for h, k, w in  # q, o; k, v; gate, up, down
               zip(llm.num_heads, llm.num_kv_heads, llm.intermediate_size))
     decoder = 2 * b * merged * (dec + dl * llm.vocab_size)
     decoder += 4 * b * merged * merged * sum(h * hd for h in llm.num_heads)

@@ -73,3 +73,49 @@ def test_torch_openelm_reference_matches_our_decoder(tmp_path):
     tol = layers_tolerance(theirs[real], width=max(64, max(WIDTHS), SEQ), layers=3)
     worst = float(np.abs(out[real] - theirs[real]).max())
     assert worst <= tol, f"max |ours - torch OpenELM| = {worst:.2e} > {tol:.2e}"
+
+
+def _count(tree) -> int:
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_paper_models_have_the_published_sizes_and_each_stages_split(stage):
+    """Ours via jax.eval_shape, the torch reference on the meta device: nothing is allocated."""
+    from qtl_jax.models.tinyllava import abstract_params
+
+    config = paper.stage_config(stage, 4)
+    assert config.global_batch_size == 4 and config.data.kind == "shapes" and config.model.source == "random"
+    tcfg = paper.tinyllava_of(config)
+    ours = abstract_params(tcfg)
+    assert _count(ours["llm"]) == 271_527_168  # OpenELM-270M, tied head
+    assert _count(ours["vision_tower"]) == 412_987_248  # SigLIP-so400m-patch14-384 without its pooling head
+    assert tcfg.num_image_tokens == 728 and paper.vision_layers_used(tcfg) == 26
+    with torch.device("meta"):
+        ref = paper.torch_model(tcfg, stage)
+    count = lambda m, trainable=None: sum(  # noqa: E731
+        p.numel() for p in m.parameters() if trainable is None or p.requires_grad == trainable)
+    assert count(ref.llm) == _count(ours["llm"])
+    assert count(ref.vision) - count(ref.vision.head) == _count(ours["vision_tower"])
+    assert count(ref.connector) == _count(ours["connector"])
+    d = tcfg.llm.hidden_size
+    assert count(ref.image_q) == count(ref.text_q) == 2 * (d * d + d)
+    # The paper's split: stage 1 trains connector + quantizers, stage 2 the LLM too; the tower never.
+    trained = count(ref.connector) + count(ref.image_q) + count(ref.text_q) + (count(ref.llm) if stage == 2 else 0)
+    assert count(ref, trainable=True) == trained
+    assert count(ref.vision, trainable=True) == 0
+
+
+def test_paper_flops_count_each_stages_backward():
+    """Stage 2 differs from stage 1 only by the LLM's weight gradients: one more forward's worth (2 N per token)."""
+    from qtl_jax.models.tinyllava import abstract_params
+
+    tcfg = paper.tinyllava_of(paper.stage_config(1, 4))
+    b, t, merged = 4, 64, 64 + 727
+    batch = {"input_ids": np.zeros((b, t)), "source": np.zeros((b, merged))}
+    # Multiply-adds per token: every decoder kernel, and the tied head (the embedding table) once.
+    leaves = jax.tree_util.tree_flatten_with_path(abstract_params(tcfg)["llm"])[0]
+    per_token = sum(math.prod(x.shape) for path, x in leaves if "kernel" in jax.tree_util.keystr(path)
+                    or "embedding" in jax.tree_util.keystr(path))
+    forward = 2 * b * merged * per_token + 4 * b * merged**2 * tcfg.llm.head_dim * sum(tcfg.llm.num_heads)
+    assert paper.flops(tcfg, batch, 2) - paper.flops(tcfg, batch, 1) == pytest.approx(forward, rel=1e-12)
