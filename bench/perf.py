@@ -400,7 +400,9 @@ def codec_overlap_phases(step, state, batch, n_steps: int, phases: tuple[str, ..
     step's counts merged one step later, as ``train.py`` does (``overlap``: ``codec_overlap_step_s``). Per step
     of the overlapped phases: ``codec_busy_s`` (host codec time), ``codec_exposed_s`` (time the step loop
     waited for it) and ``codec_hidden_s`` (the rest). Wall times are means over each phase (a step's coding
-    ends in the next). Returns ``{'figures': {...}, 'times': {phase: [seconds of each step]}}``.
+    ends in the next), so the overlap needs at least 2 steps per phase to show (the last step's coding has no
+    next step to hide behind). Returns ``{'figures': {...}, 'times': {phase: [seconds of each step]}, 'state':
+    the state after the last step}`` (the state passed in is donated).
     """
     from qtl_jax.split.link import PENDING_COUNTS
     from qtl_jax.split.meter import ByteMeter
@@ -444,7 +446,7 @@ def codec_overlap_phases(step, state, batch, n_steps: int, phases: tuple[str, ..
     for phase in ("sync", "overlap"):
         if phase in runs and "off" in runs:
             r[f"codec_{phase}_added_share"] = r[f"codec_{phase}_step_s"] / r["codec_off_step_s"] - 1.0
-    return {"figures": r, "times": times}
+    return {"figures": r, "times": times, "state": state}
 
 
 # ----------------------------------------------------------------------------------------------------

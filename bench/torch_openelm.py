@@ -104,6 +104,10 @@ class OpenELM(nn.Module):
         super().__init__()
         self.transformer = Transformer(vocab, dim, head_dim, heads, kv_heads, widths, eps)
         self.head_dim, self.rope_theta = head_dim, rope_theta
+        # Apple's _init_weights: N(0, 0.02^2) for projections and the embedding table, norms at 1.
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=0.02)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.transformer.token_embeddings(ids)
