@@ -3,7 +3,8 @@
 #
 # From the repository root, on the device machine, with `.whl` carried (it holds the wheels of the
 # packages bench.perf imports that the GPU image lacks: constriction, zstandard):
-#     bash bench/device_run.sh
+#     bash bench/device_run.sh               (demo and mid)
+#     MODE=paper bash bench/device_run.sh    (the paper's configuration, stage 1 at batch 64, stage 2 at 16, bf16)
 # WHEELS, BENCH_ARGS and BENCH_TIMEOUT_S override the defaults below.
 # Writes $OUT/perf/perf.{json,md}, $OUT/perf.log (everything printed) and $OUT/env.txt.
 # Budget: ~5 minutes on an H100/H200 including every compile. The benchmark is killed (SIGTERM, which
@@ -44,8 +45,16 @@ PY
 
 # demo: 20 timed steps, torch.compile included (its compile is the slowest part here, ~1 min).
 # mid: 10 timed steps, no torch.compile and no generation (each would cost minutes of compile).
-# BENCH_ARGS replaces these (a dry run on a CPU: BENCH_ARGS="--sizes=micro --steps=2 --no-torch-compile").
-BENCH_ARGS=${BENCH_ARGS:---sizes=demo,mid --matmul-n=8192 --steps=20 --steps-mid=10 --gen-runs=5 --no-torch-compile=mid --no-gen=mid}
+# MODE=paper (a call of its own): the paper's configuration per stage on one real bucketed batch, at the
+# paper's batches on an accelerator (stage 1: 64, stage 2: 16) in bf16 (bench.paper's defaults there), 5 timed
+# steps each. BENCH_ARGS replaces either (a dry run on a CPU:
+# BENCH_ARGS="--sizes=paper --paper-preset=tiny --paper-batches=64,16 --paper-dtype=bfloat16 --steps-paper=2").
+if [ "${MODE:-}" = paper ]; then
+  DEFAULT_ARGS="--sizes=paper --matmul-n=8192 --steps-paper=5"
+else
+  DEFAULT_ARGS="--sizes=demo,mid --matmul-n=8192 --steps=20 --steps-mid=10 --gen-runs=5 --no-torch-compile=mid --no-gen=mid"
+fi
+BENCH_ARGS=${BENCH_ARGS:-$DEFAULT_ARGS}
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of options
 timeout --signal=TERM "${BENCH_TIMEOUT_S:-540}" python3 -m bench.perf --out="$OUT/perf" $BENCH_ARGS 2>&1 \
   | tee "$OUT/perf.log"

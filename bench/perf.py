@@ -28,7 +28,9 @@ Measured in one run, on this machine, with the same model dimensions and the sam
 
 Usage (from the repository root)::
 
-    python -m bench.perf [--sizes=demo,mid] [--out=DIR] [--steps=10] [--no-torch-compile]
+    python -m bench.perf [--sizes=demo,mid,paper] [--out=DIR] [--steps=10] [--no-torch-compile]
+
+``paper``: the paper's configuration per stage, on one real bucketed batch (:mod:`bench.paper`).
 
 writes ``DIR/perf.json`` (one object per size, plus the machine) and ``DIR/perf.md`` (a table).
 """
@@ -379,51 +381,72 @@ CODEC_THREADS = 2
 def codec_overlap_figures(s: Size, steps: int, threads: int = CODEC_THREADS) -> dict[str, float]:
     """Our split step measuring every step's bytes with the real codec: in the step vs in the background.
 
-    One split step (one compile), run in three phases after one warm-up: bytes not measured
-    (``codec_off_step_s``), measured inside the step (``codec_threads=0``: ``codec_sync_step_s``) and measured
-    on ``threads`` background threads with each step's counts merged one step later, as ``train.py`` does
-    (``codec_overlap_step_s``). The phases run in the order off, sync, overlap, overlap, sync, off, each
-    ``max(steps // 2, 2)`` steps, so that a linear drift of the machine cancels. Per step of the overlapped
-    phases: ``codec_busy_s`` (host codec time), ``codec_exposed_s`` (time the step loop waited for it) and
-    ``codec_hidden_s`` (the rest). Wall times are means over each phase (a step's coding ends in the next).
+    One split step (one compile), run after one warm-up in the phases of :func:`codec_overlap_phases`:
+    off, sync, overlap, overlap, sync, off, each ``max(steps // 2, 2)`` steps, so that a linear drift of the
+    machine cancels.
+    """
+    step, state, batch = build_ours(s, "split", codec_threads=0)
+    state, _ = step(state, batch)  # compiles
+    phases = ("off", "sync", "overlap", "overlap", "sync", "off")
+    return codec_overlap_phases(step, state, batch, max(steps // 2, 2), phases, threads)["figures"]
+
+
+def codec_overlap_phases(step, state, batch, n_steps: int, phases: tuple[str, ...],
+                         threads: int = CODEC_THREADS) -> dict[str, Any]:
+    """Runs a compiled split ``step`` (its server half an ``InProcessServerHalf``) ``n_steps`` times per phase.
+
+    Phases: bytes not measured (``off``: ``codec_off_step_s``), measured inside the step (``sync``,
+    ``codec_threads=0``: ``codec_sync_step_s``) and measured on ``threads`` background threads with each
+    step's counts merged one step later, as ``train.py`` does (``overlap``: ``codec_overlap_step_s``). Per step
+    of the overlapped phases: ``codec_busy_s`` (host codec time), ``codec_exposed_s`` (time the step loop
+    waited for it) and ``codec_hidden_s`` (the rest). Wall times are means over each phase (a step's coding
+    ends in the next), so the overlap needs at least 2 steps per phase to show (the last step's coding has no
+    next step to hide behind). Returns ``{'figures': {...}, 'times': {phase: [seconds of each step]}, 'state':
+    the state after the last step}`` (the state passed in is donated).
     """
     from qtl_jax.split.link import PENDING_COUNTS
     from qtl_jax.split.meter import ByteMeter
 
-    step, state, batch = build_ours(s, "split", codec_threads=0)
     server = step.server
-    state, _ = step(state, batch)  # compiles
-    n_steps = max(steps // 2, 2)
-    wall = {"off": 0.0, "sync": 0.0, "overlap": 0.0}
+    wall = {p: 0.0 for p in phases}
+    runs = {p: 0 for p in phases}
+    times: dict[str, list[float]] = {p: [] for p in phases}
     busy = exposed = 0.0
-    for phase in ("off", "sync", "overlap", "overlap", "sync", "off"):
+    for phase in phases:
         n = threads if phase == "overlap" else 0
         server.measure, server.meter, step.defer_counts = phase != "off", ByteMeter(n), n > 0
         try:
             pending, start = None, time.perf_counter()
             for _ in range(n_steps):
+                t0 = time.perf_counter()
                 state, metrics = step(state, batch)
                 if pending is not None:
                     pending.result()
                 pending = metrics.pop(PENDING_COUNTS, None)
                 if phase != "off" and pending is None and "uplink_bytes" not in metrics:
                     raise RuntimeError(f"the {phase} phase measured no bytes")
+                if phase == "off":
+                    jax.block_until_ready(state)
+                times[phase].append(time.perf_counter() - t0)
             if pending is not None:
                 pending.result()
             jax.block_until_ready(state)
             wall[phase] += time.perf_counter() - start
+            runs[phase] += n_steps
             if phase == "overlap":
                 st = server.meter.stats()
                 busy, exposed = busy + st["codec_seconds"], exposed + st["exposed_seconds"]
         finally:
             server.meter.close()
     r: dict[str, float] = {"codec_threads": float(threads)}
-    r.update({f"codec_{phase}_step_s": t / (2 * n_steps) for phase, t in wall.items()})
-    r["codec_busy_s"], r["codec_exposed_s"] = busy / (2 * n_steps), exposed / (2 * n_steps)
-    r["codec_hidden_s"] = max(r["codec_busy_s"] - r["codec_exposed_s"], 0.0)
-    r["codec_sync_added_share"] = r["codec_sync_step_s"] / r["codec_off_step_s"] - 1.0
-    r["codec_overlap_added_share"] = r["codec_overlap_step_s"] / r["codec_off_step_s"] - 1.0
-    return r
+    r.update({f"codec_{phase}_step_s": t / runs[phase] for phase, t in wall.items()})
+    if "overlap" in runs:
+        r["codec_busy_s"], r["codec_exposed_s"] = busy / runs["overlap"], exposed / runs["overlap"]
+        r["codec_hidden_s"] = max(r["codec_busy_s"] - r["codec_exposed_s"], 0.0)
+    for phase in ("sync", "overlap"):
+        if phase in runs and "off" in runs:
+            r[f"codec_{phase}_added_share"] = r[f"codec_{phase}_step_s"] / r["codec_off_step_s"] - 1.0
+    return {"figures": r, "times": times, "state": state}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -462,9 +485,12 @@ def torch_quantizer(dim: int, levels: int):
             self.in_proj = nn.Linear(dim, dim)
             self.out_proj = nn.Linear(dim, dim)
 
-        def forward(self, x):
+        def forward(self, x, rows=None):
+            """``rows`` ([B, T] bool, optional): the rows the batch statistics and the distortion loss are
+            over (the official text tensor's, ``qtl_jax.models.quantized.paper_text_rows``); default all."""
             u = self.in_proj(x)
-            mean, std = u.mean(), u.std()  # scalars over the whole tensor, gradients flow through them
+            seen = u if rows is None else u[rows]
+            mean, std = seen.mean(), seen.std()  # scalars over the whole tensor, gradients flow through them
             lo, hi = mean - CLIP_SIGMA * std, mean + CLIP_SIGMA * std
             z = 2 * (torch.clamp(u, lo, hi) - lo + 1e-4) / (hi - lo + 1e-4) - 1
             h, o = (levels - 1) / 2, ((levels - 1) % 2) / 2
@@ -472,7 +498,7 @@ def torch_quantizer(dim: int, levels: int):
             zhat = (shifted + (torch.round(shifted) - shifted).detach() + o) / h
             target = zhat.detach()
             cos = (z * target).sum(-1) / (z.norm(dim=-1) * target.norm(dim=-1) + 1e-3)
-            return self.out_proj(zhat), DIST_WEIGHT * (1 - cos).mean()
+            return self.out_proj(zhat), DIST_WEIGHT * (1 - (cos if rows is None else cos[rows])).mean()
 
     return Quantizer()
 
@@ -857,6 +883,9 @@ def bench_size(name: str, s: Size, steps: int, torch_compile: bool, gen_runs: in
 
 
 TABLE_ROWS = [
+    ("batch_size", "batch (paper: real bucketed lengths)"),
+    ("text_len", "input ids per sample (the batch's bucket)"),
+    ("merged_len", "merged sequence (image tokens spliced in)"),
     ("ours_step_s", "our split train step (s, median)"),
     ("ours_fused_step_s", "our fused train step (s, median)"),
     ("torch_eager_step_s", "PyTorch eager train step (s, median)"),
@@ -878,6 +907,11 @@ TABLE_ROWS = [
     ("ours_peak_mem_bytes", "our peak memory (bytes; see peak_mem_kind)"),
     ("torch_eager_peak_mem_bytes", "PyTorch eager peak memory (bytes)"),
     ("ours_xla_step_bytes", "XLA's fused-step memory: args + outputs + temps - aliased (bytes)"),
+    ("ours_peak_rss_bytes", "our peak RSS, whole worker process, compile included (bytes)"),
+    ("torch_eager_peak_rss_bytes", "PyTorch eager peak RSS, whole worker process (bytes)"),
+    ("ours_compile_s", "our compile: first step - a steady step (s)"),
+    ("loader_examples_per_s_per_core", "input pipeline examples per CPU-second"),
+    ("loader_examples_per_s", "input pipeline examples/s (wall)"),
     ("quantizer_share_of_step", "both quantizers fwd+bwd / our split step"),
     ("codec_share_of_step", "ANS encode+decode of the step's codes (host) / our split step"),
     ("codec_packed_share_of_step", "packed encode+decode / our split step"),
@@ -931,16 +965,22 @@ def _size_set(value: str | None, sizes: list[str]) -> set[str]:
 def run(sizes: list[str], out: str, steps: int = 10, torch_compile: bool = True, gen_runs: int = 3,
         matmul_n: int = 2048, log: Callable[[str], None] = print, steps_per_size: dict[str, int] | None = None,
         no_torch_compile: set[str] = frozenset(), no_gen: set[str] = frozenset(), no_mem: set[str] = frozenset(),
-        matmul_bf16_n: int = 8192, mem_workers: bool = True) -> dict[str, Any]:
-    """Runs the benchmark for ``sizes`` (keys of :data:`SIZES`), writes ``out/perf.{json,md}``, returns the JSON.
+        matmul_bf16_n: int = 8192, mem_workers: bool = True, paper_batches: dict[int, int] | None = None,
+        paper_dtype: str | None = None, paper_preset: str = "paper_random") -> dict[str, Any]:
+    """Runs the benchmark for ``sizes`` (keys of :data:`SIZES`, or ``paper``), writes ``out/perf.{json,md}``,
+    returns the JSON.
 
     ``steps_per_size`` overrides ``steps`` for some sizes; ``no_*`` name sizes that skip torch.compile,
-    generation or the memory workers. The JSON is written even when a measurement failed (its
-    ``*_error`` key says why) or the run is interrupted part way (the sizes finished so far).
+    generation or the memory workers. ``paper`` (:mod:`bench.paper`) reports one entry per stage
+    (``paper_stage1``, ``paper_stage2``) at ``paper_batches`` (default: batch 4 on a CPU, the paper's 64 / 16 on
+    an accelerator) in ``paper_dtype`` (default float32 on a CPU, bfloat16 on an accelerator); ``paper_preset``
+    ``tiny`` runs the same code at test size. The JSON is
+    written even when a measurement failed (its ``*_error`` key says why) or the run is interrupted part way
+    (the sizes finished so far).
     """
-    unknown = [n for n in sizes if n not in SIZES]
+    unknown = [n for n in sizes if n not in SIZES and n != "paper"]
     if unknown:
-        raise ValueError(f"unknown size(s) {unknown}: choose from {sorted(SIZES)}")
+        raise ValueError(f"unknown size(s) {unknown}: choose from {sorted(SIZES) + ['paper']}")
     steps_per_size = steps_per_size or {}
     if min([steps, *steps_per_size.values()]) < 1:
         raise ValueError(f"steps must be >= 1, got {steps} (per size: {steps_per_size})")
@@ -981,6 +1021,19 @@ def run(sizes: list[str], out: str, steps: int = 10, torch_compile: bool = True,
 
     try:
         for name in sizes:
+            if name == "paper":
+                import functools
+
+                from bench import paper
+
+                batches = paper_batches or paper.default_batches()
+                dtype = paper_dtype or ("float32" if not gpu else "bfloat16")
+                for stage in paper.STAGES:
+                    r = report["sizes"][f"paper_stage{stage}"] = {}
+                    paper.bench_stage(stage, batches[stage], steps_per_size.get(name, steps), dtype, out, peak, r, log,
+                                      functools.partial(_guarded_base, checkpoint=write), preset=paper_preset)
+                    write()
+                continue
             report["sizes"][name] = {}
             bench_size(name, SIZES[name], steps_per_size.get(name, steps),
                        torch_compile and name not in no_torch_compile, gen_runs, peak, log,
@@ -1017,7 +1070,18 @@ def main() -> None:
                         help="skip the peak-memory subprocesses: every size, or '=mid'")
     parser.add_argument("--no-mem-workers", action="store_true",
                         help="keep XLA's memory figure but skip the two peak-memory subprocesses")
+    parser.add_argument("--steps-paper", type=int, default=2,
+                        help="timed train steps per stage for the paper size (~30-90 s each on a 2-core CPU)")
+    parser.add_argument("--paper-batches", default=None,
+                        help="paper size: global batch of stage 1,2 (default 4,4 on a CPU; 64,16 on an accelerator)")
+    parser.add_argument("--paper-dtype", default=None, choices=("float32", "bfloat16"),
+                        help="paper size: compute dtype (default float32 on a CPU, bfloat16 on an accelerator)")
+    parser.add_argument("--paper-preset", default="paper_random", choices=("paper_random", "tiny"),
+                        help="paper size: the configs' preset (tiny: the same code path at test size)")
     parser.add_argument("--_worker", choices=("ours", "torch"), help=argparse.SUPPRESS)
+    parser.add_argument("--_paper_worker", choices=("ours", "torch"), help=argparse.SUPPRESS)
+    parser.add_argument("--_paper_stage", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--_paper_batch_file", help=argparse.SUPPRESS)
     args = parser.parse_args()
     from qtl_jax import xla_flags
 
@@ -1031,13 +1095,31 @@ def main() -> None:
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         sizes = [n.strip() for n in args.sizes.split(",") if n.strip()]
+        if args._paper_worker:  # internal: one framework's paper-size step in a fresh process (bench.paper)
+            from bench import paper
+
+            r = paper.WORKERS[args._paper_worker](args._paper_stage, args._paper_batch_file, args.steps,
+                                                  args.paper_dtype or "float32", args.paper_preset)
+            print(json.dumps(r), flush=True)
+            return
+        paper_batches = None
+        if args.paper_batches:
+            try:
+                values = [int(v) for v in args.paper_batches.split(",")]
+            except ValueError:
+                values = []
+            if len(values) != 2 or min(values) < 1:
+                parser.error(f"--paper-batches={args.paper_batches!r}: give two positive batches, stage 1 and 2 (e.g. 64,16)")
+            paper_batches = {1: values[0], 2: values[1]}
         if args._worker:  # internal: one framework's peak memory in a fresh process (see measure_memory)
             print(json.dumps(memory_worker(args._worker, sizes[0])), flush=True)
             return
         report = run(sizes, args.out, args.steps, True, args.gen_runs, args.matmul_n,
-                     steps_per_size={"mid": args.steps_mid}, no_torch_compile=_size_set(args.no_torch_compile, sizes),
+                     steps_per_size={"mid": args.steps_mid, "paper": args.steps_paper},
+                     no_torch_compile=_size_set(args.no_torch_compile, sizes),
                      no_gen=_size_set(args.no_gen, sizes), no_mem=_size_set(args.no_mem, sizes),
-                     matmul_bf16_n=args.matmul_bf16_n, mem_workers=not args.no_mem_workers)
+                     matmul_bf16_n=args.matmul_bf16_n, mem_workers=not args.no_mem_workers,
+                     paper_batches=paper_batches, paper_dtype=args.paper_dtype, paper_preset=args.paper_preset)
         print(markdown(report))
     finally:
         signal.signal(signal.SIGTERM, previous)  # main() may be called in-process (the test)
