@@ -285,8 +285,8 @@ def markdown(result: dict[str, Any], final: str = "stage2") -> str:
             continue
         ev = s2["eval"]
         em_ci, tok_ci = s2["exact_match_ci"], s2["token_accuracy_ci"]
-        inside = f"{'yes' if e.get('exact_match_within_fp32_ci') else 'no'} / " \
-                 f"{'yes' if e.get('token_accuracy_within_fp32_ci') else 'no'}"
+        yes = lambda k: "-" if k not in e else "yes" if e[k] else "no"  # noqa: E731 - "-": no fp32 run to compare
+        inside = f"{yes('exact_match_within_fp32_ci')} / {yes('token_accuracy_within_fp32_ci')}"
         tail = lambda s: f"{sum(s['loss'][-10:]) / len(s['loss'][-10:]):.3f}" if s.get("loss") else "-"  # noqa: E731
         per = lambda k: (s2[f"mean_{k}"] or 0) / max(s2["mean_batch_samples"] or 1, 1)  # noqa: E731
         lines.append(

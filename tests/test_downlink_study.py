@@ -79,6 +79,9 @@ def test_report_compares_each_variant_with_the_fp32_interval(tmp_path):
         f"0.900 [{q2ef['stage2']['token_accuracy_ci'][0]:.3f}, {q2ef['stage2']['token_accuracy_ci'][1]:.3f}]",
         "no / yes", "1.100 / 0.600", "10", "0.1000", "10", "0.0500 |"]
     assert "(not run)" in rows["quantized 4 bits"]
+    # Without an fp32 run there is no interval to be inside of.
+    alone = study.markdown(study.collect(out, ["q2ef"]))
+    assert [line.split(" | ")[3] for line in alone.splitlines() if line.startswith("| quantized")] == ["- / -"]
 
 
 def test_splitfed_command_lines(tmp_path):
