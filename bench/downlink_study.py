@@ -321,6 +321,8 @@ def plot(result: dict[str, Any], path: str, final: str = "stage2") -> None:
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
+    axes[1].legend(fontsize=7)  # SplitFed has no stage 1 of its own
+    axes[1].set_xlabel("step (SplitFed: client step × clients, the same examples)")
     ax = axes[2]
     names = [n for n, e in result.items() if "eval" in e.get(final, {})]
     for i, name in enumerate(names):
