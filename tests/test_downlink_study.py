@@ -132,6 +132,7 @@ def test_splitfed_needs_the_fp32_stage1_first(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3000)  # five processes compiling on two shared cores (as test_splitfed's command-line test)
 def test_tiny_study_with_splitfed_end_to_end(tmp_path):
     """The study's code path at toy size: fp32 stage 1 in process, then SplitFed stage 2 (a server and three
     client processes, 2 steps each, one round), evaluated from the client's and the server's checkpoints."""
