@@ -179,6 +179,19 @@ def test_stage1_resumes_and_writes_metrics_checkpoints_eval(stage1_run):
     assert ev[0]["majority_token_accuracy"] < 1
 
 
+def test_split_workdirs_evaluate_as_the_run_did(stage1_run, data_dir, tmp_path):
+    """The evaluation of a network run (client and server checkpoints in two workdirs) rebuilt in process:
+    here both partitions come from one in-process workdir, each restored with the other held empty,
+    so the figures must be the run's own end-of-stage evaluation, bit for bit."""
+    workdir, result, _ = stage1_run
+    out = str(tmp_path / "eval")
+    ev = loop.evaluate_split_workdirs(tiny(1, data_dir), workdir, workdir, out)
+    assert ev["step"] == ev["server_step"] == 6
+    drop = lambda d: {k: v for k, v in d.items() if k != "eval_seconds"}  # noqa: E731
+    assert drop(ev) == {"step": 6, "server_step": 6, **drop(result["eval"])}
+    assert read_jsonl(os.path.join(out, "eval.jsonl")) == [ev]
+
+
 def test_stage2_starts_from_stage1_params(stage1_run, data_dir, tmp_path):
     workdir1 = stage1_run[0]
     c = tiny(2, data_dir, **{"init.from_workdir": workdir1})

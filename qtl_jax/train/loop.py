@@ -57,7 +57,7 @@ from qtl_jax.split.link import (BYTE_KEYS, PENDING_COUNTS, InProcessServerHalf, 
                                 wire_summary)
 from qtl_jax.train import checkpoint as ckptlib
 from qtl_jax.train import demo_eval
-from qtl_jax.train.metrics_log import METRICS_FILE, MetricsLogger, read_jsonl
+from qtl_jax.train.metrics_log import EVAL_FILE, METRICS_FILE, MetricsLogger, read_jsonl
 from qtl_jax.train.setup import Setup, build_setup, check_dir, create_state, seed_keys, with_initial_params
 
 # Metrics that are per-step counts, logged as integers.
@@ -159,6 +159,40 @@ def run_eval(setup: Setup, config: ml_collections.ConfigDict, meshes, state: ste
     buckets = tuple(config.data.length_buckets)
     return demo_eval.evaluate(eval_step, state, (sequence.pad_to_bucket(b, buckets) for b in loader),
                               max_batches=n_batches)
+
+
+def evaluate_split_workdirs(config: ml_collections.ConfigDict, client_workdir: str, server_workdir: str,
+                            workdir: str) -> dict[str, Any]:
+    """The end-of-stage evaluation of a network split run, in this process; appends it to ``workdir``/eval.jsonl.
+
+    A network client cannot evaluate (the server partition lives in the server process), so this joins
+    the client partition (params and quantizer statistics) of ``client_workdir``'s newest checkpoint with
+    the server partition of ``server_workdir``'s and runs :func:`run_eval` on them. With SplitFed every
+    client's last checkpoint holds the last round's average, so any client's workdir will do. ``config``
+    is the run's training config (data and eval settings; the model comes from it as in training).
+    Returns the figures with ``step`` and ``server_step``, the checkpoint steps used.
+    """
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    _, k_setup = seed_keys(config)
+    setup = build_setup(config, workdir, k_setup)
+    mc = config.mesh
+    meshes = meshlib.split_meshes(mc.client_devices, mc.server_devices, client_fsdp=mc.client_fsdp,
+                                  server_fsdp=mc.server_fsdp)
+    # The optimizer state is not used; its schedule length is irrelevant.
+    state = create_state(config, setup, meshes, max(int(config.total_steps), 1))
+    empty = steplib.PartitionState({}, {}, {})
+    # Each side's checkpoint holds only its own partition: restore each with the other one empty.
+    client, _, stats, step = ckptlib.restore_params(client_workdir, state.replace(server=empty))
+    _, server, _, server_step = ckptlib.restore_params(server_workdir, state.replace(client=empty))
+    state = state.replace(client=state.client.replace(params=client, batch_stats=stats),
+                          server=state.server.replace(params=server))
+    t0 = time.perf_counter()
+    result = {"step": int(step), "server_step": int(server_step), **run_eval(setup, config, meshes, state),
+              "eval_seconds": time.perf_counter() - t0}
+    with open(os.path.join(workdir, EVAL_FILE), "a", encoding="utf-8") as f:
+        f.write(json.dumps(result) + "\n")
+    return result
 
 
 def config_to_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
