@@ -84,7 +84,9 @@ def compile_programs(train_config, text_len: int, programs: tuple[str, ...], sca
     args = {
         "init_split_params": (jax.jit(lambda k: qm.init_split_params(config, k)), (jax.random.key(0),)),
         "client_begin": (begin, (state["client"], batch)),
-        "server_update": (jax.jit(steplib.server_update_fn(config, optimizers)), (state["server"], uplink)),
+        # Donated as train.py's server half donates it (qtl_jax.split.link): the state is then aliased.
+        "server_update": (jax.jit(steplib.server_update_fn(config, optimizers), donate_argnums=0),
+                          (state["server"], uplink)),
     }
     if "client_finish" in programs:
         _, down, _ = jax.eval_shape(args["server_update"][0], state["server"], uplink)

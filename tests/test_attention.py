@@ -83,3 +83,61 @@ def test_decoder_with_xla_attention_equals_custom():
     with pytest.raises(ValueError, match="attention 'flash'"):
         DecoderConfig.make(family="llama", vocab_size=32, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
                            intermediate_size=24, head_dim=8, attention="flash")
+
+
+def test_custom_backward_keeps_no_score_sized_residual(monkeypatch):
+    """Above RECOMPUTE_SCORES_ABOVE_BYTES the hand-written VJP keeps O(T*d) residuals, not the [B, K, G*T, S]
+    exponentials; below it, it keeps them."""
+    b, t, h, kv, d = 2, 32, 4, 2, 4  # t > d: a score tensor (b*h*t*t) is larger than q (b*t*h*d)
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.normal(size=(b, t, n, d)), jnp.float32) for n in (h, kv, kv))
+    allowed = jnp.tril(jnp.ones((t, t), bool))[None].repeat(b, 0)
+    def kept():
+        _, backward = jax.vjp(lambda q, k, v: attention.dot_product_attention(q, k, v, allowed, d**-0.5, "custom"),
+                              q, k, v)
+        return max(x.size for x in jax.tree.leaves(backward) if hasattr(x, "size"))
+
+    assert kept() == b * h * t * t  # 32 KB: kept
+    monkeypatch.setattr(attention, "RECOMPUTE_SCORES_ABOVE_BYTES", 0)
+    assert kept() == max(b * t * h * d, allowed.size)  # q and the output (or the mask), not b*h*t*t
+
+
+@pytest.mark.parametrize("masked", [True, False], ids=["causal_padded", "no_mask"])
+def test_recomputed_and_kept_scores_give_the_same_gradients(masked, monkeypatch):
+    q, k, v, allowed, _ = problem()
+    mask = jnp.asarray(allowed) if masked else None
+    g = np.random.default_rng(2).normal(size=(B, T, H * D))
+
+    def grads():
+        with jax.enable_x64(True):
+            f = lambda q, k, v: attention.dot_product_attention(q, k, v, mask, D**-0.5, "custom")  # noqa: E731
+            return jax.vjp(f, q, k, v)[1](g)
+
+    kept = grads()
+    monkeypatch.setattr(attention, "RECOMPUTE_SCORES_ABOVE_BYTES", 0)
+    for a, r in zip(kept, grads()):  # the same operations on the same inputs: rounding alone, if XLA fuses otherwise
+        np.testing.assert_allclose(r, a, rtol=0, atol=rounding_tolerance(np.float64, T * D, 2, float(np.max(np.abs(a)))))
+
+
+def test_layers_backward_holds_one_layers_scores_at_a_time(monkeypatch):
+    """L stacked attention layers: XLA's temporaries hold the score-sized tensors of one layer's backward (the
+    scores, dP, dS and a product: at most 4) plus O(T*d) residuals per layer, not L layers' worth of scores.
+    Before the recomputation (and with jax.checkpoint, whose recomputation XLA:CPU merges with the forward's)
+    they grew by one score tensor per layer: 10.7 score tensors here."""
+    b, t, h, d, layers = 2, 256, 2, 4, 8
+    score_bytes = b * h * t * t * 4
+    monkeypatch.setattr(attention, "RECOMPUTE_SCORES_ABOVE_BYTES", score_bytes - 1)
+    x_bytes = b * t * h * d * 4
+    allowed = jnp.tril(jnp.ones((t, t), bool))[None].repeat(b, 0)
+
+    def loss(ws, x):
+        for w in ws:
+            y = (x @ w).reshape(b, t, 3, h, d)
+            x = x + attention.dot_product_attention(y[:, :, 0], y[:, :, 1], y[:, :, 2], allowed, d**-0.5, "custom")
+        return jnp.sum(x)
+
+    ws = [jax.ShapeDtypeStruct((h * d, 3 * h * d), jnp.float32)] * layers
+    compiled = jax.jit(jax.grad(loss)).lower(ws, jax.ShapeDtypeStruct((b, t, h * d), jnp.float32)).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    # 16 x-sized residuals per layer (q, k, v, output, x, their cotangents...): 1/16 of a score tensor here.
+    assert temp <= 4 * score_bytes + 16 * x_bytes * layers, (temp / score_bytes, layers)

@@ -289,3 +289,22 @@ def test_load_lists_every_unmapped_and_missing_tensor(llama, tmp_path):
 def test_load_rejects_a_directory_without_config(tmp_path):
     with pytest.raises(FileNotFoundError, match="has no config.json"):
         load_causal_lm(str(tmp_path))
+
+
+def test_silu_gate_gradients_equal_autodiff_and_keep_only_its_inputs():
+    from qtl_jax.models.decoder import silu_gate
+    from tolerances import rounding_tolerance
+
+    rng = np.random.default_rng(0)
+    gate, up, g = (rng.normal(size=(2, 5, 12)) * 4 for _ in range(3))  # gates deep in both tails too
+    with jax.enable_x64(True):
+        want = jax.vjp(lambda a, b: jax.nn.silu(a) * b, gate, up)[1](g)
+        out, backward = jax.vjp(silu_gate, gate, up)
+        got = backward(g)
+        np.testing.assert_array_equal(out, jax.nn.silu(gate) * up)
+        for w, x in zip(want, got):  # the same formula, ordered differently: float64 rounding
+            np.testing.assert_allclose(x, w, rtol=0, atol=rounding_tolerance(np.float64, 4, scale=float(np.max(np.abs(w)))))
+    # The backward keeps gate and up, not the sigmoid, silu or their product as autodiff does.
+    gate32, up32 = jnp.asarray(gate, jnp.float32), jnp.asarray(up, jnp.float32)
+    kept = [x for x in jax.tree.leaves(jax.vjp(silu_gate, gate32, up32)[1]) if hasattr(x, "shape")]
+    assert len(kept) == 2 and all(x.shape == gate.shape for x in kept)

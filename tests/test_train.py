@@ -63,7 +63,15 @@ def stage1_run(tmp_path_factory, data_dir):
         "losses": [r["loss"] for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))],
     }
     c.debug.poison_step = -1
-    result = loop.train_and_evaluate(c, workdir)
+    from qtl_jax.split import step as steplib
+
+    random_init, inits = steplib.init_params_jit, []
+    steplib.init_params_jit = lambda *a: inits.append(1) or random_init(*a)
+    try:
+        result = loop.train_and_evaluate(c, workdir)
+    finally:
+        steplib.init_params_jit = random_init
+    at_stop["random_inits_on_resume"] = len(inits)
     return workdir, result, at_stop
 
 
@@ -160,9 +168,10 @@ def test_fresh_start_drops_metrics_lines_of_an_attempt_without_checkpoint(stage1
 
 
 def test_stage1_resumes_and_writes_metrics_checkpoints_eval(stage1_run):
-    workdir, result, _ = stage1_run
+    workdir, result, at_stop = stage1_run
     records = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
     assert [r["step"] for r in records] == list(range(1, 7))  # resumed at 4, no duplicate lines
+    assert at_stop["random_inits_on_resume"] == 0  # restored into the abstract template
     for r in records:
         missing = [k for k in REQUIRED_FIELDS if k not in r]
         assert not missing, missing
@@ -192,23 +201,44 @@ def test_split_workdirs_evaluate_as_the_run_did(stage1_run, data_dir, tmp_path):
     assert read_jsonl(os.path.join(out, "eval.jsonl")) == [ev]
 
 
-def test_stage2_starts_from_stage1_params(stage1_run, data_dir, tmp_path):
+def test_stage2_starts_from_stage1_params(stage1_run, data_dir, tmp_path, monkeypatch):
+    from qtl_jax.split import mesh as meshlib
+    from qtl_jax.split import step as steplib
+
     workdir1 = stage1_run[0]
     c = tiny(2, data_dir, **{"init.from_workdir": workdir1})
     setup = setuplib.build_setup(c, str(tmp_path), jax.random.key_data(jax.random.key(0)))
-    from qtl_jax.split import mesh as meshlib
-
     meshes = meshlib.split_meshes(1, 1)
-    fresh = setuplib.create_state(c, setup, meshes, 6)
-    started = setuplib.with_initial_params(c, setup, fresh)
-    saved, _ = ckptlib.Checkpointer(workdir1).restore(fresh)
-    for a, b in zip(jax.tree.leaves((started.client.params, started.server.params)),
-                    jax.tree.leaves((saved.client.params, saved.server.params))):
+    # The random initialisation would be a second full copy of the params (and, at the paper's size, minutes
+    # of compile): restoring a previous stage's params must never run it.
+    inits = []
+    random_init = steplib.init_params_jit
+    monkeypatch.setattr(steplib, "init_params_jit", lambda *a: inits.append(1) or random_init(*a))
+    like = setuplib.abstract_state(c, setup, meshes, 6)
+    started = setuplib.initial_state(c, setup, meshes, 6)
+    assert inits == []
+    saved, _ = ckptlib.Checkpointer(workdir1).restore(like)
+    assert jax.tree.structure(started) == jax.tree.structure(saved)
+    for a, b in zip(jax.tree.leaves((started.client.params, started.server.params, started.client.batch_stats)),
+                    jax.tree.leaves((saved.client.params, saved.server.params, saved.client.batch_stats))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    # Params only: the new stage starts at step 0 with its own fresh optimizer state.
+    # Params only: the new stage starts at step 0 with its own fresh optimizer state, laid out as the template.
     assert int(started.step) == 0
-    assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves(started.client.opt_state)
-               if np.asarray(x).dtype == np.float32)
+    for x, t in zip(jax.tree.leaves((started.client.opt_state, started.server.opt_state)),
+                    jax.tree.leaves((like.client.opt_state, like.server.opt_state))):
+        assert (x.shape, x.dtype, x.sharding) == (t.shape, t.dtype, t.sharding) and not np.any(np.asarray(x))
+    # The same state as the random initialisation followed by the restore (the path before), bit for bit.
+    fresh = setuplib.create_state(c, setup, meshes, 6)
+    assert inits == [1]
+    before = setuplib.with_initial_params(c, setup, fresh)
+    for a, b in zip(jax.tree.leaves(started), jax.tree.leaves(before)):
+        assert (a.shape, a.dtype, a.sharding) == (b.shape, b.dtype, b.sharding)
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # A network split server builds only its partition: the client's params are not read.
+    server_only = setuplib.initial_state(c, setup, meshes, 6, partitions=("server",))
+    assert server_only.client == steplib.PartitionState({}, {}, {}) and inits == [1]
+    for a, b in zip(jax.tree.leaves(server_only.server), jax.tree.leaves(started.server)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_stage2_starts_from_a_hugging_face_checkpoint(data_dir, tmp_path):

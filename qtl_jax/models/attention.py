@@ -4,8 +4,11 @@ Why not plain autodiff: on XLA:CPU the attention of a small model is dominated b
 ``[B, H, T, S]`` score tensor, not by its GEMMs (demo size, one core: 74 of 94 ms of attention outside the
 GEMMs). Autodiff of ``softmax(where(mask, q k^T))`` keeps several such tensors and differentiates
 through the max-subtraction and the select. The backward used here is the standard one
-(``dS = P * (dP - rowsum(dO * O))``, as in FlashAttention): it needs only the probabilities from the
-forward pass and two elementwise passes, and masked entries get an exact zero. Forward values are the
+(``dS = P * (dP - rowsum(dO * O))``, as in FlashAttention): it needs only the probabilities and two
+elementwise passes, and masked entries get an exact zero. Above ``RECOMPUTE_SCORES_ABOVE_BYTES`` the
+probabilities are recomputed in the backward pass (one more ``q k^T`` and exponential) from the forward's
+row maxima, not kept: kept, each layer's ``[B, K, G*T, S]`` tensor stays alive until its backward, 3.2 GB
+over OpenELM-270M's 16 layers at batch 4 and 855 tokens (docs/performance.md). Forward values are the
 same function as before (float32 scores and softmax; probabilities cast to the value dtype), so every
 parity test against ``transformers`` holds unchanged.
 
@@ -57,18 +60,23 @@ def _where_allowed(allowed: Array | None, x: Array, fill: float) -> Array:
     return jnp.where(allowed[:, None, None], x.reshape(b, kv, rows // t, t, cols), fill).reshape(x.shape)
 
 
+def _scores(q: Array, k: Array, allowed: Array | None, scale: float) -> tuple[Array, Array]:
+    """``(s, m)``: the float32 scores and their row maxima over the allowed keys."""
+    s = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=accum_dtype(q.dtype)) * scale
+    return s, jax.lax.stop_gradient(jnp.max(_where_allowed(allowed, s, _MASKED), axis=-1, keepdims=True))
+
+
 def _forward(q: Array, k: Array, v: Array, allowed: Array | None, scale: float) -> tuple[Array, tuple]:
     # The mask is applied inside the max and the exp rather than to the scores, and the rows are
     # normalised on the [.., rows, d] output rather than on the [.., rows, S] probabilities: two fewer
     # passes over the score tensor, which is what attention costs on CPU at small head dims.
-    s = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=accum_dtype(q.dtype)) * scale
-    m = jax.lax.stop_gradient(jnp.max(_where_allowed(allowed, s, _MASKED), axis=-1, keepdims=True))
+    s, m = _scores(q, k, allowed, scale)
     e = _where_allowed(allowed, jnp.exp(s - m), 0.0)
     total = jnp.sum(e, axis=-1, keepdims=True)
     # Rows with no allowed key (padding queries) have total 0: their output is 0 and their gradient too.
     inv = jnp.where(total > 0, 1.0 / jnp.where(total > 0, total, 1.0), 0.0)
     out = jnp.einsum("bkqs,bksd->bkqd", e.astype(v.dtype), v, preferred_element_type=accum_dtype(v.dtype)) * inv
-    return out.astype(v.dtype), (e, inv)
+    return out.astype(v.dtype), (m, inv, e)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -76,15 +84,32 @@ def _attention(q: Array, k: Array, v: Array, allowed: Array | None, scale: float
     return _forward(q, k, v, allowed, scale)[0]
 
 
+# Above this size a layer's [B,K,G*T,S] exponentials are recomputed in the backward pass rather than kept:
+# at the paper's length (855 merged tokens, batch 4) they are 140-234 MB per layer, 3.2 GB over OpenELM's 16
+# layers, the largest part of the step's memory. Below it (the demo: ~10 MB) keeping them is cheap and the
+# recomputation (one more q k^T and exponential) would cost ~10 % of the server program's time.
+RECOMPUTE_SCORES_ABOVE_BYTES = 32 << 20
+
+
 def _attention_fwd(q, k, v, allowed, scale):
-    out, (e, inv) = _forward(q, k, v, allowed, scale)
-    return out, (q, k, v, allowed, e, inv, out)
+    out, (m, inv, e) = _forward(q, k, v, allowed, scale)
+    keep = e.size * e.dtype.itemsize <= RECOMPUTE_SCORES_ABOVE_BYTES
+    return out, (q, k, v, allowed, m, inv, out, e if keep else None)
 
 
 def _attention_bwd(scale, residuals, d_out):
     # With P = E / l: dV = P^T dO = E^T (dO / l), and dS = P * (dP - rowsum(dO * O)); E is 0 wherever
     # a key is masked (whole padding rows included), so no mask is needed here.
-    q, k, v, allowed, e, inv, out = residuals
+    q, k, v, allowed, m, inv, out, e = residuals
+    if e is None:
+        # The recomputed scores must differ from the forward's to XLA: XLA:CPU drops optimization barriers
+        # before common-subexpression elimination, which then merges them with the forward's scores and keeps
+        # those alive for every layer (what defeats jax.checkpoint there too). Adding 0 * (a gradient value)
+        # is not folded (0 * x is NaN for x = inf/NaN, where this gradient is NaN anyway) and makes the
+        # recomputation wait for this layer's incoming gradient, so one layer's scores are alive at a time.
+        tie = jnp.zeros((), q.dtype) * d_out.reshape(-1)[0].astype(q.dtype)
+        s, _ = _scores(q + tie, k, allowed, scale)
+        e = _where_allowed(allowed, jnp.exp(s - (m + tie)), 0.0)  # (XLA materialises m's broadcast: not the forward's)
     d_out32 = d_out.astype(accum_dtype(d_out.dtype))
     dv = jnp.einsum("bkqs,bkqd->bksd", e.astype(v.dtype), (d_out32 * inv).astype(v.dtype))
     dp = jnp.einsum("bkqd,bksd->bkqs", d_out, v, preferred_element_type=accum_dtype(v.dtype))

@@ -57,6 +57,36 @@ ACTIVATIONS = {
     "relu": jax.nn.relu,
 }
 
+
+
+@jax.custom_vjp
+def silu_gate(gate: jnp.ndarray, up: jnp.ndarray) -> jnp.ndarray:
+    """``silu(gate) * up`` (the gated MLP of Llama-style decoders) whose backward keeps only ``gate`` and ``up``.
+
+    Autodiff keeps ``sigmoid(gate)``, ``silu(gate)`` and their product besides: three more ``[B, T, F]``
+    tensors per layer (1.9 GB over OpenELM-270M's 16 layers at batch 4 and 855 tokens); here the backward
+    recomputes them elementwise.
+    """
+    return jax.nn.silu(gate) * up
+
+
+def _silu_gate_fwd(gate, up):
+    return silu_gate(gate, up), (gate, up)
+
+
+def _silu_gate_bwd(residuals, g):
+    gate, up = residuals
+    # 0 * (a gradient value): not folded by XLA, so the recomputation is not merged with the forward's
+    # sigmoid (which XLA:CPU would then keep alive until here) and waits for this layer's gradient.
+    gate = gate + jnp.zeros((), gate.dtype) * g.reshape(-1)[0].astype(gate.dtype)
+    sig = jax.nn.sigmoid(gate)
+    d_up = g * (gate * sig)
+    d_gate = g * up * (sig * (1 + gate * (1 - sig)))
+    return d_gate.astype(gate.dtype), d_up.astype(up.dtype)
+
+
+silu_gate.defvjp(_silu_gate_fwd, _silu_gate_bwd)
+
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 def _per_layer(value: Any, num_layers: int, name: str) -> tuple[int, ...]:
@@ -308,7 +338,7 @@ class MLP(nn.Module):
         if cfg.gated_mlp:
             gate, up = fused_dense(x, [(width, "gate_proj"), (width, "up_proj")], cfg.mlp_bias, cfg.dtype,
                                    cfg.param_dtype)
-            y = act(gate) * up
+            y = silu_gate(gate, up) if act is jax.nn.silu else act(gate) * up
         else:
             y = act(dense(width, "up_proj")(x))
         return dense(cfg.hidden_size, "down_proj")(y)

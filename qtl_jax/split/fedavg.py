@@ -56,7 +56,12 @@ def averaged_leaves(client, frozen) -> Named:
     """The leaves of ``client`` (a ``PartitionState``) that FedAvg averages, by name, on the host.
 
     ``frozen``: the client params' tree of booleans (``SplitOptimizers.client_frozen``; True = frozen).
+    An abstract ``client`` (``jax.ShapeDtypeStruct`` leaves, e.g. ``qtl_jax.train.setup.abstract_state``'s)
+    gives its leaves as they are, enough for :func:`template_of`.
     """
+    def host(x):
+        return x if isinstance(x, jax.ShapeDtypeStruct) else np.asarray(jax.device_get(x))
+
     out: Named = {}
     params = jax.tree_util.tree_leaves_with_path(client.params)
     flags = jax.tree_util.tree_leaves(frozen)
@@ -64,10 +69,10 @@ def averaged_leaves(client, frozen) -> Named:
         raise ValueError(f"frozen has {len(flags)} leaves, the client params {len(params)}.")
     for (path, x), is_frozen in zip(params, flags):
         if not bool(is_frozen):
-            out[_name("params", path)] = np.asarray(jax.device_get(x))
+            out[_name("params", path)] = host(x)
     for path, x in jax.tree_util.tree_leaves_with_path(client.batch_stats):
         if jax.numpy.issubdtype(x.dtype, jax.numpy.floating):
-            out[_name("batch_stats", path)] = np.asarray(jax.device_get(x))
+            out[_name("batch_stats", path)] = host(x)
     return out
 
 
@@ -169,7 +174,7 @@ def from_tensors(tensors: Iterable[pb.Tensor], template: Template | None = None)
 
 def template_of(named: Mapping[str, np.ndarray]) -> Template:
     """``{name: (shape, dtype name)}``: what :func:`from_tensors` accepts from clients."""
-    return {k: (tuple(np.shape(v)), np.asarray(v).dtype.name) for k, v in named.items()}
+    return {k: (tuple(np.shape(v)), np.dtype(v.dtype).name) for k, v in named.items()}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -562,9 +562,10 @@ def main(argv) -> None:
     mc = config.mesh
     meshes = meshlib.split_meshes(mc.client_devices, mc.server_devices, client_fsdp=mc.client_fsdp,
                                   server_fsdp=mc.server_fsdp)
-    full = setuplib.create_state(config, setup, meshes, rounds, clients=max(len(clients), 1))
+    # Shapes and shardings only (nothing initialised): a restore reads into it, a fresh start builds its own.
+    like = setuplib.abstract_state(config, setup, meshes, rounds, clients=max(len(clients), 1))
     optimizers = steplib.make_split_optimizers(config.optimizer.to_dict(), rounds,
-                                               {"client": full.client.params, "server": full.server.params})
+                                               {"client": like.client.params, "server": like.server.params})
     checkpointer = ckptlib.Checkpointer(workdir, keep=int(config.keep_checkpoints),
                                         fallback=bool(config.checkpoint_fallback))
     empty = steplib.PartitionState({}, {}, {})
@@ -574,20 +575,20 @@ def main(argv) -> None:
                          f"(it has {checkpointer.all_steps()}).")
     every = int(config.split.fedavg_every)
     # SplitFed: the shapes of the client leaves the clients average (uploads must match them).
-    template = fedavg.template_of(fedavg.averaged_leaves(full.client, optimizers.client_frozen)) if every else None
+    template = fedavg.template_of(fedavg.averaged_leaves(like.client, optimizers.client_frozen)) if every else None
     record = {}
     if restore_step is not None or checkpointer.latest_step() is not None:
-        state, record = checkpointer.restore(full.replace(client=empty), step=restore_step)
+        state, record = checkpointer.restore(like.replace(client=empty), step=restore_step)
         print(f"qtl_jax.split.server: resumed {workdir} at step {int(jax.device_get(state.step))}", flush=True)
         for later in [s for s in checkpointer.all_steps() if restore_step is not None and s > restore_step]:
             # Kept on disk, out of the way of the steps run again.
             print(f"qtl_jax.split.server: moved {checkpointer.move_aside(later, REWOUND_SUFFIX)} aside", flush=True)
     else:
         # This side holds (and a network stage-1 server saved) only the server partition.
-        state = setuplib.with_initial_params(config, setup, full.replace(client=empty))
+        state = setuplib.initial_state(config, setup, meshes, rounds, clients=max(len(clients), 1),
+                                       partitions=("server",))
         # As train.py's workdirs: so that a next stage's init.from_workdir (or eval.py) can read the model.
         ckptlib.write_config(workdir, json.loads(config.to_json_best_effort()))
-    del full
     geometry = wire.geometry_of(setup.model, config.global_batch_size, setup.model.model.max_length)
     options = ServerOptions(downlink=dl.DownlinkSpec.from_config(config.split, int(config.seed)),
                             codec_method=config.split.codec_method,

@@ -123,7 +123,7 @@ def partition_shardings(params: Any, mesh, sharding_rules: Sequence[tuple[str, A
 
 
 # Compiled once per config (eager initialisation dispatches thousands of small ops).
-_init_params = jax.jit(qm.init_split_params, static_argnums=0)
+init_params_jit = jax.jit(qm.init_split_params, static_argnums=0)
 
 
 def create_train_state(
@@ -141,13 +141,28 @@ def create_train_state(
     ``sharding_rules`` (``(regex, 'fsdp' | 'replicate' | spec)`` over ``client/...``/``server/...``
     paths) lay the params out on each sub-mesh's ``fsdp`` axis; optimizer moments follow their params.
     """
-    k_init, k_rng = jax.random.split(key)
-    params, batch_stats = _init_params(config, k_init, None if pretrained is None else dict(pretrained))
+    k_init, _ = jax.random.split(key)
+    params, batch_stats = init_params_jit(config, k_init, None if pretrained is None else dict(pretrained))
     optimizers = make_split_optimizers(optimizer_config, total_steps, params)
+    placed = {name: jax.device_put(params[name], partition_shardings(params[name], getattr(meshes, name),
+                                                                      sharding_rules, name))
+              for name in PARTITIONS}
+    del params  # (the unplaced copy: on one device device_put aliases it, elsewhere it is freed here)
+    return train_state_from_params(placed, batch_stats, key, meshes, optimizers)
+
+
+def train_state_from_params(params: Mapping[str, Any], batch_stats: Any, key: jax.Array, meshes: SplitMeshes,
+                            optimizers: SplitOptimizers) -> TrainState:
+    """The state of step 0 over ``params`` (``{'client', 'server'}``, already placed on their meshes): fresh
+    optimizer states, ``batch_stats`` (the client's quantizer statistics), the rng :func:`create_train_state`
+    draws from ``key``. A partition whose params are empty stays empty."""
+    _, k_rng = jax.random.split(key)
     parts = {}
     for name in PARTITIONS:
-        mesh = getattr(meshes, name)
-        p = jax.device_put(params[name], partition_shardings(params[name], mesh, sharding_rules, name))
+        mesh, p = getattr(meshes, name), params[name]
+        if not jax.tree_util.tree_leaves(p):
+            parts[name] = PartitionState({}, {}, {})
+            continue
         # jit so the moments are created on the params' devices with the params' layout; leaves that do
         # not depend on a param (step counts) come out on the default device and are replicated instead.
         opt_state = _onto(jax.jit(optimizers.of(name).init)(p), mesh)
@@ -160,6 +175,35 @@ def create_train_state(
         server=parts["server"],
         rng=jax.device_put(k_rng, rep),
     )
+
+
+def abstract_train_state(config: QuantizedTinyLlavaConfig, key: jax.Array, meshes: SplitMeshes,
+                         optimizer_config: Mapping[str, Any], total_steps: int, *,
+                         sharding_rules: Sequence[tuple[str, Any]] = ()) -> TrainState:
+    """:func:`create_train_state`'s result as ``jax.ShapeDtypeStruct``s with the same shardings, traced only:
+    nothing is initialised, compiled or allocated. The template a checkpoint is restored into (the random
+    initialisation at the paper's size takes minutes to compile and a second copy of every parameter)."""
+    params, batch_stats = jax.eval_shape(lambda k: qm.init_split_params(config, k), key)
+    optimizers = make_split_optimizers(optimizer_config, total_steps, params)
+    parts = {}
+    for name in PARTITIONS:
+        mesh = getattr(meshes, name)
+        p = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params[name],
+                                   partition_shardings(params[name], mesh, sharding_rules, name))
+        # Traced moments carry the params' specs on an abstract mesh; the rest (step counts) is replicated,
+        # as _onto places them.
+        opt_state = jax.tree_util.tree_map(lambda x: _on(x, mesh), jax.jit(optimizers.of(name).init).eval_shape(p))
+        stats = jax.tree_util.tree_map(lambda x: _on(x, mesh), batch_stats if name == "client" else {})
+        parts[name] = PartitionState(p, opt_state, stats)
+    rep = replicated(meshes.client)
+    return TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=rep), client=parts["client"],
+                      server=parts["server"], rng=jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep))
+
+
+def _on(x: jax.ShapeDtypeStruct, mesh) -> jax.ShapeDtypeStruct:
+    # A traced sharding lives on an abstract mesh: its spec on the partition's concrete mesh; none: replicated.
+    sharding = replicated(mesh) if x.sharding is None else jax.sharding.NamedSharding(mesh, x.sharding.spec)
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
 
 def _onto(tree: Any, mesh) -> Any:

@@ -58,7 +58,8 @@ from qtl_jax.split.link import (BYTE_KEYS, PENDING_COUNTS, InProcessServerHalf, 
 from qtl_jax.train import checkpoint as ckptlib
 from qtl_jax.train import demo_eval
 from qtl_jax.train.metrics_log import EVAL_FILE, METRICS_FILE, MetricsLogger, read_jsonl
-from qtl_jax.train.setup import Setup, build_setup, check_dir, create_state, seed_keys, with_initial_params
+from qtl_jax.train.setup import (Setup, abstract_state, build_setup, check_dir, create_state, initial_state,
+                                 seed_keys)
 
 # Metrics that are per-step counts, logged as integers.
 _COUNT_KEYS = BYTE_KEYS + ("wire_replayed",)
@@ -263,11 +264,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     meshes = meshlib.split_meshes(mc.client_devices, mc.server_devices, client_fsdp=mc.client_fsdp,
                                   server_fsdp=mc.server_fsdp)
     opt_cfg = config.optimizer.to_dict()
-    full = create_state(config, setup, meshes, total_steps)
-    optimizers = steplib.make_split_optimizers(opt_cfg, total_steps, {"client": full.client.params,
-                                                                       "server": full.server.params})
+    # Shapes and shardings only: a resumed run restores into it, a fresh one builds its own (initial_state).
+    like = abstract_state(config, setup, meshes, total_steps)
+    optimizers = steplib.make_split_optimizers(opt_cfg, total_steps, {"client": like.client.params,
+                                                                       "server": like.server.params})
     # A remote run holds (and checkpoints) only the client partition; the server process has the other.
     own = (lambda s: s.replace(server=steplib.PartitionState({}, {}, {}))) if remote else (lambda s: s)
+    partitions = ("client",) if remote else steplib.PARTITIONS
 
     checkpointer = ckptlib.Checkpointer(workdir, keep=int(config.keep_checkpoints),
                                         fallback=bool(config.checkpoint_fallback))
@@ -295,23 +298,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     try:
         initial_data = loader.get_state()
         if start is not None:
-            state, data_state = checkpointer.restore(own(full))
+            state, data_state = checkpointer.restore(own(like))
             loader.set_state(data_state[f"process_{jax.process_index()}"])
             log.truncate_after(start)
             log.print(f"qtl_jax: resumed {workdir} at step {start}/{total_steps}")
         else:
-            state = own(with_initial_params(config, setup, full, log.print))
+            state = initial_state(config, setup, meshes, total_steps, log=log.print, partitions=partitions)
             if is_main:
                 ckptlib.write_config(workdir, config_json)
             log.truncate_after(0)  # lines of an earlier attempt that died before its first checkpoint
-        del full
 
         def rewind(to: int) -> None:
             """Back to this run's own state at step ``to`` (0: the fresh start); later checkpoints are dropped."""
             nonlocal state
             if to == 0:
-                state = own(with_initial_params(config, setup, create_state(config, setup, meshes, total_steps),
-                                                log.print))
+                del state  # (its buffers go before the new ones are made)
+                state = initial_state(config, setup, meshes, total_steps, log=log.print, partitions=partitions)
                 loader.set_state(initial_data)
             else:
                 state, data_state = checkpointer.restore(state, step=to)

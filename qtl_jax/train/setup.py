@@ -4,9 +4,12 @@
   (:func:`qtl_jax.models.builder.build_model`), the base weights (``model.source='components'`` or a
   converted checkpoint, ``init.checkpoint``) and, unless ``data=False``, the data directory (the shapes
   corpus is prepared on the fly). Missing paths are reported before anything slow happens.
-* :func:`create_state` and :func:`with_initial_params`: the initial :class:`~qtl_jax.split.step.TrainState`
-  drawn from ``config.seed``, then the previous stage's params (``init.from_workdir``) or an official
-  Quantized-TinyLLaVA checkpoint's quantizer projections.
+* :func:`initial_state`: a fresh run's :class:`~qtl_jax.split.step.TrainState`: the previous stage's
+  params restored into an abstract template (``init.from_workdir``; :func:`abstract_state`, no random
+  initialisation), or :func:`create_state` (drawn from ``config.seed``) then :func:`with_initial_params`
+  (an official Quantized-TinyLLaVA checkpoint's quantizer projections).
+* :func:`abstract_state`: the state's shapes and shardings, computed from nothing (the template a resumed
+  run restores into).
 
 Both halves of a network split run call these with the same config (the client through
 :func:`qtl_jax.train.loop.train_and_evaluate`, the server in :mod:`qtl_jax.split.server`), so both start
@@ -209,14 +212,65 @@ def create_state(config: ml_collections.ConfigDict, setup: Setup, meshes: SplitM
     k_state, _ = seed_keys(config)
     state = steplib.create_train_state(setup.model, k_state, meshes, config.optimizer.to_dict(), total_steps,
                                        setup.pretrained, sharding_rules=list(config.sharding))
+    return _with_residual(config, setup, meshes, state, clients)
+
+
+def _residual(config: ml_collections.ConfigDict, setup: Setup, clients: int) -> dict[str, Any]:
     m = setup.model.model
-    residual = downlink.initial_residual(downlink.DownlinkSpec.from_config(config.split, int(config.seed)),
-                                         int(config.global_batch_size), int(m.num_image_tokens), int(m.max_length),
-                                         int(m.llm.hidden_size), clients)
-    if residual:
+    return downlink.initial_residual(downlink.DownlinkSpec.from_config(config.split, int(config.seed)),
+                                     int(config.global_batch_size), int(m.num_image_tokens), int(m.max_length),
+                                     int(m.llm.hidden_size), clients)
+
+
+def _with_residual(config: ml_collections.ConfigDict, setup: Setup, meshes: SplitMeshes,
+                   state: steplib.TrainState, clients: int) -> steplib.TrainState:
+    residual = _residual(config, setup, clients)
+    if residual and jax.tree_util.tree_leaves(state.server.params):
         stats = jax.device_put(residual, replicated(meshes.server))
         state = state.replace(server=state.server.replace(batch_stats=stats))
     return state
+
+
+def abstract_state(config: ml_collections.ConfigDict, setup: Setup, meshes: SplitMeshes, total_steps: int,
+                   clients: int = 1) -> steplib.TrainState:
+    """:func:`create_state`'s result as ``jax.ShapeDtypeStruct``s with its shardings; nothing is computed.
+
+    The template to restore a checkpoint into and to build the optimizers from: at the paper's size the
+    random initialisation :func:`create_state` runs takes minutes to compile and holds a full second copy of
+    the parameters next to the restored ones.
+    """
+    k_state, _ = seed_keys(config)
+    state = steplib.abstract_train_state(setup.model, k_state, meshes, config.optimizer.to_dict(), total_steps,
+                                         sharding_rules=list(config.sharding))
+    residual = _residual(config, setup, clients)
+    if residual:
+        rep = replicated(meshes.server)
+        stats = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), residual)
+        state = state.replace(server=state.server.replace(batch_stats=stats))
+    return state
+
+
+def initial_state(config: ml_collections.ConfigDict, setup: Setup, meshes: SplitMeshes, total_steps: int,
+                  clients: int = 1, log: Callable[[str], None] = print,
+                  partitions: tuple[str, ...] = steplib.PARTITIONS) -> steplib.TrainState:
+    """A fresh run's state at step 0; only ``partitions`` are built (the others come back empty).
+
+    From a previous stage (``init.from_workdir``) the params are restored straight into their shardings and
+    the random initialisation never runs (:func:`abstract_state`); the optimizer states start at zero.
+    Otherwise :func:`create_state` then :func:`with_initial_params`.
+    """
+    empty = steplib.PartitionState({}, {}, {})
+    keep = lambda s: s.replace(**{n: empty for n in steplib.PARTITIONS if n not in partitions})  # noqa: E731
+    if not config.init.from_workdir:
+        return keep(with_initial_params(config, setup, create_state(config, setup, meshes, total_steps, clients), log))
+    like = keep(abstract_state(config, setup, meshes, total_steps, clients))
+    client, server, stats, step = ckptlib.restore_params(config.init.from_workdir, like)
+    log(f"qtl_jax: initialised from {config.init.from_workdir} step {step}")
+    k_state, _ = seed_keys(config)
+    optimizers = steplib.make_split_optimizers(config.optimizer.to_dict(), total_steps,
+                                               {"client": like.client.params, "server": like.server.params})
+    state = steplib.train_state_from_params({"client": client, "server": server}, stats, k_state, meshes, optimizers)
+    return _with_residual(config, setup, meshes, state, clients)
 
 
 def with_initial_params(config: ml_collections.ConfigDict, setup: Setup, state: steplib.TrainState,
