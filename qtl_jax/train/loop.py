@@ -58,7 +58,7 @@ from qtl_jax.split.link import (BYTE_KEYS, PENDING_COUNTS, InProcessServerHalf, 
 from qtl_jax.train import checkpoint as ckptlib
 from qtl_jax.train import demo_eval
 from qtl_jax.train.metrics_log import EVAL_FILE, METRICS_FILE, MetricsLogger, read_jsonl
-from qtl_jax.train.setup import (Setup, abstract_state, build_setup, check_dir, create_state, initial_state,
+from qtl_jax.train.setup import (Setup, abstract_state, build_setup, check_dir, initial_state,
                                  seed_keys)
 
 # Metrics that are per-step counts, logged as integers.
@@ -180,14 +180,14 @@ def evaluate_split_workdirs(config: ml_collections.ConfigDict, client_workdir: s
     mc = config.mesh
     meshes = meshlib.split_meshes(mc.client_devices, mc.server_devices, client_fsdp=mc.client_fsdp,
                                   server_fsdp=mc.server_fsdp)
-    # The optimizer state is not used; its schedule length is irrelevant.
-    state = create_state(config, setup, meshes, max(int(config.total_steps), 1))
+    # Restored into the abstract template: the random initialisation never runs (at the paper's size it
+    # takes minutes and a second copy of the weights). The optimizer states are not needed to evaluate.
+    like = abstract_state(config, setup, meshes, max(int(config.total_steps), 1))
     empty = steplib.PartitionState({}, {}, {})
     # Each side's checkpoint holds only its own partition: restore each with the other one empty.
-    client, _, stats, step = ckptlib.restore_params(client_workdir, state.replace(server=empty))
-    _, server, _, server_step = ckptlib.restore_params(server_workdir, state.replace(client=empty))
-    state = state.replace(client=state.client.replace(params=client, batch_stats=stats),
-                          server=state.server.replace(params=server))
+    client, _, stats, step = ckptlib.restore_params(client_workdir, like.replace(server=empty))
+    _, server, _, server_step = ckptlib.restore_params(server_workdir, like.replace(client=empty))
+    state = like.replace(client=steplib.PartitionState(client, {}, stats), server=steplib.PartitionState(server, {}, {}))
     t0 = time.perf_counter()
     result = {"step": int(step), "server_step": int(server_step), **run_eval(setup, config, meshes, state),
               "eval_seconds": time.perf_counter() - t0}
