@@ -11,9 +11,11 @@ import math
 import os
 import types
 
+import numpy as np
 import pytest
 
 from configs import eval as eval_config
+from qtl_jax import codec
 from qtl_jax.data.shapes import benchmarks as benchmark_files
 from qtl_jax.data.shapes import ShapesConfig
 from qtl_jax.eval import answerer, harness, mme, runner, vqa
@@ -249,11 +251,23 @@ def test_sweep_contract(bench_dir, tmp_path, tiny_model):
     assert [(e["levels"], e["bits"], e["baseline"]) for e in on_disk] == [(2, 1.0, False), (65536, 16.0, True)]
     for e in on_disk:
         assert set(e["scores"]) == {"pope", "scienceqa"} and e["pope"] == e["scores"]["pope"]
-        assert set(e["uplink_bytes_per_sample"]) == {"fp16", "packed", "ans"}
+        assert set(e["uplink_bytes_per_sample"]) == {"fp16", "packed", "ans", "downlink_bytes_fp32",
+                                                     "roundtrip_bytes_per_sample", "roundtrip_bytes_per_sample_paper"}
     low, base = (e["uplink_bytes_per_sample"] for e in on_disk)
     # Fixed-width packing at L=2 costs 1 bit per value against fp16's 16 (plus headers); fp16 does not depend on L.
     assert low["packed"] < low["fp16"] / 8
     assert math.isclose(low["fp16"], base["fp16"])
+    # The downlink is one float32 per value that went up, the same at every L: twice the fp16 payload less
+    # its message headers, one [n, D] message per modality present (text, and the image if any) per sample,
+    # so the mean over the 2 measured samples leaves 1, 1.5 or 2 headers per sample.
+    header = len(codec.encode_fp16(np.zeros((1, 1), np.float32))) - 2
+    down = low["downlink_bytes_fp32"]
+    assert down == base["downlink_bytes_fp32"]
+    assert (2 * low["fp16"] - down) / (2 * header) in (1.0, 1.5, 2.0)
+    for u in (low, base):
+        assert u["roundtrip_bytes_per_sample"] == u["ans"] + u["downlink_bytes_fp32"]
+        assert u["roundtrip_bytes_per_sample_paper"] == u["fp16"] + u["downlink_bytes_fp32"]
+    assert "| round trip B/sample (ans + fp32 down) |" in open(os.path.join(tmp_path, "sweep.md")).read()
     assert os.path.getsize(os.path.join(tmp_path, "sweep.png")) > 10_000
     assert "| 65536 (baseline) | 16 |" in open(os.path.join(tmp_path, "sweep.md")).read()
     selection = json.loads(open(os.path.join(tmp_path, "sweep_selection.json")).read())

@@ -14,13 +14,19 @@ Per level the sweep records, besides the benchmark scores, the uplink bytes per 
 real codec (:mod:`qtl_jax.codec`) on ``sweep.bytes_samples`` questions sent one at a time (batch of one,
 the paper's evaluation): ``fp16`` (the pre-quantization values as float16: the "Original" payload),
 ``packed`` (fixed-width indices) and ``ans`` (entropy-coded indices), image and prompt-text codes
-together, message headers included. The level chosen by the entropy rule
+together, message headers included; and what a training step would send back for those positions
+with the paper's float32 gradients (``downlink_bytes_fp32``, 4 bytes per value that went up, the same
+at every L) with the round trips ``roundtrip_bytes_per_sample`` (ANS up) and
+``roundtrip_bytes_per_sample_paper`` (fp16 up), the keys of the training link's ``metrics.jsonl``.
+Evaluation prompts carry no answer, so these positions are fewer than a training sample's. The level
+chosen by the entropy rule
 (:func:`qtl_jax.level_selection.select_levels`) on the ``in_proj`` features of those samples is marked
 on the plot.
 
 Outputs: ``sweep.json`` (a list of objects: ``levels``, ``bits``, ``baseline``, ``scores``
 {benchmark: headline score}, the same scores as top-level keys, ``metrics`` (all of them) and
-``uplink_bytes_per_sample`` {fp16, packed, ans}), ``sweep_selection.json`` (the entropy rule's choice per
+``uplink_bytes_per_sample`` {fp16, packed, ans, downlink_bytes_fp32, roundtrip_bytes_per_sample,
+roundtrip_bytes_per_sample_paper}), ``sweep_selection.json`` (the entropy rule's choice per
 modality), ``sweep.md`` and ``sweep.png``; each level's answers and metrics under ``sweep/L<levels>/``.
 """
 
@@ -93,28 +99,40 @@ def _payload(image_codes, text_codes, z, has_image: bool, text_real: np.ndarray,
         parts.append(("image", np.asarray(image_codes)[0], np.asarray(z["image"])[0]))
     # A channel model over 65536 symbols per channel would cost more to describe than it saves.
     model = "auto" if levels <= 256 else "global"
-    sizes = {"fp16": 0, "packed": 0, "ans": 0}
+    sizes = {"fp16": 0, "packed": 0, "ans": 0, DOWNLINK_FP32: 0}
     for _, codes, values in parts:
         sizes["fp16"] += len(codec.encode_fp16(values))
         sizes["packed"] += len(codec.encode(codes, levels, "packed"))
         sizes["ans"] += len(codec.encode(codes, levels, "ans", model=model))
+        # Training sends one float32 gradient back per value that went up (the paper's downlink).
+        sizes[DOWNLINK_FP32] += 4 * int(np.asarray(values).size)
     return sizes
 
 
+DOWNLINK_FP32 = "downlink_bytes_fp32"
+ROUNDTRIP = "roundtrip_bytes_per_sample"
+
+
 def measure_uplink(loaded: LoadedModel, examples: Sequence[Example]) -> dict[str, float]:
-    """Mean uplink bytes per sample (fp16 / packed / ans) at ``loaded``'s L, one sample per message."""
+    """Mean bytes per sample at ``loaded``'s L, one sample per message: the uplink (``fp16`` / ``packed`` /
+    ``ans``), the fp32 gradients training would send back for the same positions (``downlink_bytes_fp32``)
+    and the round trips ``roundtrip_bytes_per_sample`` (ANS up + fp32 down) and ``..._paper`` (fp16 up)."""
     if not examples:
         raise ValueError("measuring the uplink needs at least one example (sweep.bytes_samples >= 1).")
     q = loaded.qconfig
     levels = loaded.levels()
-    totals = {"fp16": 0, "packed": 0, "ans": 0}
+    totals = {"fp16": 0, "packed": 0, "ans": 0, DOWNLINK_FP32: 0}
     for ex in examples:
         batch, has_image = _single_batch(loaded, ex)
         image_codes, text_codes, z = _client(q, loaded.params["client"], loaded.batch_stats, batch)
         text_real = batch["input_ids"][0] != q.model.image_token_index
         for k, v in _payload(image_codes, text_codes, z, has_image, text_real, levels).items():
             totals[k] += v
-    return {k: v / len(examples) for k, v in totals.items()}
+    out = {k: v / len(examples) for k, v in totals.items()}
+    # The same keys as the training link's metrics.jsonl (qtl_jax.split.link): as sent (ANS) and the paper's.
+    out[ROUNDTRIP] = out["ans"] + out[DOWNLINK_FP32]
+    out[ROUNDTRIP + "_paper"] = out["fp16"] + out[DOWNLINK_FP32]
+    return out
 
 
 def feature_samples(loaded: LoadedModel, examples: Sequence[Example]) -> dict[str, np.ndarray]:
@@ -151,20 +169,24 @@ def entry(levels: int, baseline: bool, metrics: Mapping[str, Mapping[str, float]
 
 def markdown(entries: Sequence[Mapping[str, Any]], heads: Mapping[str, str], chosen: Mapping[str, int]) -> str:
     benches = list(entries[0]["scores"])
-    head = "| L | bits | " + " | ".join(f"{b} ({heads[b]})" for b in benches) + " | fp16 B/sample | packed B/sample | ans B/sample |"
-    lines = [head, "|" + "---|" * (len(benches) + 5)]
+    head = ("| L | bits | " + " | ".join(f"{b} ({heads[b]})" for b in benches)
+            + " | fp16 B/sample | packed B/sample | ans B/sample | round trip B/sample (ans + fp32 down) |")
+    lines = [head, "|" + "---|" * (len(benches) + 6)]
     for e in entries:
         name = f"{e['levels']} (baseline)" if e["baseline"] else str(e["levels"])
         u = e["uplink_bytes_per_sample"]
         cells = " | ".join(f"{e['scores'][b]:.2f}" for b in benches)
-        lines.append(f"| {name} | {e['bits']:g} | {cells} | {u['fp16']:.0f} | {u['packed']:.0f} | {u['ans']:.0f} |")
+        lines.append(f"| {name} | {e['bits']:g} | {cells} | {u['fp16']:.0f} | {u['packed']:.0f} | {u['ans']:.0f} "
+                     f"| {u[ROUNDTRIP]:.0f} |")
     rule = ", ".join(f"{m}: L={lv}" for m, lv in chosen.items())
-    lines += ["", f"Entropy rule (qtl_jax.level_selection) on the in_proj features: {rule}."]
+    lines += ["", f"Entropy rule (qtl_jax.level_selection) on the in_proj features: {rule}.",
+              "Round trip: the ANS uplink plus the float32 gradients training sends back for the same positions "
+              "(the paper's downlink, the same at every L)."]
     return "\n".join(lines) + "\n"
 
 
 def plot(entries: Sequence[Mapping[str, Any]], heads: Mapping[str, str], chosen: Mapping[str, int], path: str) -> None:
-    """Score vs bits per benchmark (Figure 3 style) plus the uplink bytes per sample."""
+    """Score vs bits per benchmark (Figure 3 style) plus the uplink and round-trip bytes per sample."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -191,12 +213,13 @@ def plot(entries: Sequence[Mapping[str, Any]], heads: Mapping[str, str], chosen:
         ax.set_xticks(xs)
         ax.grid(alpha=0.3)
     ax = axes.flat[len(benches)]
-    for k, style in (("fp16", "s--"), ("packed", "o-"), ("ans", "^-")):
-        ax.plot(xs, [e["uplink_bytes_per_sample"][k] for e in swept], style, label=k)
+    for k, style, label in (("fp16", "s--", "fp16"), ("packed", "o-", "packed"), ("ans", "^-", "ans"),
+                            (ROUNDTRIP, "d:", "round trip (ans + fp32 down)")):
+        ax.plot(xs, [e["uplink_bytes_per_sample"][k] for e in swept], style, label=label)
     if rule_bits is not None:
         ax.axvline(rule_bits, color="C2", ls=":")
     ax.set_yscale("log")
-    ax.set_title("uplink bytes per sample")
+    ax.set_title("bytes per sample (uplink; round trip)")
     ax.set_xlabel("bits per value (log2 L)")
     ax.set_xticks(xs)
     ax.grid(alpha=0.3)
