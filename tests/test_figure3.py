@@ -136,6 +136,8 @@ def test_report_files_from_a_result(tmp_path):
         r = _row(levels, pope=80.0 + levels, mme=900.0)
         r.update(bits=16 if levels == 0 else math.log2(levels), trained_levels=levels, name=f"L{levels}",
                  uplink_bytes_per_sample={"fp16": 2000.0, "packed": 250.0 * max(levels, 1), "ans": 200.0})
+        if levels == 2:  # a run whose link logged the round trip (the others did not)
+            r["uplink_bytes_per_sample"]["roundtrip_bytes_per_sample"] = 6200.0
         rows.append(r)
     result = {"preset": "test", "rows": rows, "blind": _row(0, pope=60.0, mme=500.0)["scores"],
               "entropy_rule": {"image": 4, "text": 8}, "entropy_rule_details": {"tolerance_bits": 0.1},
@@ -145,6 +147,7 @@ def test_report_files_from_a_result(tmp_path):
     assert json.load(open(paths["json"]))["knee_levels"] == 2
     md = open(paths["md"]).read()
     assert "| L=2 | 1 | " in md and "image-blind control" in md and "L = 2 (1 bits)" in md
+    assert "| 2000 / 500 / 200 | 6200 | – |" in md and "| 2000 / 1000 / 200 | – | – |" in md
 
 
 def test_models_plan_and_clear_errors(tmp_path):

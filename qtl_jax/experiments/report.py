@@ -73,15 +73,19 @@ def _fmt(score: Mapping[str, Any] | None) -> str:
     return f"{score['value']:.1f} [{low:.1f}, {high:.1f}]"
 
 
+# As the split link logs it (uplink and downlink as sent, per sample; measure.ROUNDTRIP_KEYS).
+ROUNDTRIP = "roundtrip_bytes_per_sample"
+
+
 def markdown(result: Mapping[str, Any]) -> str:
     rows = result["rows"]
     benches = list(rows[0]["scores"])
     metric = {b: rows[0]["scores"][b].get("metric", "") for b in benches}
     head = ("| model | bits | " + " | ".join(f"{b} ({metric[b]})" for b in benches)
-            + " | uplink B/sample fp16 / packed / ANS | inversion PSNR (dB) / SSIM |")
+            + " | uplink B/sample fp16 / packed / ANS | round trip B/sample | inversion PSNR (dB) / SSIM |")
     lines = [f"# Figure 3 ({result['preset']})", "", "Each score: value [95 % bootstrap interval]; n questions per "
              "benchmark: " + ", ".join(f"{b} {rows[0]['scores'][b]['n']}" for b in benches) + ".", "", head,
-             "|" + "---|" * (len(benches) + 4)]
+             "|" + "---|" * (len(benches) + 5)]
     for r in rows + ([dict(name="blind", levels=-1, bits=None, scores=result["blind"])] if result.get("blind") else []):
         u = r.get("uplink_bytes_per_sample")
         p = r.get("privacy")
@@ -89,6 +93,7 @@ def markdown(result: Mapping[str, Any]) -> str:
         bits = "–" if r["bits"] is None else f"{r['bits']:g}"
         lines.append(f"| {name} | {bits} | " + " | ".join(_fmt(r["scores"].get(b)) for b in benches) + " | "
                      + (f"{u['fp16']:.0f} / {u['packed']:.0f} / {u['ans']:.0f}" if u else "–") + " | "
+                     + (f"{u[ROUNDTRIP]:.0f}" if u and ROUNDTRIP in u else "–") + " | "
                      + (f"{p['psnr']:.2f} / {p['ssim']:.3f}" if p else "–") + " |")
     knee = result["knee_levels"]
     rule = result["entropy_rule"]
