@@ -439,3 +439,11 @@ def test_prepare_shapes_tfds(tmp_path):
     assert lt.prepare_shapes_tfds(str(tmp_path / "d"), seed=1, n_pretrain=6, n_instruct=10,
                                   image_size=32, text_only_fraction=0.3) == out
     assert os.path.getmtime(os.path.join(out["pretrain"], "dataset_info.json")) == stamp
+    # Stage 2 with probes in the same data_dir: a new instruct build, stage 1's pretrain build reused as is
+    # (it once failed here: the pretrain name clashed with a build from the other corpus folder).
+    probes = lt.prepare_shapes_tfds(str(tmp_path / "d"), seed=1, n_pretrain=6, n_instruct=10,
+                                    image_size=32, text_only_fraction=0.3, probe_fraction=0.5)
+    assert probes["pretrain"] == out["pretrain"]
+    assert probes["instruct"] == out["instruct"].replace("text30pct", "text30pct_probe50pct")
+    assert os.path.getmtime(os.path.join(out["pretrain"], "dataset_info.json")) == stamp
+    assert lt.read_metadata(probes["instruct"])["splits"]["train"]["examples"] == 10

@@ -568,7 +568,11 @@ def prepare_shapes_tfds(
                     + (f"_probe{round(100 * probe_fraction)}pct" if probe_fraction else ""),
     }
     out = {k: os.path.join(data_dir, DATASET_NAME, v, "1.0.0") for k, v in names.items()}
-    if all(os.path.isfile(os.path.join(d, "dataset_info.json")) for d in out.values()):
+    # The pretrain stream depends only on its own name's settings: a stage 2 with other instruct settings
+    # (probes, text-only share) in the same data_dir reuses stage 1's pretrain build instead of rebuilding
+    # it from another corpus folder (which the builder refuses as a name clash).
+    missing = {k: n for k, n in names.items() if not os.path.isfile(os.path.join(out[k], "dataset_info.json"))}
+    if not missing:
         return out
     from qtl_jax.data import shapes
 
@@ -583,7 +587,7 @@ def prepare_shapes_tfds(
         probe_fraction=probe_fraction,
         benchmarks=False,
     )
-    for kind, name in names.items():
+    for kind, name in missing.items():
         out[kind] = build(
             data_dir,
             name,
