@@ -1,5 +1,5 @@
 """MME + POPE (200 / 180 questions) of a demo stage-2 workdir on shapes benchmarks at 64 px.
-usage: demo_eval.py CKPT OUTDIR"""
+usage: [BLANK_EVAL=1] demo_eval.py CKPT OUTDIR"""
 import json, os, sys, time
 sys.path.insert(0, os.getcwd())
 from qtl_jax import xla_flags
@@ -11,9 +11,10 @@ from qtl_jax.eval.model import load_model
 from qtl_jax.data.shapes.benchmarks import write_benchmarks
 from qtl_jax.data.shapes.scene import ShapesConfig
 ck, out = sys.argv[1], os.path.abspath(sys.argv[2])
-bench = "/tmp/f17/bench64"
+blank = bool(os.environ.get("BLANK_EVAL"))  # the same questions on blank images (what the text alone gives)
+bench = "/tmp/f17/bench64" + ("_blank" if blank else "")
 if not os.path.isdir(os.path.join(bench, "pope")):
-    write_benchmarks(bench, seed=0, cfg=ShapesConfig(image_size=64), n_mme=25, n_pope=10, n_scienceqa=2, n_vqa=2)
+    write_benchmarks(bench, seed=0, cfg=ShapesConfig(image_size=64, blank=blank), n_mme=25, n_pope=10, n_scienceqa=2, n_vqa=2)
 c = eval_configs.get_config("demo")
 c.checkpoint = ck
 c.benchmark_dir = bench
