@@ -447,3 +447,25 @@ def test_prepare_shapes_tfds(tmp_path):
     assert probes["instruct"] == out["instruct"].replace("text30pct", "text30pct_probe50pct")
     assert os.path.getmtime(os.path.join(out["pretrain"], "dataset_info.json")) == stamp
     assert lt.read_metadata(probes["instruct"])["splits"]["train"]["examples"] == 10
+
+
+def test_prepare_shapes_tfds_blank_is_the_same_text_on_grey_images(tmp_path):
+    """data.shapes.blank: the image-blind control's corpus: every image one flat grey (the scene's
+    BLANK_GREY), conversations identical to the corpus with images, built under its own names."""
+    from qtl_jax.data.shapes.scene import BLANK_GREY
+
+    kw = dict(seed=3, n_pretrain=4, n_instruct=6, image_size=32)
+    seen = lt.prepare_shapes_tfds(str(tmp_path / "d"), **kw)
+    blind = lt.prepare_shapes_tfds(str(tmp_path / "d"), blank=True, **kw)
+    assert blind == {k: v.replace("_32px_", "_32px_blank_") for k, v in seen.items()}
+    for kind in ("pretrain", "instruct"):
+        a, b = _records(seen[kind]), _records(blind[kind])
+        assert sorted(a) == sorted(b)
+        with_image = [i for i in a if a[i]["has_image"]]
+        assert with_image
+        for i in a:
+            assert a[i]["conversations"] == b[i]["conversations"] and a[i]["has_image"] == b[i]["has_image"]
+        for i in with_image:
+            grey = np.asarray(PIL.Image.open(io.BytesIO(b[i]["image"])))
+            assert grey.shape[:2] == (32, 32) and (grey == BLANK_GREY).all()
+            assert not (np.asarray(PIL.Image.open(io.BytesIO(a[i]["image"]))) == BLANK_GREY).all()

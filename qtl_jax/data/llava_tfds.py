@@ -541,6 +541,7 @@ def prepare_shapes_tfds(
     image_size: int = 64,
     text_only_fraction: float = 0.1,
     probe_fraction: float = 0.0,
+    blank: bool = False,
     corpus_dir: str | None = None,
     num_workers: int = 1,
 ) -> dict[str, str]:
@@ -555,13 +556,15 @@ def prepare_shapes_tfds(
         seed, n_pretrain, n_instruct, image_size, text_only_fraction, probe_fraction: the corpus
             (``qtl_jax.data.shapes.write_corpus``); they are part of the dataset names, so different
             corpora never reuse each other's build.
+        blank: every image flat grey (``ShapesConfig.blank``), the text unchanged: the image-blind
+            control's corpus (``_blank`` in both names).
         corpus_dir: where the JSON and images go; default ``<data_dir>/downloads/<pretrain name>``.
         num_workers: image-checking threads of the build.
 
     Returns:
         ``{"pretrain": dataset_dir, "instruct": dataset_dir}``, the directories to open.
     """
-    tag = f"s{seed}_{image_size}px"
+    tag = f"s{seed}_{image_size}px" + ("_blank" if blank else "")
     names = {
         "pretrain": f"shapes_pretrain_{tag}_n{n_pretrain}",
         "instruct": f"shapes_instruct_{tag}_n{n_instruct}_text{round(100 * text_only_fraction)}pct"
@@ -583,6 +586,7 @@ def prepare_shapes_tfds(
         n_pretrain=n_pretrain,
         n_instruct=n_instruct,
         image_size=image_size,
+        cfg=shapes.ShapesConfig(image_size=image_size, blank=blank),
         text_only_fraction=text_only_fraction,
         probe_fraction=probe_fraction,
         benchmarks=False,

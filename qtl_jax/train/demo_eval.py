@@ -108,24 +108,27 @@ def evaluate(eval_step: Callable[[Any, Mapping[str, Any]], Mapping[str, Any]], s
     return tally.results()
 
 
-def prepare_shapes_eval(data_dir: str, *, seed: int, stream: str, num_examples: int, image_size: int) -> str:
+def prepare_shapes_eval(data_dir: str, *, seed: int, stream: str, num_examples: int, image_size: int,
+                        blank: bool = False) -> str:
     """Builds a held-out shapes split (``validation``) drawn with ``seed``; returns its dataset directory.
 
     ``stream`` is 'instruct' (questions, the llama template) or 'pretrain' (captions). The training
-    corpus uses ``data.shapes.seed``; pass a different seed so no sample is shared.
+    corpus uses ``data.shapes.seed``; pass a different seed so no sample is shared. ``blank``: flat grey
+    images (an image-blind run is evaluated as it was trained).
     """
     from qtl_jax.data import llava_tfds, shapes
 
     if stream not in ("instruct", "pretrain"):
         raise ValueError(f"eval.shapes_stream={stream!r}: use 'instruct' or 'pretrain'.")
-    name = f"shapes_eval_{stream}_s{seed}_{image_size}px_n{num_examples}"
+    name = f"shapes_eval_{stream}_s{seed}_{image_size}px_n{num_examples}" + ("_blank" if blank else "")
     corpus = os.path.join(data_dir, "downloads", name)
     built = os.path.join(data_dir, llava_tfds.DATASET_NAME, name, "1.0.0")
     if os.path.isfile(os.path.join(built, "dataset_info.json")):
         return built
     shapes.write_corpus(corpus, seed=seed, n_pretrain=num_examples if stream == "pretrain" else 0,
                         n_instruct=num_examples if stream == "instruct" else 0, image_size=image_size,
-                        benchmarks=False, with_scenes=False)
+                        cfg=shapes.ShapesConfig(image_size=image_size, blank=blank), benchmarks=False,
+                        with_scenes=False)
     return llava_tfds.build(data_dir, name, {"validation": [os.path.join(corpus, f"{stream}.json")]},
                             image_root=os.path.join(corpus, "images"), kind=stream, max_bad_rows=0,
                             max_bad_fraction=0.0)

@@ -151,7 +151,8 @@ def run_eval(setup: Setup, config: ml_collections.ConfigDict, meshes, state: ste
     if config.data.kind == "shapes":
         dataset_dir = demo_eval.prepare_shapes_eval(setup.data_dir, seed=e.shapes_seed, stream=e.shapes_stream,
                                                     num_examples=int(e.num_examples),
-                                                    image_size=setup.model.model.vision.image_size)
+                                                    image_size=setup.model.model.vision.image_size,
+                                                    blank=bool(config.data.shapes.blank))
     else:
         dataset_dir = check_dir(e.dataset_dir, "eval.dataset_dir", "the end-of-stage evaluation (or eval.enabled=False)")
     loader = make_loader(setup, config, dataset_dir, e.split, e.template, global_batch_size=int(e.batch_size),
