@@ -93,6 +93,11 @@ def _single_batch(loaded: LoadedModel, ex: Example) -> tuple[dict[str, np.ndarra
             "has_image": np.asarray([int(has_image)], np.int32)}, has_image
 
 
+# The keys of the training link's metrics.jsonl (qtl_jax.split.link), reused for the sweep's round trip.
+DOWNLINK_FP32 = "downlink_bytes_fp32"
+ROUNDTRIP = "roundtrip_bytes_per_sample"
+
+
 def _payload(image_codes, text_codes, z, has_image: bool, text_real: np.ndarray, levels: int) -> dict[str, int]:
     parts = [("text", np.asarray(text_codes)[0][text_real], np.asarray(z["text"])[0][text_real])]
     if has_image:
@@ -107,10 +112,6 @@ def _payload(image_codes, text_codes, z, has_image: bool, text_real: np.ndarray,
         # Training sends one float32 gradient back per value that went up (the paper's downlink).
         sizes[DOWNLINK_FP32] += 4 * int(np.asarray(values).size)
     return sizes
-
-
-DOWNLINK_FP32 = "downlink_bytes_fp32"
-ROUNDTRIP = "roundtrip_bytes_per_sample"
 
 
 def measure_uplink(loaded: LoadedModel, examples: Sequence[Example]) -> dict[str, float]:
