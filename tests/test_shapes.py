@@ -100,7 +100,8 @@ def test_write_corpus_is_byte_identical_for_the_same_seed(corpus, tmp_path):
 # change of the corpus (new questions, balanced benchmarks) changes these: update them in the same commit
 # and say why. Pixels are hashed decoded, so a zlib/Pillow PNG-encoder change alone does not move them.
 # Session 22: corpus_info.json records probe_fraction (0 here; every other file is unchanged).
-PINNED_CORPUS_DIGEST = "0b624aa1c2620a1b92cf39fe1718b73090ec7b25ef93c36cd97317e50fe608e2"
+# Session 24: it records probe_turns too (1 here; every other file is unchanged, checked by diffing the trees).
+PINNED_CORPUS_DIGEST = "7cb2cbe4c755857ececffc2c1e99a652580a1ab00154c66450bcdb7d75a3e836"
 PINNED_VOCABULARY_DIGEST = "19e819c966ae794b37b0ae5ead50480535c934577c4e466e7bfd73561dc76632"
 
 
@@ -749,17 +750,39 @@ def probe_corpus(tmp_path_factory):
     return out, counts
 
 
+SUFFIX_POPE = "\n" + TX.SHORT_ANSWER_PROMPT
+SUFFIX_MME = f" {TX.YES_NO_PROMPT}\n{TX.SHORT_ANSWER_PROMPT}"
+
+
+def _check_probe_turn(prompt, answer, sub, scene, records, i, scenes):
+    """Asserts that one probe question is in format ``sub``, asked as the benchmark asks it and answered right."""
+    if sub != "pope":
+        assert prompt.endswith(SUFFIX_MME), prompt
+        q = prompt[:-len(SUFFIX_MME)]
+        slots = {"ref": "[a-z ]+", "at_position": "[a-z ]+"}
+        template = re.sub(r"\\\{(\w+)\\\}", lambda m: slots.get(m[1], r"\w+"), re.escape(B.MME_TEMPLATES[sub]))
+        assert re.fullmatch(template, q), (sub, q)
+        assert _mme_holds(sub, q, scene) == (answer == "Yes")
+        assert prompt == TX.mme_prompt(q)
+        return
+    m = re.fullmatch(r"Is there a (\w+) (\w+) in the image\?", prompt[:-len(SUFFIX_POPE)])
+    assert prompt == TX.pope_prompt(m[1], m[2])
+    name = f"{m[1]} {m[2]}"
+    assert (name in scene.names()) == (answer == "Yes")
+    if answer == "No":  # POPE's negatives: objects annotated in other images of the set
+        others = set().union(*(scenes[o["id"]].names() for j, o in enumerate(records) if j != i and "image" in o))
+        assert name in others
+
+
 def test_probes_ask_as_the_benchmarks_do_and_are_right(probe_corpus):
     out, counts = probe_corpus
     records = _load(os.path.join(out, "instruct.json"))
     cfg = SC.ShapesConfig(image_size=48)
     scenes = {r["id"]: SM.scene_and_image(4, "instruct", i, cfg)[0] for i, r in enumerate(records)}
-    suffix_pope = "\n" + TX.SHORT_ANSWER_PROMPT
-    suffix_mme = f" {TX.YES_NO_PROMPT}\n{TX.SHORT_ANSWER_PROMPT}"
     # The benchmark files end their prompts the same way (LLaVA's llava_pope_test.jsonl / llava_mme.jsonl).
-    assert all(r["text"].endswith(suffix_pope) and " yes or no" not in r["text"]
+    assert all(r["text"].endswith(SUFFIX_POPE) and " yes or no" not in r["text"]
                for r in _jsonl(os.path.join(out, "eval", "pope", "llava_pope_test.jsonl")))
-    assert all(r["text"].endswith(suffix_mme) for r in _jsonl(os.path.join(out, "eval", "mme", "llava_mme.jsonl")))
+    assert all(r["text"].endswith(SUFFIX_MME) for r in _jsonl(os.path.join(out, "eval", "mme", "llava_mme.jsonl")))
     answers, formats = collections.Counter(), collections.Counter()
     for i, r in enumerate(records):
         if not SM.is_probe(i, 0.5):
@@ -770,30 +793,51 @@ def test_probes_ask_as_the_benchmarks_do_and_are_right(probe_corpus):
         prompt, answer = human["value"][len(TX.IMAGE_TOKEN) + 1:], gpt["value"]
         assert answer == ("Yes" if i % 2 == 0 else "No")
         answers[answer] += 1
-        scene = scenes[r["id"]]
-        if prompt.endswith(suffix_mme):
-            q = prompt[:-len(suffix_mme)]
-            sub = TX.PROBE_FORMATS[(i // 2 // 2) % len(TX.PROBE_FORMATS)]  # pairs take the formats in turn
-            slots = {"ref": "[a-z ]+", "at_position": "[a-z ]+"}
-            template = re.sub(r"\\\{(\w+)\\\}", lambda m: slots.get(m[1], r"\w+"), re.escape(B.MME_TEMPLATES[sub]))
-            assert re.fullmatch(template, q), (sub, q)
-            assert _mme_holds(sub, q, scene) == (answer == "Yes")
-            assert prompt == TX.mme_prompt(q)
-            formats[sub] += 1
-        else:
-            assert TX.PROBE_FORMATS[(i // 2 // 2) % len(TX.PROBE_FORMATS)] == "pope"
-            m = re.fullmatch(r"Is there a (\w+) (\w+) in the image\?", prompt[:-len(suffix_pope)])
-            assert prompt == TX.pope_prompt(m[1], m[2])
-            name = f"{m[1]} {m[2]}"
-            assert (name in scene.names()) == (answer == "Yes")
-            if answer == "No":  # POPE's negatives: objects annotated in other images of the set
-                others = set().union(*(scenes[o["id"]].names() for j, o in enumerate(records)
-                                       if j != i and "image" in o))
-                assert name in others
-            formats["pope"] += 1
+        sub = TX.PROBE_FORMATS[(i // 2 // 2) % len(TX.PROBE_FORMATS)]  # pairs take the formats in turn
+        _check_probe_turn(prompt, answer, sub, scenes[r["id"]], records, i, scenes)
+        formats[sub] += 1
     assert counts["instruct_probes"] == sum(answers.values()) == 80
     assert answers["Yes"] == answers["No"] == 40
     assert formats == {"pope": 40, "existence": 10, "count": 10, "position": 10, "color": 10}  # samples, 2 per pair
+
+
+def test_multi_turn_probes_are_balanced_right_and_never_repeat_a_question(tmp_path):
+    out = str(tmp_path)
+    counts = CO.write_corpus(out, seed=5, n_pretrain=0, n_instruct=120, image_size=48, probe_fraction=0.5,
+                             probe_turns=4, benchmarks=False)
+    records = _load(os.path.join(out, "instruct.json"))
+    cfg = SC.ShapesConfig(image_size=48)
+    scenes = {r["id"]: SM.scene_and_image(5, "instruct", i, cfg)[0] for i, r in enumerate(records)}
+    answers, formats = collections.Counter(), collections.Counter()
+    for i, r in enumerate(records):
+        if not SM.is_probe(i, 0.5):
+            assert r == SM.instruct_sample(5, i, cfg, 0.1, 0.5).record  # probe_turns touches the probes only
+            continue
+        conv = r["conversations"]
+        assert len(conv) == 8 and [c["from"] for c in conv] == ["human", "gpt"] * 4
+        assert conv[0]["value"].startswith(TX.IMAGE_TOKEN + "\n")
+        assert not any(TX.IMAGE_TOKEN in c["value"] for c in conv[1:])  # one image, in the first turn
+        prompts = [conv[0]["value"][len(TX.IMAGE_TOKEN) + 1:]] + [c["value"] for c in conv[2::2]]
+        assert len(set(prompts)) == 4  # a later turn is never answerable by copying an earlier one
+        for j, (prompt, gpt) in enumerate(zip(prompts, conv[1::2])):
+            answer = gpt["value"]
+            assert answer == ("Yes" if (i + j) % 2 == 0 else "No")
+            sub = "pope" if prompt.endswith(SUFFIX_POPE) and not prompt.endswith(SUFFIX_MME) else next(
+                f for f in TX.PROBE_FORMATS if f != "pope" and re.fullmatch(
+                    re.sub(r"\\\{(\w+)\\\}", lambda m: r"[a-z0-9 ]+", re.escape(B.MME_TEMPLATES[f])),
+                    prompt[:-len(SUFFIX_MME)]))
+            _check_probe_turn(prompt, answer, sub, scenes[r["id"]], records, i, scenes)
+            answers[answer] += 1
+            formats[sub] += 1
+    assert counts["instruct_probes"] == 60 and sum(answers.values()) == 240
+    assert answers["Yes"] == answers["No"] == 120  # exactly balanced, turn by turn over each pair
+    # The formats in turn (POPE half of them); a repeat moves a turn to the next format, which is rare.
+    assert set(formats) == set(TX.PROBE_FORMATS) and formats["pope"] >= 100
+    assert min(formats[f] for f in TX.PROBE_FORMATS if f != "pope") >= 25
+    with open(os.path.join(out, "corpus_info.json")) as f:
+        assert json.load(f)["probe_turns"] == 4
+    with pytest.raises(ValueError, match=r"probe_turns=0 must be >= 1"):
+        CO.write_corpus(out, n_pretrain=0, n_instruct=2, probe_turns=0, benchmarks=False)
 
 
 def test_no_probes_leave_the_corpus_as_it_was(tmp_path):

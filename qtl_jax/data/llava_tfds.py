@@ -541,6 +541,7 @@ def prepare_shapes_tfds(
     image_size: int = 64,
     text_only_fraction: float = 0.1,
     probe_fraction: float = 0.0,
+    probe_turns: int = 1,
     blank: bool = False,
     corpus_dir: str | None = None,
     num_workers: int = 1,
@@ -553,7 +554,7 @@ def prepare_shapes_tfds(
 
     Args:
         data_dir: TFDS data directory to build into.
-        seed, n_pretrain, n_instruct, image_size, text_only_fraction, probe_fraction: the corpus
+        seed, n_pretrain, n_instruct, image_size, text_only_fraction, probe_fraction, probe_turns: the corpus
             (``qtl_jax.data.shapes.write_corpus``); they are part of the dataset names, so different
             corpora never reuse each other's build.
         blank: every image flat grey (``ShapesConfig.blank``), the text unchanged: the image-blind
@@ -568,7 +569,8 @@ def prepare_shapes_tfds(
     names = {
         "pretrain": f"shapes_pretrain_{tag}_n{n_pretrain}",
         "instruct": f"shapes_instruct_{tag}_n{n_instruct}_text{round(100 * text_only_fraction)}pct"
-                    + (f"_probe{round(100 * probe_fraction)}pct" if probe_fraction else ""),
+                    + (f"_probe{round(100 * probe_fraction)}pct" if probe_fraction else "")
+                    + (f"x{probe_turns}" if probe_fraction and probe_turns != 1 else ""),
     }
     out = {k: os.path.join(data_dir, DATASET_NAME, v, "1.0.0") for k, v in names.items()}
     # The pretrain stream depends only on its own name's settings: a stage 2 with other instruct settings
@@ -589,6 +591,7 @@ def prepare_shapes_tfds(
         cfg=shapes.ShapesConfig(image_size=image_size, blank=blank),
         text_only_fraction=text_only_fraction,
         probe_fraction=probe_fraction,
+        probe_turns=probe_turns,
         benchmarks=False,
     )
     for kind, name in missing.items():

@@ -77,7 +77,8 @@ def _variant(data_dir: str, variant: str, corpus: Mapping[str, Any], image_size:
     write_corpus(corpus_dir, seed=int(corpus["seed"]), n_pretrain=int(corpus["n_pretrain"]),
                  n_instruct=int(corpus["n_instruct"]), image_size=image_size, cfg=cfg,
                  text_only_fraction=float(corpus["text_only_fraction"]),
-                 probe_fraction=float(corpus.get("probe_fraction", 0.0)), benchmarks=False, with_scenes=False)
+                 probe_fraction=float(corpus.get("probe_fraction", 0.0)),
+                 probe_turns=int(corpus.get("probe_turns", 1)), benchmarks=False, with_scenes=False)
     built = {}
     for split in ("pretrain", "instruct"):
         # The generated corpus has no bad row: any skip is a bug, so none is allowed.

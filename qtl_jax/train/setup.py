@@ -181,7 +181,8 @@ def _prepare_data(config: ml_collections.ConfigDict, workdir: str, image_size: i
         s = config.data.shapes
         dirs = on_main_first(lambda: llava_tfds.prepare_shapes_tfds(
             data_dir, seed=s.seed, n_pretrain=s.n_pretrain, n_instruct=s.n_instruct, image_size=image_size,
-            text_only_fraction=s.text_only_fraction, probe_fraction=s.probe_fraction, blank=bool(s.blank)))
+            text_only_fraction=s.text_only_fraction, probe_fraction=s.probe_fraction, probe_turns=int(s.probe_turns),
+            blank=bool(s.blank)))
         if s.stream not in dirs:
             raise ValueError(f"data.shapes.stream={s.stream!r}: use one of {sorted(dirs)}.")
         return dirs[s.stream], data_dir

@@ -30,6 +30,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--text_only_fraction", type=float, default=0.1)
     p.add_argument("--probe_fraction", type=float, default=0.0,
                    help="stage-2 samples that are yes/no questions in the POPE / MME formats (balanced)")
+    p.add_argument("--probe_turns", type=int, default=1, help="yes/no questions per probe sample")
     p.add_argument("--n_mme", type=int, default=30, help="images per MME subtask (2 questions each)")
     p.add_argument("--n_pope", type=int, default=50, help="POPE images (6 questions each per split)")
     p.add_argument("--n_scienceqa", type=int, default=200)
@@ -43,7 +44,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         cfg = ShapesConfig(image_size=a.image_size)
         counts = write_corpus(a.out, seed=a.seed, n_pretrain=a.n_pretrain, n_instruct=a.n_instruct,
                               image_size=a.image_size, cfg=cfg, text_only_fraction=a.text_only_fraction,
-                              probe_fraction=a.probe_fraction, benchmarks=not a.no_benchmarks,
+                              probe_fraction=a.probe_fraction,
+                              probe_turns=a.probe_turns, benchmarks=not a.no_benchmarks,
                               bench_sizes=dict(n_mme=a.n_mme, n_pope=a.n_pope, n_scienceqa=a.n_scienceqa,
                                                n_vqa=a.n_vqa))
     except ValueError as e:

@@ -39,7 +39,7 @@ def _write_split(out_dir: str, split: str, n: int, make: Callable[[int], Sample]
 
 def write_corpus(out_dir: str, *, seed: int = 0, n_pretrain: int = 2000, n_instruct: int = 2000,
                  image_size: int = 64, cfg: ShapesConfig | None = None, text_only_fraction: float = 0.1,
-                 probe_fraction: float = 0.0, benchmarks: bool = True, bench_sizes: dict | None = None, with_scenes: bool = True) -> dict:
+                 probe_fraction: float = 0.0, probe_turns: int = 1, benchmarks: bool = True, bench_sizes: dict | None = None, with_scenes: bool = True) -> dict:
     """Writes the corpus under ``out_dir`` and returns the counts written.
 
     Layout: ``images/{pretrain,instruct}/*.png``, ``pretrain.json`` and ``instruct.json`` (LLaVA JSON,
@@ -51,6 +51,8 @@ def write_corpus(out_dir: str, *, seed: int = 0, n_pretrain: int = 2000, n_instr
     if not 0.0 <= probe_fraction <= 1.0:
         raise ValueError(f"probe_fraction={probe_fraction} must be in [0, 1] (the share of stage-2 samples that are "
                          f"benchmark-format yes/no probes).")
+    if probe_turns < 1:
+        raise ValueError(f"probe_turns={probe_turns} must be >= 1 (the yes/no questions of one probe sample).")
     if cfg is None:
         cfg = ShapesConfig(image_size=image_size)
     elif cfg.image_size != image_size:
@@ -61,7 +63,8 @@ def write_corpus(out_dir: str, *, seed: int = 0, n_pretrain: int = 2000, n_instr
     pre = _write_split(out_dir, "pretrain", n_pretrain, lambda i: pretrain_sample(seed, i, cfg), with_scenes)
     counts["pretrain"] = len(pre)
     ins = _write_split(out_dir, "instruct", n_instruct,
-                       lambda i: instruct_sample(seed, i, cfg, text_only_fraction, probe_fraction), with_scenes)
+                       lambda i: instruct_sample(seed, i, cfg, text_only_fraction, probe_fraction, probe_turns),
+                       with_scenes)
     counts["instruct"] = len(ins)
     counts["instruct_text_only"] = sum(1 for r in ins if "image" not in r)
     counts["instruct_probes"] = sum(1 for i in range(n_instruct) if is_probe(i, probe_fraction))
@@ -72,7 +75,7 @@ def write_corpus(out_dir: str, *, seed: int = 0, n_pretrain: int = 2000, n_instr
         counts["eval_seconds"] = time.perf_counter() - t1
     with open(os.path.join(out_dir, "corpus_info.json"), "w") as f:
         json.dump({"seed": seed, "config": dataclasses.asdict(cfg), "text_only_fraction": text_only_fraction,
-                   "probe_fraction": probe_fraction,
+                   "probe_fraction": probe_fraction, "probe_turns": probe_turns,
                    "counts": {k: v for k, v in counts.items() if not k.endswith("seconds")}}, f, indent=1)
     return counts
 

@@ -113,37 +113,55 @@ def absent_from_other_image(seed: int, index: int, scene: Scene, rng: np.random.
 
 
 def probe_conversation(seed: int, index: int, scene: Scene, rng: np.random.Generator, cfg: ShapesConfig,
-                       text_only_fraction: float, probe_fraction: float) -> list[dict]:
-    """One yes/no question about ``scene`` exactly as a benchmark asks it (POPE, or an MME perception subtask,
-    taking turns by pair), answered Yes for an even ``index`` and No for an odd one."""
+                       text_only_fraction: float, probe_fraction: float, turns: int = 1) -> list[dict]:
+    """``turns`` yes/no questions about ``scene``, each exactly as a benchmark asks it (POPE, or an MME perception
+    subtask), the first with the image.
+
+    Turn j takes the formats in turn from the pair's own offset and is answered Yes when ``index + j`` is even,
+    so a pair of samples (2m, 2m + 1) is balanced exactly turn by turn. A later turn never repeats an earlier
+    prompt of the sample (it could be answered by copying): when the scene leaves only repeats in a format,
+    the next format is tried.
+    """
+    if turns < 1:
+        raise ValueError(f"probe_turns={turns} must be >= 1 (yes/no questions per probe sample).")
     pair = math.floor((index // 2) * probe_fraction)  # how many probe pairs come before this one
-    fmt = PROBE_FORMATS[pair % len(PROBE_FORMATS)]
-    yes = index % 2 == 0
-    if fmt == "pope":
-        if yes:
-            o = pick(rng, scene.objects)
-            color, kind = o.color, o.kind
-        else:
-            color, kind = absent_from_other_image(seed, index, scene, rng, cfg, text_only_fraction, probe_fraction)
-        prompt = pope_prompt(color, kind)
-    else:
-        q_yes, q_no = mme_questions(fmt, scene, rng, cfg)
-        prompt = mme_prompt(q_yes if yes else q_no)
-    return [{"from": "human", "value": f"{IMAGE_TOKEN}\n{prompt}"}, {"from": "gpt", "value": "Yes" if yes else "No"}]
+    conversation: list[dict] = []
+    asked: set[str] = set()
+    for j in range(turns):
+        yes = (index + j) % 2 == 0
+        for attempt in range(4 * len(PROBE_FORMATS)):
+            fmt = PROBE_FORMATS[(pair + j + attempt // 4) % len(PROBE_FORMATS)]
+            if fmt == "pope":
+                if yes:
+                    o = pick(rng, scene.objects)
+                    color, kind = o.color, o.kind
+                else:
+                    color, kind = absent_from_other_image(seed, index, scene, rng, cfg, text_only_fraction,
+                                                          probe_fraction)
+                prompt = pope_prompt(color, kind)
+            else:
+                q_yes, q_no = mme_questions(fmt, scene, rng, cfg)
+                prompt = mme_prompt(q_yes if yes else q_no)
+            if prompt not in asked:
+                break
+        asked.add(prompt)
+        conversation += [{"from": "human", "value": f"{IMAGE_TOKEN}\n{prompt}" if j == 0 else prompt},
+                         {"from": "gpt", "value": "Yes" if yes else "No"}]
+    return conversation
 
 
 def instruct_sample(seed: int, index: int, cfg: ShapesConfig = ShapesConfig(),
-                    text_only_fraction: float = 0.1, probe_fraction: float = 0.0) -> Sample:
+                    text_only_fraction: float = 0.1, probe_fraction: float = 0.0, probe_turns: int = 1) -> Sample:
     """Stage-2 sample (``llava_v1_5_mix665k.json`` style).
 
     A ``probe_fraction`` of the samples are yes/no probes in the benchmarks' own formats
-    (:func:`probe_conversation`); of the others a ``text_only_fraction`` have no image.
+    (:func:`probe_conversation`, ``probe_turns`` questions each); of the others a ``text_only_fraction`` have no image.
     """
     scene, image, rng = scene_and_image(seed, "instruct", index, cfg)
     sid = sample_id(seed, "instruct", index)
     if is_probe(index, probe_fraction):
         record = {"id": sid, "image": image_path("instruct", index), "conversations": probe_conversation(
-            seed, index, scene, rng, cfg, text_only_fraction, probe_fraction)}
+            seed, index, scene, rng, cfg, text_only_fraction, probe_fraction, probe_turns)}
         return Sample(image=image, scene=scene, record=record)
     if rng.random() < text_only_fraction:
         return Sample(image=None, scene=None, record={"id": sid, "conversations": text_conversation(rng, cfg)})
