@@ -808,7 +808,7 @@ def test_multi_turn_probes_are_balanced_right_and_never_repeat_a_question(tmp_pa
     records = _load(os.path.join(out, "instruct.json"))
     cfg = SC.ShapesConfig(image_size=48)
     scenes = {r["id"]: SM.scene_and_image(5, "instruct", i, cfg)[0] for i, r in enumerate(records)}
-    answers, formats = collections.Counter(), collections.Counter()
+    answers, formats, patterns = collections.Counter(), collections.Counter(), collections.Counter()
     for i, r in enumerate(records):
         if not SM.is_probe(i, 0.5):
             assert r == SM.instruct_sample(5, i, cfg, 0.1, 0.5).record  # probe_turns touches the probes only
@@ -819,9 +819,13 @@ def test_multi_turn_probes_are_balanced_right_and_never_repeat_a_question(tmp_pa
         assert not any(TX.IMAGE_TOKEN in c["value"] for c in conv[1:])  # one image, in the first turn
         prompts = [conv[0]["value"][len(TX.IMAGE_TOKEN) + 1:]] + [c["value"] for c in conv[2::2]]
         assert len(set(prompts)) == 4  # a later turn is never answerable by copying an earlier one
+        pattern = [g["value"] for g in conv[1::2]]
+        assert pattern[0] == ("Yes" if i % 2 == 0 else "No")
+        partner = records[i ^ 1]["conversations"][1::2]  # the pair's other sample answers the complement
+        assert [("Yes", "No")[a == "Yes"] for a in pattern] == [g["value"] for g in partner]
+        patterns[tuple(pattern[1:]) if i % 2 == 0 else ()] += 1
         for j, (prompt, gpt) in enumerate(zip(prompts, conv[1::2])):
             answer = gpt["value"]
-            assert answer == ("Yes" if (i + j) % 2 == 0 else "No")
             sub = "pope" if prompt.endswith(SUFFIX_POPE) and not prompt.endswith(SUFFIX_MME) else next(
                 f for f in TX.PROBE_FORMATS if f != "pope" and re.fullmatch(
                     re.sub(r"\\\{(\w+)\\\}", lambda m: r"[a-z0-9 ]+", re.escape(B.MME_TEMPLATES[f])),
@@ -831,6 +835,10 @@ def test_multi_turn_probes_are_balanced_right_and_never_repeat_a_question(tmp_pa
             formats[sub] += 1
     assert counts["instruct_probes"] == 60 and sum(answers.values()) == 240
     assert answers["Yes"] == answers["No"] == 120  # exactly balanced, turn by turn over each pair
+    # The later answers are not a function of the first (no fixed alternation to learn instead of the image):
+    # the 30 even samples show several of the 8 patterns of turns 2-4, none in most of them.
+    del patterns[()]
+    assert len(patterns) >= 5 and max(patterns.values()) <= 12
     # The formats in turn (POPE half of them); a repeat moves a turn to the next format, which is rare.
     assert set(formats) == set(TX.PROBE_FORMATS) and formats["pope"] >= 100
     assert min(formats[f] for f in TX.PROBE_FORMATS if f != "pope") >= 25

@@ -117,18 +117,22 @@ def probe_conversation(seed: int, index: int, scene: Scene, rng: np.random.Gener
     """``turns`` yes/no questions about ``scene``, each exactly as a benchmark asks it (POPE, or an MME perception
     subtask), the first with the image.
 
-    Turn j takes the formats in turn from the pair's own offset and is answered Yes when ``index + j`` is even,
-    so a pair of samples (2m, 2m + 1) is balanced exactly turn by turn. A later turn never repeats an earlier
-    prompt of the sample (it could be answered by copying): when the scene leaves only repeats in a format,
-    the next format is tried.
+    Turn j takes the formats in turn from the pair's own offset. The first turn is answered Yes for an even
+    ``index``; the later turns follow a random pattern drawn once per pair (2m, 2m + 1), Yes/No for the even
+    sample and its complement for the odd one, so the pair is balanced exactly turn by turn while no answer
+    can be predicted from the earlier answers of its sample (a fixed alternation could). A later turn never
+    repeats an earlier prompt of the sample (it could be answered by copying): when the scene leaves only
+    repeats in a format, the next format is tried.
     """
     if turns < 1:
         raise ValueError(f"probe_turns={turns} must be >= 1 (yes/no questions per probe sample).")
     pair = math.floor((index // 2) * probe_fraction)  # how many probe pairs come before this one
+    pattern = np.random.default_rng((seed, index // 2, 0x70B3)).random(turns) < 0.5
+    pattern[0] = True
     conversation: list[dict] = []
     asked: set[str] = set()
     for j in range(turns):
-        yes = (index + j) % 2 == 0
+        yes = bool(pattern[j]) == (index % 2 == 0)
         for attempt in range(4 * len(PROBE_FORMATS)):
             fmt = PROBE_FORMATS[(pair + j + attempt // 4) % len(PROBE_FORMATS)]
             if fmt == "pope":
