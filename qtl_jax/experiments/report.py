@@ -176,6 +176,9 @@ def plot_figure3(result: Mapping[str, Any], path: str) -> None:
         twin.set_ylabel("SSIM")
         twin.legend(fontsize=7, loc="lower right")
         ax.legend(fontsize=7, loc="upper left")
+    else:  # an empty axis would read as a failed attack
+        ax.text(0.5, 0.5, "not run\n(--config.privacy.enabled=True runs it)", ha="center", va="center",
+                transform=ax.transAxes, fontsize=10, color="0.3")
     ax.set_title("image inversion attack on each model")
     ax.set_xlabel("bits per value (log2 L)")
     ax.set_xticks(xs)
