@@ -65,6 +65,11 @@ def test_outcomes_reproduce_the_scorer_and_the_interval_holds_it(scored, name):
     low, high = bootstrap.bootstrap_interval(out, samples=400, seed=3)
     assert low <= out.value() <= high and low < high
     assert (low, high) == bootstrap.bootstrap_interval(out, samples=400, seed=3)  # seeded
+    for metric in out.secondary:  # POPE accuracy: the scorer's figure, with its own interval
+        assert out.value(metric) == pytest.approx(metrics[metric], rel=1e-12, abs=1e-12)
+        m_low, m_high = bootstrap.bootstrap_interval(out, samples=400, seed=3, metric=metric)
+        assert m_low <= out.value(metric) <= m_high and m_low < m_high
+    assert list(out.secondary) == (["accuracy"] if name == "pope" else [])
     expected_n = {"mme": 2 * 4 * 6, "pope": 3 * 6 * 6}.get(name)
     if expected_n:
         assert out.questions == expected_n
@@ -75,6 +80,10 @@ def test_outcomes_refuse_a_disagreeing_score(scored):
     spec, examples, rows, metrics = table["pope"]
     with pytest.raises(ValueError, match="must score the same answers"):
         bootstrap.outcomes(spec, examples, rows, scored={**metrics, "f1": metrics["f1"] + 1.0})
+    with pytest.raises(ValueError, match="accuracy=.* but the scorer gave"):
+        bootstrap.outcomes(spec, examples, rows, scored={**metrics, "accuracy": metrics["accuracy"] + 1.0})
+    with pytest.raises(ValueError, match="no metric 'recall'; it has f1, accuracy"):
+        bootstrap.outcomes(spec, examples, rows).value("recall")
     with pytest.raises(ValueError, match="no bootstrap for benchmark kind"):
         bootstrap.outcomes({**spec, "kind": "gqa"}, examples, rows)
 
@@ -113,6 +122,12 @@ def test_knee_is_the_smallest_l_within_the_baseline_interval_everywhere():
     assert report.beats_blind(base["scores"]["pope"], {"ci95": [70.0, 77.9]}) is True
     assert report.beats_blind(base["scores"]["pope"], {"ci95": [70.0, 78.0]}) is False
     assert report.beats_blind(base["scores"]["pope"], None) is None
+    # POPE: F1 above an always-yes blind control's is not enough; accuracy must be above too.
+    yes_bias = {"value": 70.0, "ci95": [68.0, 72.0], "accuracy": {"value": 52.0, "ci95": [49.0, 55.0]}}
+    always_yes = {"value": 66.7, "ci95": [63.0, 67.0], "accuracy": {"value": 50.0, "ci95": [50.0, 50.0]}}
+    assert report.beats_blind(yes_bias, always_yes) is False
+    assert report.beats_blind(dict(yes_bias, accuracy={"value": 60.0, "ci95": [56.0, 64.0]}), always_yes) is True
+    assert report.beats_blind(yes_bias, {"value": 66.7, "ci95": [63.0, 67.0]}) is True  # nothing to compare on
 
 
 @settings(max_examples=60, deadline=None)
@@ -148,6 +163,12 @@ def test_report_files_from_a_result(tmp_path):
     md = open(paths["md"]).read()
     assert "| L=2 | 1 | " in md and "image-blind control" in md and "L = 2 (1 bits)" in md
     assert "| 2000 / 500 / 200 | 6200 | – |" in md and "| 2000 / 1000 / 200 | – | – |" in md
+    rows[1]["scores"]["pope"]["accuracy"] = {"value": 75.0, "ci95": [71.0, 79.0]}
+    rows[1]["beats_blind"] = {"pope": True, "mme": False}
+    md = report.markdown(result)
+    assert "| model | bits | pope (accuracy) | mme () |" not in md  # the accuracy column follows POPE's F1
+    assert "pope () | pope (accuracy) | mme ()" in md and "| 82.0 [80.0, 84.0] | 75.0 [71.0, 79.0] |" in md
+    assert "L2: pope; L4: none" in md
 
 
 def test_models_plan_and_clear_errors(tmp_path):
@@ -165,6 +186,31 @@ def test_models_plan_and_clear_errors(tmp_path):
         inputs.check_paths(figure3_config.get_config("paper").paths.to_dict())
     with pytest.raises(ValueError, match="unknown figure3 preset 'huge'"):
         figure3_config.get_config("huge")
+
+
+def test_curriculum_runs_chain_and_take_their_data():
+    """builtin: stage 1, then 800 probe-only steps, then 400 steps of the mix, each run from the one before."""
+    c = figure3_config.get_config("builtin")
+    given = inputs.Inputs("/d/s1", "/d/s2", "/d/tok", "/d/bench", probe_data="/d/probes")
+    m = figure3.Model("L4", 4)
+    assert figure3.stages(c) == ["stage1", "stage2_probes", "stage2"]
+    s1, p, s2 = (figure3.stage_config(c, m, s, given, "/w") for s in figure3.stages(c))
+    assert (s1.data.dataset_dir, s1.init.from_workdir) == ("/d/s1", None)
+    assert (p.data.dataset_dir, p.total_steps, p.init.from_workdir) == ("/d/probes", 800, "/w/L4/stage1")
+    assert (s2.data.dataset_dir, s2.total_steps, s2.init.from_workdir) == ("/d/s2", 400, "/w/L4/stage2_probes")
+    assert p.optimizer.lr == s2.optimizer.lr == 5e-4 and p.quantizer.levels == s2.quantizer.levels == 4
+    assert figure3.probe_corpus(c) == {"n_instruct": 8000, "probe_fraction": 1.0, "probe_turns": 4,
+                                       "probe_formats": "pope,existence"}
+    c.probe_phase.steps = 0  # no curriculum: stage 2 from stage 1, no probe corpus
+    assert figure3.stages(c) == ["stage1", "stage2"] and figure3.probe_corpus(c) is None
+    assert figure3.stage_config(c, m, "stage2", given, "/w").init.from_workdir == "/w/L4/stage1"
+    with pytest.raises(ValueError, match="stage 'stage2_probes': this experiment trains stage1, stage2"):
+        figure3.stage_config(c, m, "stage2_probes", given, "/w")
+    paper = figure3_config.get_config("paper")
+    assert figure3.stages(paper) == ["stage1", "stage2"]
+    paper.probe_phase.steps = 10
+    with pytest.raises(ValueError, match=r"probe_phase.steps > 0 needs the built-in corpus"):
+        figure3.models(paper)
 
 
 def test_builtin_preset_has_enough_questions():
@@ -197,6 +243,13 @@ def test_tiny_experiment_writes_the_figure_and_resumes(tmp_path):
     assert set(on_disk["blind"]) == {"mme", "pope", "scienceqa", "textvqa", "vqav2"}
     assert set(on_disk["entropy_rule"]) == {"image", "text"} and "knee_levels" in on_disk
     assert on_disk["rows"][1]["uplink_bytes_per_sample"]["packed"] < on_disk["rows"][0]["uplink_bytes_per_sample"]["fp16"]
+    # The curriculum: every model trained stage 1, the probe-only phase, then the mix, each to its last step.
+    for r in on_disk["rows"]:
+        assert {k: v["step"] for k, v in r["train"].items()} == {"stage1": 3, "stage2_probes": 2, "stage2": 3}
+    probes = json.load(open(os.path.join(work, "data", "inputs.json")))["inputs"]["images"]["probe_data"]
+    assert "shapes_images_probes" in probes and os.path.isfile(os.path.join(probes, "dataset_info.json"))
+    assert json.load(open(os.path.join(work, "fp16", "stage2", "config.json")))["init"]["from_workdir"] == \
+        os.path.join(os.path.abspath(work), "fp16", "stage2_probes")
     phases = dict(first["timing"])
     again = figure3.run(c, work)
     assert again["rows"] == first["rows"] and again["blind"] == first["blind"]

@@ -101,7 +101,8 @@ def test_write_corpus_is_byte_identical_for_the_same_seed(corpus, tmp_path):
 # and say why. Pixels are hashed decoded, so a zlib/Pillow PNG-encoder change alone does not move them.
 # Session 22: corpus_info.json records probe_fraction (0 here; every other file is unchanged).
 # Session 24: it records probe_turns too (1 here; every other file is unchanged, checked by diffing the trees).
-PINNED_CORPUS_DIGEST = "7cb2cbe4c755857ececffc2c1e99a652580a1ab00154c66450bcdb7d75a3e836"
+# Session 25: and probe_formats (the default mix here; again only corpus_info.json changed, trees diffed).
+PINNED_CORPUS_DIGEST = "6c714dc8374eeedd6996983f39a7ff90098057b6be49abcdc06a7b983701bae5"
 PINNED_VOCABULARY_DIGEST = "19e819c966ae794b37b0ae5ead50480535c934577c4e466e7bfd73561dc76632"
 
 
@@ -826,10 +827,7 @@ def test_multi_turn_probes_are_balanced_right_and_never_repeat_a_question(tmp_pa
         patterns[tuple(pattern[1:]) if i % 2 == 0 else ()] += 1
         for j, (prompt, gpt) in enumerate(zip(prompts, conv[1::2])):
             answer = gpt["value"]
-            sub = "pope" if prompt.endswith(SUFFIX_POPE) and not prompt.endswith(SUFFIX_MME) else next(
-                f for f in TX.PROBE_FORMATS if f != "pope" and re.fullmatch(
-                    re.sub(r"\\\{(\w+)\\\}", lambda m: r"[a-z0-9 ]+", re.escape(B.MME_TEMPLATES[f])),
-                    prompt[:-len(SUFFIX_MME)]))
+            sub = _probe_format(prompt)
             _check_probe_turn(prompt, answer, sub, scenes[r["id"]], records, i, scenes)
             answers[answer] += 1
             formats[sub] += 1
@@ -846,6 +844,69 @@ def test_multi_turn_probes_are_balanced_right_and_never_repeat_a_question(tmp_pa
         assert json.load(f)["probe_turns"] == 4
     with pytest.raises(ValueError, match=r"probe_turns=0 must be >= 1"):
         CO.write_corpus(out, n_pretrain=0, n_instruct=2, probe_turns=0, benchmarks=False)
+
+
+def _probe_format(prompt):
+    """The benchmark format a probe prompt is in: 'pope' or the MME subtask whose template it fills."""
+    if prompt.endswith(SUFFIX_POPE) and not prompt.endswith(SUFFIX_MME):
+        return "pope"
+    return next(f for f in TX.MME_PERCEPTION if re.fullmatch(
+        re.sub(r"\\\{(\w+)\\\}", lambda m: r"[a-z0-9 ]+", re.escape(B.MME_TEMPLATES[f])), prompt[:-len(SUFFIX_MME)]))
+
+
+def test_probe_formats_choose_the_questions_of_a_probe_only_corpus(tmp_path):
+    """A curriculum's first phase (configs/figure3.py probe_phase): every sample a probe, POPE and MME-existence
+    questions only, still balanced and right."""
+    out = str(tmp_path)
+    counts = CO.write_corpus(out, seed=7, n_pretrain=0, n_instruct=40, image_size=48, probe_fraction=1.0,
+                             probe_turns=4, probe_formats=("pope", "existence"), benchmarks=False)
+    records = _load(os.path.join(out, "instruct.json"))
+    cfg = SC.ShapesConfig(image_size=48)
+    scenes = {r["id"]: SM.scene_and_image(7, "instruct", i, cfg)[0] for i, r in enumerate(records)}
+    answers, formats, repeats = collections.Counter(), collections.Counter(), 0
+    for i, r in enumerate(records):
+        conv = r["conversations"]
+        assert "image" in r and len(conv) == 8
+        prompts = [conv[0]["value"][len(TX.IMAGE_TOKEN) + 1:]] + [c["value"] for c in conv[2::2]]
+        if len(set(prompts)) < 4:  # only when no format has a new question: a one-object scene's third Yes
+            repeats += 1
+            assert len(scenes[r["id"]].objects) == 1 and [g["value"] for g in conv[1::2]].count("Yes") >= 3
+        for prompt, gpt in zip(prompts, conv[1::2]):
+            sub = _probe_format(prompt)
+            _check_probe_turn(prompt, gpt["value"], sub, scenes[r["id"]], records, i, scenes)
+            answers[gpt["value"]] += 1
+            formats[sub] += 1
+    assert counts["instruct_probes"] == 40 and answers["Yes"] == answers["No"] == 80 and repeats <= 6
+    assert set(formats) == {"pope", "existence"} and min(formats.values()) >= 60
+    with open(os.path.join(out, "corpus_info.json")) as f:
+        assert json.load(f)["probe_formats"] == ["pope", "existence"]
+    # The default mix, spelled or not, is the corpus without the option.
+    assert SM.parse_probe_formats("") == SM.parse_probe_formats(",".join(TX.PROBE_FORMATS)) == TX.PROBE_FORMATS
+    assert SM.parse_probe_formats(" pope, existence ") == ("pope", "existence")
+    with pytest.raises(ValueError, match=r"probe_formats='pope,size': give one or more of pope, existence, count"):
+        SM.parse_probe_formats("pope,size")
+    with pytest.raises(ValueError, match=r"probe_formats='': give one or more of"):
+        CO.write_corpus(out, n_pretrain=0, n_instruct=2, probe_formats=(), benchmarks=False)
+
+
+def test_probe_formats_cli_and_dataset_name(tmp_path, capsys):
+    from qtl_jax.data import llava_tfds
+    from qtl_jax.data.shapes import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--out", str(tmp_path / "c"), "--probe_fraction=0.5", "--probe_formats=pope,colour", "--no_benchmarks"])
+    assert e.value.code == 2
+    assert "probe_formats='pope,colour': give one or more of" in capsys.readouterr().err
+    cli.main(["--out", str(tmp_path / "c"), "--n_pretrain=0", "--n_instruct=4", "--probe_fraction=1",
+              "--probe_formats=existence", "--no_benchmarks"])
+    records = _load(str(tmp_path / "c" / "instruct.json"))
+    assert {_probe_format(r["conversations"][0]["value"].split("\n", 1)[1]) for r in records} == {"existence"}
+    dirs = llava_tfds.prepare_shapes_tfds(str(tmp_path / "tfds"), n_pretrain=2, n_instruct=4, image_size=32,
+                                          probe_fraction=1.0, probe_turns=2, probe_formats="pope,existence")
+    assert "_probe100pctx2_pope-existence/" in dirs["instruct"]
+    with pytest.raises(ValueError, match=r"probe_formats='pope,x'"):  # before anything is written
+        llava_tfds.prepare_shapes_tfds(str(tmp_path / "bad"), probe_fraction=1.0, probe_formats="pope,x")
+    assert not os.path.exists(tmp_path / "bad")
 
 
 def test_no_probes_leave_the_corpus_as_it_was(tmp_path):

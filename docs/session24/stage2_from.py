@@ -31,7 +31,7 @@ model = {"fp16": f3.Model("fp16", 0), "blind": f3.Model("blind", 0, blind=True)}
 g = given["blank" if os.environ.get("BLIND") else "images"]
 if os.environ.get("BLIND"):
     model = f3.Model("blind", 0, blind=True)
-f3.train_stage(c, model, 2, g, workdir, timings)
+f3.train_stage(c, model, "stage2", g, workdir, timings)
 out = f3.measure_model(c, model, g, workdir, timings)
 print(json.dumps({b: (round(v["value"], 1), [round(x, 1) for x in v["ci95"]]) for b, v in out["scores"].items()}))
 m = out["metrics"]

@@ -542,6 +542,7 @@ def prepare_shapes_tfds(
     text_only_fraction: float = 0.1,
     probe_fraction: float = 0.0,
     probe_turns: int = 1,
+    probe_formats: str = "",
     blank: bool = False,
     corpus_dir: str | None = None,
     num_workers: int = 1,
@@ -554,7 +555,8 @@ def prepare_shapes_tfds(
 
     Args:
         data_dir: TFDS data directory to build into.
-        seed, n_pretrain, n_instruct, image_size, text_only_fraction, probe_fraction, probe_turns: the corpus
+        seed, n_pretrain, n_instruct, image_size, text_only_fraction, probe_fraction, probe_turns, probe_formats
+            (comma-separated, '' for the default mix): the corpus
             (``qtl_jax.data.shapes.write_corpus``); they are part of the dataset names, so different
             corpora never reuse each other's build.
         blank: every image flat grey (``ShapesConfig.blank``), the text unchanged: the image-blind
@@ -565,12 +567,16 @@ def prepare_shapes_tfds(
     Returns:
         ``{"pretrain": dataset_dir, "instruct": dataset_dir}``, the directories to open.
     """
+    from qtl_jax.data import shapes
+
+    formats = shapes.parse_probe_formats(probe_formats)
     tag = f"s{seed}_{image_size}px" + ("_blank" if blank else "")
     names = {
         "pretrain": f"shapes_pretrain_{tag}_n{n_pretrain}",
         "instruct": f"shapes_instruct_{tag}_n{n_instruct}_text{round(100 * text_only_fraction)}pct"
                     + (f"_probe{round(100 * probe_fraction)}pct" if probe_fraction else "")
-                    + (f"x{probe_turns}" if probe_fraction and probe_turns != 1 else ""),
+                    + (f"x{probe_turns}" if probe_fraction and probe_turns != 1 else "")
+                    + (f"_{'-'.join(formats)}" if probe_fraction and formats != shapes.PROBE_FORMATS else ""),
     }
     out = {k: os.path.join(data_dir, DATASET_NAME, v, "1.0.0") for k, v in names.items()}
     # The pretrain stream depends only on its own name's settings: a stage 2 with other instruct settings
@@ -579,8 +585,6 @@ def prepare_shapes_tfds(
     missing = {k: n for k, n in names.items() if not os.path.isfile(os.path.join(out[k], "dataset_info.json"))}
     if not missing:
         return out
-    from qtl_jax.data import shapes
-
     corpus_dir = corpus_dir or os.path.join(data_dir, "downloads", f"{names['pretrain']}_{names['instruct']}")
     shapes.write_corpus(
         corpus_dir,
@@ -592,6 +596,7 @@ def prepare_shapes_tfds(
         text_only_fraction=text_only_fraction,
         probe_fraction=probe_fraction,
         probe_turns=probe_turns,
+        probe_formats=formats,
         benchmarks=False,
     )
     for kind, name in missing.items():

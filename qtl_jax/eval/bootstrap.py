@@ -51,6 +51,8 @@ class Outcomes:
     columns: stratum -> ``[n_units, n_columns]`` float array (one row per unit).
     statistic: the headline from columns of any leading batch shape (units on axis -2).
     questions: the number of questions behind the headline (an MME unit holds two).
+    secondary: other metrics of the scorer computed from the same columns (POPE: ``accuracy``, which F1
+        alone hides: an always-yes model has F1 66.7 at accuracy 50).
     """
 
     kind: str
@@ -58,9 +60,19 @@ class Outcomes:
     columns: Mapping[str, np.ndarray]
     statistic: Statistic
     questions: int
+    secondary: Mapping[str, Statistic] = dataclasses.field(default_factory=dict)
 
-    def value(self) -> float:
-        return float(self.statistic(self.columns))
+    def value(self, metric: str | None = None) -> float:
+        """The headline, or the secondary ``metric``, on the full sample."""
+        return float(self.statistic_for(metric)(self.columns))
+
+    def statistic_for(self, metric: str | None) -> Statistic:
+        """The statistic of the headline (None) or of a secondary metric."""
+        if metric is None or metric == self.headline:
+            return self.statistic
+        if metric not in self.secondary:
+            raise ValueError(f"{self.kind}: no metric {metric!r}; it has {', '.join([self.headline, *self.secondary])}.")
+        return self.secondary[metric]
 
 
 def _f1(said_yes: np.ndarray, is_yes: np.ndarray) -> np.ndarray:
@@ -77,6 +89,11 @@ def _f1(said_yes: np.ndarray, is_yes: np.ndarray) -> np.ndarray:
 
 def _pope_statistic(columns: Mapping[str, np.ndarray]) -> np.ndarray:
     return np.mean([_f1(c[..., 0], c[..., 1]) for c in columns.values()], axis=0)
+
+
+def _pope_accuracy_statistic(columns: Mapping[str, np.ndarray]) -> np.ndarray:
+    # The mean over categories of the share answered right (pope.score's ``accuracy``).
+    return np.mean([100.0 * np.mean(c[..., 0] == c[..., 1], axis=-1) for c in columns.values()], axis=0)
 
 
 def _mme_statistic(perception: Sequence[str]) -> Statistic:
@@ -111,7 +128,8 @@ def _pope(spec, examples, rows) -> Outcomes:
         if ex.key in rows and c in labels:
             cols[c].append((float(pope.parse_yes_no(rows[ex.key]["text"]) == "yes"), float(labels[c][i]["label"] == "yes")))
     columns = {c: np.asarray(v) for c, v in cols.items()}
-    return Outcomes("pope", "f1", columns, _pope_statistic, sum(len(v) for v in columns.values()))
+    return Outcomes("pope", "f1", columns, _pope_statistic, sum(len(v) for v in columns.values()),
+                    secondary={"accuracy": _pope_accuracy_statistic})
 
 
 def _mme(spec, examples, rows) -> Outcomes:
@@ -173,8 +191,9 @@ def outcomes(spec: Mapping[str, Any], examples: Sequence[Example], rows: Mapping
              scored: Mapping[str, float] | None = None) -> Outcomes:
     """The units of ``spec``'s benchmark for the answered ``examples`` (``rows`` by key).
 
-    ``scored``: the scorer's metrics for the same answers; the headline recomputed from the units must
-    equal ``scored[headline]`` (else ValueError: the two disagree on what was scored).
+    ``scored``: the scorer's metrics for the same answers; the headline (and each secondary metric the scorer
+    reports) recomputed from the units must equal the scorer's (else ValueError: the two disagree on what was
+    scored).
     """
     kind = spec["kind"]
     if kind not in _EXTRACT:
@@ -183,16 +202,19 @@ def outcomes(spec: Mapping[str, Any], examples: Sequence[Example], rows: Mapping
     if not out.questions:
         raise ValueError(f"{kind}: no answered question counts towards {out.headline}.")
     if scored is not None:
-        want, got = float(scored[out.headline]), out.value()
-        if not np.isclose(got, want, rtol=1e-9, atol=1e-9):
-            raise ValueError(f"{kind}: the per-question outcomes give {out.headline}={got!r} but the scorer gave "
-                             f"{want!r}; they must score the same answers the same way.")
+        for metric in [out.headline, *(m for m in out.secondary if m in scored)]:
+            want, got = float(scored[metric]), out.value(metric)
+            if not np.isclose(got, want, rtol=1e-9, atol=1e-9):
+                raise ValueError(f"{kind}: the per-question outcomes give {metric}={got!r} but the scorer gave "
+                                 f"{want!r}; they must score the same answers the same way.")
     return out
 
 
 def bootstrap_interval(out: Outcomes, *, samples: int = 2000, seed: int = 0, level: float = 0.95,
-                       chunk: int = 250) -> tuple[float, float]:
-    """Percentile interval of the headline over ``samples`` stratified bootstrap replicates."""
+                       chunk: int = 250, metric: str | None = None) -> tuple[float, float]:
+    """Percentile interval of the headline (or the secondary ``metric``) over ``samples`` stratified bootstrap
+    replicates."""
+    statistic = out.statistic_for(metric)
     if samples < 1 or not 0 < level < 1:
         raise ValueError(f"need samples >= 1 and 0 < level < 1, got samples={samples}, level={level}.")
     rng = np.random.default_rng(seed)
@@ -200,7 +222,7 @@ def bootstrap_interval(out: Outcomes, *, samples: int = 2000, seed: int = 0, lev
     for start in range(0, samples, chunk):
         b = min(chunk, samples - start)
         resampled = {s: c[rng.integers(0, len(c), size=(b, len(c)))] for s, c in out.columns.items()}
-        values.append(np.broadcast_to(out.statistic(resampled), (b,)))
+        values.append(np.broadcast_to(statistic(resampled), (b,)))
     v = np.concatenate(values)
     alpha = (1.0 - level) / 2.0
     return float(np.quantile(v, alpha)), float(np.quantile(v, 1.0 - alpha))

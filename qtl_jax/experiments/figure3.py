@@ -13,7 +13,9 @@ image-inversion attack on its wire (:mod:`qtl_jax.experiments.measure`). Then it
 Workdir layout (every step resumes: a killed run picks up where it stopped)::
 
     data/                      the built-in corpus, its blanked twin and the tokenizer (qtl_jax.experiments.inputs)
-    <model>/stage1/  <model>/stage2/     train.py workdirs (model: L2, L4, ..., fp16, blind)
+    <model>/stage1/  [<model>/stage2_probes/]  <model>/stage2/
+                               train.py workdirs (model: L2, L4, ..., fp16, blind), each started from the one
+                               before; stage2_probes is the curriculum's first phase (``probe_phase.steps`` > 0)
     <model>/eval/              answers/, metrics.json, results.md (qtl_jax.eval)
     <model>/measured.json      scores with intervals, uplink, privacy, the phases' wall and CPU seconds
     <model>/features.npz       in_proj features in batches (quantized models)
@@ -64,6 +66,9 @@ def models(config: Any) -> list[Model]:
     if not levels or any(v < 2 for v in levels) or len(set(levels)) != len(levels):
         raise ValueError(f"levels={tuple(config.levels)}: give distinct numbers of levels >= 2, e.g. 2,4,8,16,32.")
     # The references first: a run cut short still has what every quantized model is compared with.
+    if int(config.probe_phase.steps) > 0 and config.preset not in BUILTIN_PRESETS:
+        raise ValueError("probe_phase.steps > 0 needs the built-in corpus (it writes the probe-only stage-2 data); "
+                         "set --config.probe_phase.steps=0 for the paper preset.")
     out = [Model("fp16", 0)] if config.baseline else []
     if config.blind:
         if config.preset not in BUILTIN_PRESETS:
@@ -81,20 +86,45 @@ def _quantizer(section: Any, levels: int) -> None:
         section.levels = levels
 
 
-def stage_config(config: Any, model: Model, stage: int, given: inputs_lib.Inputs, workdir: str) -> Any:
-    """The train.py config of ``model``'s stage ``stage``: the experiment's section with the model's quantizer,
-    the experiment's seed, its data and (stage 2) the stage-1 workdir to start from."""
-    c = copy.deepcopy(config.stage1 if stage == 1 else config.stage2)
+def stages(config: Any) -> list[str]:
+    """The training runs of every model, in order, each started from the one before: stage 1, (the
+    curriculum's probe-only phase,) stage 2."""
+    return ["stage1"] + (["stage2_probes"] if int(config.probe_phase.steps) > 0 else []) + ["stage2"]
+
+
+def stage_config(config: Any, model: Model, stage: str, given: inputs_lib.Inputs, workdir: str) -> Any:
+    """The train.py config of ``model``'s run ``stage`` (one of :func:`stages`): the experiment's section with the
+    model's quantizer, the experiment's seed, its data and the workdir of the run before to start from.
+
+    ``stage2_probes`` is the ``stage2`` section for ``probe_phase.steps`` steps on the probe-only data.
+    """
+    order = stages(config)
+    if stage not in order:
+        raise ValueError(f"stage {stage!r}: this experiment trains {', '.join(order)}.")
+    c = copy.deepcopy(config.stage1 if stage == "stage1" else config.stage2)
     c.seed = int(config.seed)
     _quantizer(c.quantizer, model.levels)
     c.data.kind = "llava"
-    c.data.dataset_dir = given.stage1_data if stage == 1 else given.stage2_data
+    c.data.dataset_dir = {"stage1": given.stage1_data, "stage2_probes": given.probe_data,
+                          "stage2": given.stage2_data}[stage]
+    if stage == "stage2_probes":
+        c.total_steps = int(config.probe_phase.steps)
     c.model.tokenizer_dir = given.tokenizer_dir
     if given.vision_dir:
         c.model.vision_dir, c.model.llm_dir = given.vision_dir, given.llm_dir
-    if stage == 2:
-        c.init.from_workdir = os.path.join(workdir, model.name, "stage1")
+    if stage != "stage1":
+        c.init.from_workdir = os.path.join(workdir, model.name, order[order.index(stage) - 1])
     return c
+
+
+def probe_corpus(config: Any) -> dict[str, Any] | None:
+    """The probe-only stage-2 corpus of the curriculum's first phase (None without one): ``corpus``'s seed and
+    text settings with ``probe_phase``'s samples, formats and questions per sample, every sample a probe."""
+    p = config.probe_phase
+    if int(p.steps) <= 0:
+        return None
+    return {"n_instruct": int(p.n_samples), "probe_fraction": 1.0, "probe_turns": int(p.probe_turns),
+            "probe_formats": str(p.probe_formats)}
 
 
 def eval_config(config: Any, model: Model, given: inputs_lib.Inputs, workdir: str) -> Any:
@@ -141,18 +171,18 @@ def _write(path: str, obj: Any) -> None:
     os.replace(tmp, path)  # a kill never leaves half a marker
 
 
-def train_stage(config: Any, model: Model, stage: int, given: inputs_lib.Inputs, workdir: str,
+def train_stage(config: Any, model: Model, stage: str, given: inputs_lib.Inputs, workdir: str,
                 timings: Timings) -> dict[str, Any]:
-    """Trains (or resumes, or finds finished) one stage of one model."""
+    """Trains (or resumes, or finds finished) one run (``stage``, one of :func:`stages`) of one model."""
     from qtl_jax.train.loop import train_and_evaluate
 
-    stage_dir = os.path.join(workdir, model.name, f"stage{stage}")
+    stage_dir = os.path.join(workdir, model.name, stage)
     done = _read(os.path.join(stage_dir, STAGE_DONE))
     if done is None:
-        print(f"figure3: {model.name} stage {stage}", flush=True)
-        with timings.phase(f"{model.name}/stage{stage}"):
+        print(f"figure3: {model.name} {stage}", flush=True)
+        with timings.phase(f"{model.name}/{stage}"):
             out = train_and_evaluate(stage_config(config, model, stage, given, workdir), stage_dir)
-        done = {"step": out["step"], "loss": out["loss"], **timings.phases[f"{model.name}/stage{stage}"]}
+        done = {"step": out["step"], "loss": out["loss"], **timings.phases[f"{model.name}/{stage}"]}
         _write(os.path.join(stage_dir, STAGE_DONE), done)
     return done
 
@@ -269,17 +299,17 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
         with timings.phase("data"):
             image_size = int(config.stage1.model.vision.image_size)
             given = inputs_lib.prepare_builtin(os.path.join(workdir, "data"), config.corpus.to_dict(), image_size,
-                                               blank=bool(config.blind))
+                                               blank=bool(config.blind), probes=probe_corpus(config))
     else:
         given = {"images": inputs_lib.check_paths(config.paths.to_dict())}
     measured = {}
     for model in plan:
         model_inputs = given["blank" if model.blind else "images"]
-        for stage in (1, 2):
+        for stage in stages(config):
             train_stage(config, model, stage, model_inputs, workdir, timings)
         measured[model.name] = measure_model(config, model, model_inputs, workdir, timings)
-    rows = [dict(measured[m.name], train={f"stage{s}": _read(os.path.join(workdir, m.name, f"stage{s}", STAGE_DONE))
-                                          for s in (1, 2)}) for m in plan if not m.blind]
+    rows = [dict(measured[m.name], train={s: _read(os.path.join(workdir, m.name, s, STAGE_DONE))
+                                          for s in stages(config)}) for m in plan if not m.blind]
     for r in rows:
         r.pop("metrics", None)
     blind = next((measured[m.name]["scores"] for m in plan if m.blind), None)

@@ -16,7 +16,8 @@ Layout (built-in)::
 
     <data>/tokenizer/
     <data>/<variant>/corpus/          pretrain.json, instruct.json, images/    (variant: images | blank)
-    <data>/<variant>/tfds/llava_json/shapes_<variant>_{pretrain,instruct}/1.0.0/
+    <data>/<variant>/corpus_probes/   instruct.json, images/   (with a curriculum: probe-only stage 2)
+    <data>/<variant>/tfds/llava_json/shapes_<variant>_{pretrain,instruct[,probes]}/1.0.0/
     <data>/<variant>/benchmarks/      mme/ pope/ scienceqa/ vqa/
     <data>/inputs.json                the settings they were written with (a rerun with the same ones reuses them)
 """
@@ -51,6 +52,7 @@ class Inputs:
     benchmark_dir: str
     vision_dir: str | None = None  # paper: component checkpoints; built-in: None (random init)
     llm_dir: str | None = None
+    probe_data: str | None = None  # built-in with a curriculum: the probe-only stage-2 dataset
 
 
 def check_paths(paths: Mapping[str, Any]) -> Inputs:
@@ -66,10 +68,12 @@ def check_paths(paths: Mapping[str, Any]) -> Inputs:
                   paths["vision_dir"], paths["llm_dir"])
 
 
-def _variant(data_dir: str, variant: str, corpus: Mapping[str, Any], image_size: int) -> Inputs:
+def _variant(data_dir: str, variant: str, corpus: Mapping[str, Any], image_size: int,
+             probes: Mapping[str, Any] | None) -> Inputs:
     from qtl_jax.data import llava_tfds
     from qtl_jax.data.shapes import ShapesConfig, write_corpus
     from qtl_jax.data.shapes.benchmarks import write_benchmarks
+    from qtl_jax.data.shapes.samples import parse_probe_formats
 
     root = os.path.join(data_dir, variant)
     cfg = ShapesConfig(image_size=image_size, blank=variant == "blank")
@@ -86,14 +90,31 @@ def _variant(data_dir: str, variant: str, corpus: Mapping[str, Any], image_size:
                                         {"train": [os.path.join(corpus_dir, f"{split}.json")]},
                                         image_root=os.path.join(corpus_dir, "images"), kind=split, max_bad_rows=0,
                                         max_bad_fraction=0.0)
+    if probes:
+        # The same seed, so the same stage-2 images as the mix, each with probe questions only.
+        probe_dir = os.path.join(root, "corpus_probes")
+        write_corpus(probe_dir, seed=int(corpus["seed"]), n_pretrain=0, n_instruct=int(probes["n_instruct"]),
+                     image_size=image_size, cfg=cfg, text_only_fraction=float(corpus["text_only_fraction"]),
+                     probe_fraction=float(probes["probe_fraction"]), probe_turns=int(probes["probe_turns"]),
+                     probe_formats=parse_probe_formats(str(probes["probe_formats"])), benchmarks=False,
+                     with_scenes=False)
+        built["probes"] = llava_tfds.build(os.path.join(root, "tfds"), f"shapes_{variant}_probes",
+                                           {"train": [os.path.join(probe_dir, "instruct.json")]},
+                                           image_root=os.path.join(probe_dir, "images"), kind="instruct",
+                                           max_bad_rows=0, max_bad_fraction=0.0)
     bench = os.path.join(root, "benchmarks")
     write_benchmarks(bench, seed=int(corpus["seed"]), cfg=cfg, n_mme=int(corpus["n_mme"]), n_pope=int(corpus["n_pope"]),
                      n_scienceqa=int(corpus["n_scienceqa"]), n_vqa=int(corpus["n_vqa"]))
-    return Inputs(built["pretrain"], built["instruct"], os.path.join(data_dir, "tokenizer"), bench)
+    return Inputs(built["pretrain"], built["instruct"], os.path.join(data_dir, "tokenizer"), bench,
+                  probe_data=built.get("probes"))
 
 
-def prepare_builtin(data_dir: str, corpus: Mapping[str, Any], image_size: int, blank: bool) -> dict[str, Inputs]:
+def prepare_builtin(data_dir: str, corpus: Mapping[str, Any], image_size: int, blank: bool,
+                    probes: Mapping[str, Any] | None = None) -> dict[str, Inputs]:
     """``{'images': Inputs, 'blank': Inputs}`` (``blank`` only if asked) for the built-in corpus, written once.
+
+    ``probes`` (``n_instruct``, ``probe_fraction``, ``probe_turns``, ``probe_formats``; None: none) adds a
+    second stage-2 dataset from the same images, ``Inputs.probe_data`` (a curriculum's first phase).
 
     A rerun with the same settings (or without ``blank`` where the files have it) finds ``inputs.json`` and
     reuses the files; other settings need an empty ``data_dir`` (ValueError), so models are never trained on
@@ -101,13 +122,15 @@ def prepare_builtin(data_dir: str, corpus: Mapping[str, Any], image_size: int, b
     """
     from qtl_jax.data.shapes.tokenizer import build_shapes_tokenizer
 
-    settings = {"corpus": dict(corpus), "image_size": int(image_size), "blank": bool(blank)}
+    settings = {"corpus": dict(corpus), "image_size": int(image_size), "blank": bool(blank),
+                "probes": dict(probes) if probes else None}
     marker = os.path.join(data_dir, MARKER)
     variants = ("images", "blank") if blank else ("images",)
     if os.path.isfile(marker):
         with open(marker, encoding="utf-8") as f:
             done = json.load(f)
         # A corpus written with its blank twin also serves a run without the blind control.
+        done["settings"].setdefault("probes", None)  # written before the curriculum existed
         same = {k: v for k, v in done["settings"].items() if k != "blank"} == \
             {k: v for k, v in settings.items() if k != "blank"}
         if not same or (blank and not done["settings"]["blank"]):
@@ -116,7 +139,7 @@ def prepare_builtin(data_dir: str, corpus: Mapping[str, Any], image_size: int, b
         return {v: Inputs(**done["inputs"][v]) for v in variants}
     os.makedirs(data_dir, exist_ok=True)
     build_shapes_tokenizer(os.path.join(data_dir, "tokenizer"))
-    out = {v: _variant(data_dir, v, corpus, image_size) for v in variants}
+    out = {v: _variant(data_dir, v, corpus, image_size, probes) for v in variants}
     with open(marker, "w", encoding="utf-8") as f:
         json.dump({"settings": settings, "inputs": {v: dataclasses.asdict(i) for v, i in out.items()}}, f, indent=1)
     return out

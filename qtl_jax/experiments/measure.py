@@ -34,6 +34,9 @@ def benchmark_scores(loaded: Any, config: Any, workdir: str, boot: Mapping[str, 
                      ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, float]]]:
     """``({benchmark: {value, ci95: [low, high], n, metric}}, every metric)`` of ``loaded`` on ``config``'s benchmarks.
 
+    A benchmark whose scorer has secondary metrics (POPE: ``accuracy``) also gets ``{metric: {value, ci95}}``
+    for each, from the same bootstrap replicates' seed.
+
     A benchmark without a local headline (VQAv2 test-dev without annotations) gets ``value``/``ci95`` None
     and a ``note``.
     """
@@ -54,6 +57,10 @@ def benchmark_scores(loaded: Any, config: Any, workdir: str, boot: Mapping[str, 
         low, high = bootstrap.bootstrap_interval(out, samples=int(boot["samples"]), seed=int(boot["seed"]),
                                                  level=float(boot["level"]))
         scores[name] = {"value": out.value(), "ci95": [low, high], "n": out.questions, "metric": out.headline}
+        for metric in out.secondary:
+            interval = bootstrap.bootstrap_interval(out, samples=int(boot["samples"]), seed=int(boot["seed"]),
+                                                    level=float(boot["level"]), metric=metric)
+            scores[name][metric] = {"value": out.value(metric), "ci95": list(interval)}
     return scores, metrics
 
 

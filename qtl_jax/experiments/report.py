@@ -4,7 +4,9 @@ Definitions used in the outputs (docs/experiments.md):
 
 * **knee** (:func:`knee_levels`): the smallest trained L whose headline on every benchmark is not below the
   lower end of the 16-bit baseline's 95 % interval (a score above the interval keeps the quality too).
-* **beats blind** (:func:`beats_blind`): the model's interval lies entirely above the image-blind control's.
+* **beats blind** (:func:`beats_blind`): the model's interval lies entirely above the image-blind control's,
+  for the headline and for every secondary metric both report (POPE: F1 and accuracy; F1 alone rewards
+  saying yes: an always-yes blind control has F1 66.7 at 50 % accuracy).
 * **the rule against the knee** (:func:`tolerance_window`): the rule picks the smallest L whose resolution
   gap stays within τ for it and every larger candidate, so the τ that make it pick the knee form an
   interval [M(knee), M(previous candidate)) of suffix maxima M of the batch-mean |gap|.
@@ -36,11 +38,18 @@ def knee_levels(rows: Sequence[Mapping[str, Any]]) -> int | None:
     return None
 
 
+def secondary_metrics(score: Mapping[str, Any]) -> list[str]:
+    """The secondary metrics a benchmark score holds (``{name: {value, ci95}}`` entries beside the headline)."""
+    return [k for k, v in score.items() if isinstance(v, Mapping) and "ci95" in v]
+
+
 def beats_blind(score: Mapping[str, Any], blind: Mapping[str, Any] | None) -> bool | None:
-    """True when ``score``'s interval lies above ``blind``'s (None when either has no interval)."""
+    """True when ``score``'s interval lies above ``blind``'s, for the headline and every secondary metric both
+    have (None when either has no headline interval)."""
     if not blind or not score.get("ci95") or not blind.get("ci95"):
         return None
-    return bool(score["ci95"][0] > blind["ci95"][1])
+    pairs = [(score, blind)] + [(score[m], blind[m]) for m in secondary_metrics(score) if m in blind]
+    return all(bool(s["ci95"][0] > b["ci95"][1]) for s, b in pairs)
 
 
 def tolerance_window(candidates: Sequence[int], gap_mean: Sequence[float], target: int) -> tuple[float, float] | None:
@@ -81,22 +90,33 @@ def markdown(result: Mapping[str, Any]) -> str:
     rows = result["rows"]
     benches = list(rows[0]["scores"])
     metric = {b: rows[0]["scores"][b].get("metric", "") for b in benches}
-    head = ("| model | bits | " + " | ".join(f"{b} ({metric[b]})" for b in benches)
+    # Each benchmark's headline, then its secondary metrics (POPE accuracy) as their own columns.
+    columns = []
+    for b in benches:
+        extra = dict.fromkeys(m for r in rows for m in secondary_metrics(r["scores"].get(b) or {}))
+        columns += [(b, None)] + [(b, m) for m in extra]
+    head = ("| model | bits | " + " | ".join(f"{b} ({m or metric[b]})" for b, m in columns)
             + " | uplink B/sample fp16 / packed / ANS | round trip B/sample | inversion PSNR (dB) / SSIM |")
     lines = [f"# Figure 3 ({result['preset']})", "", "Each score: value [95 % bootstrap interval]; n questions per "
              "benchmark: " + ", ".join(f"{b} {rows[0]['scores'][b]['n']}" for b in benches) + ".", "", head,
-             "|" + "---|" * (len(benches) + 5)]
+             "|" + "---|" * (len(columns) + 5)]
     for r in rows + ([dict(name="blind", levels=-1, bits=None, scores=result["blind"])] if result.get("blind") else []):
         u = r.get("uplink_bytes_per_sample")
         p = r.get("privacy")
         name = {0: "16-bit baseline", -1: "image-blind control (16-bit)"}.get(r["levels"], f"L={r['levels']}")
         bits = "–" if r["bits"] is None else f"{r['bits']:g}"
-        lines.append(f"| {name} | {bits} | " + " | ".join(_fmt(r["scores"].get(b)) for b in benches) + " | "
+        lines.append(f"| {name} | {bits} | " + " | ".join(
+            _fmt(r["scores"].get(b) if m is None else (r["scores"].get(b) or {}).get(m)) for b, m in columns) + " | "
                      + (f"{u['fp16']:.0f} / {u['packed']:.0f} / {u['ans']:.0f}" if u else "–") + " | "
                      + (f"{u[ROUNDTRIP]:.0f}" if u and ROUNDTRIP in u else "–") + " | "
                      + (f"{p['psnr']:.2f} / {p['ssim']:.3f}" if p else "–") + " |")
     knee = result["knee_levels"]
     rule = result["entropy_rule"]
+    if result.get("blind"):
+        lines += ["", "**Beats the image-blind control** (95 % interval above its interval; with a secondary metric, "
+                  "on both): " + "; ".join(
+                      f"{r['name']}: " + (", ".join(b for b in benches if (r.get("beats_blind") or {}).get(b))
+                                          or "none") for r in rows) + "."]
     lines += ["", f"**Knee** (smallest L within the baseline's interval on every benchmark): "
               + ("none of the trained L" if knee is None else f"L = {knee} ({math.log2(knee):g} bits)") + ".",
               f"**Entropy rule** (τ = {result['entropy_rule_details'].get('tolerance_bits')} bit): image L = "

@@ -182,6 +182,7 @@ def _prepare_data(config: ml_collections.ConfigDict, workdir: str, image_size: i
         dirs = on_main_first(lambda: llava_tfds.prepare_shapes_tfds(
             data_dir, seed=s.seed, n_pretrain=s.n_pretrain, n_instruct=s.n_instruct, image_size=image_size,
             text_only_fraction=s.text_only_fraction, probe_fraction=s.probe_fraction, probe_turns=int(s.probe_turns),
+            probe_formats=str(s.probe_formats),
             blank=bool(s.blank)))
         if s.stream not in dirs:
             raise ValueError(f"data.shapes.stream={s.stream!r}: use one of {sorted(dirs)}.")

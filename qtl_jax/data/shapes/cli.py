@@ -10,8 +10,10 @@ from collections.abc import Sequence
 
 from qtl_jax import cli as clilib
 from qtl_jax.data.shapes.corpus import write_corpus
+from qtl_jax.data.shapes.samples import parse_probe_formats
 from qtl_jax.data.shapes.preview import preview_grid
 from qtl_jax.data.shapes.scene import ShapesConfig
+from qtl_jax.data.shapes.text import PROBE_FORMATS
 from qtl_jax.data.shapes.tokenizer import build_shapes_tokenizer
 
 
@@ -31,6 +33,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--probe_fraction", type=float, default=0.0,
                    help="stage-2 samples that are yes/no questions in the POPE / MME formats (balanced)")
     p.add_argument("--probe_turns", type=int, default=1, help="yes/no questions per probe sample")
+    p.add_argument("--probe_formats", default=",".join(PROBE_FORMATS),
+                   help="the probes' formats, taken in turn (comma-separated: pope, existence, count, position, color)")
     p.add_argument("--n_mme", type=int, default=30, help="images per MME subtask (2 questions each)")
     p.add_argument("--n_pope", type=int, default=50, help="POPE images (6 questions each per split)")
     p.add_argument("--n_scienceqa", type=int, default=200)
@@ -45,7 +49,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         counts = write_corpus(a.out, seed=a.seed, n_pretrain=a.n_pretrain, n_instruct=a.n_instruct,
                               image_size=a.image_size, cfg=cfg, text_only_fraction=a.text_only_fraction,
                               probe_fraction=a.probe_fraction,
-                              probe_turns=a.probe_turns, benchmarks=not a.no_benchmarks,
+                              probe_turns=a.probe_turns, probe_formats=parse_probe_formats(a.probe_formats),
+                              benchmarks=not a.no_benchmarks,
                               bench_sizes=dict(n_mme=a.n_mme, n_pope=a.n_pope, n_scienceqa=a.n_scienceqa,
                                                n_vqa=a.n_vqa))
     except ValueError as e:

@@ -11,11 +11,13 @@ import dataclasses
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from qtl_jax.data.shapes.benchmarks import write_benchmarks
-from qtl_jax.data.shapes.samples import Sample, instruct_sample, is_probe, pretrain_sample, save_png
+from qtl_jax.data.shapes.samples import (Sample, check_probe_formats, instruct_sample, is_probe, pretrain_sample,
+                                         save_png)
 from qtl_jax.data.shapes.scene import ShapesConfig
+from qtl_jax.data.shapes.text import PROBE_FORMATS
 
 
 def _write_split(out_dir: str, split: str, n: int, make: Callable[[int], Sample], with_scenes: bool) -> list[dict]:
@@ -39,7 +41,8 @@ def _write_split(out_dir: str, split: str, n: int, make: Callable[[int], Sample]
 
 def write_corpus(out_dir: str, *, seed: int = 0, n_pretrain: int = 2000, n_instruct: int = 2000,
                  image_size: int = 64, cfg: ShapesConfig | None = None, text_only_fraction: float = 0.1,
-                 probe_fraction: float = 0.0, probe_turns: int = 1, benchmarks: bool = True, bench_sizes: dict | None = None, with_scenes: bool = True) -> dict:
+                 probe_fraction: float = 0.0, probe_turns: int = 1, probe_formats: Sequence[str] | None = None,
+                 benchmarks: bool = True, bench_sizes: dict | None = None, with_scenes: bool = True) -> dict:
     """Writes the corpus under ``out_dir`` and returns the counts written.
 
     Layout: ``images/{pretrain,instruct}/*.png``, ``pretrain.json`` and ``instruct.json`` (LLaVA JSON,
@@ -53,6 +56,7 @@ def write_corpus(out_dir: str, *, seed: int = 0, n_pretrain: int = 2000, n_instr
                          f"benchmark-format yes/no probes).")
     if probe_turns < 1:
         raise ValueError(f"probe_turns={probe_turns} must be >= 1 (the yes/no questions of one probe sample).")
+    probe_formats = check_probe_formats(PROBE_FORMATS if probe_formats is None else probe_formats)
     if cfg is None:
         cfg = ShapesConfig(image_size=image_size)
     elif cfg.image_size != image_size:
@@ -63,7 +67,8 @@ def write_corpus(out_dir: str, *, seed: int = 0, n_pretrain: int = 2000, n_instr
     pre = _write_split(out_dir, "pretrain", n_pretrain, lambda i: pretrain_sample(seed, i, cfg), with_scenes)
     counts["pretrain"] = len(pre)
     ins = _write_split(out_dir, "instruct", n_instruct,
-                       lambda i: instruct_sample(seed, i, cfg, text_only_fraction, probe_fraction, probe_turns),
+                       lambda i: instruct_sample(seed, i, cfg, text_only_fraction, probe_fraction, probe_turns,
+                                                 probe_formats),
                        with_scenes)
     counts["instruct"] = len(ins)
     counts["instruct_text_only"] = sum(1 for r in ins if "image" not in r)
@@ -76,6 +81,7 @@ def write_corpus(out_dir: str, *, seed: int = 0, n_pretrain: int = 2000, n_instr
     with open(os.path.join(out_dir, "corpus_info.json"), "w") as f:
         json.dump({"seed": seed, "config": dataclasses.asdict(cfg), "text_only_fraction": text_only_fraction,
                    "probe_fraction": probe_fraction, "probe_turns": probe_turns,
+                   "probe_formats": list(probe_formats),
                    "counts": {k: v for k, v in counts.items() if not k.endswith("seconds")}}, f, indent=1)
     return counts
 

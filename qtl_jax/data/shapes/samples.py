@@ -14,12 +14,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
 
 from qtl_jax.data.shapes.scene import Scene, ShapesConfig, render, sample_scene
-from qtl_jax.data.shapes.text import (IMAGE_TOKEN, PROBE_FORMATS, caption, image_conversation, mme_prompt,
+from qtl_jax.data.shapes.text import (IMAGE_TOKEN, MME_PERCEPTION, PROBE_FORMATS, caption, image_conversation, mme_prompt,
                                       mme_questions, pick, pope_prompt, text_conversation)
 
 # Disjoint random streams: training never shares a SeedSequence with a benchmark, whatever the seeds.
@@ -112,20 +113,41 @@ def absent_from_other_image(seed: int, index: int, scene: Scene, rng: np.random.
     raise ValueError(f"no image near stage-2 sample {index} has an object absent from it; use more colours or kinds.")
 
 
+def check_probe_formats(formats: Sequence[str]) -> tuple[str, ...]:
+    """``formats`` as a tuple, or a ValueError naming the bad entry and the valid ones."""
+    formats = tuple(formats)
+    valid = ("pope",) + MME_PERCEPTION
+    bad = [f for f in formats if f not in valid]
+    if not formats or bad:
+        raise ValueError(f"probe_formats={','.join(formats)!r}: give one or more of {', '.join(valid)} "
+                         f"(comma-separated; a format may repeat to weight it).")
+    return formats
+
+
+def parse_probe_formats(text: str) -> tuple[str, ...]:
+    """Formats from a comma-separated config / CLI value (``''``: the default mix, :data:`PROBE_FORMATS`)."""
+    parts = tuple(p.strip() for p in text.split(",") if p.strip())
+    return check_probe_formats(parts or PROBE_FORMATS)
+
+
 def probe_conversation(seed: int, index: int, scene: Scene, rng: np.random.Generator, cfg: ShapesConfig,
-                       text_only_fraction: float, probe_fraction: float, turns: int = 1) -> list[dict]:
+                       text_only_fraction: float, probe_fraction: float, turns: int = 1,
+                       formats: Sequence[str] = PROBE_FORMATS) -> list[dict]:
     """``turns`` yes/no questions about ``scene``, each exactly as a benchmark asks it (POPE, or an MME perception
     subtask), the first with the image.
 
-    Turn j takes the formats in turn from the pair's own offset. The first turn is answered Yes for an even
+    Turn j takes the ``formats`` (default :data:`PROBE_FORMATS`) in turn from the pair's own offset. The first turn is answered Yes for an even
     ``index``; the later turns follow a random pattern drawn once per pair (2m, 2m + 1), Yes/No for the even
     sample and its complement for the odd one, so the pair is balanced exactly turn by turn while no answer
     can be predicted from the earlier answers of its sample (a fixed alternation could). A later turn never
     repeats an earlier prompt of the sample (it could be answered by copying): when the scene leaves only
-    repeats in a format, the next format is tried.
+    repeats in a format, the next format is tried. Only when every format has only repeats left is a question
+    asked again (with ``formats`` POPE and existence alone, a one-object scene has two Yes questions: about 8 %
+    of such rows).
     """
     if turns < 1:
         raise ValueError(f"probe_turns={turns} must be >= 1 (yes/no questions per probe sample).")
+    formats = check_probe_formats(formats)
     pair = math.floor((index // 2) * probe_fraction)  # how many probe pairs come before this one
     pattern = np.random.default_rng((seed, index // 2, 0x70B3)).random(turns) < 0.5
     pattern[0] = True
@@ -133,8 +155,8 @@ def probe_conversation(seed: int, index: int, scene: Scene, rng: np.random.Gener
     asked: set[str] = set()
     for j in range(turns):
         yes = bool(pattern[j]) == (index % 2 == 0)
-        for attempt in range(4 * len(PROBE_FORMATS)):
-            fmt = PROBE_FORMATS[(pair + j + attempt // 4) % len(PROBE_FORMATS)]
+        for attempt in range(4 * len(formats)):
+            fmt = formats[(pair + j + attempt // 4) % len(formats)]
             if fmt == "pope":
                 if yes:
                     o = pick(rng, scene.objects)
@@ -155,17 +177,19 @@ def probe_conversation(seed: int, index: int, scene: Scene, rng: np.random.Gener
 
 
 def instruct_sample(seed: int, index: int, cfg: ShapesConfig = ShapesConfig(),
-                    text_only_fraction: float = 0.1, probe_fraction: float = 0.0, probe_turns: int = 1) -> Sample:
+                    text_only_fraction: float = 0.1, probe_fraction: float = 0.0, probe_turns: int = 1,
+                    probe_formats: Sequence[str] = PROBE_FORMATS) -> Sample:
     """Stage-2 sample (``llava_v1_5_mix665k.json`` style).
 
     A ``probe_fraction`` of the samples are yes/no probes in the benchmarks' own formats
-    (:func:`probe_conversation`, ``probe_turns`` questions each); of the others a ``text_only_fraction`` have no image.
+    (:func:`probe_conversation`, ``probe_turns`` questions each, formats taken in turn from ``probe_formats``);
+    of the others a ``text_only_fraction`` have no image.
     """
     scene, image, rng = scene_and_image(seed, "instruct", index, cfg)
     sid = sample_id(seed, "instruct", index)
     if is_probe(index, probe_fraction):
         record = {"id": sid, "image": image_path("instruct", index), "conversations": probe_conversation(
-            seed, index, scene, rng, cfg, text_only_fraction, probe_fraction, probe_turns)}
+            seed, index, scene, rng, cfg, text_only_fraction, probe_fraction, probe_turns, probe_formats)}
         return Sample(image=image, scene=scene, record=record)
     if rng.random() < text_only_fraction:
         return Sample(image=None, scene=None, record={"id": sid, "conversations": text_conversation(rng, cfg)})
