@@ -164,8 +164,8 @@ def base_config() -> ml_collections.ConfigDict:
     # Shapes corpus sizes (data.kind='shapes'); 'stream' picks the pretrain (captions) or instruct stream.
     # probe_fraction: the share of stage-2 samples that are POPE/MME-format yes/no probes, probe_turns questions
     # each, in the formats of probe_formats taken in turn (comma-separated; '' = POPE half of the time, the four
-    # MME perception subtasks the other half; docs/data_shapes.md). blank=True: every training image flat grey, the same text (an image-blind
-    # control run).
+    # MME perception subtasks the other half; docs/data_shapes.md). blank=True: every training image flat grey,
+    # the same text (an image-blind control run).
     c.data.shapes = ml_collections.ConfigDict(dict(
         stream="pretrain", seed=0, n_pretrain=2000, n_instruct=2000, text_only_fraction=0.1, probe_fraction=0.0,
         probe_turns=1, probe_formats="", blank=False))

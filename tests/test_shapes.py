@@ -894,7 +894,8 @@ def test_probe_formats_cli_and_dataset_name(tmp_path, capsys):
     from qtl_jax.data.shapes import cli
 
     with pytest.raises(SystemExit) as e:
-        cli.main(["--out", str(tmp_path / "c"), "--probe_fraction=0.5", "--probe_formats=pope,colour", "--no_benchmarks"])
+        cli.main(["--out", str(tmp_path / "c"), "--probe_fraction=0.5", "--probe_formats=pope,colour",
+                  "--no_benchmarks"])
     assert e.value.code == 2
     assert "probe_formats='pope,colour': give one or more of" in capsys.readouterr().err
     cli.main(["--out", str(tmp_path / "c"), "--n_pretrain=0", "--n_instruct=4", "--probe_fraction=1",

@@ -71,7 +71,8 @@ class Outcomes:
         if metric is None or metric == self.headline:
             return self.statistic
         if metric not in self.secondary:
-            raise ValueError(f"{self.kind}: no metric {metric!r}; it has {', '.join([self.headline, *self.secondary])}.")
+            known = ", ".join([self.headline, *self.secondary])
+            raise ValueError(f"{self.kind}: no metric {metric!r}; it has {known}.")
         return self.secondary[metric]
 
 

@@ -17,8 +17,8 @@ The names below are the corpus API other packages use; everything else is import
 from qtl_jax.data.shapes.corpus import write_corpus
 from qtl_jax.data.shapes.samples import (STREAMS, Sample, instruct_sample, parse_probe_formats, pretrain_sample,
                                          scene_and_image)
-from qtl_jax.data.shapes.text import PROBE_FORMATS
 from qtl_jax.data.shapes.scene import Scene, ShapeObject, ShapesConfig
+from qtl_jax.data.shapes.text import PROBE_FORMATS
 
 __all__ = ["PROBE_FORMATS", "STREAMS", "Sample", "Scene", "ShapeObject", "ShapesConfig", "instruct_sample",
            "parse_probe_formats", "pretrain_sample", "scene_and_image", "write_corpus"]

@@ -10,8 +10,8 @@ from collections.abc import Sequence
 
 from qtl_jax import cli as clilib
 from qtl_jax.data.shapes.corpus import write_corpus
-from qtl_jax.data.shapes.samples import parse_probe_formats
 from qtl_jax.data.shapes.preview import preview_grid
+from qtl_jax.data.shapes.samples import parse_probe_formats
 from qtl_jax.data.shapes.scene import ShapesConfig
 from qtl_jax.data.shapes.text import PROBE_FORMATS
 from qtl_jax.data.shapes.tokenizer import build_shapes_tokenizer

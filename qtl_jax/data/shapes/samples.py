@@ -20,8 +20,8 @@ import numpy as np
 from PIL import Image
 
 from qtl_jax.data.shapes.scene import Scene, ShapesConfig, render, sample_scene
-from qtl_jax.data.shapes.text import (IMAGE_TOKEN, MME_PERCEPTION, PROBE_FORMATS, caption, image_conversation, mme_prompt,
-                                      mme_questions, pick, pope_prompt, text_conversation)
+from qtl_jax.data.shapes.text import (IMAGE_TOKEN, MME_PERCEPTION, PROBE_FORMATS, caption, image_conversation,
+                                      mme_prompt, mme_questions, pick, pope_prompt, text_conversation)
 
 # Disjoint random streams: training never shares a SeedSequence with a benchmark, whatever the seeds.
 STREAMS = {"pretrain": 0, "instruct": 1, "mme": 2, "pope": 3, "scienceqa": 4, "vqa": 5, "textvqa": 6}
@@ -136,8 +136,8 @@ def probe_conversation(seed: int, index: int, scene: Scene, rng: np.random.Gener
     """``turns`` yes/no questions about ``scene``, each exactly as a benchmark asks it (POPE, or an MME perception
     subtask), the first with the image.
 
-    Turn j takes the ``formats`` (default :data:`PROBE_FORMATS`) in turn from the pair's own offset. The first turn is answered Yes for an even
-    ``index``; the later turns follow a random pattern drawn once per pair (2m, 2m + 1), Yes/No for the even
+    Turn j takes the ``formats`` (default :data:`PROBE_FORMATS`) in turn from the pair's own offset. The first
+    turn is answered Yes for an even ``index``; the later turns follow a random pattern drawn once per pair (2m, 2m + 1), Yes/No for the even
     sample and its complement for the odd one, so the pair is balanced exactly turn by turn while no answer
     can be predicted from the earlier answers of its sample (a fixed alternation could). A later turn never
     repeats an earlier prompt of the sample (it could be answered by copying): when the scene leaves only
