@@ -145,6 +145,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.init = ml_collections.ConfigDict()
     c.init.from_workdir = config_dict.placeholder(str)
     c.init.checkpoint = config_dict.placeholder(str)
+    # Regexes over the partition/path names of optimizer.param_groups that init.from_workdir does not load:
+    # they keep this run's initialisation, e.g. ('.*_quantizer/.*',) for new quantizers on a 16-bit run.
+    c.init.dont_load = ()
 
     c.data = ml_collections.ConfigDict()
     # 'llava': a dataset built by qtl_jax.data.llava_tfds (data.dataset_dir); 'shapes': the built-in corpus,

@@ -241,6 +241,60 @@ def test_stage2_starts_from_stage1_params(stage1_run, data_dir, tmp_path, monkey
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def _leaves(tree):
+    from qtl_jax import rules
+
+    return {rules.path_str(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _saved_params(workdir):
+    """The newest step's client and server params as saved (Orbax without a target)."""
+    import orbax.checkpoint as ocp
+
+    d = ckptlib.checkpoint_dir(workdir)
+    step = max(int(x) for x in os.listdir(d) if x.isdigit())
+    with ocp.StandardCheckpointer() as reader:
+        return [_leaves(reader.restore(os.path.join(d, str(step), item))) for item in ("client_params", "server_params")]
+
+
+def test_init_dont_load_starts_fresh_quantizers_on_a_16_bit_run(data_dir, tmp_path):
+    """init.dont_load: a quantized run starts from a 16-bit run (whose checkpoint has no quantizer params),
+    every other param loaded, the quantizers as this run's own initialisation draws them; a quantized run
+    at another L is read with its quantizers dropped. Without the option, or with a typo, one clear error."""
+    from qtl_jax.split import mesh as meshlib
+
+    fp16 = str(tmp_path / "fp16")
+    loop.train_and_evaluate(tiny(1, data_dir, **{"quantizer.bound": "none", "total_steps": 2,
+                                                 "eval.enabled": False}), fp16)
+    meshes = meshlib.split_meshes(1, 1)
+    for source, levels in ((fp16, 4), (None, 8)):
+        c = tiny(2, data_dir, **{"quantizer.levels": levels})
+        if source is None:  # a quantized stage 1 of two steps at L=4, read at L=8
+            source = str(tmp_path / "L4")
+            loop.train_and_evaluate(tiny(1, data_dir, **{"total_steps": 2, "eval.enabled": False}), source)
+        c.init.from_workdir = source
+        setup = setuplib.build_setup(c, str(tmp_path / f"s{levels}"), jax.random.key_data(jax.random.key(0)))
+        c.init.dont_load = ()
+        fresh = setuplib.create_state(c, setup, meshes, 6)
+        if levels == 4:
+            with pytest.raises(ValueError, match="init.dont_load"):
+                setuplib.initial_state(c, setup, meshes, 6)
+        c.init.dont_load = (".*_quantizer/.*",)
+        started = setuplib.initial_state(c, setup, meshes, 6)
+        saved_client, saved_server = _saved_params(source)
+        for part, got, want, init in (("client", started.client.params, saved_client, fresh.client.params),
+                                      ("server", started.server.params, saved_server, fresh.server.params)):
+            got, init = _leaves(got), _leaves(init)
+            quantizer = {n for n in got if "_quantizer/" in n}
+            assert quantizer and set(got) - quantizer == {n for n in want if "_quantizer/" not in n}
+            for n in got:
+                np.testing.assert_array_equal(got[n], init[n] if n in quantizer else want[n], err_msg=f"{part}/{n}")
+        assert int(started.step) == 0
+        c.init.dont_load = (".*_quantiser/.*",)
+        with pytest.raises(ValueError, match="match no parameter"):
+            setuplib.initial_state(c, setup, meshes, 6)
+
+
 def test_stage2_starts_from_a_hugging_face_checkpoint(data_dir, tmp_path):
     from qtl_jax.models.tinyllava import init_params
     from qtl_jax.weights.export import export_llava_hf

@@ -41,7 +41,7 @@ import os
 import re
 import sys
 import zlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from qtl_jax import rules
 from qtl_jax.split.step import PartitionState, TrainState
 
 ARRAY_ITEMS = ("client_params", "client_opt", "client_stats", "server_params", "server_opt", "server_stats", "train")
@@ -584,7 +585,8 @@ class Checkpointer:
 
 
 def restore_params(workdir: str, like: TrainState, fallback: bool = True,
-                   report: Callable[[str], None] = _report_line) -> tuple[Any, Any, Any, int]:
+                   report: Callable[[str], None] = _report_line,
+                   dont_load: Sequence[str] = ()) -> tuple[Any, Any, Any, int]:
     """``(client params, server params, client quantizer statistics, step)`` of ``workdir``'s newest intact checkpoint.
 
     Used to start one stage from another: optimizer state, step, RNG and data position are *not* taken.
@@ -593,6 +595,13 @@ def restore_params(workdir: str, like: TrainState, fallback: bool = True,
     ``like``'s. The loaded arrays are checked against their checksums; a corrupt newer step is reported
     in one line and skipped (not moved: this reads another run's workdir), or raises
     :class:`CorruptCheckpointError` without ``fallback``.
+
+    ``dont_load`` (``init.dont_load``): regexes over the ``partition/path`` names of
+    ``optimizer.param_groups`` (a client quantizer statistic is named like the parameter beside it). The
+    leaves they match are not taken from the checkpoint but kept as ``like`` holds them, so ``like`` must
+    then be a concrete, initialised state: e.g. fresh quantizers on a checkpoint trained at 16 bits (which
+    has none) or at another L. Any other difference between the saved tree and ``like`` is an error that
+    names the leaves.
     """
     directory = checkpoint_dir(workdir)
     if not os.path.isdir(directory):
@@ -603,6 +612,8 @@ def restore_params(workdir: str, like: TrainState, fallback: bool = True,
     wanted = {"client_params": like.client.params, "server_params": like.server.params,
               "client_stats": like.client.batch_stats}
     args = {k: a for k, v in wanted.items() if (a := _array_args(v, restore=True)) is not None}
+    if dont_load:
+        _check_dont_load(wanted, dont_load)
     with ocp.CheckpointManager(directory) as manager:
         steps = sorted(manager.all_steps(), reverse=True)
         if not steps:
@@ -610,7 +621,10 @@ def restore_params(workdir: str, like: TrainState, fallback: bool = True,
         bad: list[CorruptCheckpointError] = []
         for step in steps:
             try:
-                out = _restore_verified(manager, directory, step, args)
+                if dont_load:
+                    out = _restore_partial(manager, directory, step, wanted, dont_load)
+                else:
+                    out = _restore_verified(manager, directory, step, args)
             except CorruptCheckpointError as e:
                 if not fallback:
                     raise
@@ -619,13 +633,80 @@ def restore_params(workdir: str, like: TrainState, fallback: bool = True,
             except (ValueError, KeyError) as e:
                 raise ValueError(
                     f"cannot restore the params of {directory} step {step} into this model: {_one_line(e)}. The "
-                    "previous stage must use the same model and quantizer settings (model.*, quantizer.*)."
+                    "previous stage must use the same model and quantizer settings (model.*, quantizer.*), or list "
+                    "what this run initialises afresh in init.dont_load (e.g. '.*_quantizer/.*' for new "
+                    "quantizers on a 16-bit run)."
                 ) from e
             for b in bad:
                 report(f"qtl_jax: {b}; using step {step} (verified) instead.")
             got = {k: out.get(k, v) for k, v in wanted.items()}
             return got["client_params"], got["server_params"], got["client_stats"], step
     raise _none_intact(directory, bad, "Point init.from_workdir at a run with an intact checkpoint.")
+
+
+# What init.dont_load's regexes are matched against: the partition's leaf names, as optimizer.param_groups.
+_PARTITION_OF = {"client_params": "client", "server_params": "server", "client_stats": "client"}
+
+
+def _named(item: str, tree: Any) -> dict[str, Any]:
+    return {f"{_PARTITION_OF[item]}/{rules.path_str(p)}": x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _check_dont_load(wanted: Mapping[str, Any], dont_load: Sequence[str]) -> None:
+    names = [n for item, tree in wanted.items() for n in _named(item, tree)]
+    dead = [p for p in dont_load if not any(re.fullmatch(p, n) for n in names)]
+    if dead:
+        raise ValueError(f"init.dont_load {dead} match no parameter of this model (typo?); names look like "
+                         f"{names[:3]}.")
+    fresh = [n for item, tree in wanted.items() for n, x in _named(item, tree).items()
+             if any(re.fullmatch(p, n) for p in dont_load) and isinstance(x, jax.ShapeDtypeStruct)]
+    if fresh:
+        raise ValueError(f"init.dont_load keeps {fresh[:3]} from the new run's initialisation, but the state given "
+                         "holds no values there (an abstract template).")
+
+
+def _restore_partial(manager: ocp.CheckpointManager, directory: str, step: int, wanted: Mapping[str, Any],
+                     dont_load: Sequence[str]) -> dict[str, Any]:
+    """:func:`_restore_verified` of ``wanted``'s items with ``dont_load``'s leaves kept from ``wanted``.
+
+    Orbax restores a tree only whole, in its saved structure: the target is that structure (read from the
+    item's metadata, empty subtrees included), with ``wanted``'s abstract leaves where they are loaded
+    and the saved shapes where they are not (read to host, checked against the digests, then dropped).
+    """
+    from etils import epath
+
+    skip = lambda name: any(re.fullmatch(p, name) for p in dont_load)  # noqa: E731
+    step_dir = _step_path(directory, step)
+    present = [k for k in wanted if os.path.isdir(os.path.join(step_dir, k))]
+    verify_step(directory, step, present)
+    args, problems = {}, []
+    for item, tree in wanted.items():
+        like = _named(item, tree)
+        if not like:
+            continue  # a partition this state does not hold (one side of a network split run)
+        if item not in present:
+            problems += [f"{n} (the checkpoint has no {item})" for n in like if not skip(n)]
+            continue
+        saved = ocp.StandardCheckpointHandler().metadata(epath.Path(os.path.join(step_dir, item))).tree
+        saved_names = _named(item, saved)
+        problems += [f"{n} (not in the checkpoint)" for n in like if n not in saved_names and not skip(n)]
+        problems += [f"{n} (not in this model)" for n in saved_names if n not in like and not skip(n)]
+
+        def target(path, meta, item=item, like=like):
+            name = f"{_PARTITION_OF[item]}/{rules.path_str(path)}"
+            return like[name] if name in like and not skip(name) else jax.ShapeDtypeStruct(meta.shape, meta.dtype)
+
+        args[item] = ocp.args.StandardRestore(_abstract(jax.tree_util.tree_map_with_path(target, saved)))
+    if problems:
+        raise ValueError(f"the saved tree and this model differ outside init.dont_load: {problems[:6]}")
+    out = _restore_verified(manager, directory, step, args, checked=True) if args else {}
+    merged = {}
+    for item, tree in wanted.items():
+        loaded = _named(item, out[item]) if item in args else {}
+        merged[item] = jax.tree_util.tree_map_with_path(
+            lambda p, x, item=item, loaded=loaded: x if skip(n := f"{_PARTITION_OF[item]}/{rules.path_str(p)}")
+            else loaded[n], tree)
+    return merged
 
 
 def write_config(workdir: str, config_json: dict[str, Any]) -> None:

@@ -263,7 +263,8 @@ def initial_state(config: ml_collections.ConfigDict, setup: Setup, meshes: Split
     """
     empty = steplib.PartitionState({}, {}, {})
     keep = lambda s: s.replace(**{n: empty for n in steplib.PARTITIONS if n not in partitions})  # noqa: E731
-    if not config.init.from_workdir:
+    if not config.init.from_workdir or config.init.get("dont_load"):
+        # init.dont_load keeps some leaves from the random initialisation, so that has to run.
         return keep(with_initial_params(config, setup, create_state(config, setup, meshes, total_steps, clients), log))
     like = keep(abstract_state(config, setup, meshes, total_steps, clients))
     client, server, stats, step = ckptlib.restore_params(config.init.from_workdir, like)
@@ -279,8 +280,10 @@ def with_initial_params(config: ml_collections.ConfigDict, setup: Setup, state: 
                         log: Callable[[str], None] = print) -> steplib.TrainState:
     """A fresh run's params: the previous stage's (init.from_workdir) or HF quantizer projections, if any."""
     if config.init.from_workdir:
-        client, server, stats, step = ckptlib.restore_params(config.init.from_workdir, state)
-        log(f"qtl_jax: initialised from {config.init.from_workdir} step {step}")
+        dont_load = tuple(config.init.get("dont_load") or ())
+        client, server, stats, step = ckptlib.restore_params(config.init.from_workdir, state, dont_load=dont_load)
+        log(f"qtl_jax: initialised from {config.init.from_workdir} step {step}"
+            + (f", except {', '.join(dont_load)} (initialised afresh)" if dont_load else ""))
         return state.replace(client=state.client.replace(params=client, batch_stats=stats),
                              server=state.server.replace(params=server))
     if setup.quantizer_params is not None:
