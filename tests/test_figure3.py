@@ -17,6 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from configs import common
 from configs import eval as eval_config
 from configs import figure3 as figure3_config
 from qtl_jax.data.shapes import ShapesConfig
@@ -188,28 +189,48 @@ def test_models_plan_and_clear_errors(tmp_path):
         figure3_config.get_config("huge")
 
 
-def test_curriculum_runs_chain_and_take_their_data():
-    """builtin: stage 1, then 800 probe-only steps, then 400 steps of the mix, each run from the one before."""
+def test_runs_chain_from_the_shared_pretraining_and_take_their_data():
+    """builtin: the 16-bit pretraining (500 caption steps at 3e-3, every part trained, then 800 probe-only
+    steps), then per model stage 1 (200 steps, tower and LLM frozen, fresh quantizers) and stage 2 (400 steps
+    of the mix, tower frozen), each run from the one before."""
     c = figure3_config.get_config("builtin")
     given = inputs.Inputs("/d/s1", "/d/s2", "/d/tok", "/d/bench", probe_data="/d/probes")
-    m = figure3.Model("L4", 4)
-    assert figure3.stages(c) == ["stage1", "stage2_probes", "stage2"]
-    s1, p, s2 = (figure3.stage_config(c, m, s, given, "/w") for s in figure3.stages(c))
-    assert (s1.data.dataset_dir, s1.init.from_workdir) == ("/d/s1", None)
-    assert (p.data.dataset_dir, p.total_steps, p.init.from_workdir) == ("/d/probes", 800, "/w/L4/stage1")
-    assert (s2.data.dataset_dir, s2.total_steps, s2.init.from_workdir) == ("/d/s2", 400, "/w/L4/stage2_probes")
-    assert p.optimizer.lr == s2.optimizer.lr == 5e-4 and p.quantizer.levels == s2.quantizer.levels == 4
+    pre, m = figure3.PRETRAINED, figure3.Model("L4", 4)
+    assert figure3.stages(c, pre) == ["stage1", "stage2_probes"]
+    assert figure3.stages(c, m) == figure3.stages(c, figure3.Model("fp16", 0)) == ["stage1", "stage2"]
+    p1, p2 = (figure3.stage_config(c, pre, s, given, "/w") for s in figure3.stages(c, pre))
+    assert (p1.data.dataset_dir, p1.total_steps, p1.optimizer.lr, p1.init.from_workdir) == ("/d/s1", 500, 3e-3, None)
+    assert (p2.data.dataset_dir, p2.total_steps, p2.optimizer.lr, p2.init.from_workdir) == \
+        ("/d/probes", 800, 5e-4, "/w/pretrained/stage1")
+    assert p1.optimizer.param_groups == p2.optimizer.param_groups == ((".*", 1.0),)
+    assert p1.quantizer.bound == p2.quantizer.bound == "none"
+    s1, s2 = (figure3.stage_config(c, m, s, given, "/w") for s in figure3.stages(c, m))
+    assert (s1.data.dataset_dir, s1.total_steps, s1.optimizer.lr) == ("/d/s1", 200, 1e-3)
+    assert (s1.init.from_workdir, tuple(s1.init.dont_load)) == ("/w/pretrained/stage2_probes", (".*_quantizer/.*",))
+    assert (s2.data.dataset_dir, s2.total_steps, s2.init.from_workdir) == ("/d/s2", 400, "/w/L4/stage1")
+    assert tuple(s2.init.dont_load) == () and s1.quantizer.levels == s2.quantizer.levels == 4
+    assert s1.optimizer.param_groups == common.STAGE1_GROUPS and s2.optimizer.param_groups == common.STAGE2_GROUPS
+    fp16 = figure3.stage_config(c, figure3.Model("fp16", 0), "stage1", given, "/w")
+    assert fp16.init.from_workdir == "/w/pretrained/stage2_probes" and tuple(fp16.init.dont_load) == ()
     assert figure3.probe_corpus(c) == {"n_instruct": 8000, "probe_fraction": 1.0, "probe_turns": 4,
                                        "probe_formats": "pope,existence"}
-    c.probe_phase.steps = 0  # no curriculum: stage 2 from stage 1, no probe corpus
-    assert figure3.stages(c) == ["stage1", "stage2"] and figure3.probe_corpus(c) is None
+    c.pretrain.steps = 0  # no pretraining: every model from scratch, the probe phase its own
+    assert figure3.stages(c, m) == ["stage1", "stage2_probes", "stage2"]
+    s1, p, s2 = (figure3.stage_config(c, m, s, given, "/w") for s in figure3.stages(c, m))
+    assert (s1.init.from_workdir, p.init.from_workdir, s2.init.from_workdir) == \
+        (None, "/w/L4/stage1", "/w/L4/stage2_probes")
+    c.probe_phase.steps = 0  # and no curriculum: stage 2 from stage 1, no probe corpus
+    assert figure3.stages(c, m) == ["stage1", "stage2"] and figure3.probe_corpus(c) is None
     assert figure3.stage_config(c, m, "stage2", given, "/w").init.from_workdir == "/w/L4/stage1"
-    with pytest.raises(ValueError, match="stage 'stage2_probes': this experiment trains stage1, stage2"):
+    with pytest.raises(ValueError, match="stage 'stage2_probes': this experiment trains stage1, stage2 for L4"):
         figure3.stage_config(c, m, "stage2_probes", given, "/w")
     paper = figure3_config.get_config("paper")
-    assert figure3.stages(paper) == ["stage1", "stage2"]
+    assert figure3.stages(paper, m) == ["stage1", "stage2"]
     paper.probe_phase.steps = 10
     with pytest.raises(ValueError, match=r"probe_phase.steps > 0 needs the built-in corpus"):
+        figure3.models(paper)
+    paper.probe_phase.steps, paper.pretrain.steps = 0, 10
+    with pytest.raises(ValueError, match=r"set --config.pretrain.steps=0"):
         figure3.models(paper)
 
 
@@ -243,13 +264,16 @@ def test_tiny_experiment_writes_the_figure_and_resumes(tmp_path):
     assert set(on_disk["blind"]) == {"mme", "pope", "scienceqa", "textvqa", "vqav2"}
     assert set(on_disk["entropy_rule"]) == {"image", "text"} and "knee_levels" in on_disk
     assert on_disk["rows"][1]["uplink_bytes_per_sample"]["packed"] < on_disk["rows"][0]["uplink_bytes_per_sample"]["fp16"]
-    # The curriculum: every model trained stage 1, the probe-only phase, then the mix, each to its last step.
+    # The shared pretraining (captions, then the probe-only phase), then every model's two stages from it.
+    assert {k: v["step"] for k, v in on_disk["pretrained"].items()} == {"stage1": 2, "stage2_probes": 2}
     for r in on_disk["rows"]:
-        assert {k: v["step"] for k, v in r["train"].items()} == {"stage1": 3, "stage2_probes": 2, "stage2": 3}
+        assert {k: v["step"] for k, v in r["train"].items()} == {"stage1": 3, "stage2": 3}
     probes = json.load(open(os.path.join(work, "data", "inputs.json")))["inputs"]["images"]["probe_data"]
     assert "shapes_images_probes" in probes and os.path.isfile(os.path.join(probes, "dataset_info.json"))
-    assert json.load(open(os.path.join(work, "fp16", "stage2", "config.json")))["init"]["from_workdir"] == \
-        os.path.join(os.path.abspath(work), "fp16", "stage2_probes")
+    for name in ("fp16", "blind", "L2"):
+        init = json.load(open(os.path.join(work, name, "stage1", "config.json")))["init"]
+        assert init["from_workdir"] == os.path.join(os.path.abspath(work), "pretrained", "stage2_probes")
+        assert init["dont_load"] == ([".*_quantizer/.*"] if name == "L2" else [])
     phases = dict(first["timing"])
     again = figure3.run(c, work)
     assert again["rows"] == first["rows"] and again["blind"] == first["blind"]

@@ -13,9 +13,13 @@ image-inversion attack on its wire (:mod:`qtl_jax.experiments.measure`). Then it
 Workdir layout (every step resumes: a killed run picks up where it stopped)::
 
     data/                      the built-in corpus, its blanked twin and the tokenizer (qtl_jax.experiments.inputs)
+    [pretrained/stage1/  pretrained/stage2_probes/]
+                               the shared 16-bit pretraining (``pretrain.steps`` > 0), every part trained, in
+                               place of pretrained components; every model's stage 1 starts from it
     <model>/stage1/  [<model>/stage2_probes/]  <model>/stage2/
                                train.py workdirs (model: L2, L4, ..., fp16, blind), each started from the one
-                               before; stage2_probes is the curriculum's first phase (``probe_phase.steps`` > 0)
+                               before; stage2_probes is the curriculum's first phase (``probe_phase.steps`` > 0,
+                               part of the pretraining when there is one)
     <model>/eval/              answers/, metrics.json, results.md (qtl_jax.eval)
     <model>/measured.json      scores with intervals, uplink, privacy, the phases' wall and CPU seconds
     <model>/features.npz       in_proj features in batches (quantized models)
@@ -69,6 +73,9 @@ def models(config: Any) -> list[Model]:
     if int(config.probe_phase.steps) > 0 and config.preset not in BUILTIN_PRESETS:
         raise ValueError("probe_phase.steps > 0 needs the built-in corpus (it writes the probe-only stage-2 data); "
                          "set --config.probe_phase.steps=0 for the paper preset.")
+    if int(config.pretrain.steps) > 0 and config.preset not in BUILTIN_PRESETS:
+        raise ValueError("pretrain.steps > 0 stands in for pretrained components on the built-in corpus; the paper "
+                         "preset starts from real ones: set --config.pretrain.steps=0.")
     out = [Model("fp16", 0)] if config.baseline else []
     if config.blind:
         if config.preset not in BUILTIN_PRESETS:
@@ -86,10 +93,25 @@ def _quantizer(section: Any, levels: int) -> None:
         section.levels = levels
 
 
-def stages(config: Any) -> list[str]:
-    """The training runs of every model, in order, each started from the one before: stage 1, (the
-    curriculum's probe-only phase,) stage 2."""
-    return ["stage1"] + (["stage2_probes"] if int(config.probe_phase.steps) > 0 else []) + ["stage2"]
+# The shared start of every model when ``pretrain.steps`` > 0: a 16-bit model with every part trained, in
+# place of the paper's pretrained SigLIP and OpenELM (the built-in model has none).
+PRETRAINED = Model("pretrained", 0)
+# What every model's first run takes afresh from its own initialisation instead of from PRETRAINED.
+FRESH_QUANTIZERS = (".*_quantizer/.*",)
+
+
+def pretrained(config: Any) -> bool:
+    return int(config.pretrain.steps) > 0
+
+
+def stages(config: Any, model: Model) -> list[str]:
+    """``model``'s training runs, in order, each started from the one before: stage 1, (the curriculum's
+    probe-only phase,) stage 2. With a shared pretraining (``pretrain.steps`` > 0), :data:`PRETRAINED` runs
+    stage 1 and the probe phase and every other model stage 1 and stage 2 from it."""
+    probes = ["stage2_probes"] if int(config.probe_phase.steps) > 0 else []
+    if not pretrained(config):
+        return ["stage1"] + probes + ["stage2"]
+    return ["stage1"] + probes if model == PRETRAINED else ["stage1", "stage2"]
 
 
 def stage_config(config: Any, model: Model, stage: str, given: inputs_lib.Inputs, workdir: str) -> Any:
@@ -97,10 +119,12 @@ def stage_config(config: Any, model: Model, stage: str, given: inputs_lib.Inputs
     model's quantizer, the experiment's seed, its data and the workdir of the run before to start from.
 
     ``stage2_probes`` is the ``stage2`` section for ``probe_phase.steps`` steps on the probe-only data.
+    :data:`PRETRAINED` trains every part (its stage 1 for ``pretrain.steps`` steps at ``pretrain.lr``); the
+    first run of any other model then starts from its last run, its quantizers initialised afresh.
     """
-    order = stages(config)
+    order = stages(config, model)
     if stage not in order:
-        raise ValueError(f"stage {stage!r}: this experiment trains {', '.join(order)}.")
+        raise ValueError(f"stage {stage!r}: this experiment trains {', '.join(order)} for {model.name}.")
     c = copy.deepcopy(config.stage1 if stage == "stage1" else config.stage2)
     c.seed = int(config.seed)
     _quantizer(c.quantizer, model.levels)
@@ -112,8 +136,15 @@ def stage_config(config: Any, model: Model, stage: str, given: inputs_lib.Inputs
     c.model.tokenizer_dir = given.tokenizer_dir
     if given.vision_dir:
         c.model.vision_dir, c.model.llm_dir = given.vision_dir, given.llm_dir
-    if stage != "stage1":
+    if model == PRETRAINED:
+        c.optimizer.param_groups = ((r".*", 1.0),)
+        if stage == "stage1":
+            c.total_steps, c.optimizer.lr = int(config.pretrain.steps), float(config.pretrain.lr)
+    if stage != order[0]:
         c.init.from_workdir = os.path.join(workdir, model.name, order[order.index(stage) - 1])
+    elif pretrained(config) and model != PRETRAINED:
+        c.init.from_workdir = os.path.join(workdir, PRETRAINED.name, stages(config, PRETRAINED)[-1])
+        c.init.dont_load = FRESH_QUANTIZERS if model.levels > 0 else ()
     return c
 
 
@@ -302,14 +333,17 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
                                                blank=bool(config.blind), probes=probe_corpus(config))
     else:
         given = {"images": inputs_lib.check_paths(config.paths.to_dict())}
+    if pretrained(config):
+        for stage in stages(config, PRETRAINED):
+            train_stage(config, PRETRAINED, stage, given["images"], workdir, timings)
     measured = {}
     for model in plan:
         model_inputs = given["blank" if model.blind else "images"]
-        for stage in stages(config):
+        for stage in stages(config, model):
             train_stage(config, model, stage, model_inputs, workdir, timings)
         measured[model.name] = measure_model(config, model, model_inputs, workdir, timings)
-    rows = [dict(measured[m.name], train={s: _read(os.path.join(workdir, m.name, s, STAGE_DONE))
-                                          for s in stages(config)}) for m in plan if not m.blind]
+    trained = lambda m: {s: _read(os.path.join(workdir, m.name, s, STAGE_DONE)) for s in stages(config, m)}  # noqa: E731
+    rows = [dict(measured[m.name], train=trained(m)) for m in plan if not m.blind]
     for r in rows:
         r.pop("metrics", None)
     blind = next((measured[m.name]["scores"] for m in plan if m.blind), None)
@@ -332,6 +366,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
                      "roundtrip_bytes_per_sample / downlink_bytes_fp32 figure.")
     result = {
         "preset": config.preset, "rows": rows, "blind": blind,
+        "pretrained": trained(PRETRAINED) if pretrained(config) else None,
         "entropy_rule": {m: details[m]["levels"] for m in ("image", "text") if m in details},
         "entropy_rule_details": details, "knee_levels": knee,
         "knee_definition": "the smallest trained L whose headline on every benchmark is >= the lower end of the "
