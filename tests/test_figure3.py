@@ -169,7 +169,12 @@ def test_report_files_from_a_result(tmp_path):
     md = report.markdown(result)
     assert "| model | bits | pope (accuracy) | mme () |" not in md  # the accuracy column follows POPE's F1
     assert "pope () | pope (accuracy) | mme ()" in md and "| 82.0 [80.0, 84.0] | 75.0 [71.0, 79.0] |" in md
-    assert "L2: pope; L4: none" in md
+    assert "L2: pope; L4: none" in md and "pretraining" not in md and "Wall time" not in md
+    result.update(pretrained={"stage1": {"step": 500}, "stage2_probes": {"step": 800}},
+                  timing={"data": {"wall_s": 60.0, "cpu_s": 90.0}, "L2/stage1": {"wall_s": 120.0, "cpu_s": 200.0}})
+    md = report.markdown(result)
+    assert "one shared 16-bit pretraining, every part trained (stage1: 500 steps, stage2_probes: 800 steps)" in md
+    assert "Wall time of every phase together: 3.0 min." in md and "| L2/stage1 | 120 | 200 | nan |" in md
 
 
 def test_models_plan_and_clear_errors(tmp_path):

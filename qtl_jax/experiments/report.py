@@ -112,6 +112,10 @@ def markdown(result: Mapping[str, Any]) -> str:
                      + (f"{p['psnr']:.2f} / {p['ssim']:.3f}" if p else "–") + " |")
     knee = result["knee_levels"]
     rule = result["entropy_rule"]
+    if result.get("pretrained"):
+        lines += ["", "Every model's stage 1 starts from one shared 16-bit pretraining, every part trained ("
+                  + ", ".join(f"{k}: {v['step']} steps" for k, v in result["pretrained"].items())
+                  + "), its quantizers initialised afresh."]
     if result.get("blind"):
         lines += ["", "**Beats the image-blind control** (95 % interval above its interval; with a secondary metric, "
                   "on both): " + "; ".join(
@@ -125,7 +129,9 @@ def markdown(result: Mapping[str, Any]) -> str:
         lines.append(f"- {note}")
     timing = result.get("timing") or {}
     if timing:
-        lines += ["", "| phase | wall (s) | CPU (s) | load average (1 min) at start |", "|---|---|---|---|"]
+        total = sum(t["wall_s"] for t in timing.values())
+        lines += ["", f"Wall time of every phase together: {total / 60:.1f} min.", "",
+                  "| phase | wall (s) | CPU (s) | load average (1 min) at start |", "|---|---|---|---|"]
         for name, t in timing.items():
             lines.append(f"| {name} | {t['wall_s']:.0f} | {t['cpu_s']:.0f} | {t.get('load_start', float('nan')):.1f} |")
     return "\n".join(lines) + "\n"
