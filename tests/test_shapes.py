@@ -544,22 +544,64 @@ def test_scienceqa_files(corpus):
     assert 0 < n_img < len(llava)  # ScienceQA-IMG is the image subset of a mixed file
 
 
+def _check_sqa_answer(task, q, choices, answer_index, scene):
+    """Asserts that the option ``answer_index`` of an image problem is the one right for ``scene``."""
+    answer = choices[answer_index]
+    if task == "count":
+        assert answer == str(len(scene.objects))
+    elif task == "present":
+        assert [c for c in choices if c in scene.names()] == [answer]
+    elif task == "shape":
+        (o,) = [o for o in scene.objects if o.color == re.fullmatch(r"Which shape is (\w+)\?", q)[1]]
+        assert answer == o.kind
+    elif task == "color":
+        assert answer == _independent_answer("color", q.replace("Which color", "What color"), scene)
+    else:
+        assert task == "position" and answer == _independent_answer("position", q, scene)
+
+
 def test_scienceqa_image_answers_are_right():
     for i in range(80):
         scene, _, rng = SM.scene_and_image(0, "scienceqa", 500 + i, CFG)
-        p = B.sqa_problem(scene, rng, CFG, with_image=True)
-        answer, q = p["choices"][p["answer"]], p["question"]
-        if p["task"] == "count":
-            assert answer == str(len(scene.objects))
-        elif p["task"] == "present":
-            assert [c for c in p["choices"] if c in scene.names()] == [answer]
-        elif p["task"] == "shape":
-            (o,) = [o for o in scene.objects if o.color == re.fullmatch(r"Which shape is (\w+)\?", q)[1]]
-            assert answer == o.kind
-        elif p["task"] == "color":
-            assert answer == _independent_answer("color", q.replace("Which color", "What color"), scene)
-        else:
-            assert answer == _independent_answer("position", q, scene)
+        p = TX.sqa_problem(scene, rng, CFG, with_image=True)
+        _check_sqa_answer(p["task"], p["question"], p["choices"], p["answer"], scene)
+
+
+def test_scienceqa_probes_ask_as_the_benchmark_does_and_are_right(tmp_path):
+    """Probe format 'scienceqa': the text of a row of LLaVA's llava_test_CQM-A.json (as its ScienceQA converter
+    writes it: 'Context: <hint or N/A>', the question, 'A. ...' options) plus the option prompt that LLaVA's
+    model_vqa_science.py appends, answered with the letter of the option right for the image."""
+    out = str(tmp_path)
+    CO.write_corpus(out, seed=3, n_pretrain=0, n_instruct=24, image_size=48, probe_fraction=1.0, probe_turns=2,
+                    probe_formats=("scienceqa", "pope"), benchmarks=False)
+    records = _load(os.path.join(out, "instruct.json"))
+    cfg = SC.ShapesConfig(image_size=48)
+    scenes = {r["id"]: SM.scene_and_image(3, "instruct", i, cfg)[0] for i, r in enumerate(records)}
+    tasks = {re.sub(r"\\\{\w+\\\}", "[a-z ]+", re.escape(t)): k for k, t in TX.SQA_TEMPLATES.items()}
+    seen, hints, letters = collections.Counter(), collections.Counter(), collections.Counter()
+    for i, r in enumerate(records):
+        conv = r["conversations"]
+        prompts = [conv[0]["value"][len(TX.IMAGE_TOKEN) + 1:]] + [c["value"] for c in conv[2::2]]
+        for prompt, gpt in zip(prompts, conv[1::2]):
+            if not prompt.startswith("Context: "):
+                _check_probe_turn(prompt, gpt["value"], "pope", scenes[r["id"]], records, i, scenes)
+                seen["pope"] += 1
+                continue
+            context, q, *options, tail = prompt.split("\n")
+            assert tail == TX.OPTION_PROMPT and 2 <= len(options) <= 4
+            assert [o[:3] for o in options] == [f"{x}. " for x in TX.OPTION_LETTERS[:len(options)]]
+            choices = [o[3:] for o in options]
+            hint = context.removeprefix("Context: ")
+            assert hint in ("N/A", TX.SQA_HINTS[0])
+            assert prompt == f"{TX.sqa_text(q, choices, '' if hint == 'N/A' else hint)}\n{TX.OPTION_PROMPT}"
+            (task,) = [k for pattern, k in tasks.items() if re.fullmatch(pattern, q)]
+            _check_sqa_answer(task, q, choices, TX.OPTION_LETTERS.index(gpt["value"]), scenes[r["id"]])
+            seen[task] += 1
+            hints[hint] += 1
+            letters[gpt["value"]] += 1
+    assert seen["pope"] == 24 and sum(seen.values()) == 48
+    assert set(seen) - {"pope"} <= {"color", "shape", "count", "present", "position"} and len(seen) >= 4
+    assert len(hints) == 2 and len(letters) >= 3
 
 
 def test_vqa_files(corpus):

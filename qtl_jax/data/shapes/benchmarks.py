@@ -36,28 +36,16 @@ from collections.abc import Callable
 import numpy as np
 
 from qtl_jax.data.shapes.samples import STREAMS, save_png, scene_and_image
-from qtl_jax.data.shapes.scene import ALL_POSITIONS, Scene, ShapesConfig
+from qtl_jax.data.shapes.scene import ShapesConfig
 from qtl_jax.data.shapes.text import (IMAGE_TOKEN, MME_COGNITION, MME_PERCEPTION, MME_TEMPLATES, NO,
-                                      OPTION_LETTERS, OPTION_PROMPT, POPE_QUESTION, SHORT_ANSWER_PROMPT, SIDES, YES,
-                                      YES_NO_PROMPT, mme_prompt, mme_questions, pick, pope_prompt, question,
-                                      ref_by_kind)
+                                      OPTION_LETTERS, OPTION_PROMPT, POPE_QUESTION, SHORT_ANSWER_PROMPT, SQA_CONTEXT,
+                                      SQA_HINTS, SQA_TEMPLATES, YES, YES_NO_PROMPT, mme_prompt, mme_questions, pick,
+                                      pope_prompt, question, sqa_problem, sqa_text)
 
 POPE_SPLITS = ("random", "popular", "adversarial")
 # The first question id of each category in LLaVA's llava_pope_test.jsonl (docs/evaluation.md, POPE).
 POPE_QID_OFFSETS = {"adversarial": 1, "random": 10000001, "popular": 20000001}
 
-SQA_TEMPLATES = {
-    "color": "Which color is {ref}?",
-    "shape": "Which shape is {color}?",
-    "count": "How many shapes are in the image?",
-    "present": "Which of these shapes is in the image?",
-    "position": "Where is the {color} {kind}?",
-    "sides": "How many sides does a {kind} have?",
-    "is_color": "Which of these words is a color?",
-    "sum": "What is {a} plus {b}?",
-}
-SQA_CONTEXT = "Context: {hint}"
-SQA_HINTS = ("The image shows simple shapes on a gray background.", "N/A")
 # Ways VQA annotators phrase the same answer (EvalAI normalisation maps number words to digits).
 ANSWER_VARIANTS = {
     "purple": ("violet",), "cyan": ("light blue", "turquoise"), "yellow": ("gold",), "red": ("dark red",),
@@ -203,51 +191,6 @@ def write_pope(out_dir: str, *, seed: int, cfg: ShapesConfig, n_images: int = 50
 # ---------------------------------------------------------------------------------------------------
 # ScienceQA-IMG.
 
-def sqa_problem(scene: Scene, rng: np.random.Generator, cfg: ShapesConfig, with_image: bool) -> dict:
-    """One multiple-choice problem: question, choices (2-4), answer index."""
-    t = SQA_TEMPLATES
-    if with_image:
-        task = pick(rng, ("color", "shape", "count", "present", "position"))
-        o = pick(rng, scene.objects)
-        if task == "color":
-            q, answer, domain = t["color"].format(ref=ref_by_kind(scene, o)), o.color, cfg.colors
-        elif task == "shape":
-            # The colour must name one object for the question to have one answer.
-            uniq = [x for x in scene.objects if scene.count(color=x.color) == 1]
-            if not uniq:
-                task, q, answer, domain = "count", t["count"], str(len(scene.objects)), [
-                    str(i) for i in range(1, cfg.max_objects + 1)]
-            else:
-                o = pick(rng, uniq)
-                q, answer, domain = t["shape"].format(color=o.color), o.kind, cfg.kinds
-        elif task == "count":
-            q, answer, domain = t["count"], str(len(scene.objects)), [str(i) for i in range(1, cfg.max_objects + 1)]
-        elif task == "present":
-            absent = [f"{c} {k}" for c in cfg.colors for k in cfg.kinds if f"{c} {k}" not in scene.names()]
-            q, answer, domain = t["present"], o.name, [o.name] + absent
-        else:
-            q, answer, domain = t["position"].format(color=o.color, kind=o.kind), o.position, ALL_POSITIONS
-    else:
-        task = pick(rng, ("sides", "is_color", "sum"))
-        if task == "sides":
-            kind = pick(rng, ("triangle", "square"))
-            q, answer, domain = t["sides"].format(kind=kind), str(SIDES[kind]), ["2", "3", "4", "5", "6"]
-        elif task == "is_color":
-            q, answer = t["is_color"], pick(rng, cfg.colors)
-            domain = [answer] + list(cfg.kinds)
-        else:
-            a, b = int(rng.integers(0, 10)), int(rng.integers(0, 10))
-            q, answer = t["sum"].format(a=a, b=b), str(a + b)
-            domain = [str(v) for v in range(max(0, a + b - 3), a + b + 4)]
-    n_choices = int(rng.integers(2, 5))
-    distractors = [d for d in domain if d != answer]
-    picked = [distractors[i] for i in rng.choice(len(distractors), size=min(n_choices - 1, len(distractors)),
-                                                 replace=False)]
-    choices = picked + [answer]
-    choices = [choices[i] for i in rng.permutation(len(choices))]
-    return {"task": task, "question": q, "choices": choices, "answer": choices.index(answer)}
-
-
 def write_scienceqa(out_dir: str, *, seed: int, cfg: ShapesConfig, n: int = 200,
                     image_fraction: float = 0.8) -> dict:
     """ScienceQA-style ``problems.json`` / ``pid_splits.json`` / images and the LLaVA ``llava_test_CQM-A.json``."""
@@ -265,9 +208,7 @@ def write_scienceqa(out_dir: str, *, seed: int, cfg: ShapesConfig, n: int = 200,
             "skill": p["task"], "lecture": "", "solution": "", "split": "test"}
         if with_image:
             save_png(image, os.path.join(out_dir, "images", "test", pid, "image.png"))
-        options = "\n".join(f"{OPTION_LETTERS[j]}. {c}" for j, c in enumerate(p["choices"]))
-        # As the LLaVA converter does: an empty hint becomes "N/A".
-        text = f"{SQA_CONTEXT.format(hint=hint or 'N/A')}\n{p['question']}\n{options}"
+        text = sqa_text(p["question"], p["choices"], hint)
         row = {"id": pid, "conversations": [
             {"from": "human", "value": f"{IMAGE_TOKEN}\n{text}" if with_image else text},
             {"from": "gpt", "value": OPTION_LETTERS[p["answer"]]}]}

@@ -34,7 +34,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                    help="stage-2 samples that are yes/no questions in the POPE / MME formats (balanced)")
     p.add_argument("--probe_turns", type=int, default=1, help="yes/no questions per probe sample")
     p.add_argument("--probe_formats", default=",".join(PROBE_FORMATS),
-                   help="the probes' formats, taken in turn (comma-separated: pope, existence, count, position, color)")
+                   help="the probes' formats, taken in turn (comma-separated: pope, existence, count, position, color, "
+                        "scienceqa)")
     p.add_argument("--n_mme", type=int, default=30, help="images per MME subtask (2 questions each)")
     p.add_argument("--n_pope", type=int, default=50, help="POPE images (6 questions each per split)")
     p.add_argument("--n_scienceqa", type=int, default=200)

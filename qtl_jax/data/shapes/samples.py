@@ -20,8 +20,9 @@ import numpy as np
 from PIL import Image
 
 from qtl_jax.data.shapes.scene import Scene, ShapesConfig, render, sample_scene
-from qtl_jax.data.shapes.text import (IMAGE_TOKEN, MME_PERCEPTION, PROBE_FORMATS, caption, image_conversation,
-                                      mme_prompt, mme_questions, pick, pope_prompt, text_conversation)
+from qtl_jax.data.shapes.text import (IMAGE_TOKEN, MME_PERCEPTION, OPTION_LETTERS, OPTION_PROMPT, PROBE_FORMATS,
+                                      SQA_HINTS, caption, image_conversation, mme_prompt, mme_questions, pick,
+                                      pope_prompt, sqa_problem, sqa_text, text_conversation)
 
 # Disjoint random streams: training never shares a SeedSequence with a benchmark, whatever the seeds.
 STREAMS = {"pretrain": 0, "instruct": 1, "mme": 2, "pope": 3, "scienceqa": 4, "vqa": 5, "textvqa": 6}
@@ -116,7 +117,7 @@ def absent_from_other_image(seed: int, index: int, scene: Scene, rng: np.random.
 def check_probe_formats(formats: Sequence[str]) -> tuple[str, ...]:
     """``formats`` as a tuple, or a ValueError naming the bad entry and the valid ones."""
     formats = tuple(formats)
-    valid = ("pope",) + MME_PERCEPTION
+    valid = ("pope",) + MME_PERCEPTION + ("scienceqa",)
     bad = [f for f in formats if f not in valid]
     if not formats or bad:
         raise ValueError(f"probe_formats={','.join(formats)!r}: give one or more of {', '.join(valid)} "
@@ -133,8 +134,10 @@ def parse_probe_formats(text: str) -> tuple[str, ...]:
 def probe_conversation(seed: int, index: int, scene: Scene, rng: np.random.Generator, cfg: ShapesConfig,
                        text_only_fraction: float, probe_fraction: float, turns: int = 1,
                        formats: Sequence[str] = PROBE_FORMATS) -> list[dict]:
-    """``turns`` yes/no questions about ``scene``, each exactly as a benchmark asks it (POPE, or an MME perception
-    subtask), the first with the image.
+    """``turns`` questions about ``scene``, each exactly as a benchmark asks it, the first with the image: yes/no
+    questions (POPE, or an MME perception subtask) or, format ``scienceqa`` (not in the default mix), a
+    ScienceQA-IMG lettered-option problem (its file's text plus the option prompt the evaluation appends,
+    answered with the letter; such a turn ignores the yes/no pattern below).
 
     Turn j takes the ``formats`` (default :data:`PROBE_FORMATS`) in turn from the pair's own offset. The first
     turn is answered Yes for an even ``index``; the later turns follow a random pattern drawn once per pair (2m, 2m + 1), Yes/No for the even
@@ -157,22 +160,27 @@ def probe_conversation(seed: int, index: int, scene: Scene, rng: np.random.Gener
         yes = bool(pattern[j]) == (index % 2 == 0)
         for attempt in range(4 * len(formats)):
             fmt = formats[(pair + j + attempt // 4) % len(formats)]
-            if fmt == "pope":
+            if fmt == "scienceqa":  # a lettered-option problem, as ScienceQA-IMG asks it (yes is not used)
+                problem = sqa_problem(scene, rng, cfg, with_image=True)
+                hint = SQA_HINTS[0] if rng.random() < 0.5 else ""
+                prompt = f"{sqa_text(problem['question'], problem['choices'], hint)}\n{OPTION_PROMPT}"
+                answer = OPTION_LETTERS[problem["answer"]]
+            elif fmt == "pope":
                 if yes:
                     o = pick(rng, scene.objects)
                     color, kind = o.color, o.kind
                 else:
                     color, kind = absent_from_other_image(seed, index, scene, rng, cfg, text_only_fraction,
                                                           probe_fraction)
-                prompt = pope_prompt(color, kind)
+                prompt, answer = pope_prompt(color, kind), "Yes" if yes else "No"
             else:
                 q_yes, q_no = mme_questions(fmt, scene, rng, cfg)
-                prompt = mme_prompt(q_yes if yes else q_no)
+                prompt, answer = mme_prompt(q_yes if yes else q_no), "Yes" if yes else "No"
             if prompt not in asked:
                 break
         asked.add(prompt)
         conversation += [{"from": "human", "value": f"{IMAGE_TOKEN}\n{prompt}" if j == 0 else prompt},
-                         {"from": "gpt", "value": "Yes" if yes else "No"}]
+                         {"from": "gpt", "value": answer}]
     return conversation
 
 

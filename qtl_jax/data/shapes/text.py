@@ -335,6 +335,75 @@ def mme_questions(subtask: str, scene: Scene, rng: np.random.Generator, cfg: Sha
     raise ValueError(f"unknown MME subtask {subtask!r}; expected one of {MME_PERCEPTION + MME_COGNITION}.")
 
 
+# ---------------------------------------------------------------------------------------------------
+# ScienceQA-IMG (the benchmark files, and the probes asked in its format).
+
+SQA_TEMPLATES = {
+    "color": "Which color is {ref}?",
+    "shape": "Which shape is {color}?",
+    "count": "How many shapes are in the image?",
+    "present": "Which of these shapes is in the image?",
+    "position": "Where is the {color} {kind}?",
+    "sides": "How many sides does a {kind} have?",
+    "is_color": "Which of these words is a color?",
+    "sum": "What is {a} plus {b}?",
+}
+SQA_CONTEXT = "Context: {hint}"
+SQA_HINTS = ("The image shows simple shapes on a gray background.", "N/A")
+
+
+def sqa_problem(scene: Scene, rng: np.random.Generator, cfg: ShapesConfig, with_image: bool) -> dict:
+    """One multiple-choice problem: question, choices (2-4), answer index."""
+    t = SQA_TEMPLATES
+    if with_image:
+        task = pick(rng, ("color", "shape", "count", "present", "position"))
+        o = pick(rng, scene.objects)
+        if task == "color":
+            q, answer, domain = t["color"].format(ref=ref_by_kind(scene, o)), o.color, cfg.colors
+        elif task == "shape":
+            # The colour must name one object for the question to have one answer.
+            uniq = [x for x in scene.objects if scene.count(color=x.color) == 1]
+            if not uniq:
+                task, q, answer, domain = "count", t["count"], str(len(scene.objects)), [
+                    str(i) for i in range(1, cfg.max_objects + 1)]
+            else:
+                o = pick(rng, uniq)
+                q, answer, domain = t["shape"].format(color=o.color), o.kind, cfg.kinds
+        elif task == "count":
+            q, answer, domain = t["count"], str(len(scene.objects)), [str(i) for i in range(1, cfg.max_objects + 1)]
+        elif task == "present":
+            absent = [f"{c} {k}" for c in cfg.colors for k in cfg.kinds if f"{c} {k}" not in scene.names()]
+            q, answer, domain = t["present"], o.name, [o.name] + absent
+        else:
+            q, answer, domain = t["position"].format(color=o.color, kind=o.kind), o.position, ALL_POSITIONS
+    else:
+        task = pick(rng, ("sides", "is_color", "sum"))
+        if task == "sides":
+            kind = pick(rng, ("triangle", "square"))
+            q, answer, domain = t["sides"].format(kind=kind), str(SIDES[kind]), ["2", "3", "4", "5", "6"]
+        elif task == "is_color":
+            q, answer = t["is_color"], pick(rng, cfg.colors)
+            domain = [answer] + list(cfg.kinds)
+        else:
+            a, b = int(rng.integers(0, 10)), int(rng.integers(0, 10))
+            q, answer = t["sum"].format(a=a, b=b), str(a + b)
+            domain = [str(v) for v in range(max(0, a + b - 3), a + b + 4)]
+    n_choices = int(rng.integers(2, 5))
+    distractors = [d for d in domain if d != answer]
+    picked = [distractors[i] for i in rng.choice(len(distractors), size=min(n_choices - 1, len(distractors)),
+                                                 replace=False)]
+    choices = picked + [answer]
+    choices = [choices[i] for i in rng.permutation(len(choices))]
+    return {"task": task, "question": q, "choices": choices, "answer": choices.index(answer)}
+
+
+def sqa_text(question: str, choices: Sequence[str], hint: str) -> str:
+    """A ScienceQA problem's text as LLaVA's ``llava_test_CQM-A.json`` holds it (the evaluation appends
+    :data:`OPTION_PROMPT`); as the LLaVA converter does, an empty hint becomes "N/A"."""
+    options = "\n".join(f"{OPTION_LETTERS[j]}. {c}" for j, c in enumerate(choices))
+    return f"{SQA_CONTEXT.format(hint=hint or 'N/A')}\n{question}\n{options}"
+
+
 def multiple_choice(qa: QA, rng: np.random.Generator, n_options: int = 4) -> tuple[str, str, tuple[str, ...]]:
     """(question with lettered options, correct letter, options) in the LLaVA-1.5 option-only format."""
     distractors = [c for c in qa.choices if c != qa.answer]
