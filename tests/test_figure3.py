@@ -196,30 +196,37 @@ def test_models_plan_and_clear_errors(tmp_path):
 
 def test_runs_chain_from_the_shared_pretraining_and_take_their_data():
     """builtin: the 16-bit pretraining (500 caption steps at 3e-3, every part trained, then 800 probe-only
-    steps), then per model stage 1 (200 steps, tower and LLM frozen, fresh quantizers) and stage 2 (400 steps
-    of the mix, tower frozen), each run from the one before."""
+    steps), then per model stage 1 (200 steps, tower and LLM frozen, fresh quantizers) and stage 2 (tower
+    frozen: 400 probe-only steps, then 400 steps of the mix), each run from the one before."""
     c = figure3_config.get_config("builtin")
     given = inputs.Inputs("/d/s1", "/d/s2", "/d/tok", "/d/bench", probe_data="/d/probes")
     pre, m = figure3.PRETRAINED, figure3.Model("L4", 4)
     assert figure3.stages(c, pre) == ["stage1", "stage2_probes"]
-    assert figure3.stages(c, m) == figure3.stages(c, figure3.Model("fp16", 0)) == ["stage1", "stage2"]
+    assert figure3.stages(c, m) == figure3.stages(c, figure3.Model("fp16", 0)) == ["stage1", "stage2_probes", "stage2"]
     p1, p2 = (figure3.stage_config(c, pre, s, given, "/w") for s in figure3.stages(c, pre))
     assert (p1.data.dataset_dir, p1.total_steps, p1.optimizer.lr, p1.init.from_workdir) == ("/d/s1", 500, 3e-3, None)
     assert (p2.data.dataset_dir, p2.total_steps, p2.optimizer.lr, p2.init.from_workdir) == \
         ("/d/probes", 800, 5e-4, "/w/pretrained/stage1")
     assert p1.optimizer.param_groups == p2.optimizer.param_groups == ((".*", 1.0),)
     assert p1.quantizer.bound == p2.quantizer.bound == "none"
-    s1, s2 = (figure3.stage_config(c, m, s, given, "/w") for s in figure3.stages(c, m))
+    s1, sp, s2 = (figure3.stage_config(c, m, s, given, "/w") for s in figure3.stages(c, m))
     assert (s1.data.dataset_dir, s1.total_steps, s1.optimizer.lr) == ("/d/s1", 200, 1e-3)
     assert (s1.init.from_workdir, tuple(s1.init.dont_load)) == ("/w/pretrained/stage2_probes", (".*_quantizer/.*",))
-    assert (s2.data.dataset_dir, s2.total_steps, s2.init.from_workdir) == ("/d/s2", 400, "/w/L4/stage1")
-    assert tuple(s2.init.dont_load) == () and s1.quantizer.levels == s2.quantizer.levels == 4
-    assert s1.optimizer.param_groups == common.STAGE1_GROUPS and s2.optimizer.param_groups == common.STAGE2_GROUPS
+    assert (sp.data.dataset_dir, sp.total_steps, sp.optimizer.lr, sp.init.from_workdir) == \
+        ("/d/probes", 400, 5e-4, "/w/L4/stage1")
+    assert (s2.data.dataset_dir, s2.total_steps, s2.init.from_workdir) == ("/d/s2", 400, "/w/L4/stage2_probes")
+    assert tuple(sp.init.dont_load) == tuple(s2.init.dont_load) == ()
+    assert s1.quantizer.levels == sp.quantizer.levels == s2.quantizer.levels == 4
+    assert s1.optimizer.param_groups == common.STAGE1_GROUPS
+    assert sp.optimizer.param_groups == s2.optimizer.param_groups == common.STAGE2_GROUPS
     fp16 = figure3.stage_config(c, figure3.Model("fp16", 0), "stage1", given, "/w")
     assert fp16.init.from_workdir == "/w/pretrained/stage2_probes" and tuple(fp16.init.dont_load) == ()
     assert figure3.probe_corpus(c) == {"n_instruct": 8000, "probe_fraction": 1.0, "probe_turns": 4,
                                        "probe_formats": "pope,existence"}
-    c.pretrain.steps = 0  # no pretraining: every model from scratch, the probe phase its own
+    c.pretrain.probe_steps = 0  # a pretraining without its probe phase
+    assert figure3.stages(c, pre) == ["stage1"]
+    assert figure3.stage_config(c, m, "stage1", given, "/w").init.from_workdir == "/w/pretrained/stage1"
+    c.pretrain.steps = 0  # no pretraining: every model from scratch
     assert figure3.stages(c, m) == ["stage1", "stage2_probes", "stage2"]
     s1, p, s2 = (figure3.stage_config(c, m, s, given, "/w") for s in figure3.stages(c, m))
     assert (s1.init.from_workdir, p.init.from_workdir, s2.init.from_workdir) == \
@@ -272,7 +279,7 @@ def test_tiny_experiment_writes_the_figure_and_resumes(tmp_path):
     # The shared pretraining (captions, then the probe-only phase), then every model's two stages from it.
     assert {k: v["step"] for k, v in on_disk["pretrained"].items()} == {"stage1": 2, "stage2_probes": 2}
     for r in on_disk["rows"]:
-        assert {k: v["step"] for k, v in r["train"].items()} == {"stage1": 3, "stage2": 3}
+        assert {k: v["step"] for k, v in r["train"].items()} == {"stage1": 3, "stage2_probes": 2, "stage2": 3}
     probes = json.load(open(os.path.join(work, "data", "inputs.json")))["inputs"]["images"]["probe_data"]
     assert "shapes_images_probes" in probes and os.path.isfile(os.path.join(probes, "dataset_info.json"))
     for name in ("fp16", "blind", "L2"):
@@ -284,6 +291,16 @@ def test_tiny_experiment_writes_the_figure_and_resumes(tmp_path):
     assert again["rows"] == first["rows"] and again["blind"] == first["blind"]
     # Nothing was trained or evaluated again: those phases kept their first timings.
     assert {k: v for k, v in again["timing"].items() if "/" in k} == {k: v for k, v in phases.items() if "/" in k}
+    assert not any("privacy" in r for r in again["rows"])
+    # The attack enabled later runs only the attack, on every model but the blind control.
+    c.privacy.enabled = True
+    attacked = figure3.run(c, work)
+    for r, before in zip(attacked["rows"], first["rows"]):
+        assert set(r["privacy"]) >= {"psnr", "ssim"} and {k: v for k, v in r.items() if k != "privacy"} == before
+    assert set(attacked["timing"]) - set(phases) == {"fp16/privacy", "L2/privacy"}
+    assert {k: v for k, v in attacked["timing"].items() if k in phases and "/" in k} == \
+        {k: v for k, v in phases.items() if "/" in k}
+    assert "PSNR" in open(os.path.join(work, "figure3.md")).read()
 
 
 def test_cli_bad_paths_are_one_line(tmp_path):

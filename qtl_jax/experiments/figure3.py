@@ -19,7 +19,7 @@ Workdir layout (every step resumes: a killed run picks up where it stopped)::
     <model>/stage1/  [<model>/stage2_probes/]  <model>/stage2/
                                train.py workdirs (model: L2, L4, ..., fp16, blind), each started from the one
                                before; stage2_probes is the curriculum's first phase (``probe_phase.steps`` > 0,
-                               part of the pretraining when there is one)
+                               and in the pretraining, ``pretrain.probe_steps`` > 0)
     <model>/eval/              answers/, metrics.json, results.md (qtl_jax.eval)
     <model>/measured.json      scores with intervals, uplink, privacy, the phases' wall and CPU seconds
     <model>/features.npz       in_proj features in batches (quantized models)
@@ -106,12 +106,11 @@ def pretrained(config: Any) -> bool:
 
 def stages(config: Any, model: Model) -> list[str]:
     """``model``'s training runs, in order, each started from the one before: stage 1, (the curriculum's
-    probe-only phase,) stage 2. With a shared pretraining (``pretrain.steps`` > 0), :data:`PRETRAINED` runs
-    stage 1 and the probe phase and every other model stage 1 and stage 2 from it."""
-    probes = ["stage2_probes"] if int(config.probe_phase.steps) > 0 else []
-    if not pretrained(config):
-        return ["stage1"] + probes + ["stage2"]
-    return ["stage1"] + probes if model == PRETRAINED else ["stage1", "stage2"]
+    probe-only phase,) stage 2. :data:`PRETRAINED` (``pretrain.steps`` > 0) runs stage 1 and (with
+    ``pretrain.probe_steps`` > 0) a probe-only phase; every other model's stage 1 then starts from it."""
+    if model == PRETRAINED:
+        return ["stage1"] + (["stage2_probes"] if int(config.pretrain.probe_steps) > 0 else [])
+    return ["stage1"] + (["stage2_probes"] if int(config.probe_phase.steps) > 0 else []) + ["stage2"]
 
 
 def stage_config(config: Any, model: Model, stage: str, given: inputs_lib.Inputs, workdir: str) -> Any:
@@ -119,8 +118,9 @@ def stage_config(config: Any, model: Model, stage: str, given: inputs_lib.Inputs
     model's quantizer, the experiment's seed, its data and the workdir of the run before to start from.
 
     ``stage2_probes`` is the ``stage2`` section for ``probe_phase.steps`` steps on the probe-only data.
-    :data:`PRETRAINED` trains every part (its stage 1 for ``pretrain.steps`` steps at ``pretrain.lr``); the
-    first run of any other model then starts from its last run, its quantizers initialised afresh.
+    :data:`PRETRAINED` trains every part, at 16 bits (its stage 1 for ``pretrain.steps`` steps at ``pretrain.lr``,
+    its probe phase for ``pretrain.probe_steps``); the first run of any other model then starts from its last
+    run, its quantizers initialised afresh.
     """
     order = stages(config, model)
     if stage not in order:
@@ -132,7 +132,7 @@ def stage_config(config: Any, model: Model, stage: str, given: inputs_lib.Inputs
     c.data.dataset_dir = {"stage1": given.stage1_data, "stage2_probes": given.probe_data,
                           "stage2": given.stage2_data}[stage]
     if stage == "stage2_probes":
-        c.total_steps = int(config.probe_phase.steps)
+        c.total_steps = int(config.pretrain.probe_steps if model == PRETRAINED else config.probe_phase.steps)
     c.model.tokenizer_dir = given.tokenizer_dir
     if given.vision_dir:
         c.model.vision_dir, c.model.llm_dir = given.vision_dir, given.llm_dir
@@ -152,7 +152,7 @@ def probe_corpus(config: Any) -> dict[str, Any] | None:
     """The probe-only stage-2 corpus of the curriculum's first phase (None without one): ``corpus``'s seed and
     text settings with ``probe_phase``'s samples, formats and questions per sample, every sample a probe."""
     p = config.probe_phase
-    if int(p.steps) <= 0:
+    if int(p.steps) <= 0 and not (pretrained(config) and int(config.pretrain.probe_steps) > 0):
         return None
     return {"n_instruct": int(p.n_samples), "probe_fraction": 1.0, "probe_turns": int(p.probe_turns),
             "probe_formats": str(p.probe_formats)}
@@ -234,26 +234,33 @@ def measure_model(config: Any, model: Model, given: inputs_lib.Inputs, workdir: 
     root = os.path.join(workdir, model.name)
     path = os.path.join(root, MEASURED)
     done = _read(path)
-    if done is not None:
+    attack = bool(config.privacy.enabled) and not model.blind
+    # A run measured without the attack gets only the attack when it is enabled later.
+    if done is not None and (not attack or "privacy" in done):
         return done
     ecfg = eval_config(config, model, given, workdir)
-    print(f"figure3: {model.name} evaluation", flush=True)
-    with timings.phase(f"{model.name}/eval"):
+    if done is not None:
         loaded = load_model(ecfg)
-        scores, metrics = measure.benchmark_scores(loaded, ecfg, os.path.join(root, "eval"), config.bootstrap)
-    out: dict[str, Any] = {
-        "name": model.name, "levels": model.levels, "bits": model.bits,
-        "trained_levels": trained_levels(os.path.join(root, "stage2")), "scores": scores,
-        "uplink_bytes_per_sample": measure.uplink_per_sample(os.path.join(root, "stage2")),
-        "metrics": metrics,
-    }
-    if model.levels > 0:
-        e = config.entropy
-        with timings.phase(f"{model.name}/features"):
-            # Twice the batches: the first half for the rule, the second half to check a refitted tolerance.
-            feats = measure.rule_feature_batches(loaded, ecfg, 2 * int(e.batches), int(e.questions))
-        np.savez(os.path.join(root, FEATURES), **{f"{m}_{i}": u for m, us in feats.items() for i, u in enumerate(us)})
-    if config.privacy.enabled and not model.blind:
+        out = done
+    else:
+        print(f"figure3: {model.name} evaluation", flush=True)
+        with timings.phase(f"{model.name}/eval"):
+            loaded = load_model(ecfg)
+            scores, metrics = measure.benchmark_scores(loaded, ecfg, os.path.join(root, "eval"), config.bootstrap)
+        out = {
+            "name": model.name, "levels": model.levels, "bits": model.bits,
+            "trained_levels": trained_levels(os.path.join(root, "stage2")), "scores": scores,
+            "uplink_bytes_per_sample": measure.uplink_per_sample(os.path.join(root, "stage2")),
+            "metrics": metrics,
+        }
+        if model.levels > 0:
+            e = config.entropy
+            with timings.phase(f"{model.name}/features"):
+                # Twice the batches: the first half for the rule, the second half to check a refitted tolerance.
+                feats = measure.rule_feature_batches(loaded, ecfg, 2 * int(e.batches), int(e.questions))
+            np.savez(os.path.join(root, FEATURES),
+                     **{f"{m}_{i}": u for m, us in feats.items() for i, u in enumerate(us)})
+    if attack:
         print(f"figure3: {model.name} inversion attack", flush=True)
         with timings.phase(f"{model.name}/privacy"):
             out["privacy"] = measure.inversion_attack(loaded, config.privacy)
