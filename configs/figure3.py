@@ -64,11 +64,11 @@ def _base() -> ml_collections.ConfigDict:
     # Pretrained components emulated (built-in corpus only; steps=0: none). The paper's models start from
     # pretrained SigLIP and OpenELM; the built-in ones have none, and a tower trained from scratch behind an
     # L-level quantizer collapses at low L (docs/experiments.md). So one 16-bit model is trained first with
-    # every part trainable: `steps` steps of the stage1 section at `lr`, then `probe_steps` steps of the
-    # stage2 section on the probe-only corpus. Every model (the 16-bit baseline, the blind control, each L)
+    # every part trainable (`param_groups`): `steps` steps of the stage1 section at `lr`, then `probe_steps`
+    # steps of the stage2 section on the probe-only corpus. Every model (the 16-bit baseline, the blind control, each L)
     # starts its stage 1 from it with the stage sections' own frozen parts, its quantizers initialised
     # afresh (init.dont_load).
-    c.pretrain = ml_collections.ConfigDict(dict(steps=0, lr=3e-3, probe_steps=0))
+    c.pretrain = ml_collections.ConfigDict(dict(steps=0, lr=3e-3, probe_steps=0, param_groups=common.ALL_GROUPS))
     # The real inputs (preset paper); each is required there and checked before anything runs.
     c.paths = ml_collections.ConfigDict(dict(
         vision_dir=config_dict.placeholder(str), llm_dir=config_dict.placeholder(str),

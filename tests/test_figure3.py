@@ -202,7 +202,8 @@ def test_runs_chain_from_the_shared_pretraining_and_take_their_data():
     given = inputs.Inputs("/d/s1", "/d/s2", "/d/tok", "/d/bench", probe_data="/d/probes")
     pre, m = figure3.PRETRAINED, figure3.Model("L4", 4)
     assert figure3.stages(c, pre) == ["stage1", "stage2_probes"]
-    assert figure3.stages(c, m) == figure3.stages(c, figure3.Model("fp16", 0)) == ["stage1", "stage2_probes", "stage2"]
+    assert figure3.stages(c, m) == figure3.stages(c, figure3.Model("fp16", 0)) == \
+        ["stage1", "stage2_probes", "stage2"]
     p1, p2 = (figure3.stage_config(c, pre, s, given, "/w") for s in figure3.stages(c, pre))
     assert (p1.data.dataset_dir, p1.total_steps, p1.optimizer.lr, p1.init.from_workdir) == ("/d/s1", 500, 3e-3, None)
     assert (p2.data.dataset_dir, p2.total_steps, p2.optimizer.lr, p2.init.from_workdir) == \

@@ -254,7 +254,8 @@ def _saved_params(workdir):
     d = ckptlib.checkpoint_dir(workdir)
     step = max(int(x) for x in os.listdir(d) if x.isdigit())
     with ocp.StandardCheckpointer() as reader:
-        return [_leaves(reader.restore(os.path.join(d, str(step), item))) for item in ("client_params", "server_params")]
+        return [_leaves(reader.restore(os.path.join(d, str(step), item)))
+                for item in ("client_params", "server_params")]
 
 
 def test_init_dont_load_starts_fresh_quantizers_on_a_16_bit_run(data_dir, tmp_path):

@@ -118,9 +118,9 @@ def stage_config(config: Any, model: Model, stage: str, given: inputs_lib.Inputs
     model's quantizer, the experiment's seed, its data and the workdir of the run before to start from.
 
     ``stage2_probes`` is the ``stage2`` section for ``probe_phase.steps`` steps on the probe-only data.
-    :data:`PRETRAINED` trains every part, at 16 bits (its stage 1 for ``pretrain.steps`` steps at ``pretrain.lr``,
-    its probe phase for ``pretrain.probe_steps``); the first run of any other model then starts from its last
-    run, its quantizers initialised afresh.
+    :data:`PRETRAINED` trains at 16 bits what ``pretrain.param_groups`` says (its stage 1 for ``pretrain.steps``
+    steps at ``pretrain.lr``, its probe phase for ``pretrain.probe_steps``); the first run of any other model
+    then starts from its last run, its quantizers initialised afresh.
     """
     order = stages(config, model)
     if stage not in order:
@@ -137,7 +137,7 @@ def stage_config(config: Any, model: Model, stage: str, given: inputs_lib.Inputs
     if given.vision_dir:
         c.model.vision_dir, c.model.llm_dir = given.vision_dir, given.llm_dir
     if model == PRETRAINED:
-        c.optimizer.param_groups = ((r".*", 1.0),)
+        c.optimizer.param_groups = config.pretrain.param_groups
         if stage == "stage1":
             c.total_steps, c.optimizer.lr = int(config.pretrain.steps), float(config.pretrain.lr)
     if stage != order[0]:
@@ -349,7 +349,10 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
         for stage in stages(config, model):
             train_stage(config, model, stage, model_inputs, workdir, timings)
         measured[model.name] = measure_model(config, model, model_inputs, workdir, timings)
-    trained = lambda m: {s: _read(os.path.join(workdir, m.name, s, STAGE_DONE)) for s in stages(config, m)}  # noqa: E731
+
+    def trained(m: Model) -> dict[str, Any]:
+        return {s: _read(os.path.join(workdir, m.name, s, STAGE_DONE)) for s in stages(config, m)}
+
     rows = [dict(measured[m.name], train=trained(m)) for m in plan if not m.blind]
     for r in rows:
         r.pop("metrics", None)
