@@ -12,7 +12,7 @@ r"""Figure 3: one model trained per number of levels, five benchmarks with confi
 For every L in ``levels`` and the 16-bit baseline (``bound='none'``) the experiment trains stage 1 and
 stage 2 (the ``stage1`` / ``stage2`` sections: the same data, steps and seed for every model, only the
 quantizer differs), evaluates on the five benchmarks (the ``eval`` section), and measures the uplink,
-the entropy rule and (``privacy.enabled``, on in ``builtin`` and ``half``) the inversion attack on the trained model
+the entropy rule and (``privacy.enabled``, off only in ``tiny``) the inversion attack on the trained model
 (``qtl_jax/experiments/``, docs/experiments.md). Presets:
 
 * ``builtin``: the built-in shapes corpus (written under ``<workdir>/data``), the demo-size model at 48 px;
