@@ -648,8 +648,12 @@ def restore_params(workdir: str, like: TrainState, fallback: bool = True,
 _PARTITION_OF = {"client_params": "client", "server_params": "server", "client_stats": "client"}
 
 
+def _leaf_name(item: str, path: tuple) -> str:
+    return f"{_PARTITION_OF[item]}/{rules.path_str(path)}"
+
+
 def _named(item: str, tree: Any) -> dict[str, Any]:
-    return {f"{_PARTITION_OF[item]}/{rules.path_str(p)}": x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+    return {_leaf_name(item, p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def _check_dont_load(wanted: Mapping[str, Any], dont_load: Sequence[str]) -> None:
@@ -693,7 +697,7 @@ def _restore_partial(manager: ocp.CheckpointManager, directory: str, step: int, 
         problems += [f"{n} (not in this model)" for n in saved_names if n not in like and not skip(n)]
 
         def target(path, meta, item=item, like=like):
-            name = f"{_PARTITION_OF[item]}/{rules.path_str(path)}"
+            name = _leaf_name(item, path)
             return like[name] if name in like and not skip(name) else jax.ShapeDtypeStruct(meta.shape, meta.dtype)
 
         args[item] = ocp.args.StandardRestore(_abstract(jax.tree_util.tree_map_with_path(target, saved)))
@@ -704,8 +708,7 @@ def _restore_partial(manager: ocp.CheckpointManager, directory: str, step: int, 
     for item, tree in wanted.items():
         loaded = _named(item, out[item]) if item in args else {}
         merged[item] = jax.tree_util.tree_map_with_path(
-            lambda p, x, item=item, loaded=loaded: x if skip(n := f"{_PARTITION_OF[item]}/{rules.path_str(p)}")
-            else loaded[n], tree)
+            lambda p, x, item=item, loaded=loaded: x if skip(n := _leaf_name(item, p)) else loaded[n], tree)
     return merged
 
 
