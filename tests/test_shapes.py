@@ -604,6 +604,41 @@ def test_scienceqa_probes_ask_as_the_benchmark_does_and_are_right(tmp_path):
     assert len(hints) == 2 and len(letters) >= 3
 
 
+def test_hard_pope_probes_cannot_be_answered_from_colour_or_kind_alone(tmp_path):
+    """Probe format 'pope_hard': POPE's own question (as llava_pope_test.jsonl asks it), whose negatives are,
+    as POPE's, objects of other training images, chosen to share their colour (and where possible their kind)
+    with objects in the image. With format 'pope' on the same corpus most negatives have a colour absent from
+    the image, so "yes iff the colour is there" answers them right; with 'pope_hard' it cannot."""
+    cfg = SC.ShapesConfig(image_size=48)
+
+    def negatives(formats):
+        out = str(tmp_path / formats[0])
+        CO.write_corpus(out, seed=6, n_pretrain=0, n_instruct=200, image_size=48, probe_fraction=1.0, probe_turns=3,
+                        probe_formats=formats, benchmarks=False)
+        records = _load(os.path.join(out, "instruct.json"))
+        scenes = {r["id"]: SM.scene_and_image(6, "instruct", i, cfg)[0] for i, r in enumerate(records)}
+        shared = collections.Counter()
+        for i, r in enumerate(records):
+            conv = r["conversations"]
+            prompts = [conv[0]["value"][len(TX.IMAGE_TOKEN) + 1:]] + [c["value"] for c in conv[2::2]]
+            for prompt, gpt in zip(prompts, conv[1::2]):
+                _check_probe_turn(prompt, gpt["value"], "pope", scenes[r["id"]], records, i, scenes)
+                if gpt["value"] == "No":
+                    color, kind = re.fullmatch(r"Is there a (\w+) (\w+) in the image\?", prompt[:-len(SUFFIX_POPE)]).groups()
+                    scene = scenes[r["id"]]
+                    shared["colour"] += any(o.color == color for o in scene.objects)
+                    shared["kind"] += any(o.kind == kind for o in scene.objects)
+                    shared["n"] += 1
+        return shared
+
+    easy, hard = negatives(("pope",)), negatives(("pope_hard",))
+    assert easy["n"] == hard["n"] == 300  # 200 rows x 3 turns, half of them No
+    assert hard["colour"] >= 0.95 * hard["n"] and hard["kind"] >= easy["kind"]  # 98 % and 55 % (48 %) at seed 6
+    assert easy["colour"] <= 0.4 * easy["n"]  # 27 % at seed 6
+    with pytest.raises(ValueError, match="pope, pope_hard, existence"):
+        SM.parse_probe_formats("pope,hard_pope")
+
+
 def test_vqa_files(corpus):
     out, _ = corpus
     root = os.path.join(out, "eval", "vqa")
@@ -925,7 +960,7 @@ def test_probe_formats_choose_the_questions_of_a_probe_only_corpus(tmp_path):
     # The default mix, spelled or not, is the corpus without the option.
     assert SM.parse_probe_formats("") == SM.parse_probe_formats(",".join(TX.PROBE_FORMATS)) == TX.PROBE_FORMATS
     assert SM.parse_probe_formats(" pope, existence ") == ("pope", "existence")
-    with pytest.raises(ValueError, match=r"probe_formats='pope,size': give one or more of pope, existence, count"):
+    with pytest.raises(ValueError, match=r"probe_formats='pope,size': give one or more of pope, pope_hard, existence, count"):
         SM.parse_probe_formats("pope,size")
     with pytest.raises(ValueError, match=r"probe_formats='': give one or more of"):
         CO.write_corpus(out, n_pretrain=0, n_instruct=2, probe_formats=(), benchmarks=False)

@@ -24,6 +24,8 @@ from qtl_jax.data.shapes.text import (IMAGE_TOKEN, MME_PERCEPTION, OPTION_LETTER
                                       SQA_HINTS, caption, image_conversation, mme_prompt, mme_questions, pick,
                                       pope_prompt, sqa_problem, sqa_text, text_conversation)
 
+# Images a hard POPE negative (probe format 'pope_hard') searches for the best shared colour / kind.
+HARD_SEARCH = 32
 # Disjoint random streams: training never shares a SeedSequence with a benchmark, whatever the seeds.
 STREAMS = {"pretrain": 0, "instruct": 1, "mme": 2, "pope": 3, "scienceqa": 4, "vqa": 5, "textvqa": 6}
 
@@ -95,29 +97,50 @@ def instruct_has_image(seed: int, index: int, text_only_fraction: float, probe_f
 
 
 def absent_from_other_image(seed: int, index: int, scene: Scene, rng: np.random.Generator, cfg: ShapesConfig,
-                            text_only_fraction: float, probe_fraction: float) -> tuple[str, str]:
+                            text_only_fraction: float, probe_fraction: float, hard: bool = False) -> tuple[str, str]:
     """A (colour, kind) absent from ``scene`` that is in the image of another stage-2 sample.
 
     As POPE draws its negatives from objects annotated in other images of the set: the other samples are
     tried in a random order among the earlier indices first (always in the corpus), then the later ones.
+    ``hard`` (probe format ``pope_hard``) prefers a negative that shares its colour and its kind with present
+    objects, then its colour, then its kind (the best among the first :data:`HARD_SEARCH` images with an absent
+    object): "is there a red X?" can then not be answered from the colour alone (nor the kind alone), which is
+    how a model answers the benchmark's adversarial negatives wrongly (docs/experiments.md, session 26).
     """
     present = scene.names()
+    colours = {o.color for o in scene.objects}
+    kinds = {o.kind for o in scene.objects}
     earlier = [int(j) for j in rng.permutation(index)]
+    best, best_score, searched = None, -1, 0
     for j in earlier + list(range(index + 1, index + 1 + 64)):
+        if best is not None and j > index:  # a later image only when no earlier one has a candidate
+            return best
         if not instruct_has_image(seed, j, text_only_fraction, probe_fraction):
             continue
         other = sample_scene(sample_rngs(seed, "instruct", j)[0], cfg)
         absent = [o for o in other.objects if o.name not in present]
-        if absent:
+        if not absent:
+            continue
+        if not hard:
             o = pick(rng, absent)
             return o.color, o.kind
+        scores = [2 * (o.color in colours) + (o.kind in kinds) for o in absent]
+        top = max(scores)
+        if top > best_score:
+            o = pick(rng, [o for o, sc in zip(absent, scores) if sc == top])
+            best, best_score = (o.color, o.kind), top
+        searched += 1
+        if best_score == 3 or searched == HARD_SEARCH:
+            return best
+    if best is not None:
+        return best
     raise ValueError(f"no image near stage-2 sample {index} has an object absent from it; use more colours or kinds.")
 
 
 def check_probe_formats(formats: Sequence[str]) -> tuple[str, ...]:
     """``formats`` as a tuple, or a ValueError naming the bad entry and the valid ones."""
     formats = tuple(formats)
-    valid = ("pope",) + MME_PERCEPTION + ("scienceqa",)
+    valid = ("pope", "pope_hard") + MME_PERCEPTION + ("scienceqa",)
     bad = [f for f in formats if f not in valid]
     if not formats or bad:
         raise ValueError(f"probe_formats={','.join(formats)!r}: give one or more of {', '.join(valid)} "
@@ -135,7 +158,8 @@ def probe_conversation(seed: int, index: int, scene: Scene, rng: np.random.Gener
                        text_only_fraction: float, probe_fraction: float, turns: int = 1,
                        formats: Sequence[str] = PROBE_FORMATS) -> list[dict]:
     """``turns`` questions about ``scene``, each exactly as a benchmark asks it, the first with the image: yes/no
-    questions (POPE, or an MME perception subtask) or, format ``scienceqa`` (not in the default mix), a
+    questions (POPE, or an MME perception subtask; ``pope_hard``: POPE's question whose negatives share a colour
+    or kind with present objects, see :func:`absent_from_other_image`) or, format ``scienceqa``, a
     ScienceQA-IMG lettered-option problem (its file's text plus the option prompt the evaluation appends,
     answered with the letter; such a turn ignores the yes/no pattern below).
 
@@ -165,13 +189,13 @@ def probe_conversation(seed: int, index: int, scene: Scene, rng: np.random.Gener
                 hint = SQA_HINTS[0] if rng.random() < 0.5 else ""
                 prompt = f"{sqa_text(problem['question'], problem['choices'], hint)}\n{OPTION_PROMPT}"
                 answer = OPTION_LETTERS[problem["answer"]]
-            elif fmt == "pope":
+            elif fmt in ("pope", "pope_hard"):
                 if yes:
                     o = pick(rng, scene.objects)
                     color, kind = o.color, o.kind
                 else:
                     color, kind = absent_from_other_image(seed, index, scene, rng, cfg, text_only_fraction,
-                                                          probe_fraction)
+                                                          probe_fraction, hard=fmt == "pope_hard")
                 prompt, answer = pope_prompt(color, kind), "Yes" if yes else "No"
             else:
                 q_yes, q_no = mme_questions(fmt, scene, rng, cfg)
