@@ -6,6 +6,8 @@ with scripted answers drawn per question from a seeded generator, so every score
 wrong answers and the recomputed headline must equal the scorer's.
 """
 
+import copy
+import dataclasses
 import json
 import math
 import os
@@ -224,6 +226,15 @@ def test_runs_chain_from_the_shared_pretraining_and_take_their_data():
     assert fp16.init.from_workdir == "/w/pretrained/stage2_probes" and tuple(fp16.init.dont_load) == ()
     assert figure3.probe_corpus(c) == {"n_instruct": 8000, "probe_fraction": 1.0, "probe_turns": 4,
                                        "probe_formats": "pope,existence"}
+    assert figure3.pretrain_probe_corpus(c) is None  # the pretraining asks the same: one probe corpus
+    # A pretraining that asks other questions has a corpus of its own; every other model keeps the phase's.
+    other = copy.deepcopy(c)
+    other.probe_phase.probe_formats = "pope,pope_hard,existence,scienceqa"
+    other.pretrain.probe_formats = "pope,existence"
+    assert figure3.pretrain_probe_corpus(other) == dict(figure3.probe_corpus(other), probe_formats="pope,existence")
+    both = dataclasses.replace(given, pretrain_probe_data="/d/pre_probes")
+    assert figure3.stage_config(other, pre, "stage2_probes", both, "/w").data.dataset_dir == "/d/pre_probes"
+    assert figure3.stage_config(other, m, "stage2_probes", both, "/w").data.dataset_dir == "/d/probes"
     c.pretrain.probe_steps = 0  # a pretraining without its probe phase
     assert figure3.stages(c, pre) == ["stage1"]
     assert figure3.stage_config(c, m, "stage1", given, "/w").init.from_workdir == "/w/pretrained/stage1"
@@ -247,6 +258,26 @@ def test_runs_chain_from_the_shared_pretraining_and_take_their_data():
         figure3.models(paper)
 
 
+def test_demo_preset_is_the_builtin_recipe_for_one_model():
+    """demo.sh's preset: the builtin chain (shared 16-bit pretraining, then stage 1 with fresh quantizers, the
+    probe phase and the mix) for L=4 alone, with fewer steps and questions; no control, no attack."""
+    c, b = figure3_config.get_config("demo"), figure3_config.get_config("builtin")
+    assert [m.name for m in figure3.models(c)] == ["L4"]
+    given = inputs.Inputs("/d/s1", "/d/s2", "/d/tok", "/d/bench", probe_data="/d/probes")
+    m = figure3.Model("L4", 4)
+    steps = [figure3.stage_config(c, figure3.PRETRAINED, s, given, "/w").total_steps
+             for s in figure3.stages(c, figure3.PRETRAINED)]
+    steps += [figure3.stage_config(c, m, s, given, "/w").total_steps for s in figure3.stages(c, m)]
+    assert steps == [500, 600, 200, 400, 200]
+    for stage in figure3.stages(c, m):
+        ours, theirs = (figure3.stage_config(x, m, stage, given, "/w") for x in (c, b))
+        ours.total_steps = theirs.total_steps
+        assert ours.to_dict() == theirs.to_dict()  # everything else is the builtin recipe
+    assert figure3.probe_corpus(c) == figure3.probe_corpus(b)
+    assert not c.privacy.enabled and c.entropy.from_levels == 4
+    assert min(4 * 2 * c.corpus.n_mme, 3 * 6 * c.corpus.n_pope, 2 * c.corpus.n_vqa, 0.8 * c.corpus.n_scienceqa) >= 250
+
+
 def test_builtin_preset_has_enough_questions():
     c = figure3_config.get_config("builtin").corpus
     assert 4 * 2 * c.n_mme >= 500  # MME perception: 4 subtasks, a pair of questions per image
@@ -262,6 +293,7 @@ def test_tiny_experiment_writes_the_figure_and_resumes(tmp_path):
     c = figure3_config.get_config("tiny")
     c.levels = (2,)
     c.blind = True
+    c.pretrain.probe_formats = "pope_hard"  # the pretraining's own probe corpus
     work = str(tmp_path / "fig3")
     first = figure3.run(c, work)
     for f in ("figure3.json", "figure3.md", "figure3.png", "figureA1.png"):
@@ -281,8 +313,15 @@ def test_tiny_experiment_writes_the_figure_and_resumes(tmp_path):
     assert {k: v["step"] for k, v in on_disk["pretrained"].items()} == {"stage1": 2, "stage2_probes": 2}
     for r in on_disk["rows"]:
         assert {k: v["step"] for k, v in r["train"].items()} == {"stage1": 3, "stage2_probes": 2, "stage2": 3}
-    probes = json.load(open(os.path.join(work, "data", "inputs.json")))["inputs"]["images"]["probe_data"]
+    given = json.load(open(os.path.join(work, "data", "inputs.json")))["inputs"]
+    probes, pre_probes = given["images"]["probe_data"], given["images"]["pretrain_probe_data"]
     assert "shapes_images_probes" in probes and os.path.isfile(os.path.join(probes, "dataset_info.json"))
+    assert "shapes_images_pretrain_probes" in pre_probes and os.path.isfile(os.path.join(pre_probes, "dataset_info.json"))
+    assert given["blank"]["pretrain_probe_data"] is None  # the pretraining never sees blank images
+    config_of = lambda stage: json.load(open(os.path.join(work, stage, "config.json")))["data"]["dataset_dir"]
+    assert (config_of("pretrained/stage2_probes"), config_of("L2/stage2_probes")) == (pre_probes, probes)
+    rows = json.load(open(os.path.join(work, "data", "images", "corpus_pretrain_probes", "instruct.json")))
+    assert all("Is there a" in c["value"] for r in rows for c in r["conversations"][::2])  # POPE's question only
     for name in ("fp16", "blind", "L2"):
         init = json.load(open(os.path.join(work, name, "stage1", "config.json")))["init"]
         assert init["from_workdir"] == os.path.join(os.path.abspath(work), "pretrained", "stage2_probes")

@@ -49,7 +49,7 @@ TIMING_FILE = "timing.json"
 STAGE_DONE = "figure3_stage.json"
 MEASURED = "measured.json"
 FEATURES = "features.npz"
-BUILTIN_PRESETS = ("builtin", "half", "tiny")
+BUILTIN_PRESETS = ("builtin", "half", "demo", "tiny")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,8 +129,8 @@ def stage_config(config: Any, model: Model, stage: str, given: inputs_lib.Inputs
     c.seed = int(config.seed)
     _quantizer(c.quantizer, model.levels)
     c.data.kind = "llava"
-    c.data.dataset_dir = {"stage1": given.stage1_data, "stage2_probes": given.probe_data,
-                          "stage2": given.stage2_data}[stage]
+    probe_data = given.pretrain_probe_data if model == PRETRAINED and given.pretrain_probe_data else given.probe_data
+    c.data.dataset_dir = {"stage1": given.stage1_data, "stage2_probes": probe_data, "stage2": given.stage2_data}[stage]
     if stage == "stage2_probes":
         c.total_steps = int(config.pretrain.probe_steps if model == PRETRAINED else config.probe_phase.steps)
     c.model.tokenizer_dir = given.tokenizer_dir
@@ -156,6 +156,16 @@ def probe_corpus(config: Any) -> dict[str, Any] | None:
         return None
     return {"n_instruct": int(p.n_samples), "probe_fraction": 1.0, "probe_turns": int(p.probe_turns),
             "probe_formats": str(p.probe_formats)}
+
+
+def pretrain_probe_corpus(config: Any) -> dict[str, Any] | None:
+    """The pretraining's own probe-only corpus: :func:`probe_corpus` with ``pretrain.probe_formats``; None where
+    the pretraining has no probe phase or asks the same formats (it then trains on :func:`probe_corpus`)."""
+    same = probe_corpus(config)
+    fmt = str(config.pretrain.probe_formats)
+    if not (pretrained(config) and int(config.pretrain.probe_steps) > 0) or not fmt or fmt == same["probe_formats"]:
+        return None
+    return dict(same, probe_formats=fmt)
 
 
 def eval_config(config: Any, model: Model, given: inputs_lib.Inputs, workdir: str) -> Any:
@@ -337,7 +347,8 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
         with timings.phase("data"):
             image_size = int(config.stage1.model.vision.image_size)
             given = inputs_lib.prepare_builtin(os.path.join(workdir, "data"), config.corpus.to_dict(), image_size,
-                                               blank=bool(config.blind), probes=probe_corpus(config))
+                                               blank=bool(config.blind), probes=probe_corpus(config),
+                                               pretrain_probes=pretrain_probe_corpus(config))
     else:
         given = {"images": inputs_lib.check_paths(config.paths.to_dict())}
     if pretrained(config):

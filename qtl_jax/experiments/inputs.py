@@ -17,7 +17,8 @@ Layout (built-in)::
     <data>/tokenizer/
     <data>/<variant>/corpus/          pretrain.json, instruct.json, images/    (variant: images | blank)
     <data>/<variant>/corpus_probes/   instruct.json, images/   (with a curriculum: probe-only stage 2)
-    <data>/<variant>/tfds/llava_json/shapes_<variant>_{pretrain,instruct[,probes]}/1.0.0/
+    <data>/images/corpus_pretrain_probes/   the same for the pretraining's probe phase, where its formats differ
+    <data>/<variant>/tfds/llava_json/shapes_<variant>_{pretrain,instruct[,probes][,pretrain_probes]}/1.0.0/
     <data>/<variant>/benchmarks/      mme/ pope/ scienceqa/ vqa/
     <data>/inputs.json                the settings they were written with (a rerun with the same ones reuses them)
 """
@@ -53,6 +54,7 @@ class Inputs:
     vision_dir: str | None = None  # paper: component checkpoints; built-in: None (random init)
     llm_dir: str | None = None
     probe_data: str | None = None  # built-in with a curriculum: the probe-only stage-2 dataset
+    pretrain_probe_data: str | None = None  # the pretraining's probe-only dataset where it is another one
 
 
 def check_paths(paths: Mapping[str, Any]) -> Inputs:
@@ -69,7 +71,7 @@ def check_paths(paths: Mapping[str, Any]) -> Inputs:
 
 
 def _variant(data_dir: str, variant: str, corpus: Mapping[str, Any], image_size: int,
-             probes: Mapping[str, Any] | None) -> Inputs:
+             probes: Mapping[str, Any] | None, pretrain_probes: Mapping[str, Any] | None) -> Inputs:
     from qtl_jax.data import llava_tfds
     from qtl_jax.data.shapes import ShapesConfig, write_corpus
     from qtl_jax.data.shapes.benchmarks import write_benchmarks
@@ -90,31 +92,38 @@ def _variant(data_dir: str, variant: str, corpus: Mapping[str, Any], image_size:
                                         {"train": [os.path.join(corpus_dir, f"{split}.json")]},
                                         image_root=os.path.join(corpus_dir, "images"), kind=split, max_bad_rows=0,
                                         max_bad_fraction=0.0)
-    if probes:
+    # The pretraining (16-bit, never blind) has its own probe corpus only where its formats differ.
+    wanted = {"probes": probes, "pretrain_probes": pretrain_probes if variant == "images" else None}
+    for name, spec in wanted.items():
+        if not spec:
+            continue
         # The same seed, so the same stage-2 images as the mix, each with probe questions only.
-        probe_dir = os.path.join(root, "corpus_probes")
-        write_corpus(probe_dir, seed=int(corpus["seed"]), n_pretrain=0, n_instruct=int(probes["n_instruct"]),
+        probe_dir = os.path.join(root, f"corpus_{name}")
+        write_corpus(probe_dir, seed=int(corpus["seed"]), n_pretrain=0, n_instruct=int(spec["n_instruct"]),
                      image_size=image_size, cfg=cfg, text_only_fraction=float(corpus["text_only_fraction"]),
-                     probe_fraction=float(probes["probe_fraction"]), probe_turns=int(probes["probe_turns"]),
-                     probe_formats=parse_probe_formats(str(probes["probe_formats"])), benchmarks=False,
+                     probe_fraction=float(spec["probe_fraction"]), probe_turns=int(spec["probe_turns"]),
+                     probe_formats=parse_probe_formats(str(spec["probe_formats"])), benchmarks=False,
                      with_scenes=False)
-        built["probes"] = llava_tfds.build(os.path.join(root, "tfds"), f"shapes_{variant}_probes",
-                                           {"train": [os.path.join(probe_dir, "instruct.json")]},
-                                           image_root=os.path.join(probe_dir, "images"), kind="instruct",
-                                           max_bad_rows=0, max_bad_fraction=0.0)
+        built[name] = llava_tfds.build(os.path.join(root, "tfds"), f"shapes_{variant}_{name}",
+                                       {"train": [os.path.join(probe_dir, "instruct.json")]},
+                                       image_root=os.path.join(probe_dir, "images"), kind="instruct",
+                                       max_bad_rows=0, max_bad_fraction=0.0)
     bench = os.path.join(root, "benchmarks")
     write_benchmarks(bench, seed=int(corpus["seed"]), cfg=cfg, n_mme=int(corpus["n_mme"]), n_pope=int(corpus["n_pope"]),
                      n_scienceqa=int(corpus["n_scienceqa"]), n_vqa=int(corpus["n_vqa"]))
     return Inputs(built["pretrain"], built["instruct"], os.path.join(data_dir, "tokenizer"), bench,
-                  probe_data=built.get("probes"))
+                  probe_data=built.get("probes"), pretrain_probe_data=built.get("pretrain_probes"))
 
 
 def prepare_builtin(data_dir: str, corpus: Mapping[str, Any], image_size: int, blank: bool,
-                    probes: Mapping[str, Any] | None = None) -> dict[str, Inputs]:
+                    probes: Mapping[str, Any] | None = None,
+                    pretrain_probes: Mapping[str, Any] | None = None) -> dict[str, Inputs]:
     """``{'images': Inputs, 'blank': Inputs}`` (``blank`` only if asked) for the built-in corpus, written once.
 
     ``probes`` (``n_instruct``, ``probe_fraction``, ``probe_turns``, ``probe_formats``; None: none) adds a
-    second stage-2 dataset from the same images, ``Inputs.probe_data`` (a curriculum's first phase).
+    second stage-2 dataset from the same images, ``Inputs.probe_data`` (a curriculum's first phase);
+    ``pretrain_probes`` (the same keys) a third, ``Inputs.pretrain_probe_data`` (images variant only), for a
+    pretraining whose probe phase asks other questions.
 
     A rerun with the same settings (or without ``blank`` where the files have it) finds ``inputs.json`` and
     reuses the files; other settings need an empty ``data_dir`` (ValueError), so models are never trained on
@@ -123,7 +132,8 @@ def prepare_builtin(data_dir: str, corpus: Mapping[str, Any], image_size: int, b
     from qtl_jax.data.shapes.tokenizer import build_shapes_tokenizer
 
     settings = {"corpus": dict(corpus), "image_size": int(image_size), "blank": bool(blank),
-                "probes": dict(probes) if probes else None}
+                "probes": dict(probes) if probes else None,
+                "pretrain_probes": dict(pretrain_probes) if pretrain_probes else None}
     marker = os.path.join(data_dir, MARKER)
     variants = ("images", "blank") if blank else ("images",)
     if os.path.isfile(marker):
@@ -131,6 +141,7 @@ def prepare_builtin(data_dir: str, corpus: Mapping[str, Any], image_size: int, b
             done = json.load(f)
         # A corpus written with its blank twin also serves a run without the blind control.
         done["settings"].setdefault("probes", None)  # written before the curriculum existed
+        done["settings"].setdefault("pretrain_probes", None)  # written before the pretraining had its own
         same = {k: v for k, v in done["settings"].items() if k != "blank"} == \
             {k: v for k, v in settings.items() if k != "blank"}
         if not same or (blank and not done["settings"]["blank"]):
@@ -139,7 +150,7 @@ def prepare_builtin(data_dir: str, corpus: Mapping[str, Any], image_size: int, b
         return {v: Inputs(**done["inputs"][v]) for v in variants}
     os.makedirs(data_dir, exist_ok=True)
     build_shapes_tokenizer(os.path.join(data_dir, "tokenizer"))
-    out = {v: _variant(data_dir, v, corpus, image_size, probes) for v in variants}
+    out = {v: _variant(data_dir, v, corpus, image_size, probes, pretrain_probes) for v in variants}
     with open(marker, "w", encoding="utf-8") as f:
         json.dump({"settings": settings, "inputs": {v: dataclasses.asdict(i) for v, i in out.items()}}, f, indent=1)
     return out
