@@ -177,6 +177,9 @@ def test_report_files_from_a_result(tmp_path):
     md = report.markdown(result)
     assert "one shared 16-bit pretraining, every part trained (stage1: 500 steps, stage2_probes: 800 steps)" in md
     assert "Wall time of every phase together: 3.0 min." in md and "| L2/stage1 | 120 | 200 | nan |" in md
+    # Without a 16-bit baseline (the demo preset) there is no knee to find, and the report says why.
+    result.update(rows=rows[1:], knee_levels=report.knee_levels(rows[1:]))
+    assert result["knee_levels"] is None and "none: this run has no 16-bit baseline" in report.markdown(result)
 
 
 def test_models_plan_and_clear_errors(tmp_path):

@@ -121,8 +121,13 @@ def markdown(result: Mapping[str, Any]) -> str:
                   "on both): " + "; ".join(
                       f"{r['name']}: " + (", ".join(b for b in benches if (r.get("beats_blind") or {}).get(b))
                                           or "none") for r in rows) + "."]
-    lines += ["", f"**Knee** (smallest L within the baseline's interval on every benchmark): "
-              + ("none of the trained L" if knee is None else f"L = {knee} ({math.log2(knee):g} bits)") + ".",
+    if not any(r["levels"] == 0 for r in result["rows"]):
+        knee_text = "none: this run has no 16-bit baseline to compare with (`baseline=False`)"
+    elif knee is None:
+        knee_text = "none of the trained L"
+    else:
+        knee_text = f"L = {knee} ({math.log2(knee):g} bits)"
+    lines += ["", f"**Knee** (smallest L within the baseline's interval on every benchmark): {knee_text}.",
               f"**Entropy rule** (τ = {result['entropy_rule_details'].get('tolerance_bits')} bit): image L = "
               f"{rule.get('image')}, text L = {rule.get('text')}.", ""]
     for note in result.get("notes", []):
