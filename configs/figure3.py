@@ -53,10 +53,11 @@ def _base() -> ml_collections.ConfigDict:
     c.eval = eval_configs.get_config()
     c.eval.benchmarks = ml_collections.ConfigDict(
         {n: dict(eval_configs.LLAVA_BENCHMARKS[n]) for n in FIGURE3_BENCHMARKS})
-    # The built-in corpus (preset builtin): training splits and benchmark sizes.
+    # The built-in corpus (preset builtin): training splits and benchmark sizes. probe_formats: those of the
+    # mix's probes ('' = the default rotation, qtl_jax.data.shapes.text.PROBE_FORMATS; docs/data_shapes.md).
     c.corpus = ml_collections.ConfigDict(dict(
         seed=0, n_pretrain=0, n_instruct=0, text_only_fraction=0.1, probe_fraction=0.0, probe_turns=1,
-        n_mme=0, n_pope=0, n_scienceqa=0, n_vqa=0))
+        probe_formats="", n_mme=0, n_pope=0, n_scienceqa=0, n_vqa=0))
     # A curriculum inside stage 2 (built-in corpus only; steps=0: none): first `steps` steps of the stage2
     # section on a probe-only corpus (`n_samples` stage-2 images, every sample `probe_turns` yes/no questions in
     # the `probe_formats`, taken in turn), then the stage2 section from that model. The pretraining below has

@@ -24,6 +24,8 @@ from configs import eval as eval_config
 from configs import figure3 as figure3_config
 from qtl_jax.data.shapes import ShapesConfig
 from qtl_jax.data.shapes import benchmarks as benchmark_files
+from qtl_jax.data.shapes import samples as shapes_samples
+from qtl_jax.data.shapes.text import OPTION_PROMPT
 from qtl_jax.eval import bootstrap, harness
 from qtl_jax.eval.answers import answers_path, read_answers
 from qtl_jax.eval.benchmarks import BENCHMARKS, benchmark_specs, subsample
@@ -297,6 +299,7 @@ def test_tiny_experiment_writes_the_figure_and_resumes(tmp_path):
     c.levels = (2,)
     c.blind = True
     c.pretrain.probe_formats = "pope_hard"  # the pretraining's own probe corpus
+    c.corpus.probe_formats = "scienceqa"  # the mix's probes: ScienceQA-IMG problems only
     work = str(tmp_path / "fig3")
     first = figure3.run(c, work)
     for f in ("figure3.json", "figure3.md", "figure3.png", "figureA1.png"):
@@ -325,6 +328,9 @@ def test_tiny_experiment_writes_the_figure_and_resumes(tmp_path):
     assert (config_of("pretrained/stage2_probes"), config_of("L2/stage2_probes")) == (pre_probes, probes)
     rows = json.load(open(os.path.join(work, "data", "images", "corpus_pretrain_probes", "instruct.json")))
     assert all("Is there a" in c["value"] for r in rows for c in r["conversations"][::2])  # POPE's question only
+    mix = json.load(open(os.path.join(work, "data", "images", "corpus", "instruct.json")))
+    probes = [r for i, r in enumerate(mix) if shapes_samples.is_probe(i, c.corpus.probe_fraction)]
+    assert len(probes) == 16 and all(t["value"].endswith(OPTION_PROMPT) for r in probes for t in r["conversations"][::2])
     for name in ("fp16", "blind", "L2"):
         init = json.load(open(os.path.join(work, name, "stage1", "config.json")))["init"]
         assert init["from_workdir"] == os.path.join(os.path.abspath(work), "pretrained", "stage2_probes")

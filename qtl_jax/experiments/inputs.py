@@ -84,7 +84,9 @@ def _variant(data_dir: str, variant: str, corpus: Mapping[str, Any], image_size:
                  n_instruct=int(corpus["n_instruct"]), image_size=image_size, cfg=cfg,
                  text_only_fraction=float(corpus["text_only_fraction"]),
                  probe_fraction=float(corpus.get("probe_fraction", 0.0)),
-                 probe_turns=int(corpus.get("probe_turns", 1)), benchmarks=False, with_scenes=False)
+                 probe_turns=int(corpus.get("probe_turns", 1)),
+                 probe_formats=parse_probe_formats(str(corpus.get("probe_formats", ""))), benchmarks=False,
+                 with_scenes=False)
     built = {}
     for split in ("pretrain", "instruct"):
         # The generated corpus has no bad row: any skip is a bug, so none is allowed.
@@ -142,6 +144,7 @@ def prepare_builtin(data_dir: str, corpus: Mapping[str, Any], image_size: int, b
         # A corpus written with its blank twin also serves a run without the blind control.
         done["settings"].setdefault("probes", None)  # written before the curriculum existed
         done["settings"].setdefault("pretrain_probes", None)  # written before the pretraining had its own
+        done["settings"]["corpus"].setdefault("probe_formats", "")  # written before the mix's were a setting
         same = {k: v for k, v in done["settings"].items() if k != "blank"} == \
             {k: v for k, v in settings.items() if k != "blank"}
         if not same or (blank and not done["settings"]["blank"]):
