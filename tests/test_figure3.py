@@ -327,7 +327,7 @@ def test_tiny_experiment_writes_the_figure_and_resumes(tmp_path):
     config_of = lambda stage: json.load(open(os.path.join(work, stage, "config.json")))["data"]["dataset_dir"]
     assert (config_of("pretrained/stage2_probes"), config_of("L2/stage2_probes")) == (pre_probes, probes)
     rows = json.load(open(os.path.join(work, "data", "images", "corpus_pretrain_probes", "instruct.json")))
-    assert all("Is there a" in c["value"] for r in rows for c in r["conversations"][::2])  # POPE's question only
+    assert all("Is there a" in t["value"] for r in rows for t in r["conversations"][::2])  # POPE's question only
     mix = json.load(open(os.path.join(work, "data", "images", "corpus", "instruct.json")))
     probes = [r for i, r in enumerate(mix) if shapes_samples.is_probe(i, c.corpus.probe_fraction)]
     assert len(probes) == 16 and all(t["value"].endswith(OPTION_PROMPT) for r in probes for t in r["conversations"][::2])
