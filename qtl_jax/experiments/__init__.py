@@ -8,5 +8,5 @@
 * ``seeds``: finished runs that differ only in their seed, compared (``python -m qtl_jax.experiments.seeds
   --workdirs=W0,W1 --out=DIR``): spreads, the knee and the rule per seed, τ refitted on one and checked on another.
 
-Each imports only the ones listed before it (``seeds`` only ``report``) (docs/experiments.md).
+Each imports only the ones listed before it (docs/experiments.md); ``seeds`` imports only ``report``.
 """
