@@ -70,8 +70,10 @@ def _base() -> ml_collections.ConfigDict:
     # steps of the stage2 section on the probe-only corpus. Every model (the 16-bit baseline, the blind control, each L)
     # starts its stage 1 from it with the stage sections' own frozen parts, its quantizers initialised
     # afresh (init.dont_load).
-    # Its probe phase asks `probe_formats` ('': those of probe_phase; others: a corpus of its own).
+    # Its probe phase asks `probe_formats` ('': those of probe_phase; others: a corpus of its own); a second
+    # probe phase (`probe2_steps` > 0, after the first) asks `probe2_formats` on a corpus of its own.
     c.pretrain = ml_collections.ConfigDict(dict(steps=0, lr=3e-3, probe_steps=0, probe_formats="",
+                                                probe2_steps=0, probe2_formats="",
                                                 param_groups=common.ALL_GROUPS))
     # The real inputs (preset paper); each is required there and checked before anything runs.
     c.paths = ml_collections.ConfigDict(dict(

@@ -240,6 +240,22 @@ def test_runs_chain_from_the_shared_pretraining_and_take_their_data():
     both = dataclasses.replace(given, pretrain_probe_data="/d/pre_probes")
     assert figure3.stage_config(other, pre, "stage2_probes", both, "/w").data.dataset_dir == "/d/pre_probes"
     assert figure3.stage_config(other, m, "stage2_probes", both, "/w").data.dataset_dir == "/d/probes"
+    # A second probe phase in the pretraining (other formats, a corpus of its own) ends it: every model starts there.
+    second = copy.deepcopy(c)
+    second.pretrain.probe2_steps, second.pretrain.probe2_formats = 300, "scienceqa"
+    assert figure3.stages(second, pre) == ["stage1", "stage2_probes", "stage2_probes2"]
+    assert figure3.pretrain_probe2_corpus(second) == dict(figure3.probe_corpus(second), probe_formats="scienceqa")
+    assert figure3.pretrain_probe2_corpus(c) is None
+    with_second = dataclasses.replace(given, pretrain_probe2_data="/d/pre_probes2")
+    p3 = figure3.stage_config(second, pre, "stage2_probes2", with_second, "/w")
+    assert (p3.data.dataset_dir, p3.total_steps, p3.optimizer.lr, p3.init.from_workdir) == \
+        ("/d/pre_probes2", 300, 5e-4, "/w/pretrained/stage2_probes")
+    assert p3.optimizer.param_groups == ((".*", 1.0),) and p3.quantizer.bound == "none"
+    s1 = figure3.stage_config(second, m, "stage1", with_second, "/w")
+    assert (s1.init.from_workdir, tuple(s1.init.dont_load)) == ("/w/pretrained/stage2_probes2", (".*_quantizer/.*",))
+    second.pretrain.probe2_formats = ""
+    with pytest.raises(ValueError, match=r"probe2_steps > 0 needs pretrain.probe2_formats"):
+        figure3.models(second)
     c.pretrain.probe_steps = 0  # a pretraining without its probe phase
     assert figure3.stages(c, pre) == ["stage1"]
     assert figure3.stage_config(c, m, "stage1", given, "/w").init.from_workdir == "/w/pretrained/stage1"
@@ -299,6 +315,7 @@ def test_tiny_experiment_writes_the_figure_and_resumes(tmp_path):
     c.levels = (2,)
     c.blind = True
     c.pretrain.probe_formats = "pope_hard"  # the pretraining's own probe corpus
+    c.pretrain.probe2_steps, c.pretrain.probe2_formats = 2, "scienceqa"  # and a second phase on another
     c.corpus.probe_formats = "scienceqa"  # the mix's probes: ScienceQA-IMG problems only
     work = str(tmp_path / "fig3")
     first = figure3.run(c, work)
@@ -316,16 +333,23 @@ def test_tiny_experiment_writes_the_figure_and_resumes(tmp_path):
     assert set(on_disk["entropy_rule"]) == {"image", "text"} and "knee_levels" in on_disk
     assert on_disk["rows"][1]["uplink_bytes_per_sample"]["packed"] < on_disk["rows"][0]["uplink_bytes_per_sample"]["fp16"]
     # The shared pretraining (captions, then the probe-only phase), then every model's two stages from it.
-    assert {k: v["step"] for k, v in on_disk["pretrained"].items()} == {"stage1": 2, "stage2_probes": 2}
+    assert {k: v["step"] for k, v in on_disk["pretrained"].items()} == {"stage1": 2, "stage2_probes": 2,
+                                                                         "stage2_probes2": 2}
     for r in on_disk["rows"]:
         assert {k: v["step"] for k, v in r["train"].items()} == {"stage1": 3, "stage2_probes": 2, "stage2": 3}
     given = json.load(open(os.path.join(work, "data", "inputs.json")))["inputs"]
     probes, pre_probes = given["images"]["probe_data"], given["images"]["pretrain_probe_data"]
     assert "shapes_images_probes" in probes and os.path.isfile(os.path.join(probes, "dataset_info.json"))
     assert "shapes_images_pretrain_probes" in pre_probes and os.path.isfile(os.path.join(pre_probes, "dataset_info.json"))
+    pre_probes2 = given["images"]["pretrain_probe2_data"]
+    assert "shapes_images_pretrain_probes2" in pre_probes2
     assert given["blank"]["pretrain_probe_data"] is None  # the pretraining never sees blank images
+    assert given["blank"]["pretrain_probe2_data"] is None
     config_of = lambda stage: json.load(open(os.path.join(work, stage, "config.json")))["data"]["dataset_dir"]
     assert (config_of("pretrained/stage2_probes"), config_of("L2/stage2_probes")) == (pre_probes, probes)
+    assert config_of("pretrained/stage2_probes2") == pre_probes2
+    rows2 = json.load(open(os.path.join(work, "data", "images", "corpus_pretrain_probes2", "instruct.json")))
+    assert all(t["value"].endswith(OPTION_PROMPT) for r in rows2 for t in r["conversations"][::2])
     rows = json.load(open(os.path.join(work, "data", "images", "corpus_pretrain_probes", "instruct.json")))
     assert all("Is there a" in t["value"] for r in rows for t in r["conversations"][::2])  # POPE's question only
     mix = json.load(open(os.path.join(work, "data", "images", "corpus", "instruct.json")))
@@ -333,7 +357,7 @@ def test_tiny_experiment_writes_the_figure_and_resumes(tmp_path):
     assert len(probes) == 16 and all(t["value"].endswith(OPTION_PROMPT) for r in probes for t in r["conversations"][::2])
     for name in ("fp16", "blind", "L2"):
         init = json.load(open(os.path.join(work, name, "stage1", "config.json")))["init"]
-        assert init["from_workdir"] == os.path.join(os.path.abspath(work), "pretrained", "stage2_probes")
+        assert init["from_workdir"] == os.path.join(os.path.abspath(work), "pretrained", "stage2_probes2")
         assert init["dont_load"] == ([".*_quantizer/.*"] if name == "L2" else [])
     phases = dict(first["timing"])
     again = figure3.run(c, work)

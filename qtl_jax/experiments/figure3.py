@@ -13,9 +13,10 @@ image-inversion attack on its wire (:mod:`qtl_jax.experiments.measure`). Then it
 Workdir layout (every step resumes: a killed run picks up where it stopped)::
 
     data/                      the built-in corpus, its blanked twin and the tokenizer (qtl_jax.experiments.inputs)
-    [pretrained/stage1/  pretrained/stage2_probes/]
+    [pretrained/stage1/  pretrained/stage2_probes/  pretrained/stage2_probes2/]
                                the shared 16-bit pretraining (``pretrain.steps`` > 0), every part trained, in
-                               place of pretrained components; every model's stage 1 starts from it
+                               place of pretrained components; every model's stage 1 starts from its last run
+                               (stage2_probes2: a second probe phase on other formats, ``pretrain.probe2_steps``)
     <model>/stage1/  [<model>/stage2_probes/]  <model>/stage2/
                                train.py workdirs (model: L2, L4, ..., fp16, blind), each started from the one
                                before; stage2_probes is the curriculum's first phase (``probe_phase.steps`` > 0,
@@ -73,6 +74,9 @@ def models(config: Any) -> list[Model]:
     if int(config.probe_phase.steps) > 0 and config.preset not in BUILTIN_PRESETS:
         raise ValueError("probe_phase.steps > 0 needs the built-in corpus (it writes the probe-only stage-2 data); "
                          "set --config.probe_phase.steps=0 for the paper preset.")
+    if int(config.pretrain.probe2_steps) > 0 and not str(config.pretrain.probe2_formats).strip():
+        raise ValueError("pretrain.probe2_steps > 0 needs pretrain.probe2_formats (the formats of the second probe "
+                         "phase, e.g. --config.pretrain.probe2_formats=scienceqa).")
     if int(config.pretrain.steps) > 0 and config.preset not in BUILTIN_PRESETS:
         raise ValueError("pretrain.steps > 0 stands in for pretrained components on the built-in corpus; the paper "
                          "preset starts from real ones: set --config.pretrain.steps=0.")
@@ -107,9 +111,12 @@ def pretrained(config: Any) -> bool:
 def stages(config: Any, model: Model) -> list[str]:
     """``model``'s training runs, in order, each started from the one before: stage 1, (the curriculum's
     probe-only phase,) stage 2. :data:`PRETRAINED` (``pretrain.steps`` > 0) runs stage 1 and (with
-    ``pretrain.probe_steps`` > 0) a probe-only phase; every other model's stage 1 then starts from it."""
+    ``pretrain.probe_steps`` > 0) a probe-only phase, then (``pretrain.probe2_steps`` > 0) a second one on other
+    formats; every other model's stage 1 then starts from its last run."""
     if model == PRETRAINED:
-        return ["stage1"] + (["stage2_probes"] if int(config.pretrain.probe_steps) > 0 else [])
+        return ["stage1"] + (["stage2_probes"] if int(config.pretrain.probe_steps) > 0 else []) + (
+            ["stage2_probes2"] if int(config.pretrain.probe_steps) > 0 and int(config.pretrain.probe2_steps) > 0
+            else [])
     return ["stage1"] + (["stage2_probes"] if int(config.probe_phase.steps) > 0 else []) + ["stage2"]
 
 
@@ -130,9 +137,12 @@ def stage_config(config: Any, model: Model, stage: str, given: inputs_lib.Inputs
     _quantizer(c.quantizer, model.levels)
     c.data.kind = "llava"
     probe_data = given.pretrain_probe_data if model == PRETRAINED and given.pretrain_probe_data else given.probe_data
-    c.data.dataset_dir = {"stage1": given.stage1_data, "stage2_probes": probe_data, "stage2": given.stage2_data}[stage]
+    c.data.dataset_dir = {"stage1": given.stage1_data, "stage2_probes": probe_data,
+                          "stage2_probes2": given.pretrain_probe2_data, "stage2": given.stage2_data}[stage]
     if stage == "stage2_probes":
         c.total_steps = int(config.pretrain.probe_steps if model == PRETRAINED else config.probe_phase.steps)
+    elif stage == "stage2_probes2":
+        c.total_steps = int(config.pretrain.probe2_steps)
     c.model.tokenizer_dir = given.tokenizer_dir
     if given.vision_dir:
         c.model.vision_dir, c.model.llm_dir = given.vision_dir, given.llm_dir
@@ -166,6 +176,14 @@ def pretrain_probe_corpus(config: Any) -> dict[str, Any] | None:
     if not (pretrained(config) and int(config.pretrain.probe_steps) > 0) or not fmt or fmt == same["probe_formats"]:
         return None
     return dict(same, probe_formats=fmt)
+
+
+def pretrain_probe2_corpus(config: Any) -> dict[str, Any] | None:
+    """The corpus of the pretraining's second probe phase: :func:`probe_corpus` with ``pretrain.probe2_formats``
+    (None without that phase)."""
+    if not (pretrained(config) and int(config.pretrain.probe_steps) > 0 and int(config.pretrain.probe2_steps) > 0):
+        return None
+    return dict(probe_corpus(config), probe_formats=str(config.pretrain.probe2_formats))
 
 
 def eval_config(config: Any, model: Model, given: inputs_lib.Inputs, workdir: str) -> Any:
@@ -348,7 +366,8 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
             image_size = int(config.stage1.model.vision.image_size)
             given = inputs_lib.prepare_builtin(os.path.join(workdir, "data"), config.corpus.to_dict(), image_size,
                                                blank=bool(config.blind), probes=probe_corpus(config),
-                                               pretrain_probes=pretrain_probe_corpus(config))
+                                               pretrain_probes=pretrain_probe_corpus(config),
+                                               pretrain_probes2=pretrain_probe2_corpus(config))
     else:
         given = {"images": inputs_lib.check_paths(config.paths.to_dict())}
     if pretrained(config):

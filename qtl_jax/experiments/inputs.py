@@ -18,7 +18,8 @@ Layout (built-in)::
     <data>/<variant>/corpus/          pretrain.json, instruct.json, images/    (variant: images | blank)
     <data>/<variant>/corpus_probes/   instruct.json, images/   (with a curriculum: probe-only stage 2)
     <data>/images/corpus_pretrain_probes/   the same for the pretraining's probe phase, where its formats differ
-    <data>/<variant>/tfds/llava_json/shapes_<variant>_{pretrain,instruct[,probes][,pretrain_probes]}/1.0.0/
+    <data>/images/corpus_pretrain_probes2/  the same for the pretraining's second probe phase (if it has one)
+    <data>/<variant>/tfds/llava_json/shapes_<variant>_{pretrain,instruct[,probes][,pretrain_probes][,pretrain_probes2]}/1.0.0/
     <data>/<variant>/benchmarks/      mme/ pope/ scienceqa/ vqa/
     <data>/inputs.json                the settings they were written with (a rerun with the same ones reuses them)
 """
@@ -55,6 +56,7 @@ class Inputs:
     llm_dir: str | None = None
     probe_data: str | None = None  # built-in with a curriculum: the probe-only stage-2 dataset
     pretrain_probe_data: str | None = None  # the pretraining's probe-only dataset where it is another one
+    pretrain_probe2_data: str | None = None  # the pretraining's second probe phase (other formats)
 
 
 def check_paths(paths: Mapping[str, Any]) -> Inputs:
@@ -71,7 +73,8 @@ def check_paths(paths: Mapping[str, Any]) -> Inputs:
 
 
 def _variant(data_dir: str, variant: str, corpus: Mapping[str, Any], image_size: int,
-             probes: Mapping[str, Any] | None, pretrain_probes: Mapping[str, Any] | None) -> Inputs:
+             probes: Mapping[str, Any] | None, pretrain_probes: Mapping[str, Any] | None,
+             pretrain_probes2: Mapping[str, Any] | None) -> Inputs:
     from qtl_jax.data import llava_tfds
     from qtl_jax.data.shapes import ShapesConfig, write_corpus
     from qtl_jax.data.shapes.benchmarks import write_benchmarks
@@ -95,7 +98,8 @@ def _variant(data_dir: str, variant: str, corpus: Mapping[str, Any], image_size:
                                         image_root=os.path.join(corpus_dir, "images"), kind=split, max_bad_rows=0,
                                         max_bad_fraction=0.0)
     # The pretraining (16-bit, never blind) has its own probe corpus only where its formats differ.
-    wanted = {"probes": probes, "pretrain_probes": pretrain_probes if variant == "images" else None}
+    wanted = {"probes": probes, "pretrain_probes": pretrain_probes if variant == "images" else None,
+              "pretrain_probes2": pretrain_probes2 if variant == "images" else None}
     for name, spec in wanted.items():
         if not spec:
             continue
@@ -114,18 +118,21 @@ def _variant(data_dir: str, variant: str, corpus: Mapping[str, Any], image_size:
     write_benchmarks(bench, seed=int(corpus["seed"]), cfg=cfg, n_mme=int(corpus["n_mme"]), n_pope=int(corpus["n_pope"]),
                      n_scienceqa=int(corpus["n_scienceqa"]), n_vqa=int(corpus["n_vqa"]))
     return Inputs(built["pretrain"], built["instruct"], os.path.join(data_dir, "tokenizer"), bench,
-                  probe_data=built.get("probes"), pretrain_probe_data=built.get("pretrain_probes"))
+                  probe_data=built.get("probes"), pretrain_probe_data=built.get("pretrain_probes"),
+                  pretrain_probe2_data=built.get("pretrain_probes2"))
 
 
 def prepare_builtin(data_dir: str, corpus: Mapping[str, Any], image_size: int, blank: bool,
                     probes: Mapping[str, Any] | None = None,
-                    pretrain_probes: Mapping[str, Any] | None = None) -> dict[str, Inputs]:
+                    pretrain_probes: Mapping[str, Any] | None = None,
+                    pretrain_probes2: Mapping[str, Any] | None = None) -> dict[str, Inputs]:
     """``{'images': Inputs, 'blank': Inputs}`` (``blank`` only if asked) for the built-in corpus, written once.
 
     ``probes`` (``n_instruct``, ``probe_fraction``, ``probe_turns``, ``probe_formats``; None: none) adds a
     second stage-2 dataset from the same images, ``Inputs.probe_data`` (a curriculum's first phase);
     ``pretrain_probes`` (the same keys) a third, ``Inputs.pretrain_probe_data`` (images variant only), for a
-    pretraining whose probe phase asks other questions.
+    pretraining whose probe phase asks other questions; ``pretrain_probes2`` a fourth,
+    ``Inputs.pretrain_probe2_data``, for the pretraining's second probe phase.
 
     A rerun with the same settings (or without ``blank`` where the files have it) finds ``inputs.json`` and
     reuses the files; other settings need an empty ``data_dir`` (ValueError), so models are never trained on
@@ -135,7 +142,8 @@ def prepare_builtin(data_dir: str, corpus: Mapping[str, Any], image_size: int, b
 
     settings = {"corpus": dict(corpus), "image_size": int(image_size), "blank": bool(blank),
                 "probes": dict(probes) if probes else None,
-                "pretrain_probes": dict(pretrain_probes) if pretrain_probes else None}
+                "pretrain_probes": dict(pretrain_probes) if pretrain_probes else None,
+                "pretrain_probes2": dict(pretrain_probes2) if pretrain_probes2 else None}
     marker = os.path.join(data_dir, MARKER)
     variants = ("images", "blank") if blank else ("images",)
     if os.path.isfile(marker):
@@ -144,6 +152,7 @@ def prepare_builtin(data_dir: str, corpus: Mapping[str, Any], image_size: int, b
         # A corpus written with its blank twin also serves a run without the blind control.
         done["settings"].setdefault("probes", None)  # written before the curriculum existed
         done["settings"].setdefault("pretrain_probes", None)  # written before the pretraining had its own
+        done["settings"].setdefault("pretrain_probes2", None)  # written before its second probe phase existed
         done["settings"]["corpus"].setdefault("probe_formats", "")  # written before the mix's were a setting
         same = {k: v for k, v in done["settings"].items() if k != "blank"} == \
             {k: v for k, v in settings.items() if k != "blank"}
@@ -153,7 +162,7 @@ def prepare_builtin(data_dir: str, corpus: Mapping[str, Any], image_size: int, b
         return {v: Inputs(**done["inputs"][v]) for v in variants}
     os.makedirs(data_dir, exist_ok=True)
     build_shapes_tokenizer(os.path.join(data_dir, "tokenizer"))
-    out = {v: _variant(data_dir, v, corpus, image_size, probes, pretrain_probes) for v in variants}
+    out = {v: _variant(data_dir, v, corpus, image_size, probes, pretrain_probes, pretrain_probes2) for v in variants}
     with open(marker, "w", encoding="utf-8") as f:
         json.dump({"settings": settings, "inputs": {v: dataclasses.asdict(i) for v, i in out.items()}}, f, indent=1)
     return out
