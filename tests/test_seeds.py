@@ -99,6 +99,10 @@ def test_runs_that_differ_in_more_than_the_seed_are_refused():
     r1["config"]["stage1"]["total_steps"] = 100
     with pytest.raises(seeds.SeedsError, match=r"differ in more than the seed \(stage1.total_steps\)"):
         seeds.compare([r0, r1], ["/a", "/b"])
+    # A setting one run's config does not have (made before it existed) is listed, not refused.
+    r1["config"]["stage1"]["total_steps"] = 200
+    r1["config"]["corpus"] = {"probe_formats": ""}
+    assert seeds.compare([r0, r1], ["/a", "/b"])["settings_not_in_every_run"] == ["corpus.probe_formats"]
     with pytest.raises(seeds.SeedsError, match="seeds \\[0, 0\\] repeat"):
         seeds.compare([r0, copy.deepcopy(r0)], ["/a", "/b"])
     with pytest.raises(seeds.SeedsError, match="at least two"):

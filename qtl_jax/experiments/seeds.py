@@ -55,11 +55,14 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: d}
 
 
-def setting_differences(configs: Sequence[Mapping[str, Any]]) -> list[str]:
-    """The config keys (dotted) whose values differ between the runs, ``seed`` excepted."""
+def setting_differences(configs: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[str]]:
+    """(keys whose values differ between the runs, keys some runs' configs do not have), dotted, ``seed``
+    excepted. A key is missing where a run was made before the setting existed (new settings default to the
+    old behaviour), so only the first list stops a comparison."""
     flat = [_flatten(c) for c in configs]
-    keys = sorted(set().union(*flat) - {"seed"})
-    return [k for k in keys if any(f.get(k) != flat[0].get(k) for f in flat[1:])]
+    every = set.intersection(*(set(f) for f in flat)) - {"seed"}
+    some = set().union(*flat) - every - {"seed"}
+    return sorted(k for k in every if any(f[k] != flat[0][k] for f in flat[1:])), sorted(some)
 
 
 def _rule(run: Mapping[str, Any], modality: str) -> tuple[list[int], list[float]] | None:
@@ -85,7 +88,7 @@ def compare(runs: Sequence[Mapping[str, Any]], workdirs: Sequence[str]) -> dict[
     seeds = [int(r["config"]["seed"]) for r in runs]
     if len(set(seeds)) != len(seeds):
         raise SeedsError(f"the runs' seeds {seeds} repeat: compare runs made with different --config.seed.")
-    differ = setting_differences([r["config"] for r in runs])
+    differ, not_in_every = setting_differences([r["config"] for r in runs])
     if differ:
         shown = ", ".join(differ[:8]) + (f" and {len(differ) - 8} more" if len(differ) > 8 else "")
         raise SeedsError(f"the runs differ in more than the seed ({shown}); compare runs of one preset with the "
@@ -148,7 +151,7 @@ def compare(runs: Sequence[Mapping[str, Any]], workdirs: Sequence[str]) -> dict[
     return {"seeds": seeds, "per_seed": per_seed, "models": models,
             "knee_agrees": len({s["knee_levels"] for s in per_seed}) == 1,
             "rule_agrees": {m: len({json.dumps(s["entropy_rule"].get(m)) for s in per_seed}) == 1 for m in MODALITIES},
-            "transfer": transfer, "preset": runs[0].get("preset")}
+            "transfer": transfer, "preset": runs[0].get("preset"), "settings_not_in_every_run": not_in_every}
 
 
 def _interval(v: float, ci: Sequence[float] | None) -> str:
@@ -195,6 +198,9 @@ def markdown(result: Mapping[str, Any]) -> str:
                        + ("met)" if t["picks_check_knee"] else "missed)"))
         lines.append(f"- {t['modality']}, fit on seed {t['fit_seed']}, checked on seed {t['check_seed']}: "
                      f"{t['result']}{verdict}")
+    if result.get("settings_not_in_every_run"):
+        lines += ["", "Settings that some runs' configs do not have (made before they existed): "
+                  + ", ".join(f"`{k}`" for k in result["settings_not_in_every_run"]) + "."]
     return "\n".join(lines) + "\n"
 
 
