@@ -17,7 +17,8 @@ the entropy rule and (``privacy.enabled``, off only in ``tiny``) the inversion a
 
 * ``builtin``: the built-in shapes corpus (written under ``<workdir>/data``), the demo-size model at 48 px;
   one shared 16-bit pretraining from random initialisation (``pretrain``: every part trains on captions,
-  then on yes/no probes only) stands in for the paper's pretrained components, and every model runs the
+  then on yes/no probes only, then on ScienceQA problems only) stands in for the paper's pretrained
+  components, and every model runs the
   paper's two stages from it with fresh quantizers, stage 2 as a curriculum (``probe_phase``: benchmark-format
   probes only, then the mix); plus an image-blind control (the same model and training with every image blanked);
 * ``half``: the ``builtin`` code path with half the steps and questions (a quicker check);
@@ -99,7 +100,8 @@ def _builtin(c: ml_collections.ConfigDict, scale: float = 1.0) -> None:
     # The demo model at 48 px with patch 16 and every patch kept ('full'): one image token per cell of the
     # corpus' 3 x 3 grid (9 tokens; 'patch' would drop the top-left cell). The shared 16-bit pretraining:
     # 500 caption steps at 3e-3 (caption CE 0.30 against the blind twin's 0.64), then 800 steps at 5e-4 of
-    # POPE / MME-existence probes only (in the mix the yes/no answers stay on their chance plateau). Then per
+    # POPE / MME-existence probes only (in the mix the yes/no answers stay on their chance plateau), then 400
+    # steps of ScienceQA-IMG problems only (see below). Then per
     # model the paper's recipe on it: stage 1 (200 steps at 1e-3, tower and LLM frozen: connector and the
     # fresh quantizers learn), and stage 2 (tower frozen, 5e-4) as a curriculum: 400 probe-only steps (after
     # stage 1 every model, 16-bit too, has lost most of its yes/no skill, and the mix alone does not bring
@@ -121,8 +123,14 @@ def _builtin(c: ml_collections.ConfigDict, scale: float = 1.0) -> None:
         stage.split.measure_every = 10  # host entropy coding of every 10th step's codes (the uplink figures)
         stage.progress_bar = False
         stage.eval.enabled = False  # the benchmarks below are the evaluation
-    c.pretrain.update(dict(steps=max(1, int(500 * scale)), lr=3e-3, probe_steps=max(1, int(800 * scale))))
-    c.corpus.update(dict(n_pretrain=8000, n_instruct=8000, probe_fraction=0.5, probe_turns=4))
+    # Then 400 steps of ScienceQA-IMG problems only (lettered options): without them no model learns to answer
+    # with the option's letter (every model at chance, session 27), and mixed into the yes/no phase they keep
+    # it on the yes/no plateau. The mix keeps asking them (a fifth of its probe questions), so that stage 2
+    # keeps the skill (docs/experiments.md, session 28).
+    c.pretrain.update(dict(steps=max(1, int(500 * scale)), lr=3e-3, probe_steps=max(1, int(800 * scale)),
+                           probe2_steps=max(1, int(400 * scale)), probe2_formats="scienceqa"))
+    c.corpus.update(dict(n_pretrain=8000, n_instruct=8000, probe_fraction=0.5, probe_turns=4,
+                         probe_formats="pope,existence,pope,count,pope,position,pope,color,scienceqa,scienceqa"))
     # Both probe phases ask POPE / MME-existence questions only: with hard POPE negatives or ScienceQA problems
     # among them the pretraining and the L=4 model stay on the yes/no chance plateau (docs/experiments.md).
     c.probe_phase.update(dict(steps=max(1, int(400 * scale)), n_samples=8000, probe_turns=4,
@@ -163,7 +171,8 @@ def _demo(c: ml_collections.ConfigDict) -> None:
     c.blind = False
     c.privacy.enabled = False
     c.entropy.from_levels = 4
-    c.pretrain.update(dict(steps=500, probe_steps=600))
+    c.pretrain.update(dict(steps=500, probe_steps=600, probe2_steps=0, probe2_formats=""))
+    c.corpus.probe_formats = ""  # yes/no probes only: the ScienceQA phase would not fit in 10 minutes
     c.stage1.total_steps = 200
     c.probe_phase.steps = 400
     c.stage2.total_steps = 200
@@ -185,7 +194,7 @@ def _tiny(c: ml_collections.ConfigDict) -> None:
         stage.eval.enabled = False
     c.corpus.update(dict(n_pretrain=32, n_instruct=32, n_mme=2, n_pope=3, n_scienceqa=10, n_vqa=4))
     c.probe_phase.update(dict(steps=2, n_samples=32))
-    c.pretrain.update(dict(steps=2, probe_steps=2))
+    c.pretrain.update(dict(steps=2, probe_steps=2, probe2_steps=2))
     c.eval.max_new_tokens = 3
     c.eval.batch_size = 16
     c.bootstrap.samples = 200

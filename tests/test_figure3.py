@@ -202,24 +202,28 @@ def test_models_plan_and_clear_errors(tmp_path):
 
 
 def test_runs_chain_from_the_shared_pretraining_and_take_their_data():
-    """builtin: the 16-bit pretraining (500 caption steps at 3e-3, every part trained, then 800 probe-only
-    steps), then per model stage 1 (200 steps, tower and LLM frozen, fresh quantizers) and stage 2 (tower
-    frozen: 400 probe-only steps, then 400 steps of the mix), each run from the one before."""
+    """builtin: the 16-bit pretraining (500 caption steps at 3e-3, every part trained, then 800 yes/no probe
+    steps, then 400 ScienceQA-problem steps), then per model stage 1 (200 steps, tower and LLM frozen, fresh
+    quantizers) and stage 2 (tower frozen: 400 probe-only steps, then 400 steps of the mix), each run from the
+    one before."""
     c = figure3_config.get_config("builtin")
-    given = inputs.Inputs("/d/s1", "/d/s2", "/d/tok", "/d/bench", probe_data="/d/probes")
+    given = inputs.Inputs("/d/s1", "/d/s2", "/d/tok", "/d/bench", probe_data="/d/probes",
+                          pretrain_probe2_data="/d/pre_probes2")
     pre, m = figure3.PRETRAINED, figure3.Model("L4", 4)
-    assert figure3.stages(c, pre) == ["stage1", "stage2_probes"]
+    assert figure3.stages(c, pre) == ["stage1", "stage2_probes", "stage2_probes2"]
     assert figure3.stages(c, m) == figure3.stages(c, figure3.Model("fp16", 0)) == \
         ["stage1", "stage2_probes", "stage2"]
-    p1, p2 = (figure3.stage_config(c, pre, s, given, "/w") for s in figure3.stages(c, pre))
+    p1, p2, p3 = (figure3.stage_config(c, pre, s, given, "/w") for s in figure3.stages(c, pre))
     assert (p1.data.dataset_dir, p1.total_steps, p1.optimizer.lr, p1.init.from_workdir) == ("/d/s1", 500, 3e-3, None)
     assert (p2.data.dataset_dir, p2.total_steps, p2.optimizer.lr, p2.init.from_workdir) == \
         ("/d/probes", 800, 5e-4, "/w/pretrained/stage1")
-    assert p1.optimizer.param_groups == p2.optimizer.param_groups == ((".*", 1.0),)
-    assert p1.quantizer.bound == p2.quantizer.bound == "none"
+    assert (p3.data.dataset_dir, p3.total_steps, p3.optimizer.lr, p3.init.from_workdir) == \
+        ("/d/pre_probes2", 400, 5e-4, "/w/pretrained/stage2_probes")
+    assert p1.optimizer.param_groups == p2.optimizer.param_groups == p3.optimizer.param_groups == ((".*", 1.0),)
+    assert p1.quantizer.bound == p2.quantizer.bound == p3.quantizer.bound == "none"
     s1, sp, s2 = (figure3.stage_config(c, m, s, given, "/w") for s in figure3.stages(c, m))
     assert (s1.data.dataset_dir, s1.total_steps, s1.optimizer.lr) == ("/d/s1", 200, 1e-3)
-    assert (s1.init.from_workdir, tuple(s1.init.dont_load)) == ("/w/pretrained/stage2_probes", (".*_quantizer/.*",))
+    assert (s1.init.from_workdir, tuple(s1.init.dont_load)) == ("/w/pretrained/stage2_probes2", (".*_quantizer/.*",))
     assert (sp.data.dataset_dir, sp.total_steps, sp.optimizer.lr, sp.init.from_workdir) == \
         ("/d/probes", 400, 5e-4, "/w/L4/stage1")
     assert (s2.data.dataset_dir, s2.total_steps, s2.init.from_workdir) == ("/d/s2", 400, "/w/L4/stage2_probes")
@@ -228,10 +232,11 @@ def test_runs_chain_from_the_shared_pretraining_and_take_their_data():
     assert s1.optimizer.param_groups == common.STAGE1_GROUPS
     assert sp.optimizer.param_groups == s2.optimizer.param_groups == common.STAGE2_GROUPS
     fp16 = figure3.stage_config(c, figure3.Model("fp16", 0), "stage1", given, "/w")
-    assert fp16.init.from_workdir == "/w/pretrained/stage2_probes" and tuple(fp16.init.dont_load) == ()
+    assert fp16.init.from_workdir == "/w/pretrained/stage2_probes2" and tuple(fp16.init.dont_load) == ()
     assert figure3.probe_corpus(c) == {"n_instruct": 8000, "probe_fraction": 1.0, "probe_turns": 4,
                                        "probe_formats": "pope,existence"}
-    assert figure3.pretrain_probe_corpus(c) is None  # the pretraining asks the same: one probe corpus
+    assert figure3.pretrain_probe_corpus(c) is None  # its first phase asks the same: one probe corpus
+    assert figure3.pretrain_probe2_corpus(c) == dict(figure3.probe_corpus(c), probe_formats="scienceqa")
     # A pretraining that asks other questions has a corpus of its own; every other model keeps the phase's.
     other = copy.deepcopy(c)
     other.probe_phase.probe_formats = "pope,pope_hard,existence,scienceqa"
@@ -240,22 +245,14 @@ def test_runs_chain_from_the_shared_pretraining_and_take_their_data():
     both = dataclasses.replace(given, pretrain_probe_data="/d/pre_probes")
     assert figure3.stage_config(other, pre, "stage2_probes", both, "/w").data.dataset_dir == "/d/pre_probes"
     assert figure3.stage_config(other, m, "stage2_probes", both, "/w").data.dataset_dir == "/d/probes"
-    # A second probe phase in the pretraining (other formats, a corpus of its own) ends it: every model starts there.
-    second = copy.deepcopy(c)
-    second.pretrain.probe2_steps, second.pretrain.probe2_formats = 300, "scienceqa"
-    assert figure3.stages(second, pre) == ["stage1", "stage2_probes", "stage2_probes2"]
-    assert figure3.pretrain_probe2_corpus(second) == dict(figure3.probe_corpus(second), probe_formats="scienceqa")
-    assert figure3.pretrain_probe2_corpus(c) is None
-    with_second = dataclasses.replace(given, pretrain_probe2_data="/d/pre_probes2")
-    p3 = figure3.stage_config(second, pre, "stage2_probes2", with_second, "/w")
-    assert (p3.data.dataset_dir, p3.total_steps, p3.optimizer.lr, p3.init.from_workdir) == \
-        ("/d/pre_probes2", 300, 5e-4, "/w/pretrained/stage2_probes")
-    assert p3.optimizer.param_groups == ((".*", 1.0),) and p3.quantizer.bound == "none"
-    s1 = figure3.stage_config(second, m, "stage1", with_second, "/w")
-    assert (s1.init.from_workdir, tuple(s1.init.dont_load)) == ("/w/pretrained/stage2_probes2", (".*_quantizer/.*",))
-    second.pretrain.probe2_formats = ""
+    # Without the second probe phase every model starts from the first.
+    c.pretrain.probe2_steps = 0
+    assert figure3.stages(c, pre) == ["stage1", "stage2_probes"] and figure3.pretrain_probe2_corpus(c) is None
+    assert figure3.stage_config(c, m, "stage1", given, "/w").init.from_workdir == "/w/pretrained/stage2_probes"
+    c.pretrain.probe2_steps, c.pretrain.probe2_formats = 300, ""
     with pytest.raises(ValueError, match=r"probe2_steps > 0 needs pretrain.probe2_formats"):
-        figure3.models(second)
+        figure3.models(c)
+    c.pretrain.probe2_steps = 0
     c.pretrain.probe_steps = 0  # a pretraining without its probe phase
     assert figure3.stages(c, pre) == ["stage1"]
     assert figure3.stage_config(c, m, "stage1", given, "/w").init.from_workdir == "/w/pretrained/stage1"
@@ -281,8 +278,12 @@ def test_runs_chain_from_the_shared_pretraining_and_take_their_data():
 
 def test_demo_preset_is_the_builtin_recipe_for_one_model():
     """demo.sh's preset: the builtin chain (shared 16-bit pretraining, then stage 1 with fresh quantizers, the
-    probe phase and the mix) for L=4 alone, with fewer steps and questions; no control, no attack."""
+    probe phase and the mix) for L=4 alone, with fewer steps and questions, and without the ScienceQA phase of
+    the pretraining and the ScienceQA probes of the mix (they would not fit in 10 minutes); no control, no
+    attack."""
     c, b = figure3_config.get_config("demo"), figure3_config.get_config("builtin")
+    assert (c.pretrain.probe2_steps, c.corpus.probe_formats) == (0, "")
+    b.pretrain.probe2_steps = 0
     assert [m.name for m in figure3.models(c)] == ["L4"]
     given = inputs.Inputs("/d/s1", "/d/s2", "/d/tok", "/d/bench", probe_data="/d/probes")
     m = figure3.Model("L4", 4)
