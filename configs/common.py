@@ -125,9 +125,12 @@ def tiny_model() -> ml_collections.ConfigDict:
 
 
 def paper_quantizer() -> ml_collections.ConfigDict:
-    """The paper's quantizer (method.md §3): L=4, batch statistics, ±3 std linear bound, distortion 0.25."""
+    """The paper's quantizer (method.md §3): L=4, batch statistics, ±3 std linear bound, distortion 0.25,
+    N(0, 0.02²) projections (``init='normal'``; ``'identity'`` and its per-modality ``init_*_mean`` /
+    ``init_*_std`` calibration: docs/quantizer.md)."""
     return ml_collections.ConfigDict(dict(
-        levels=4, scaling="batch", bound="linear", dist_weight=0.25, clip_sigma=3.0, ema_momentum=0.99))
+        levels=4, scaling="batch", bound="linear", dist_weight=0.25, clip_sigma=3.0, ema_momentum=0.99,
+        init="normal", init_image_mean=0.0, init_image_std=1.0, init_text_mean=0.0, init_text_std=1.0))
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -31,6 +31,7 @@ from qtl_jax.precision import upcast
 
 SCALINGS = ("batch", "ema", "token")
 BOUNDS = ("linear", "tanh", "none")
+INITS = ("normal", "identity")
 # Largest L: indices must fit uint16, and float32 must resolve the grid (2/(L-1) >> float32 eps).
 MAX_LEVELS = 1 << 16
 # The robust-scaling constant of the official code (added to numerator and denominator).
@@ -199,6 +200,14 @@ class QuantizerConfig:
       ema_momentum: running-statistics momentum for scaling='ema'.
       dtype: compute dtype of the projections; the scaling and rounding always run in float32.
       param_dtype: dtype of the projection parameters.
+      init: 'normal' (the paper: N(0, 0.02²) kernels, zero biases) or 'identity' (our own choice, for
+        quantizers added to a model trained without them: ``in_proj`` the identity and ``out_proj`` the
+        least-squares inverse of the scaling and rounding for Gaussian features of mean ``init_mean`` and std
+        ``init_std`` (:func:`decoder_gain`), so that at init the server reconstructs the client's features as
+        well as L levels allow; bound='linear' with scaling 'batch' or 'ema' only).
+      init_mean, init_std: the scalar mean and std of the features that 'identity' calibrates ``out_proj`` to
+        (the statistics the batch scaling will compute, e.g. ``feature_mean_*`` / ``feature_std_*`` of a
+        16-bit run's metrics.jsonl).
     """
 
     dim: int
@@ -210,6 +219,9 @@ class QuantizerConfig:
     ema_momentum: float = 0.99
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    init: str = "normal"
+    init_mean: float = 0.0
+    init_std: float = 1.0
 
     def __post_init__(self):
         if isinstance(self.dim, bool) or not isinstance(self.dim, int) or self.dim < 1:
@@ -227,6 +239,17 @@ class QuantizerConfig:
             raise ValueError(f"QuantizerConfig.clip_sigma must be > 0, got {self.clip_sigma!r}.")
         if not 0.0 <= self.ema_momentum < 1.0:
             raise ValueError(f"QuantizerConfig.ema_momentum must be in [0, 1), got {self.ema_momentum!r}.")
+        if self.init not in INITS:
+            raise ValueError(f"QuantizerConfig.init={self.init!r}: use one of {INITS}.")
+        if self.init == "identity":
+            if self.bound != "linear" or self.scaling == "token":
+                raise ValueError(
+                    f"QuantizerConfig.init='identity' needs bound='linear' with scaling 'batch' or 'ema' (one scalar "
+                    f"scale that out_proj can invert), got bound={self.bound!r}, scaling={self.scaling!r}; use "
+                    "init='normal'.")
+            if not (math.isfinite(self.init_mean) and math.isfinite(self.init_std) and self.init_std > 0):
+                raise ValueError(f"QuantizerConfig.init='identity' needs a finite init_mean and init_std > 0, got "
+                                 f"init_mean={self.init_mean!r}, init_std={self.init_std!r}.")
 
 
 class Encoded(NamedTuple):
@@ -258,7 +281,7 @@ class Quantizer(nn.Module):
     """One modality's split quantizer. Use ``apply(..., method='encode' | 'decode' | 'project_out')``.
 
     Parameters: ``in_proj`` (client) and ``out_proj`` (server), Dense D -> D with N(0, 0.02²) kernels and
-    zero biases, as the official model's ``post_init``. The client can apply ``encode`` with only
+    zero biases, as the official model's ``post_init`` (``init='identity'``: see :class:`QuantizerConfig`). The client can apply ``encode`` with only
     ``{'in_proj': ...}`` and the server ``decode`` with only ``{'out_proj': ...}``. scaling='ema' keeps
     ``batch_stats`` {mean, var, count}: pass ``mutable=['batch_stats']`` when ``train=True``.
     """
@@ -268,16 +291,18 @@ class Quantizer(nn.Module):
     def setup(self):
         cfg = self.config
         if cfg.bound != "none":
-            init = nn.initializers.normal(stddev=0.02)
-            dense = dict(
-                features=cfg.dim,
-                kernel_init=init,
-                bias_init=nn.initializers.zeros,
-                dtype=cfg.dtype,
-                param_dtype=cfg.param_dtype,
-            )
-            self.in_proj = nn.Dense(**dense, name="in_proj")
-            self.out_proj = nn.Dense(**dense, name="out_proj")
+            dense = dict(features=cfg.dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+            if cfg.init == "identity":
+                # z = (u - mean)/(clip_sigma·std) up to the 1e-4 terms; the gain is the least-squares decoder of
+                # the rounded z (clip_sigma·std for fine grids, less for coarse ones, whose end levels are rare).
+                in_init = dict(kernel_init=_scaled_eye(1.0), bias_init=nn.initializers.zeros)
+                out_init = dict(kernel_init=_scaled_eye(decoder_gain(cfg.levels, cfg.clip_sigma) * cfg.init_std),
+                                bias_init=nn.initializers.constant(cfg.init_mean))
+            else:
+                in_init = out_init = dict(kernel_init=nn.initializers.normal(stddev=0.02),
+                                          bias_init=nn.initializers.zeros)
+            self.in_proj = nn.Dense(**dense, **in_init, name="in_proj")
+            self.out_proj = nn.Dense(**dense, **out_init, name="out_proj")
         # Declared only where present, so the server can run decode() without the client's state.
         if self._uses_ema() and (self.is_initializing() or self.has_variable("batch_stats", "mean")):
             self.running_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((), jnp.float32))
@@ -337,7 +362,8 @@ class Quantizer(nn.Module):
         ``stats`` holds ``histogram`` (level-usage fractions, [L]), ``entropy_bits`` (of that histogram),
         ``clip_rate`` (fraction clipped by the ±clip_sigma·std bounds; 0 for tanh, which never clips),
         ``distortion`` (unweighted cosine distortion) and ``mse`` (mean squared z - z_hat), all over the
-        positions ``mask`` keeps. For bound='none' it holds only ``mse`` of the fp16 cast.
+        positions ``mask`` keeps; for bound='none' only ``mse`` of the fp16 cast. Both hold ``feature_mean`` and
+        ``feature_std``: the scalar moments of ``x`` over the ``stat_mask`` rows (all rows without one).
         """
         cfg = self.config
         x = jnp.asarray(x)
@@ -346,12 +372,15 @@ class Quantizer(nn.Module):
             raise ValueError(f"stat_mask shape {tuple(jnp.shape(stat_mask))} must equal the features' shape without "
                              f"the channel axis, {tuple(x.shape[:-1])}.")
         valid = None if mask is None else jnp.asarray(mask, jnp.float32)
+        # The input's scalar moments over the paper's rows: what init='identity' is calibrated to.
+        feature_mean, feature_std = jax.lax.stop_gradient(moments(x, stat_mask))
         if cfg.bound == "none":
             z = upcast(x)
             codes = x.astype(jnp.float16)
             err = jnp.square(codes.astype(z.dtype) - z)
             mse = jnp.mean(err) if valid is None else _masked_mean(err, valid)
-            return Encoded(codes, z, jnp.zeros((), jnp.float32), {"mse": mse})
+            return Encoded(codes, z, jnp.zeros((), jnp.float32),
+                           {"mse": mse, "feature_mean": feature_mean, "feature_std": feature_std})
 
         u = upcast(self.in_proj(x))
         if cfg.bound == "linear":
@@ -371,6 +400,8 @@ class Quantizer(nn.Module):
             clip_rate=clip_rate,
             distortion=jax.lax.stop_gradient(cosine_distortion(z, z_hat, valid)),
             mse=jax.lax.stop_gradient(_masked_mean(jnp.square(z - z_hat), valid)),
+            feature_mean=feature_mean,
+            feature_std=feature_std,
         )
         return Encoded(codes, z, cfg.dist_weight * distortion, stats)
 
@@ -405,6 +436,31 @@ class Quantizer(nn.Module):
         # Straight-through: the forward value is exactly the server's, the gradient flows to z.
         z_hat = jax.lax.stop_gradient(values) + (enc.z - jax.lax.stop_gradient(enc.z))
         return QuantizerOutput(self.project_out(z_hat), enc.codes, enc.loss, enc.stats)
+
+
+def decoder_gain(levels: int, clip_sigma: float = 3.0) -> float:
+    """g minimising E[(X - g·q(X))²] for X ~ N(0, 1), q the grid value of X/clip_sigma rounded to L levels.
+
+    The reconstruction gain of ``init='identity'`` in units of the features' std: E[X q]/E[q²], integrated
+    exactly over the levels' decision intervals. It tends to clip_sigma as L grows; for L = 2 it is
+    E|X| = sqrt(2/pi).
+    """
+    levels = _check_levels(levels)
+    values = grid(levels).astype(np.float64)
+    edges = np.concatenate([[-np.inf], clip_sigma * (values[:-1] + values[1:]) / 2, [np.inf]])
+    pdf = np.where(np.isfinite(edges), np.exp(-0.5 * np.where(np.isfinite(edges), edges, 0.0) ** 2), 0.0) / math.sqrt(2 * math.pi)
+    cdf = np.array([0.5 * (1 + math.erf(e / math.sqrt(2))) if np.isfinite(e) else float(e > 0) for e in edges])
+    mass = np.diff(cdf)
+    first_moment = pdf[:-1] - pdf[1:]  # E[X; a < X < b] = pdf(a) - pdf(b)
+    return float(np.sum(values * first_moment) / np.sum(values ** 2 * mass))
+
+
+def _scaled_eye(gain: float):
+    def init(key, shape, dtype=jnp.float32):
+        del key
+        return (gain * jnp.eye(shape[0], shape[1], dtype=jnp.float32)).astype(dtype)
+
+    return init
 
 
 def _masked_mean(values: jax.Array, valid: jax.Array | None) -> jax.Array:

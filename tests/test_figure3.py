@@ -221,7 +221,17 @@ def test_runs_chain_from_the_shared_pretraining_and_take_their_data():
         ("/d/pre_probes2", 400, 5e-4, "/w/pretrained/stage2_probes")
     assert p1.optimizer.param_groups == p2.optimizer.param_groups == p3.optimizer.param_groups == ((".*", 1.0),)
     assert p1.quantizer.bound == p2.quantizer.bound == p3.quantizer.bound == "none"
-    s1, sp, s2 = (figure3.stage_config(c, m, s, given, "/w") for s in figure3.stages(c, m))
+    with pytest.raises(ValueError, match="quantizer_init='identity' needs the pretraining's feature moments"):
+        figure3.stage_config(c, m, "stage1", given, "/w")
+    moments = {"image": (0.25, 1.5), "text": (-0.01, 0.125)}
+    s1, sp, s2 = (figure3.stage_config(c, m, s, given, "/w", moments) for s in figure3.stages(c, m))
+    # The fresh quantizers start as the identity calibrated to the pretraining's moments; later runs load them.
+    assert (s1.quantizer.init, s1.quantizer.init_image_mean, s1.quantizer.init_image_std,
+            s1.quantizer.init_text_mean, s1.quantizer.init_text_std) == ("identity", 0.25, 1.5, -0.01, 0.125)
+    assert sp.quantizer.init == s2.quantizer.init == "normal"
+    assert [figure3.needs_moments(c, m, s) for s in figure3.stages(c, m)] == [True, False, False]
+    assert not figure3.needs_moments(c, figure3.Model("fp16", 0), "stage1")
+    assert not figure3.needs_moments(c, pre, "stage1")
     assert (s1.data.dataset_dir, s1.total_steps, s1.optimizer.lr) == ("/d/s1", 200, 1e-3)
     assert (s1.init.from_workdir, tuple(s1.init.dont_load)) == ("/w/pretrained/stage2_probes2", (".*_quantizer/.*",))
     assert (sp.data.dataset_dir, sp.total_steps, sp.optimizer.lr, sp.init.from_workdir) == \
@@ -248,14 +258,21 @@ def test_runs_chain_from_the_shared_pretraining_and_take_their_data():
     # Without the second probe phase every model starts from the first.
     c.pretrain.probe2_steps = 0
     assert figure3.stages(c, pre) == ["stage1", "stage2_probes"] and figure3.pretrain_probe2_corpus(c) is None
-    assert figure3.stage_config(c, m, "stage1", given, "/w").init.from_workdir == "/w/pretrained/stage2_probes"
+    assert figure3.stage_config(c, m, "stage1", given, "/w", moments).init.from_workdir == "/w/pretrained/stage2_probes"
     c.pretrain.probe2_steps, c.pretrain.probe2_formats = 300, ""
     with pytest.raises(ValueError, match=r"probe2_steps > 0 needs pretrain.probe2_formats"):
         figure3.models(c)
     c.pretrain.probe2_steps = 0
     c.pretrain.probe_steps = 0  # a pretraining without its probe phase
     assert figure3.stages(c, pre) == ["stage1"]
-    assert figure3.stage_config(c, m, "stage1", given, "/w").init.from_workdir == "/w/pretrained/stage1"
+    assert figure3.stage_config(c, m, "stage1", given, "/w", moments).init.from_workdir == "/w/pretrained/stage1"
+    c.pretrain.quantizer_init = "normal"  # the paper's N(0, 0.02²) projections: no moments needed
+    s1 = figure3.stage_config(c, m, "stage1", given, "/w")
+    assert (s1.quantizer.init, tuple(s1.init.dont_load)) == ("normal", (".*_quantizer/.*",))
+    c.pretrain.quantizer_init = "eye"
+    with pytest.raises(ValueError, match=r"pretrain.quantizer_init='eye': use one of \('normal', 'identity'\)"):
+        figure3.stage_config(c, m, "stage1", given, "/w")
+    c.pretrain.quantizer_init = "identity"
     c.pretrain.steps = 0  # no pretraining: every model from scratch
     assert figure3.stages(c, m) == ["stage1", "stage2_probes", "stage2"]
     s1, p, s2 = (figure3.stage_config(c, m, s, given, "/w") for s in figure3.stages(c, m))
@@ -279,11 +296,11 @@ def test_runs_chain_from_the_shared_pretraining_and_take_their_data():
 def test_demo_preset_is_the_builtin_recipe_for_one_model():
     """demo.sh's preset: the builtin chain (shared 16-bit pretraining, then stage 1 with fresh quantizers, the
     probe phase and the mix) for L=4 alone, with fewer steps and questions, and without the ScienceQA phase of
-    the pretraining and the ScienceQA probes of the mix (they would not fit in 10 minutes); no control, no
-    attack."""
+    the pretraining and the ScienceQA probes of the mix (they would not fit in 10 minutes) and with the paper's
+    N(0, 0.02²) quantizer initialisation (the session-27 recipe it was measured with); no control, no attack."""
     c, b = figure3_config.get_config("demo"), figure3_config.get_config("builtin")
-    assert (c.pretrain.probe2_steps, c.corpus.probe_formats) == (0, "")
-    b.pretrain.probe2_steps = 0
+    assert (c.pretrain.probe2_steps, c.corpus.probe_formats, c.pretrain.quantizer_init) == (0, "", "normal")
+    b.pretrain.probe2_steps, b.pretrain.quantizer_init = 0, "normal"
     assert [m.name for m in figure3.models(c)] == ["L4"]
     given = inputs.Inputs("/d/s1", "/d/s2", "/d/tok", "/d/bench", probe_data="/d/probes")
     m = figure3.Model("L4", 4)

@@ -120,14 +120,50 @@ def stages(config: Any, model: Model) -> list[str]:
     return ["stage1"] + (["stage2_probes"] if int(config.probe_phase.steps) > 0 else []) + ["stage2"]
 
 
-def stage_config(config: Any, model: Model, stage: str, given: inputs_lib.Inputs, workdir: str) -> Any:
+QUANTIZER_INITS = ("normal", "identity")
+
+
+def needs_moments(config: Any, model: Model, stage: str) -> bool:
+    """Whether ``model``'s run ``stage`` starts fresh quantizers calibrated to the pretraining's feature moments
+    (``pretrain.quantizer_init='identity'``)."""
+    init = str(config.pretrain.quantizer_init)
+    if init not in QUANTIZER_INITS:
+        raise ValueError(f"pretrain.quantizer_init={init!r}: use one of {QUANTIZER_INITS}.")
+    return init == "identity" and pretrained(config) and model.levels > 0 and model != PRETRAINED and \
+        stage == stages(config, model)[0]
+
+
+def pretrained_moments(config: Any, workdir: str) -> dict[str, tuple[float, float]]:
+    """``{'image': (mean, std), 'text': (mean, std)}`` of the quantizers' inputs over the last quarter of the
+    pretraining's last run (its ``feature_mean_*`` / ``feature_std_*`` in metrics.jsonl: the final weights on
+    the batches' rows that the paper's batch statistics take)."""
+    from qtl_jax.train.metrics_log import METRICS_FILE, read_jsonl
+
+    run_dir = os.path.join(workdir, PRETRAINED.name, stages(config, PRETRAINED)[-1])
+    path = os.path.join(run_dir, METRICS_FILE)
+    keys = [f"feature_{s}_{m}" for m in ("image", "text") for s in ("mean", "std")]
+    records = [r for r in read_jsonl(path) if all(k in r for k in keys)]
+    if not records:
+        raise ValueError(f"{path} has no feature_mean_* / feature_std_* records to calibrate the quantizers "
+                         "(pretrain.quantizer_init='identity'): finish the pretraining first, or rerun it with this "
+                         "version (older runs did not log them), or set --config.pretrain.quantizer_init=normal.")
+    last = max(r["step"] for r in records)
+    tail = [r for r in records if r["step"] > 0.75 * last] or records[-1:]
+    return {m: (float(np.mean([r[f"feature_mean_{m}"] for r in tail])),
+                float(np.sqrt(np.mean([float(r[f"feature_std_{m}"]) ** 2 for r in tail]))))
+            for m in ("image", "text")}
+
+
+def stage_config(config: Any, model: Model, stage: str, given: inputs_lib.Inputs, workdir: str,
+                 moments: Mapping[str, tuple[float, float]] | None = None) -> Any:
     """The train.py config of ``model``'s run ``stage`` (one of :func:`stages`): the experiment's section with the
     model's quantizer, the experiment's seed, its data and the workdir of the run before to start from.
 
     ``stage2_probes`` is the ``stage2`` section for ``probe_phase.steps`` steps on the probe-only data.
     :data:`PRETRAINED` trains at 16 bits what ``pretrain.param_groups`` says (its stage 1 for ``pretrain.steps``
     steps at ``pretrain.lr``, its probe phase for ``pretrain.probe_steps``); the first run of any other model
-    then starts from its last run, its quantizers initialised afresh.
+    then starts from its last run, its quantizers initialised afresh: by ``pretrain.quantizer_init``, and for
+    'identity' calibrated to ``moments`` (:func:`pretrained_moments`; required where :func:`needs_moments`).
     """
     order = stages(config, model)
     if stage not in order:
@@ -155,6 +191,14 @@ def stage_config(config: Any, model: Model, stage: str, given: inputs_lib.Inputs
     elif pretrained(config) and model != PRETRAINED:
         c.init.from_workdir = os.path.join(workdir, PRETRAINED.name, stages(config, PRETRAINED)[-1])
         c.init.dont_load = FRESH_QUANTIZERS if model.levels > 0 else ()
+    if needs_moments(config, model, stage):
+        if moments is None:
+            raise ValueError(f"{model.name} {stage}: pretrain.quantizer_init='identity' needs the pretraining's "
+                             "feature moments (figure3.pretrained_moments after the pretraining has run).")
+        c.quantizer.init = "identity"
+        for m in ("image", "text"):
+            mean, std = moments[m]
+            c.quantizer[f"init_{m}_mean"], c.quantizer[f"init_{m}_std"] = float(mean), float(std)
     return c
 
 
@@ -239,8 +283,9 @@ def train_stage(config: Any, model: Model, stage: str, given: inputs_lib.Inputs,
     done = _read(os.path.join(stage_dir, STAGE_DONE))
     if done is None:
         print(f"figure3: {model.name} {stage}", flush=True)
+        moments = pretrained_moments(config, workdir) if needs_moments(config, model, stage) else None
         with timings.phase(f"{model.name}/{stage}"):
-            out = train_and_evaluate(stage_config(config, model, stage, given, workdir), stage_dir)
+            out = train_and_evaluate(stage_config(config, model, stage, given, workdir, moments), stage_dir)
         done = {"step": out["step"], "loss": out["loss"], **timings.phases[f"{model.name}/{stage}"]}
         _write(os.path.join(stage_dir, STAGE_DONE), done)
     return done

@@ -59,10 +59,27 @@ def quantized_config(base: TinyLlavaConfig, quantizer: Mapping[str, Any]) -> Qua
     """``base`` with one quantizer of the ``quantizer`` section per modality (D = the LLM width).
 
     The section's keys are :class:`~qtl_jax.quantizer.QuantizerConfig` fields (``levels``, ``scaling``,
-    ``bound``, ...; missing ones take its defaults); the projections compute in ``base.dtype``.
+    ``bound``, ``init``, ...; missing ones take its defaults), except the per-modality calibration of
+    ``init='identity'``: ``init_image_mean``, ``init_image_std``, ``init_text_mean``, ``init_text_std`` become
+    each modality's ``init_mean`` / ``init_std``. The projections compute in ``base.dtype``.
     """
-    q = QuantizerConfig(dim=base.llm.hidden_size, dtype=base.dtype, **dict(quantizer))
-    return QuantizedTinyLlavaConfig(model=base, image_quantizer=q, text_quantizer=q)
+    section = dict(quantizer)
+    per_modality = {}
+    for modality in ("image", "text"):
+        per_modality[modality] = {f"init_{s}": float(section.pop(f"init_{modality}_{s}"))
+                                  for s in ("mean", "std") if f"init_{modality}_{s}" in section}
+    misplaced = [k for k in ("init_mean", "init_std") if k in section]
+    if misplaced:
+        raise ValueError(f"quantizer.{misplaced[0]}: the calibration is per modality; set quantizer.init_image_mean, "
+                         "init_image_std, init_text_mean and init_text_std.")
+
+    def make(modality: str) -> QuantizerConfig:
+        try:
+            return QuantizerConfig(dim=base.llm.hidden_size, dtype=base.dtype, **section, **per_modality[modality])
+        except ValueError as e:
+            raise ValueError(f"the {modality} quantizer: {e}") from None
+
+    return QuantizedTinyLlavaConfig(model=base, image_quantizer=make("image"), text_quantizer=make("text"))
 
 
 def image_processor(model: Mapping[str, Any], image_size: int) -> ImageProcessor:

@@ -100,7 +100,8 @@ class ClientOutput(NamedTuple):
     z: ``{'image': [B, T_img, D], 'text': [B, T, D]}`` float32 pre-rounding values; the server's gradient
       w.r.t. the dequantized values is their cotangent (straight-through).
     loss: the client's regulariser, sum of both weighted distortion losses.
-    metrics: per-modality ``dist_*``, ``entropy_*``, ``usage_*``, ``clip_rate_*`` scalars.
+    metrics: per-modality ``dist_*``, ``entropy_*``, ``usage_*``, ``clip_rate_*``, ``mse_*``, ``feature_mean_*`` and
+      ``feature_std_*`` (the quantizer input's moments over the paper's rows) scalars.
     batch_stats: updated running statistics (``{}`` unless a quantizer uses scaling='ema').
     """
 
@@ -246,6 +247,8 @@ def client_forward(
             metrics[f"usage_{modality}"] = jnp.mean((enc.stats["histogram"] > 0).astype(jnp.float32))
             metrics[f"clip_rate_{modality}"] = enc.stats["clip_rate"]
         metrics[f"mse_{modality}"] = enc.stats["mse"]
+        metrics[f"feature_mean_{modality}"] = enc.stats["feature_mean"]
+        metrics[f"feature_std_{modality}"] = enc.stats["feature_std"]
     uplink = Uplink(
         image_codes=codes["image"],
         text_codes=codes["text"],
