@@ -15,7 +15,9 @@ from qtl_jax.quantizer import (
     QuantizerConfig,
     code_stats,
     cosine_distortion,
+    decoder_gain,
     dequantize,
+    grid,
     linear_scale,
     moments,
     round_to_levels,
@@ -451,3 +453,97 @@ def test_every_level_is_reachable():
     for levels in (2, 3, 4, 5, 8, 300):
         _, k = round_to_levels(z, levels)
         assert sorted(set(np.asarray(k).tolist())) == list(range(levels))
+
+
+# ---------------------------------------------------------------------------------------------------
+# init='identity': quantizers added to a model trained without them
+
+
+def _gaussian_moments(levels: int, clip_sigma: float, n: int = 2_000_000, seed: int = 0):
+    """Monte Carlo E[X q] and E[q^2] for X ~ N(0, 1), with their standard errors."""
+    x = np.random.default_rng(seed).normal(size=n)
+    q = np.asarray(round_to_levels(jnp.asarray(np.clip(x / clip_sigma, -1, 1), jnp.float32), levels)[0], np.float64)
+    return (x * q).mean(), (x * q).std() / math.sqrt(n), (q * q).mean(), (q * q).std() / math.sqrt(n)
+
+
+def test_decoder_gain_is_the_least_squares_gain_of_gaussian_features():
+    assert decoder_gain(2) == pytest.approx(math.sqrt(2 / math.pi), abs=1e-12)  # E|X|: q = sign(X)
+    for levels, clip_sigma in ((3, 3.0), (4, 3.0), (8, 3.0), (16, 2.0)):
+        xq, xq_se, qq, qq_se = _gaussian_moments(levels, clip_sigma)
+        # The ratio's error from the two Monte Carlo means, 6 standard errors each.
+        bound = 6 * (xq_se / qq + xq * qq_se / qq ** 2)
+        assert abs(decoder_gain(levels, clip_sigma) - xq / qq) < bound
+    gains = [decoder_gain(v) for v in (2, 3, 4, 8, 16, 32, 256, 4096)]
+    assert gains == sorted(gains)  # finer grids use their end levels more, up to the clip width
+    assert 2.99 < gains[-1] < 3.01
+
+
+@pytest.mark.parametrize("levels", [2, 4, 32, 256])
+def test_identity_init_reconstructs_features_up_to_the_rounding(levels):
+    mean, std = 0.3, 0.7
+    cfg = QuantizerConfig(dim=DIM, levels=levels, init="identity", init_mean=mean, init_std=std)
+    x = mean + std * jax.random.normal(jax.random.key(0), (64, 16, DIM))
+    q = Quantizer(cfg)
+    v = q.init(jax.random.key(1), x)
+    p = v["params"]
+    gain = decoder_gain(levels) * std
+    np.testing.assert_array_equal(np.asarray(p["in_proj"]["kernel"]), np.eye(DIM, dtype=np.float32))
+    np.testing.assert_array_equal(np.asarray(p["in_proj"]["bias"]), 0.0)
+    np.testing.assert_allclose(np.asarray(p["out_proj"]["kernel"]), gain * np.eye(DIM), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(p["out_proj"]["bias"]), mean, rtol=1e-6)
+    out = q.apply(v, x)
+    # The server's reconstruction is the calibrated decoder of the codes: gain·grid value + mean.
+    expected = gain * np.asarray(dequantize(out.codes, levels), np.float64) + mean
+    np.testing.assert_allclose(np.asarray(out.y), expected, atol=rounding_tolerance(np.float32, 1, scale=3.0))
+    # So its error is the rounding's: E[(X - g q)^2] in stds for Gaussian features (2 % at 256 levels). Both
+    # sides are sample means (this batch's 8192 values; 400k reference draws): 10 % apart at most.
+    ref = np.random.default_rng(1).normal(size=400_000)
+    q_ref = np.asarray(round_to_levels(jnp.asarray(np.clip(ref / 3.0, -1, 1), jnp.float32), levels)[0], np.float64)
+    theory = math.sqrt(np.mean((ref - decoder_gain(levels) * q_ref) ** 2))
+    rel = float(jnp.sqrt(jnp.mean(jnp.square(out.y - x)))) / std
+    assert abs(rel - theory) < 0.1 * theory, (rel, theory)
+    assert float(out.stats["feature_mean"]) == pytest.approx(float(jnp.mean(x)), abs=1e-5)
+
+
+def test_feature_moments_are_taken_over_the_paper_rows():
+    x = jax.random.normal(jax.random.key(0), (3, 4, DIM)) * 2.0 + 1.0
+    rows = MASK.astype(bool)
+    for bound in ("linear", "none"):
+        q = Quantizer(QuantizerConfig(dim=DIM, bound=bound))
+        v = q.init(jax.random.key(1), x)
+        enc = q.apply(v, x, MASK, stat_mask=MASK, method="encode")
+        kept = np.asarray(x, np.float64)[np.asarray(rows)]
+        np.testing.assert_allclose(float(enc.stats["feature_mean"]), kept.mean(), rtol=1e-5)
+        np.testing.assert_allclose(float(enc.stats["feature_std"]), kept.std(ddof=1), rtol=1e-5)
+
+
+def test_identity_init_rejects_what_it_cannot_invert():
+    for kwargs, match in (
+        (dict(bound="none"), "init='identity' needs bound='linear'"),
+        (dict(bound="tanh"), "init='identity' needs bound='linear'"),
+        (dict(scaling="token"), "init='identity' needs bound='linear' with scaling 'batch' or 'ema'"),
+        (dict(init_std=0.0), "init_std > 0"),
+        (dict(init_mean=float("nan")), "finite init_mean"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            QuantizerConfig(dim=DIM, init="identity", **kwargs)
+    with pytest.raises(ValueError, match=r"QuantizerConfig.init='eye': use one of \('normal', 'identity'\)"):
+        QuantizerConfig(dim=DIM, init="eye")
+    assert grid(2).tolist() == [-1.0, 1.0]
+
+
+def test_builder_calibrates_each_modality():
+    from configs import common
+    from qtl_jax.models import builder
+
+    base = builder.tinyllava_config(common.tiny_model(), vocab_size=64)
+    section = dict(levels=8, init="identity", init_image_mean=0.5, init_image_std=2.0, init_text_mean=0.0,
+                   init_text_std=0.25)
+    qc = builder.quantized_config(base, section)
+    assert (qc.image_quantizer.init_mean, qc.image_quantizer.init_std) == (0.5, 2.0)
+    assert (qc.text_quantizer.init_mean, qc.text_quantizer.init_std) == (0.0, 0.25)
+    assert qc.image_quantizer.levels == qc.text_quantizer.levels == 8
+    with pytest.raises(ValueError, match="the calibration is per modality"):
+        builder.quantized_config(base, dict(init="identity", init_std=1.0))
+    with pytest.raises(ValueError, match="the text quantizer: .*init_std > 0"):
+        builder.quantized_config(base, dict(section, init_text_std=-1.0))
