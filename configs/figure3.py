@@ -18,7 +18,8 @@ the entropy rule and (``privacy.enabled``, off only in ``tiny``) the inversion a
 * ``builtin``: the built-in shapes corpus (written under ``<workdir>/data``), the demo-size model at 48 px;
   one shared 16-bit pretraining from random initialisation (``pretrain``: every part trains on captions,
   then on yes/no probes only, then on ScienceQA problems only) stands in for the paper's pretrained
-  components, and every model runs the paper's two stages from it with fresh quantizers, stage 2 as a
+  components, and every model runs the paper's two stages from it with fresh quantizers (started as the
+  identity calibrated to the pretraining's feature moments, ``pretrain.quantizer_init``), stage 2 as a
   curriculum (``probe_phase``: benchmark-format probes only, then the mix); plus an image-blind control (the
   same model and training with every image blanked);
 * ``half``: the ``builtin`` code path with half the steps and questions (a quicker check);
