@@ -281,8 +281,9 @@ class Quantizer(nn.Module):
     """One modality's split quantizer. Use ``apply(..., method='encode' | 'decode' | 'project_out')``.
 
     Parameters: ``in_proj`` (client) and ``out_proj`` (server), Dense D -> D with N(0, 0.02²) kernels and
-    zero biases, as the official model's ``post_init`` (``init='identity'``: see :class:`QuantizerConfig`). The client can apply ``encode`` with only
-    ``{'in_proj': ...}`` and the server ``decode`` with only ``{'out_proj': ...}``. scaling='ema' keeps
+    zero biases, as the official model's ``post_init`` (``init='identity'``: see :class:`QuantizerConfig`).
+    The client can apply ``encode`` with only ``{'in_proj': ...}`` and the server ``decode`` with only
+    ``{'out_proj': ...}``. scaling='ema' keeps
     ``batch_stats`` {mean, var, count}: pass ``mutable=['batch_stats']`` when ``train=True``.
     """
 
