@@ -17,7 +17,6 @@ from qtl_jax.quantizer import (
     cosine_distortion,
     decoder_gain,
     dequantize,
-    grid,
     linear_scale,
     moments,
     round_to_levels,
@@ -459,10 +458,15 @@ def test_every_level_is_reachable():
 # init='identity': quantizers added to a model trained without them
 
 
+def _rounded(x: np.ndarray, levels: int, clip_sigma: float) -> np.ndarray:
+    """q(x): the grid value of x/clip_sigma (clipped to [-1, 1]) rounded to ``levels`` levels."""
+    return np.asarray(round_to_levels(jnp.asarray(np.clip(x / clip_sigma, -1, 1), jnp.float32), levels)[0], np.float64)
+
+
 def _gaussian_moments(levels: int, clip_sigma: float, n: int = 2_000_000, seed: int = 0):
     """Monte Carlo E[X q] and E[q^2] for X ~ N(0, 1), with their standard errors."""
     x = np.random.default_rng(seed).normal(size=n)
-    q = np.asarray(round_to_levels(jnp.asarray(np.clip(x / clip_sigma, -1, 1), jnp.float32), levels)[0], np.float64)
+    q = _rounded(x, levels, clip_sigma)
     return (x * q).mean(), (x * q).std() / math.sqrt(n), (q * q).mean(), (q * q).std() / math.sqrt(n)
 
 
@@ -498,8 +502,7 @@ def test_identity_init_reconstructs_features_up_to_the_rounding(levels):
     # So its error is the rounding's: E[(X - g q)^2] in stds for Gaussian features (2 % at 256 levels). Both
     # sides are sample means (this batch's 8192 values; 400k reference draws): 10 % apart at most.
     ref = np.random.default_rng(1).normal(size=400_000)
-    q_ref = np.asarray(round_to_levels(jnp.asarray(np.clip(ref / 3.0, -1, 1), jnp.float32), levels)[0], np.float64)
-    theory = math.sqrt(np.mean((ref - decoder_gain(levels) * q_ref) ** 2))
+    theory = math.sqrt(np.mean((ref - decoder_gain(levels) * _rounded(ref, levels, 3.0)) ** 2))
     rel = float(jnp.sqrt(jnp.mean(jnp.square(out.y - x)))) / std
     assert abs(rel - theory) < 0.1 * theory, (rel, theory)
     assert float(out.stats["feature_mean"]) == pytest.approx(float(jnp.mean(x)), abs=1e-5)
@@ -529,7 +532,6 @@ def test_identity_init_rejects_what_it_cannot_invert():
             QuantizerConfig(dim=DIM, init="identity", **kwargs)
     with pytest.raises(ValueError, match=r"QuantizerConfig.init='eye': use one of \('normal', 'identity'\)"):
         QuantizerConfig(dim=DIM, init="eye")
-    assert grid(2).tolist() == [-1.0, 1.0]
 
 
 def test_builder_calibrates_each_modality():
