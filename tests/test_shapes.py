@@ -96,6 +96,22 @@ def test_write_corpus_is_byte_identical_for_the_same_seed(corpus, tmp_path):
     assert _files_digest(out) == _files_digest(again)
 
 
+
+def test_write_corpus_in_worker_processes_writes_the_same_bytes(tmp_path, monkeypatch):
+    """Several processes, each rendering chunks of samples, write exactly the files one process writes."""
+    monkeypatch.setattr(CO, "CHUNK", 7)  # 30 + 45 samples: several chunks per split, the last ones short
+    kw = dict(seed=2, n_pretrain=30, n_instruct=45, image_size=48, probe_fraction=0.5, probe_turns=2,
+              benchmarks=False)
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    counts_one = CO.write_corpus(one, workers=1, **kw)
+    counts_two = CO.write_corpus(two, workers=2, **kw)
+    assert {k: v for k, v in counts_one.items() if not k.endswith("seconds")} == \
+        {k: v for k, v in counts_two.items() if not k.endswith("seconds")}
+    assert _files_digest(one) == _files_digest(two)
+    assert len(os.listdir(os.path.join(two, "images", "pretrain"))) == 30
+    with pytest.raises(ValueError, match="workers=0"):
+        CO.write_corpus(str(tmp_path / "bad"), workers=0, **kw)
+
 # Computed with the single-module generator before it was split into qtl_jax/data/shapes/*.py. A deliberate
 # change of the corpus (new questions, balanced benchmarks) changes these: update them in the same commit
 # and say why. Pixels are hashed decoded, so a zlib/Pillow PNG-encoder change alone does not move them.

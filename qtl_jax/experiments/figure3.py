@@ -401,7 +401,12 @@ def entropy_rule(config: Any, quantized: list[Model], workdir: str, knee: int | 
 
 
 def run(config: Any, workdir: str) -> dict[str, Any]:
-    """Runs (or resumes) the whole experiment; returns what ``figure3.json`` holds."""
+    """Runs (or resumes) the whole experiment; returns what ``figure3.json`` holds.
+
+    The built-in corpus is rendered by spawned worker processes: a script calling this must guard its entry
+    point (``if __name__ == "__main__":``)."""
+    from qtl_jax.data.shapes.corpus import default_workers
+
     workdir = os.path.abspath(workdir)
     plan = models(config)
     os.makedirs(workdir, exist_ok=True)
@@ -412,7 +417,8 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
             given = inputs_lib.prepare_builtin(os.path.join(workdir, "data"), config.corpus.to_dict(), image_size,
                                                blank=bool(config.blind), probes=probe_corpus(config),
                                                pretrain_probes=pretrain_probe_corpus(config),
-                                               pretrain_probes2=pretrain_probe2_corpus(config))
+                                               pretrain_probes2=pretrain_probe2_corpus(config),
+                                               workers=default_workers())
     else:
         given = {"images": inputs_lib.check_paths(config.paths.to_dict())}
     if pretrained(config):

@@ -74,7 +74,7 @@ def check_paths(paths: Mapping[str, Any]) -> Inputs:
 
 def _variant(data_dir: str, variant: str, corpus: Mapping[str, Any], image_size: int,
              probes: Mapping[str, Any] | None, pretrain_probes: Mapping[str, Any] | None,
-             pretrain_probes2: Mapping[str, Any] | None) -> Inputs:
+             pretrain_probes2: Mapping[str, Any] | None, workers: int) -> Inputs:
     from qtl_jax.data import llava_tfds
     from qtl_jax.data.shapes import ShapesConfig, write_corpus
     from qtl_jax.data.shapes.benchmarks import write_benchmarks
@@ -89,14 +89,14 @@ def _variant(data_dir: str, variant: str, corpus: Mapping[str, Any], image_size:
                  probe_fraction=float(corpus.get("probe_fraction", 0.0)),
                  probe_turns=int(corpus.get("probe_turns", 1)),
                  probe_formats=parse_probe_formats(str(corpus.get("probe_formats", ""))), benchmarks=False,
-                 with_scenes=False)
+                 with_scenes=False, workers=workers)
     built = {}
     for split in ("pretrain", "instruct"):
         # The generated corpus has no bad row: any skip is a bug, so none is allowed.
         built[split] = llava_tfds.build(os.path.join(root, "tfds"), f"shapes_{variant}_{split}",
                                         {"train": [os.path.join(corpus_dir, f"{split}.json")]},
                                         image_root=os.path.join(corpus_dir, "images"), kind=split, max_bad_rows=0,
-                                        max_bad_fraction=0.0)
+                                        max_bad_fraction=0.0, num_workers=workers)
     # The pretraining (16-bit, never blind) has its own probe corpus only where its formats differ.
     wanted = {"probes": probes, "pretrain_probes": pretrain_probes if variant == "images" else None,
               "pretrain_probes2": pretrain_probes2 if variant == "images" else None}
@@ -109,11 +109,11 @@ def _variant(data_dir: str, variant: str, corpus: Mapping[str, Any], image_size:
                      image_size=image_size, cfg=cfg, text_only_fraction=float(corpus["text_only_fraction"]),
                      probe_fraction=float(spec["probe_fraction"]), probe_turns=int(spec["probe_turns"]),
                      probe_formats=parse_probe_formats(str(spec["probe_formats"])), benchmarks=False,
-                     with_scenes=False)
+                     with_scenes=False, workers=workers)
         built[name] = llava_tfds.build(os.path.join(root, "tfds"), f"shapes_{variant}_{name}",
                                        {"train": [os.path.join(probe_dir, "instruct.json")]},
                                        image_root=os.path.join(probe_dir, "images"), kind="instruct",
-                                       max_bad_rows=0, max_bad_fraction=0.0)
+                                       max_bad_rows=0, max_bad_fraction=0.0, num_workers=workers)
     bench = os.path.join(root, "benchmarks")
     write_benchmarks(bench, seed=int(corpus["seed"]), cfg=cfg, n_mme=int(corpus["n_mme"]), n_pope=int(corpus["n_pope"]),
                      n_scienceqa=int(corpus["n_scienceqa"]), n_vqa=int(corpus["n_vqa"]))
@@ -125,14 +125,15 @@ def _variant(data_dir: str, variant: str, corpus: Mapping[str, Any], image_size:
 def prepare_builtin(data_dir: str, corpus: Mapping[str, Any], image_size: int, blank: bool,
                     probes: Mapping[str, Any] | None = None,
                     pretrain_probes: Mapping[str, Any] | None = None,
-                    pretrain_probes2: Mapping[str, Any] | None = None) -> dict[str, Inputs]:
+                    pretrain_probes2: Mapping[str, Any] | None = None, workers: int = 1) -> dict[str, Inputs]:
     """``{'images': Inputs, 'blank': Inputs}`` (``blank`` only if asked) for the built-in corpus, written once.
 
     ``probes`` (``n_instruct``, ``probe_fraction``, ``probe_turns``, ``probe_formats``; None: none) adds a
     second stage-2 dataset from the same images, ``Inputs.probe_data`` (a curriculum's first phase);
     ``pretrain_probes`` (the same keys) a third, ``Inputs.pretrain_probe_data`` (images variant only), for a
     pretraining whose probe phase asks other questions; ``pretrain_probes2`` a fourth,
-    ``Inputs.pretrain_probe2_data``, for the pretraining's second probe phase.
+    ``Inputs.pretrain_probe2_data``, for the pretraining's second probe phase. ``workers`` processes render
+    the images and threads check them (``write_corpus``: the files do not depend on it).
 
     A rerun with the same settings (or without ``blank`` where the files have it) finds ``inputs.json`` and
     reuses the files; other settings need an empty ``data_dir`` (ValueError), so models are never trained on
@@ -162,7 +163,8 @@ def prepare_builtin(data_dir: str, corpus: Mapping[str, Any], image_size: int, b
         return {v: Inputs(**done["inputs"][v]) for v in variants}
     os.makedirs(data_dir, exist_ok=True)
     build_shapes_tokenizer(os.path.join(data_dir, "tokenizer"))
-    out = {v: _variant(data_dir, v, corpus, image_size, probes, pretrain_probes, pretrain_probes2) for v in variants}
+    out = {v: _variant(data_dir, v, corpus, image_size, probes, pretrain_probes, pretrain_probes2, workers)
+           for v in variants}
     with open(marker, "w", encoding="utf-8") as f:
         json.dump({"settings": settings, "inputs": {v: dataclasses.asdict(i) for v, i in out.items()}}, f, indent=1)
     return out

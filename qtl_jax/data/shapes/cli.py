@@ -9,7 +9,7 @@ import time
 from collections.abc import Sequence
 
 from qtl_jax import cli as clilib
-from qtl_jax.data.shapes.corpus import write_corpus
+from qtl_jax.data.shapes.corpus import default_workers, write_corpus
 from qtl_jax.data.shapes.preview import preview_grid
 from qtl_jax.data.shapes.samples import parse_probe_formats
 from qtl_jax.data.shapes.scene import ShapesConfig
@@ -40,6 +40,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--n_pope", type=int, default=50, help="POPE images (6 questions each per split)")
     p.add_argument("--n_scienceqa", type=int, default=200)
     p.add_argument("--n_vqa", type=int, default=200, help="VQA images (2 questions each)")
+    p.add_argument("--workers", type=int, default=default_workers(),
+                   help="processes that render the training images (the files do not depend on it)")
     p.add_argument("--no_benchmarks", action="store_true")
     p.add_argument("--tokenizer", action="store_true", help="also write the word-level tokenizer to OUT/tokenizer")
     p.add_argument("--preview", default=None, help="also save a PNG grid of samples to this path")
@@ -51,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                               image_size=a.image_size, cfg=cfg, text_only_fraction=a.text_only_fraction,
                               probe_fraction=a.probe_fraction,
                               probe_turns=a.probe_turns, probe_formats=parse_probe_formats(a.probe_formats),
-                              benchmarks=not a.no_benchmarks,
+                              benchmarks=not a.no_benchmarks, workers=a.workers,
                               bench_sizes=dict(n_mme=a.n_mme, n_pope=a.n_pope, n_scienceqa=a.n_scienceqa,
                                                n_vqa=a.n_vqa))
     except ValueError as e:
