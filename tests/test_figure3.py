@@ -294,23 +294,28 @@ def test_runs_chain_from_the_shared_pretraining_and_take_their_data():
 
 
 def test_demo_preset_is_the_builtin_recipe_for_one_model():
-    """demo.sh's preset: the builtin chain (shared 16-bit pretraining, then stage 1 with fresh quantizers, the
-    probe phase and the mix) for L=4 alone, with fewer steps and questions, and without the ScienceQA phase of
-    the pretraining and the ScienceQA probes of the mix (they would not fit in 10 minutes) and with the paper's
-    N(0, 0.02²) quantizer initialisation (the session-27 recipe it was measured with); no control, no attack."""
+    """demo.sh's preset: the builtin chain (shared 16-bit pretraining, then stage 1 with fresh quantizers
+    started as the identity, then the mix) for L=4 alone, with fewer steps and questions, without the
+    ScienceQA phase of the pretraining and the ScienceQA probes of the mix, and without the probe-only phase
+    before the mix (session 30: they would not fit in 10 minutes); no control, no attack."""
     c, b = figure3_config.get_config("demo"), figure3_config.get_config("builtin")
-    assert (c.pretrain.probe2_steps, c.corpus.probe_formats, c.pretrain.quantizer_init) == (0, "", "normal")
-    b.pretrain.probe2_steps, b.pretrain.quantizer_init = 0, "normal"
+    assert (c.pretrain.probe2_steps, c.corpus.probe_formats, c.pretrain.quantizer_init) == (0, "", "identity")
+    b.pretrain.probe2_steps = 0
     assert [m.name for m in figure3.models(c)] == ["L4"]
     given = inputs.Inputs("/d/s1", "/d/s2", "/d/tok", "/d/bench", probe_data="/d/probes")
     m = figure3.Model("L4", 4)
+    moments = {"image": (-0.06, 1.6), "text": (0.0, 0.09)}
+    assert figure3.stages(c, m) == ["stage1", "stage2"]
     steps = [figure3.stage_config(c, figure3.PRETRAINED, s, given, "/w").total_steps
              for s in figure3.stages(c, figure3.PRETRAINED)]
-    steps += [figure3.stage_config(c, m, s, given, "/w").total_steps for s in figure3.stages(c, m)]
-    assert steps == [500, 600, 200, 400, 200]
+    steps += [figure3.stage_config(c, m, s, given, "/w", moments).total_steps for s in figure3.stages(c, m)]
+    assert steps == [500, 500, 50, 300]
     for stage in figure3.stages(c, m):
-        ours, theirs = (figure3.stage_config(x, m, stage, given, "/w") for x in (c, b))
+        ours, theirs = (figure3.stage_config(x, m, stage, given, "/w", moments) for x in (c, b))
         ours.total_steps = theirs.total_steps
+        if stage == "stage2":  # the builtin mix starts from its probe phase, the demo's from stage 1
+            assert ours.init.from_workdir == "/w/L4/stage1" and theirs.init.from_workdir == "/w/L4/stage2_probes"
+            ours.init.from_workdir = theirs.init.from_workdir
         assert ours.to_dict() == theirs.to_dict()  # everything else is the builtin recipe
     assert figure3.probe_corpus(c) == figure3.probe_corpus(b)
     assert not c.privacy.enabled and c.entropy.from_levels == 4
