@@ -171,7 +171,7 @@ def _half(c: ml_collections.ConfigDict) -> None:
 def _demo(c: ml_collections.ConfigDict) -> None:
     # demo.sh: the builtin recipe for one model (L=4), cut to fit the demo's 10 minutes: no ScienceQA phase in
     # the pretraining and no ScienceQA probes in the mix (at this budget no model gets off chance on it), a
-    # pretraining probe phase of 500 steps (it leaves the yes/no chance plateau after about 300), and, since the
+    # pretraining probe phase of 400 steps (it leaves the yes/no chance plateau after about 300), and, since the
     # fresh quantizers start as the identity calibrated to the pretraining (as in builtin), a short stage 1 and
     # no probe-only phase before the mix: started from the pretrained model up to its rounding, L=4 keeps its
     # yes/no answers and spends its steps on the mix. With the paper's init the same cuts left it answering
@@ -183,7 +183,7 @@ def _demo(c: ml_collections.ConfigDict) -> None:
     c.blind = False
     c.privacy.enabled = False
     c.entropy.from_levels = 4
-    c.pretrain.update(dict(steps=500, probe_steps=500, probe2_steps=0, probe2_formats=""))
+    c.pretrain.update(dict(steps=500, probe_steps=400, probe2_steps=0, probe2_formats=""))
     c.corpus.probe_formats = ""
     c.stage1.total_steps = 50
     c.probe_phase.steps = 0
