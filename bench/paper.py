@@ -45,9 +45,9 @@ BATCH_FILE = "paper_stage{stage}_batch.npz"
 
 
 def stage_config(stage: int, batch: int, dtype: str = "float32", data_dir: str | None = None,
-                 preset: str = "paper_random"):
+                 preset: str = "paper_random", attention: str = "auto"):
     """``configs/stage{stage}.py:<preset>`` at global batch ``batch`` in compute ``dtype`` (``tiny``: the same
-    code path at test size)."""
+    code path at test size) with attention kernel ``attention`` (``model.attention``)."""
     if stage not in STAGES:
         raise ValueError(f"stage {stage}: use 1 or 2")
     from configs import stage1, stage2
@@ -60,6 +60,7 @@ def stage_config(stage: int, batch: int, dtype: str = "float32", data_dir: str |
         c.init.from_workdir = None
     c.global_batch_size = int(batch)
     c.model.dtype = dtype
+    c.model.attention = attention
     # Enough examples for one batch of either stream, whatever the batch.
     c.data.shapes.n_pretrain = c.data.shapes.n_instruct = max(int(c.data.shapes.n_pretrain), int(batch))
     c.data.data_dir = data_dir
@@ -142,7 +143,8 @@ def _load(path: str) -> dict[str, np.ndarray]:
         return {k: f[k] for k in f.files}
 
 
-def ours_worker(stage: int, batch_file: str, steps: int, dtype: str, preset: str = "paper_random") -> dict[str, Any]:
+def ours_worker(stage: int, batch_file: str, steps: int, dtype: str, preset: str = "paper_random",
+                attention: str = "auto") -> dict[str, Any]:
     """Our split step on the saved batch: compile, step time, codec hidden/exposed, peak RSS."""
     from bench import perf
     from qtl_jax.models.quantized import BATCH_KEYS
@@ -153,7 +155,7 @@ def ours_worker(stage: int, batch_file: str, steps: int, dtype: str, preset: str
 
     data = _load(batch_file)
     batch = {k: data[k] for k in BATCH_KEYS}
-    config = stage_config(stage, len(batch["input_ids"]), dtype, preset=preset)
+    config = stage_config(stage, len(batch["input_ids"]), dtype, preset=preset, attention=attention)
     with perf._RssSampler(interval=0.01) as sampler:
         build = time.perf_counter()
         setup = build_setup(config, "/nonexistent-unused", seed_keys(config)[1], data=False)
@@ -315,12 +317,12 @@ def tinyllava_of(config):
 
 
 def run_worker(framework: str, stage: int, batch_file: str, steps: int, dtype: str, timeout_s: float,
-               preset: str = "paper_random") -> dict[str, Any]:
+               preset: str = "paper_random", attention: str = "auto") -> dict[str, Any]:
     """:data:`WORKERS` [framework] in a fresh ``python -m bench.perf`` process; its JSON line."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cmd = [sys.executable, "-m", "bench.perf", f"--_paper_worker={framework}", f"--_paper_stage={stage}",
            f"--_paper_batch_file={batch_file}", f"--steps={steps}", f"--paper-dtype={dtype}",
-           f"--paper-preset={preset}"]
+           f"--paper-preset={preset}", f"--paper-attention={attention}"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
     env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     if framework == "torch":
@@ -340,9 +342,12 @@ def run_worker(framework: str, stage: int, batch_file: str, steps: int, dtype: s
 
 def bench_stage(stage: int, batch: int, steps: int, dtype: str, out: str, peak: float, r: dict[str, Any],
                 log: Callable[[str], None], guarded: Callable, timeout_s: float = 2400.0,
-                preset: str = "paper_random") -> None:
+                preset: str = "paper_random", attention: str = "auto") -> None:
     """Every figure of one stage into ``r`` (see the module docstring); failures are ``*_error`` keys."""
-    r.update(size=f"paper_stage{stage}", stage=stage, batch_size=batch, dtype=dtype, timed_steps=steps, preset=preset)
+    from qtl_jax.models.attention import resolve
+
+    r.update(size=f"paper_stage{stage}", stage=stage, batch_size=batch, dtype=dtype, timed_steps=steps, preset=preset,
+             attention=resolve(attention, dtype))
     path = os.path.join(out, BATCH_FILE.format(stage=stage))
 
     def data():
@@ -357,7 +362,7 @@ def bench_stage(stage: int, batch: int, steps: int, dtype: str, out: str, peak: 
         r["train_step_flops"] = flops(tinyllava_of(stage_config(stage, batch, dtype, preset=preset)), b, stage)
 
     def ours():
-        r.update(run_worker("ours", stage, path, steps, dtype, timeout_s, preset))
+        r.update(run_worker("ours", stage, path, steps, dtype, timeout_s, preset, attention))
         r["ours_examples_per_s"] = batch / r["ours_step_s"]
         r["fraction_of_matmul_peak"] = r["train_step_flops"] / r["ours_step_s"] / peak
         r["ours_step_flops_per_s"] = r["train_step_flops"] / r["ours_step_s"]

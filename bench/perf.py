@@ -886,6 +886,7 @@ TABLE_ROWS = [
     ("batch_size", "batch (paper: real bucketed lengths)"),
     ("text_len", "input ids per sample (the batch's bucket)"),
     ("merged_len", "merged sequence (image tokens spliced in)"),
+    ("attention", "our attention kernel (paper: model.attention resolved)"),
     ("ours_step_s", "our split train step (s, median)"),
     ("ours_fused_step_s", "our fused train step (s, median)"),
     ("torch_eager_step_s", "PyTorch eager train step (s, median)"),
@@ -966,15 +967,16 @@ def run(sizes: list[str], out: str, steps: int = 10, torch_compile: bool = True,
         matmul_n: int = 2048, log: Callable[[str], None] = print, steps_per_size: dict[str, int] | None = None,
         no_torch_compile: set[str] = frozenset(), no_gen: set[str] = frozenset(), no_mem: set[str] = frozenset(),
         matmul_bf16_n: int = 8192, mem_workers: bool = True, paper_batches: dict[int, int] | None = None,
-        paper_dtype: str | None = None, paper_preset: str = "paper_random") -> dict[str, Any]:
+        paper_dtype: str | None = None, paper_preset: str = "paper_random",
+        paper_attention: str = "auto") -> dict[str, Any]:
     """Runs the benchmark for ``sizes`` (keys of :data:`SIZES`, or ``paper``), writes ``out/perf.{json,md}``,
     returns the JSON.
 
     ``steps_per_size`` overrides ``steps`` for some sizes; ``no_*`` name sizes that skip torch.compile,
     generation or the memory workers. ``paper`` (:mod:`bench.paper`) reports one entry per stage
     (``paper_stage1``, ``paper_stage2``) at ``paper_batches`` (default: batch 4 on a CPU, the paper's 64 / 16 on
-    an accelerator) in ``paper_dtype`` (default float32 on a CPU, bfloat16 on an accelerator); ``paper_preset``
-    ``tiny`` runs the same code at test size. The JSON is
+    an accelerator) in ``paper_dtype`` (default float32 on a CPU, bfloat16 on an accelerator) with our attention
+    kernel ``paper_attention`` (``model.attention``); ``paper_preset`` ``tiny`` runs the same code at test size. The JSON is
     written even when a measurement failed (its ``*_error`` key says why) or the run is interrupted part way
     (the sizes finished so far).
     """
@@ -1031,7 +1033,12 @@ def run(sizes: list[str], out: str, steps: int = 10, torch_compile: bool = True,
                 for stage in paper.STAGES:
                     r = report["sizes"][f"paper_stage{stage}"] = {}
                     paper.bench_stage(stage, batches[stage], steps_per_size.get(name, steps), dtype, out, peak, r, log,
-                                      functools.partial(_guarded_base, checkpoint=write), preset=paper_preset)
+                                      functools.partial(_guarded_base, checkpoint=write), preset=paper_preset,
+                                      attention=paper_attention)
+                    if peak_bf16 and dtype == "bfloat16":  # bf16 compute: MFU against the bf16 matmul peak
+                        for key, step in (("mfu", "ours_step_s"), ("torch_bf16_mfu", "torch_eager_step_s")):
+                            if step in r and "train_step_flops" in r:
+                                r[key] = r["train_step_flops"] / r[step] / peak_bf16
                     write()
                 continue
             report["sizes"][name] = {}
@@ -1078,6 +1085,9 @@ def main() -> None:
                         help="paper size: compute dtype (default float32 on a CPU, bfloat16 on an accelerator)")
     parser.add_argument("--paper-preset", default="paper_random", choices=("paper_random", "tiny"),
                         help="paper size: the configs' preset (tiny: the same code path at test size)")
+    parser.add_argument("--paper-attention", default="auto", choices=("auto", "custom", "xla", "cudnn"),
+                        help="paper size: our attention kernel (model.attention; auto: cuDNN on a GPU in bf16, "
+                             "the hand-written VJP on a CPU)")
     parser.add_argument("--_worker", choices=("ours", "torch"), help=argparse.SUPPRESS)
     parser.add_argument("--_paper_worker", choices=("ours", "torch"), help=argparse.SUPPRESS)
     parser.add_argument("--_paper_stage", type=int, help=argparse.SUPPRESS)
@@ -1099,7 +1109,8 @@ def main() -> None:
             from bench import paper
 
             r = paper.WORKERS[args._paper_worker](args._paper_stage, args._paper_batch_file, args.steps,
-                                                  args.paper_dtype or "float32", args.paper_preset)
+                                                  args.paper_dtype or "float32", args.paper_preset,
+                                                  **({"attention": args.paper_attention} if args._paper_worker == "ours" else {}))
             print(json.dumps(r), flush=True)
             return
         paper_batches = None
@@ -1119,7 +1130,8 @@ def main() -> None:
                      no_torch_compile=_size_set(args.no_torch_compile, sizes),
                      no_gen=_size_set(args.no_gen, sizes), no_mem=_size_set(args.no_mem, sizes),
                      matmul_bf16_n=args.matmul_bf16_n, mem_workers=not args.no_mem_workers,
-                     paper_batches=paper_batches, paper_dtype=args.paper_dtype, paper_preset=args.paper_preset)
+                     paper_batches=paper_batches, paper_dtype=args.paper_dtype, paper_preset=args.paper_preset,
+                     paper_attention=args.paper_attention)
         print(markdown(report))
     finally:
         signal.signal(signal.SIGTERM, previous)  # main() may be called in-process (the test)

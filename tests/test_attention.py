@@ -1,7 +1,7 @@
 """Attention per backend: the library implementations against the hand-written VJP, and the 'auto' choice.
 
-Only the paths that run on this CPU are compared (``custom`` and ``xla``); ``cudnn`` needs a GPU
-(``bench/device_run.sh`` runs the model with it there). Inputs are float64, but the library's XLA
+On a CPU the paths that run there are compared (``custom`` and ``xla``); ``cudnn`` is compared on a GPU only
+(the last test; ``bench/device_run.sh`` runs this file there before the benchmark). Inputs are float64, but the library's XLA
 implementation takes its softmax in float32 whatever the input dtype, so the tolerance is float32 rounding
 of the chained reductions (scores over d, softmax over S, output over S), scaled by the values compared.
 """
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from qtl_jax.models import attention
-from tolerances import rounding_tolerance
+from tolerances import SAFETY, rounding_tolerance
 
 B, T, H, K, D = 2, 7, 4, 2, 8
 
@@ -141,3 +141,49 @@ def test_layers_backward_holds_one_layers_scores_at_a_time(monkeypatch):
     temp = compiled.memory_analysis().temp_size_in_bytes
     # 16 x-sized residuals per layer (q, k, v, output, x, their cotangents...): 1/16 of a score tensor here.
     assert temp <= 4 * score_bytes + 16 * x_bytes * layers, (temp / score_bytes, layers)
+
+
+# The two attention shapes of the paper's configuration: SigLIP-so400m (16 heads of 72, 729 patches, no mask)
+# and OpenELM-270M's first layers (12 query heads over 3 KV heads of 64; causal, the second sample right-padded).
+CUDNN_SHAPES = {"siglip_so400m": (2, 729, 16, 16, 72, False), "openelm_270m_gqa": (2, 855, 12, 3, 64, True)}
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN's fused attention runs on an NVIDIA GPU only "
+                    "(bench/device_run.sh runs this file there)")
+@pytest.mark.parametrize("name", sorted(CUDNN_SHAPES))
+def test_cudnn_in_bfloat16_equals_custom_in_float32_on_gpu(name):
+    """``'cudnn'`` (what ``'auto'`` picks on a GPU in bf16) against the hand-written VJP in float32 on the same
+    bf16 inputs: values and the three input gradients, on the rows that are real.
+
+    Tolerance from the arithmetic: cuDNN accumulates in float32 but rounds the probabilities (before P V), the
+    output and the gradients to bf16, each a relative error of at most eps/2 per term (eps = 2^-7). A weighted
+    sum of terms each off by a relative eps/2 is off by at most eps/2 of the sum of magnitudes, so the error of
+    every output, norm-wise, is a few eps/2 (one per rounding in its chain: 2 forward, 4 backward), with
+    SAFETY standard deviations on top. A wrong mask, a wrong grouped-query order or a transposed layout
+    moves the result by a large fraction of its norm, far beyond that bound.
+    """
+    import ml_dtypes
+
+    b, t, h, kv, d, masked = CUDNN_SHAPES[name]
+    rng = np.random.default_rng(5)
+    q, k, v = (rng.normal(size=(b, t, n, d)).astype(ml_dtypes.bfloat16) for n in (h, kv, kv))
+    lengths = np.array([t, t * 2 // 3])
+    valid = np.arange(t)[None] < lengths[:, None]
+    allowed = (np.tril(np.ones((t, t), bool))[None] & valid[:, None, :] & valid[:, :, None]) if masked else None
+    rows = valid if masked else np.ones_like(valid)
+    g = (rng.normal(size=(b, t, h * d)) * rows[..., None]).astype(np.float32)
+
+    def run(impl, dtype):
+        args = tuple(jnp.asarray(np.asarray(a, np.float32), dtype) for a in (q, k, v))
+        mask = None if allowed is None else jnp.asarray(allowed)
+        f = jax.jit(lambda q, k, v: attention.dot_product_attention(q, k, v, mask, d**-0.5, impl))
+        out, backward = jax.vjp(f, *args)
+        return [np.asarray(x, np.float32) for x in (out, *backward(jnp.asarray(g, dtype)))]
+
+    eps_half = float(ml_dtypes.finfo(ml_dtypes.bfloat16).eps) / 2
+    for what, got, ref, roundings in zip(("out", "dq", "dk", "dv"), run("cudnn", jnp.bfloat16),
+                                         run("custom", jnp.float32), (2, 4, 4, 4)):
+        if what == "out":  # padding rows' outputs are meaningless by contract
+            got, ref = got[rows], ref[rows]
+        err = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+        assert err <= SAFETY * roundings * eps_half, f"{name} {what}: relative error {err:.4f}"
