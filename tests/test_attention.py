@@ -34,22 +34,30 @@ def test_xla_equals_custom_values_and_gradients_in_float64(masked):
     weights = np.random.default_rng(1).normal(size=(B, T, H * D)) * rows[..., None]
 
     def loss(impl, q, k, v):
-        out = attention.dot_product_attention(q, k, v, jnp.asarray(allowed) if masked else None, D**-0.5, impl)
+        mask = jnp.asarray(allowed) if masked else None
+        if impl == "xla_padded":  # the cuDNN path's even-length padding (T = 7 is odd), run by XLA's kernel
+            out = attention.library_attention(q, k, v, mask, D**-0.5, "xla", pad_to=attention.CUDNN_LENGTH_MULTIPLE)
+        else:
+            out = attention.dot_product_attention(q, k, v, mask, D**-0.5, impl)
         return jnp.sum(out * weights), out
 
     with jax.enable_x64(True):
         args = tuple(jnp.asarray(a, jnp.float64) for a in (q, k, v))
         results = {impl: jax.value_and_grad(loss, argnums=(1, 2, 3), has_aux=True)(impl, *args)
-                   for impl in ("custom", "xla")}
+                   for impl in ("custom", "xla", "xla_padded")}
     (_, out_c), grads_c = results["custom"]
-    (_, out_x), grads_x = results["xla"]
+
     def close(actual, desired, depth=3):
         tol = rounding_tolerance(np.float32, max(T, D), depth, float(np.abs(desired).max()))
         np.testing.assert_allclose(actual, desired, rtol=0, atol=tol)
 
-    close(np.asarray(out_x)[rows], np.asarray(out_c)[rows])
-    for gx, gc in zip(grads_x, grads_c):  # backward: three more chained reductions
-        close(np.asarray(gx), np.asarray(gc), depth=6)
+    assert T % attention.CUDNN_LENGTH_MULTIPLE  # the padding is exercised
+    for impl in ("xla", "xla_padded"):
+        (_, out_x), grads_x = results[impl]
+        assert out_x.shape == out_c.shape
+        close(np.asarray(out_x)[rows], np.asarray(out_c)[rows])
+        for gx, gc in zip(grads_x, grads_c):  # backward: three more chained reductions
+            close(np.asarray(gx), np.asarray(gc), depth=6)
 
 
 def test_auto_picks_by_backend_and_dtype():

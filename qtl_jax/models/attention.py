@@ -131,14 +131,43 @@ def dot_product_attention(q: Array, k: Array, v: Array, allowed: Array | None, s
         raise ValueError(f"k and v must both be [B,S,K,d], got k {k.shape}, v {v.shape}")
     implementation = resolve(implementation, q.dtype)
     if implementation != "custom":
-        b, t, h, d = q.shape
-        if allowed is not None and allowed.shape != (b, t, k.shape[1]):
-            raise ValueError(f"allowed must be [B,T,S] = {(b, t, k.shape[1])}, got {allowed.shape}")
-        mask = None if allowed is None else allowed.astype(jnp.bool_)[:, None]
-        out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask, scale=float(scale),
-                                           implementation=implementation)
-        return out.reshape(b, t, h * d)
+        return library_attention(q, k, v, allowed, scale, implementation,
+                                 pad_to=CUDNN_LENGTH_MULTIPLE if implementation == "cudnn" else 1)
     return dot_product_attention_heads_major(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), allowed, scale)
+
+
+# jax's cuDNN flash attention (jax 0.10-0.11) refuses a training call whose query or key length is odd
+# ("Unsupported sequence length"), with or without a mask: SigLIP-so400m has 729 patches and merged LLaVA
+# sequences any length. Such lengths are padded by one position, which the mask or the key lengths hide.
+CUDNN_LENGTH_MULTIPLE = 2
+
+
+def library_attention(q: Array, k: Array, v: Array, allowed: Array | None, scale: float, implementation: str,
+                      pad_to: int = 1) -> Array:
+    """``jax.nn.dot_product_attention`` (``implementation`` ``'xla'`` or ``'cudnn'``) with this module's shapes
+    and contract, the query and key lengths padded up to a multiple of ``pad_to``.
+
+    Padded keys are never attended to: they are masked out of ``allowed``, or, with no mask, excluded by
+    ``key_value_seq_lengths`` (cuDNN's padding mask, no bias tensor). Padded queries are cut off the output.
+    """
+    b, t, h, d = q.shape
+    s = k.shape[1]
+    if allowed is not None and allowed.shape != (b, t, s):
+        raise ValueError(f"allowed must be [B,T,S] = {(b, t, s)}, got {allowed.shape}")
+    k, v = k.astype(q.dtype), v.astype(q.dtype)
+    tp, sp = -(-t // pad_to) * pad_to, -(-s // pad_to) * pad_to
+    lengths = None
+    if (tp, sp) != (t, s):
+        q = jnp.pad(q, ((0, 0), (0, tp - t), (0, 0), (0, 0)))
+        k, v = (jnp.pad(x, ((0, 0), (0, sp - s), (0, 0), (0, 0))) for x in (k, v))
+        if allowed is None:
+            lengths = jnp.full((b,), s, jnp.int32)
+        else:
+            allowed = jnp.pad(allowed.astype(jnp.bool_), ((0, 0), (0, tp - t), (0, sp - s)))
+    mask = None if allowed is None else allowed.astype(jnp.bool_)[:, None]
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=float(scale), key_value_seq_lengths=lengths,
+                                       implementation=implementation)
+    return out[:, :t].reshape(b, t, h * d)
 
 
 def dot_product_attention_heads_major(q: Array, k: Array, v: Array, allowed: Array | None, scale: float) -> Array:
