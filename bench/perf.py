@@ -968,7 +968,7 @@ def run(sizes: list[str], out: str, steps: int = 10, torch_compile: bool = True,
         no_torch_compile: set[str] = frozenset(), no_gen: set[str] = frozenset(), no_mem: set[str] = frozenset(),
         matmul_bf16_n: int = 8192, mem_workers: bool = True, paper_batches: dict[int, int] | None = None,
         paper_dtype: str | None = None, paper_preset: str = "paper_random",
-        paper_attention: str = "auto") -> dict[str, Any]:
+        paper_attention: str = "auto", paper_stages: tuple[int, ...] = (1, 2)) -> dict[str, Any]:
     """Runs the benchmark for ``sizes`` (keys of :data:`SIZES`, or ``paper``), writes ``out/perf.{json,md}``,
     returns the JSON.
 
@@ -976,7 +976,7 @@ def run(sizes: list[str], out: str, steps: int = 10, torch_compile: bool = True,
     generation or the memory workers. ``paper`` (:mod:`bench.paper`) reports one entry per stage
     (``paper_stage1``, ``paper_stage2``) at ``paper_batches`` (default: batch 4 on a CPU, the paper's 64 / 16 on
     an accelerator) in ``paper_dtype`` (default float32 on a CPU, bfloat16 on an accelerator) with our attention
-    kernel ``paper_attention`` (``model.attention``); ``paper_preset`` ``tiny`` runs the same code at test size. The JSON is
+    kernel ``paper_attention`` (``model.attention``), for the stages in ``paper_stages``; ``paper_preset`` ``tiny`` runs the same code at test size. The JSON is
     written even when a measurement failed (its ``*_error`` key says why) or the run is interrupted part way
     (the sizes finished so far).
     """
@@ -1030,7 +1030,7 @@ def run(sizes: list[str], out: str, steps: int = 10, torch_compile: bool = True,
 
                 batches = paper_batches or paper.default_batches()
                 dtype = paper_dtype or ("float32" if not gpu else "bfloat16")
-                for stage in paper.STAGES:
+                for stage in paper_stages:
                     r = report["sizes"][f"paper_stage{stage}"] = {}
                     paper.bench_stage(stage, batches[stage], steps_per_size.get(name, steps), dtype, out, peak, r, log,
                                       functools.partial(_guarded_base, checkpoint=write), preset=paper_preset,
@@ -1085,6 +1085,8 @@ def main() -> None:
                         help="paper size: compute dtype (default float32 on a CPU, bfloat16 on an accelerator)")
     parser.add_argument("--paper-preset", default="paper_random", choices=("paper_random", "tiny"),
                         help="paper size: the configs' preset (tiny: the same code path at test size)")
+    parser.add_argument("--paper-stages", default="1,2", choices=("1,2", "1", "2"),
+                        help="paper size: the stages to measure (one alone fits a short accelerator call)")
     parser.add_argument("--paper-attention", default="auto", choices=("auto", "custom", "xla", "cudnn"),
                         help="paper size: our attention kernel (model.attention; auto: cuDNN on a GPU in bf16, "
                              "the hand-written VJP on a CPU)")
@@ -1131,7 +1133,8 @@ def main() -> None:
                      no_gen=_size_set(args.no_gen, sizes), no_mem=_size_set(args.no_mem, sizes),
                      matmul_bf16_n=args.matmul_bf16_n, mem_workers=not args.no_mem_workers,
                      paper_batches=paper_batches, paper_dtype=args.paper_dtype, paper_preset=args.paper_preset,
-                     paper_attention=args.paper_attention)
+                     paper_attention=args.paper_attention,
+                     paper_stages=tuple(int(v) for v in args.paper_stages.split(",")))
         print(markdown(report))
     finally:
         signal.signal(signal.SIGTERM, previous)  # main() may be called in-process (the test)
