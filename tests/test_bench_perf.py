@@ -100,3 +100,33 @@ def test_memory_workers():
         m = perf.measure_memory(framework, "micro")
         assert 0 < m["rss_growth_bytes"] <= m["peak_rss_bytes"] and m["base_rss_bytes"] > 0, (framework, m)
         assert m["device_peak_bytes"] is None  # CPU
+
+
+def test_paper_stages_attention_and_bf16_mfu(tmp_path, monkeypatch):
+    """``--sizes=paper``: only the stages asked for run, the attention choice reaches each stage, and in bf16 on
+    an accelerator MFU is taken against the bf16 matmul peak (the fp32 one stays the fraction's base). The
+    models are not run: each stage's measurement is replaced by fixed figures, as is the matmul peak."""
+    from bench import paper
+
+    calls = []
+
+    def stage(stage, batch, steps, dtype, out, peak, r, log, guarded, preset="paper_random", attention="auto"):
+        calls.append((stage, batch, dtype, attention))
+        r.update(train_step_flops=6e12, ours_step_s=0.02, ours_step_flops_per_s=3e14, torch_eager_step_s=0.03)
+
+    monkeypatch.setattr(paper, "bench_stage", stage)
+    monkeypatch.setattr(perf, "on_gpu", lambda: True)
+    monkeypatch.setattr(perf, "matmul_peak_best", lambda n: {n: 4e14})
+    monkeypatch.setattr(perf, "matmul_peak", lambda n, runs, dtype: 6e14)
+    monkeypatch.setattr(sys, "argv", ["perf", "--sizes=paper", f"--out={tmp_path}", "--paper-stages=2",
+                                      "--paper-attention=xla", "--paper-batches=64,16", "--paper-dtype=bfloat16"])
+    perf.main()
+    assert calls == [(2, 16, "bfloat16", "xla")]
+    r = json.loads((tmp_path / "perf.json").read_text())["sizes"]
+    assert list(r) == ["paper_stage2"]
+    assert r["paper_stage2"]["mfu"] == pytest.approx(6e12 / 0.02 / 6e14)
+    assert r["paper_stage2"]["torch_bf16_mfu"] == pytest.approx(6e12 / 0.03 / 6e14)
+    assert r["paper_stage2"]["fraction_of_matmul_peak"] == pytest.approx(3e14 / 4e14)
+    with pytest.raises(SystemExit):
+        monkeypatch.setattr(sys, "argv", ["perf", "--sizes=paper", f"--out={tmp_path}", "--paper-stages=3"])
+        perf.main()
