@@ -410,3 +410,20 @@ def test_cli_bad_paths_are_one_line(tmp_path):
     assert out.stderr.strip().splitlines() == [
         "figure3: error: figure3 (paper): paths.vision_dir is not set; pass --config.paths.vision_dir=/local/dir "
         "(the SigLIP checkpoint directory (safetensors + config.json))."]
+
+
+def test_budget_preset_is_builtin_without_the_probe_phase():
+    """budget: the builtin chain with a 50-step stage 1 and the mix straight after it, everything else equal."""
+    c, b = figure3_config.get_config("budget"), figure3_config.get_config("builtin")
+    m = figure3.Model("L4", 4)
+    assert figure3.stages(c, m) == ["stage1", "stage2"] and figure3.stages(b, m) == ["stage1", "stage2_probes", "stage2"]
+    assert figure3.stages(c, figure3.PRETRAINED) == figure3.stages(b, figure3.PRETRAINED)
+    given = inputs.Inputs("/d/s1", "/d/s2", "/d/tok", "/d/bench", probe_data="/d/probes",
+                          pretrain_probe2_data="/d/pre_probes2")
+    moments = {"image": (-0.06, 1.6), "text": (0.0, 0.09)}
+    s1, s2 = (figure3.stage_config(c, m, s, given, "/w", moments) for s in ("stage1", "stage2"))
+    assert (s1.total_steps, s2.total_steps, s2.init.from_workdir) == (50, 400, "/w/L4/stage1")
+    t1, t2 = (figure3.stage_config(b, m, s, given, "/w", moments) for s in ("stage1", "stage2"))
+    s1.total_steps, s2.init.from_workdir = t1.total_steps, t2.init.from_workdir
+    assert s1.to_dict() == t1.to_dict() and s2.to_dict() == t2.to_dict()
+    assert [x.name for x in figure3.models(c)] == [x.name for x in figure3.models(b)]
