@@ -8,7 +8,8 @@
 # WHEELS, BENCH_ARGS and BENCH_TIMEOUT_S override the defaults below.
 # Writes $OUT/perf/perf.{json,md}, $OUT/perf.log (everything printed), $OUT/env.txt and, for MODE=paper,
 # $OUT/preflight.log (the attention parity tests on the GPU; PREFLIGHT=0 skips them).
-# Budget: ~5 minutes on an H100/H200 including every compile. The benchmark is killed (SIGTERM, which
+# Budget on an H200: demo and mid ~7.5 min; MODE=paper ~4.5 min per stage (session 31: data, random init and
+# compile dominate), so a 10-minute call holds one stage (--paper-stages). The benchmark is killed (SIGTERM, which
 # bench.perf turns into writing its JSON) at BENCH_TIMEOUT_S seconds (default: CALL_LIMIT_S = 560 s less what came before it),
 # so the call ends inside the 10-minute limit with whatever was measured.
 set -u -o pipefail
