@@ -144,7 +144,7 @@ def _load(path: str) -> dict[str, np.ndarray]:
 
 
 def ours_worker(stage: int, batch_file: str, steps: int, dtype: str, preset: str = "paper_random",
-                attention: str = "auto") -> dict[str, Any]:
+                attention: str = "auto", codec_threads: int | None = None) -> dict[str, Any]:
     """Our split step on the saved batch: compile, step time, codec hidden/exposed, peak RSS."""
     from bench import perf
     from qtl_jax.models.quantized import BATCH_KEYS
@@ -176,7 +176,9 @@ def ours_worker(stage: int, batch_file: str, steps: int, dtype: str, preset: str
         first = time.perf_counter() - first
         off = perf.codec_overlap_phases(step, state, batch, steps, ("off",))
         # At least 2 steps: the last step's coding has no next step to overlap with.
-        overlap = perf.codec_overlap_phases(step, off["state"], batch, max(steps, 2), ("overlap",))
+        # The host codec's threads as train.py runs them (split.codec_threads) unless the bench sets them.
+        threads = int(config.split.codec_threads) if codec_threads is None else int(codec_threads)
+        overlap = perf.codec_overlap_phases(step, off["state"], batch, max(steps, 2), ("overlap",), threads=threads)
     r = {**off["figures"], **overlap["figures"]}
     r["codec_overlap_added_share"] = r["codec_overlap_step_s"] / r["codec_off_step_s"] - 1.0
     times = off["times"]["off"]
@@ -317,12 +319,15 @@ def tinyllava_of(config):
 
 
 def run_worker(framework: str, stage: int, batch_file: str, steps: int, dtype: str, timeout_s: float,
-               preset: str = "paper_random", attention: str = "auto") -> dict[str, Any]:
+               preset: str = "paper_random", attention: str = "auto",
+               codec_threads: int | None = None) -> dict[str, Any]:
     """:data:`WORKERS` [framework] in a fresh ``python -m bench.perf`` process; its JSON line."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cmd = [sys.executable, "-m", "bench.perf", f"--_paper_worker={framework}", f"--_paper_stage={stage}",
            f"--_paper_batch_file={batch_file}", f"--steps={steps}", f"--paper-dtype={dtype}",
            f"--paper-preset={preset}", f"--paper-attention={attention}"]
+    if framework == "ours" and codec_threads is not None:
+        cmd.append(f"--paper-codec-threads={codec_threads}")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
     env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     if framework == "torch":
@@ -342,7 +347,7 @@ def run_worker(framework: str, stage: int, batch_file: str, steps: int, dtype: s
 
 def bench_stage(stage: int, batch: int, steps: int, dtype: str, out: str, peak: float, r: dict[str, Any],
                 log: Callable[[str], None], guarded: Callable, timeout_s: float = 2400.0,
-                preset: str = "paper_random", attention: str = "auto") -> None:
+                preset: str = "paper_random", attention: str = "auto", codec_threads: int | None = None) -> None:
     """Every figure of one stage into ``r`` (see the module docstring); failures are ``*_error`` keys."""
     from qtl_jax.models.attention import resolve
 
@@ -362,7 +367,7 @@ def bench_stage(stage: int, batch: int, steps: int, dtype: str, out: str, peak: 
         r["train_step_flops"] = flops(tinyllava_of(stage_config(stage, batch, dtype, preset=preset)), b, stage)
 
     def ours():
-        r.update(run_worker("ours", stage, path, steps, dtype, timeout_s, preset, attention))
+        r.update(run_worker("ours", stage, path, steps, dtype, timeout_s, preset, attention, codec_threads))
         r["ours_examples_per_s"] = batch / r["ours_step_s"]
         r["fraction_of_matmul_peak"] = r["train_step_flops"] / r["ours_step_s"] / peak
         r["ours_step_flops_per_s"] = r["train_step_flops"] / r["ours_step_s"]

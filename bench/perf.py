@@ -968,7 +968,8 @@ def run(sizes: list[str], out: str, steps: int = 10, torch_compile: bool = True,
         no_torch_compile: set[str] = frozenset(), no_gen: set[str] = frozenset(), no_mem: set[str] = frozenset(),
         matmul_bf16_n: int = 8192, mem_workers: bool = True, paper_batches: dict[int, int] | None = None,
         paper_dtype: str | None = None, paper_preset: str = "paper_random",
-        paper_attention: str = "auto", paper_stages: tuple[int, ...] = (1, 2)) -> dict[str, Any]:
+        paper_attention: str = "auto", paper_stages: tuple[int, ...] = (1, 2),
+        paper_codec_threads: int | None = None) -> dict[str, Any]:
     """Runs the benchmark for ``sizes`` (keys of :data:`SIZES`, or ``paper``), writes ``out/perf.{json,md}``,
     returns the JSON.
 
@@ -1034,7 +1035,7 @@ def run(sizes: list[str], out: str, steps: int = 10, torch_compile: bool = True,
                     r = report["sizes"][f"paper_stage{stage}"] = {}
                     paper.bench_stage(stage, batches[stage], steps_per_size.get(name, steps), dtype, out, peak, r, log,
                                       functools.partial(_guarded_base, checkpoint=write), preset=paper_preset,
-                                      attention=paper_attention)
+                                      attention=paper_attention, codec_threads=paper_codec_threads)
                     if peak_bf16 and dtype == "bfloat16":  # bf16 compute: MFU against the bf16 matmul peak
                         for key, step in (("mfu", "ours_step_s"), ("torch_bf16_mfu", "torch_eager_step_s")):
                             if step in r and "train_step_flops" in r:
@@ -1085,6 +1086,8 @@ def main() -> None:
                         help="paper size: compute dtype (default float32 on a CPU, bfloat16 on an accelerator)")
     parser.add_argument("--paper-preset", default="paper_random", choices=("paper_random", "tiny"),
                         help="paper size: the configs' preset (tiny: the same code path at test size)")
+    parser.add_argument("--paper-codec-threads", type=int, default=None,
+                        help="paper size: host threads of the overlapped codec (default: the config's split.codec_threads)")
     parser.add_argument("--paper-stages", default="1,2", choices=("1,2", "1", "2"),
                         help="paper size: the stages to measure (one alone fits a short accelerator call)")
     parser.add_argument("--paper-attention", default="auto", choices=("auto", "custom", "xla", "cudnn"),
@@ -1112,7 +1115,9 @@ def main() -> None:
 
             r = paper.WORKERS[args._paper_worker](args._paper_stage, args._paper_batch_file, args.steps,
                                                   args.paper_dtype or "float32", args.paper_preset,
-                                                  **({"attention": args.paper_attention} if args._paper_worker == "ours" else {}))
+                                                  **({"attention": args.paper_attention,
+                                                      "codec_threads": args.paper_codec_threads}
+                                                     if args._paper_worker == "ours" else {}))
             print(json.dumps(r), flush=True)
             return
         paper_batches = None
@@ -1134,7 +1139,8 @@ def main() -> None:
                      matmul_bf16_n=args.matmul_bf16_n, mem_workers=not args.no_mem_workers,
                      paper_batches=paper_batches, paper_dtype=args.paper_dtype, paper_preset=args.paper_preset,
                      paper_attention=args.paper_attention,
-                     paper_stages=tuple(int(v) for v in args.paper_stages.split(",")))
+                     paper_stages=tuple(int(v) for v in args.paper_stages.split(",")),
+                     paper_codec_threads=args.paper_codec_threads)
         print(markdown(report))
     finally:
         signal.signal(signal.SIGTERM, previous)  # main() may be called in-process (the test)

@@ -103,15 +103,16 @@ def test_memory_workers():
 
 
 def test_paper_stages_attention_and_bf16_mfu(tmp_path, monkeypatch):
-    """``--sizes=paper``: only the stages asked for run, the attention choice reaches each stage, and in bf16 on
+    """``--sizes=paper``: only the stages asked for run, the attention and codec-thread choices reach each stage, and in bf16 on
     an accelerator MFU is taken against the bf16 matmul peak (the fp32 one stays the fraction's base). The
     models are not run: each stage's measurement is replaced by fixed figures, as is the matmul peak."""
     from bench import paper
 
     calls = []
 
-    def stage(stage, batch, steps, dtype, out, peak, r, log, guarded, preset="paper_random", attention="auto"):
-        calls.append((stage, batch, dtype, attention))
+    def stage(stage, batch, steps, dtype, out, peak, r, log, guarded, preset="paper_random", attention="auto",
+              codec_threads=None):
+        calls.append((stage, batch, dtype, attention, codec_threads))
         r.update(train_step_flops=6e12, ours_step_s=0.02, ours_step_flops_per_s=3e14, torch_eager_step_s=0.03)
 
     monkeypatch.setattr(paper, "bench_stage", stage)
@@ -119,9 +120,10 @@ def test_paper_stages_attention_and_bf16_mfu(tmp_path, monkeypatch):
     monkeypatch.setattr(perf, "matmul_peak_best", lambda n: {n: 4e14})
     monkeypatch.setattr(perf, "matmul_peak", lambda n, runs, dtype: 6e14)
     monkeypatch.setattr(sys, "argv", ["perf", "--sizes=paper", f"--out={tmp_path}", "--paper-stages=2",
-                                      "--paper-attention=xla", "--paper-batches=64,16", "--paper-dtype=bfloat16"])
+                                      "--paper-attention=xla", "--paper-batches=64,16", "--paper-dtype=bfloat16",
+                                      "--paper-codec-threads=14"])
     perf.main()
-    assert calls == [(2, 16, "bfloat16", "xla")]
+    assert calls == [(2, 16, "bfloat16", "xla", 14)]
     r = json.loads((tmp_path / "perf.json").read_text())["sizes"]
     assert list(r) == ["paper_stage2"]
     assert r["paper_stage2"]["mfu"] == pytest.approx(6e12 / 0.02 / 6e14)
