@@ -144,8 +144,13 @@ def _load(path: str) -> dict[str, np.ndarray]:
 
 
 def ours_worker(stage: int, batch_file: str, steps: int, dtype: str, preset: str = "paper_random",
-                attention: str = "auto", codec_threads: int | None = None) -> dict[str, Any]:
-    """Our split step on the saved batch: compile, step time, codec hidden/exposed, peak RSS."""
+                attention: str = "auto", codec_threads: int | None = None,
+                measure_every: int | None = None) -> dict[str, Any]:
+    """Our split step on the saved batch: compile, step time, codec hidden/exposed, peak RSS.
+
+    The codec is timed measuring every step and, when ``measure_every`` (default: the config's
+    ``split.measure_every``) is above 1, also measuring every n-th step over 2n steps against the same number
+    unmeasured (``codec_every_n_*``): the share training with that setting pays."""
     from bench import perf
     from qtl_jax.models.quantized import BATCH_KEYS
     from qtl_jax.split import link as linklib
@@ -179,8 +184,18 @@ def ours_worker(stage: int, batch_file: str, steps: int, dtype: str, preset: str
         # The host codec's threads as train.py runs them (split.codec_threads) unless the bench sets them.
         threads = int(config.split.codec_threads) if codec_threads is None else int(codec_threads)
         overlap = perf.codec_overlap_phases(step, off["state"], batch, max(steps, 2), ("overlap",), threads=threads)
+        every = int(config.split.measure_every) if measure_every is None else int(measure_every)
+        amortised = None
+        if every > 1:
+            amortised = perf.codec_overlap_phases(step, overlap["state"], batch, max(steps, 2 * every),
+                                                  ("off", "overlap"), threads=threads, measure_every=every)
     r = {**off["figures"], **overlap["figures"]}
     r["codec_overlap_added_share"] = r["codec_overlap_step_s"] / r["codec_off_step_s"] - 1.0
+    if amortised is not None:
+        a = amortised["figures"]
+        r.update(codec_every_n=float(every), codec_every_n_added_share=a["codec_overlap_added_share"],
+                 codec_every_n_off_step_s=a["codec_off_step_s"], codec_every_n_step_s=a["codec_overlap_step_s"],
+                 codec_every_n_exposed_s=a["codec_exposed_s"], codec_every_n_measured_steps=a["codec_measured_steps"])
     times = off["times"]["off"]
     r.update(ours_step_s=float(np.median(times)), ours_step_times=times, ours_first_step_s=first,
              ours_build_s=build, ours_peak_rss_bytes=float(max(sampler.peak, perf._maxrss_bytes())),
@@ -320,7 +335,7 @@ def tinyllava_of(config):
 
 def run_worker(framework: str, stage: int, batch_file: str, steps: int, dtype: str, timeout_s: float,
                preset: str = "paper_random", attention: str = "auto",
-               codec_threads: int | None = None) -> dict[str, Any]:
+               codec_threads: int | None = None, measure_every: int | None = None) -> dict[str, Any]:
     """:data:`WORKERS` [framework] in a fresh ``python -m bench.perf`` process; its JSON line."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cmd = [sys.executable, "-m", "bench.perf", f"--_paper_worker={framework}", f"--_paper_stage={stage}",
@@ -328,6 +343,8 @@ def run_worker(framework: str, stage: int, batch_file: str, steps: int, dtype: s
            f"--paper-preset={preset}", f"--paper-attention={attention}"]
     if framework == "ours" and codec_threads is not None:
         cmd.append(f"--paper-codec-threads={codec_threads}")
+    if framework == "ours" and measure_every is not None:
+        cmd.append(f"--paper-measure-every={measure_every}")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
     env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     if framework == "torch":
@@ -347,7 +364,8 @@ def run_worker(framework: str, stage: int, batch_file: str, steps: int, dtype: s
 
 def bench_stage(stage: int, batch: int, steps: int, dtype: str, out: str, peak: float, r: dict[str, Any],
                 log: Callable[[str], None], guarded: Callable, timeout_s: float = 2400.0,
-                preset: str = "paper_random", attention: str = "auto", codec_threads: int | None = None) -> None:
+                preset: str = "paper_random", attention: str = "auto", codec_threads: int | None = None,
+                measure_every: int | None = None) -> None:
     """Every figure of one stage into ``r`` (see the module docstring); failures are ``*_error`` keys."""
     from qtl_jax.models.attention import resolve
 
@@ -367,7 +385,8 @@ def bench_stage(stage: int, batch: int, steps: int, dtype: str, out: str, peak: 
         r["train_step_flops"] = flops(tinyllava_of(stage_config(stage, batch, dtype, preset=preset)), b, stage)
 
     def ours():
-        r.update(run_worker("ours", stage, path, steps, dtype, timeout_s, preset, attention, codec_threads))
+        r.update(run_worker("ours", stage, path, steps, dtype, timeout_s, preset, attention, codec_threads,
+                            measure_every))
         r["ours_examples_per_s"] = batch / r["ours_step_s"]
         r["fraction_of_matmul_peak"] = r["train_step_flops"] / r["ours_step_s"] / peak
         r["ours_step_flops_per_s"] = r["train_step_flops"] / r["ours_step_s"]

@@ -392,29 +392,36 @@ def codec_overlap_figures(s: Size, steps: int, threads: int = CODEC_THREADS) -> 
 
 
 def codec_overlap_phases(step, state, batch, n_steps: int, phases: tuple[str, ...],
-                         threads: int = CODEC_THREADS) -> dict[str, Any]:
+                         threads: int = CODEC_THREADS, measure_every: int = 1) -> dict[str, Any]:
     """Runs a compiled split ``step`` (its server half an ``InProcessServerHalf``) ``n_steps`` times per phase.
 
     Phases: bytes not measured (``off``: ``codec_off_step_s``), measured inside the step (``sync``,
     ``codec_threads=0``: ``codec_sync_step_s``) and measured on ``threads`` background threads with each
-    step's counts merged one step later, as ``train.py`` does (``overlap``: ``codec_overlap_step_s``). Per step
-    of the overlapped phases: ``codec_busy_s`` (host codec time), ``codec_exposed_s`` (time the step loop
-    waited for it) and ``codec_hidden_s`` (the rest). Wall times are means over each phase (a step's coding
-    ends in the next), so the overlap needs at least 2 steps per phase to show (the last step's coding has no
-    next step to hide behind). Returns ``{'figures': {...}, 'times': {phase: [seconds of each step]}, 'state':
-    the state after the last step}`` (the state passed in is donated).
+    step's counts merged one step later, as ``train.py`` does (``overlap``: ``codec_overlap_step_s``). The
+    measuring phases measure every ``measure_every``-th step (``split.measure_every``), so the added share is
+    the codec's cost amortised over the steps as training pays it. Per measured step of the overlapped phase:
+    ``codec_busy_s`` (host codec time), ``codec_exposed_s`` (time the step loop waited for it) and
+    ``codec_hidden_s`` (the rest); ``codec_measured_steps`` counts them. Wall times are means over each phase
+    (a step's coding ends in the next), so the overlap needs at least 2 steps per phase to show (the last
+    step's coding has no next step to hide behind). Returns ``{'figures': {...}, 'times': {phase: [seconds of
+    each step]}, 'state': the state after the last step}`` (the state passed in is donated).
     """
     from qtl_jax.split.link import PENDING_COUNTS
     from qtl_jax.split.meter import ByteMeter
 
+    if int(measure_every) < 1:
+        raise ValueError(f"measure_every must be >= 1, got {measure_every}")
     server = step.server
     wall = {p: 0.0 for p in phases}
     runs = {p: 0 for p in phases}
     times: dict[str, list[float]] = {p: [] for p in phases}
     busy = exposed = 0.0
+    measured_overlap = 0
+    server.measure_every = int(measure_every)
     for phase in phases:
         n = threads if phase == "overlap" else 0
         server.measure, server.meter, step.defer_counts = phase != "off", ByteMeter(n), n > 0
+        measured = 0
         try:
             pending, start = None, time.perf_counter()
             for _ in range(n_steps):
@@ -423,8 +430,7 @@ def codec_overlap_phases(step, state, batch, n_steps: int, phases: tuple[str, ..
                 if pending is not None:
                     pending.result()
                 pending = metrics.pop(PENDING_COUNTS, None)
-                if phase != "off" and pending is None and "uplink_bytes" not in metrics:
-                    raise RuntimeError(f"the {phase} phase measured no bytes")
+                measured += pending is not None or "uplink_bytes" in metrics
                 if phase == "off":
                     jax.block_until_ready(state)
                 times[phase].append(time.perf_counter() - t0)
@@ -433,15 +439,20 @@ def codec_overlap_phases(step, state, batch, n_steps: int, phases: tuple[str, ..
             jax.block_until_ready(state)
             wall[phase] += time.perf_counter() - start
             runs[phase] += n_steps
+            if phase != "off" and not measured:
+                raise RuntimeError(f"the {phase} phase measured no bytes in {n_steps} steps (measure_every="
+                                   f"{measure_every}): run at least measure_every steps")
             if phase == "overlap":
                 st = server.meter.stats()
                 busy, exposed = busy + st["codec_seconds"], exposed + st["exposed_seconds"]
+                measured_overlap += measured
         finally:
             server.meter.close()
-    r: dict[str, float] = {"codec_threads": float(threads)}
+    r: dict[str, float] = {"codec_threads": float(threads), "codec_measure_every": float(measure_every)}
     r.update({f"codec_{phase}_step_s": t / runs[phase] for phase, t in wall.items()})
     if "overlap" in runs:
-        r["codec_busy_s"], r["codec_exposed_s"] = busy / runs["overlap"], exposed / runs["overlap"]
+        r["codec_measured_steps"] = float(measured_overlap)
+        r["codec_busy_s"], r["codec_exposed_s"] = busy / measured_overlap, exposed / measured_overlap
         r["codec_hidden_s"] = max(r["codec_busy_s"] - r["codec_exposed_s"], 0.0)
     for phase in ("sync", "overlap"):
         if phase in runs and "off" in runs:
@@ -918,6 +929,8 @@ TABLE_ROWS = [
     ("codec_packed_share_of_step", "packed encode+decode / our split step"),
     ("codec_sync_added_share", "bytes measured in the step: step time / unmeasured - 1"),
     ("codec_overlap_added_share", "bytes measured in background threads: step time / unmeasured - 1"),
+    ("codec_every_n_added_share", "bytes measured every n-th step in background: step time / unmeasured - 1"),
+    ("codec_every_n", "n of the row above (--paper-measure-every, split.measure_every)"),
     ("codec_busy_s", "host codec seconds per measured step"),
     ("codec_exposed_s", "of which the step loop waited for (s)"),
     ("codec_hidden_s", "of which overlapped with device work (s)"),
@@ -969,7 +982,7 @@ def run(sizes: list[str], out: str, steps: int = 10, torch_compile: bool = True,
         matmul_bf16_n: int = 8192, mem_workers: bool = True, paper_batches: dict[int, int] | None = None,
         paper_dtype: str | None = None, paper_preset: str = "paper_random",
         paper_attention: str = "auto", paper_stages: tuple[int, ...] = (1, 2),
-        paper_codec_threads: int | None = None) -> dict[str, Any]:
+        paper_codec_threads: int | None = None, paper_measure_every: int | None = None) -> dict[str, Any]:
     """Runs the benchmark for ``sizes`` (keys of :data:`SIZES`, or ``paper``), writes ``out/perf.{json,md}``,
     returns the JSON.
 
@@ -1035,7 +1048,8 @@ def run(sizes: list[str], out: str, steps: int = 10, torch_compile: bool = True,
                     r = report["sizes"][f"paper_stage{stage}"] = {}
                     paper.bench_stage(stage, batches[stage], steps_per_size.get(name, steps), dtype, out, peak, r, log,
                                       functools.partial(_guarded_base, checkpoint=write), preset=paper_preset,
-                                      attention=paper_attention, codec_threads=paper_codec_threads)
+                                      attention=paper_attention, codec_threads=paper_codec_threads,
+                                      measure_every=paper_measure_every)
                     if peak_bf16 and dtype == "bfloat16":  # bf16 compute: MFU against the bf16 matmul peak
                         for key, step in (("mfu", "ours_step_s"), ("torch_bf16_mfu", "torch_eager_step_s")):
                             if step in r and "train_step_flops" in r:
@@ -1088,6 +1102,9 @@ def main() -> None:
                         help="paper size: the configs' preset (tiny: the same code path at test size)")
     parser.add_argument("--paper-codec-threads", type=int, default=None,
                         help="paper size: host threads of the overlapped codec (default: the config's split.codec_threads)")
+    parser.add_argument("--paper-measure-every", type=int, default=None,
+                        help="paper size: also time the overlapped codec measuring every n-th step, as training with "
+                             "split.measure_every=n pays it (default: the config's split.measure_every; 1 adds nothing)")
     parser.add_argument("--paper-stages", default="1,2", choices=("1,2", "1", "2"),
                         help="paper size: the stages to measure (one alone fits a short accelerator call)")
     parser.add_argument("--paper-attention", default="auto", choices=("auto", "custom", "xla", "cudnn"),
@@ -1116,7 +1133,8 @@ def main() -> None:
             r = paper.WORKERS[args._paper_worker](args._paper_stage, args._paper_batch_file, args.steps,
                                                   args.paper_dtype or "float32", args.paper_preset,
                                                   **({"attention": args.paper_attention,
-                                                      "codec_threads": args.paper_codec_threads}
+                                                      "codec_threads": args.paper_codec_threads,
+                                                      "measure_every": args.paper_measure_every}
                                                      if args._paper_worker == "ours" else {}))
             print(json.dumps(r), flush=True)
             return
@@ -1140,7 +1158,7 @@ def main() -> None:
                      paper_batches=paper_batches, paper_dtype=args.paper_dtype, paper_preset=args.paper_preset,
                      paper_attention=args.paper_attention,
                      paper_stages=tuple(int(v) for v in args.paper_stages.split(",")),
-                     paper_codec_threads=args.paper_codec_threads)
+                     paper_codec_threads=args.paper_codec_threads, paper_measure_every=args.paper_measure_every)
         print(markdown(report))
     finally:
         signal.signal(signal.SIGTERM, previous)  # main() may be called in-process (the test)

@@ -56,6 +56,11 @@ _GLOBAL_TOTALS = (1 << 8, 1 << 12, 1 << 16, 1 << 20)
 _CHANNEL_TOTALS = (1 << 4, 1 << 6, 1 << 8, 1 << 10, 1 << 12)
 
 _DECODE_CHUNK = 1 << 20
+# constriction holds the GIL for the whole of one coder call (measured: a Python loop in another thread
+# stalled for the 0.16 s of one 30 M-symbol call), so long runs are coded in pieces of this many symbols:
+# the training loop's thread gets the interpreter back every few milliseconds while a measurement runs in the
+# background. A stack coder fed the pieces last-to-first writes exactly the words of one call.
+ENCODE_CHUNK = 1 << 20
 
 _HEAD = struct.Struct("<4sBBBBI")
 _CRC = struct.Struct("<I")
@@ -104,6 +109,19 @@ def encode_fp16(values: Any) -> bytes:
         raise ValueError(f"encode_fp16 expects floating-point values, got dtype {arr.dtype}.")
     _check_shape(arr.shape)
     return _finish(METHODS["fp16"], arr.shape, 0, arr.astype("<f2").tobytes())
+
+
+def fp16_size(shape: tuple[int, ...]) -> int:
+    """``len(encode_fp16(x))`` for any ``x`` of this shape, without building the message.
+
+    The 16-bit baseline's size depends only on the shape; the byte meter asks for it on every measured step,
+    where encoding tens of millions of zeros only to take their length cost ~0.1 s per batch of ten images.
+    """
+    shape = tuple(int(d) for d in shape)
+    if any(d < 0 for d in shape):
+        raise ValueError(f"shape {shape} has a negative dimension.")
+    _check_shape(shape)
+    return _HEAD.size + 8 * len(shape) + 2 * math.prod(shape) + _CRC.size
 
 
 def decode(data: bytes | bytearray | memoryview, max_elements: int = MAX_ELEMENTS) -> np.ndarray:
@@ -417,13 +435,13 @@ def _cost_bits(counts: np.ndarray, q: np.ndarray) -> float:
 def _histogram(flat: np.ndarray, c: int, levels: int) -> np.ndarray:
     """Counts ``[c, levels]`` of each level per channel (position mod ``c``)."""
     if c == 1:
-        return np.bincount(flat, minlength=levels)[None]
+        return np.bincount(flat.astype(np.intp, copy=False), minlength=levels)[None]
     rows = flat.reshape(-1, c)
     if levels <= 16:
         # A few compare-and-sum passes beat building a ``channel * L + index`` key per element.
         return np.stack([np.count_nonzero(rows == v, axis=0) for v in range(levels)], axis=1).astype(np.int64)
     ch = np.arange(flat.size, dtype=np.int64) % c
-    return np.bincount(ch * levels + flat, minlength=c * levels).reshape(c, levels)
+    return np.bincount(ch * levels + flat.astype(np.int64), minlength=c * levels).reshape(c, levels)
 
 
 def _choose_model(flat: np.ndarray, shape: tuple[int, ...], levels: int, model: str):
@@ -433,9 +451,17 @@ def _choose_model(flat: np.ndarray, shape: tuple[int, ...], levels: int, model: 
         kinds = ("global",)
     elif model == "channel" and _channels(shape, "channel") > MAX_CHANNELS:
         raise ValueError(f"model='channel' supports at most {MAX_CHANNELS} channels (last axis), got {shape[-1]}.")
+    histograms: dict[str, np.ndarray] = {}
+    if "channel" in kinds:
+        histograms["channel"] = _histogram(flat, _channels(shape, "channel"), levels)
+    if "global" in kinds:
+        # One pass over the data: the global histogram is the per-channel one summed over channels.
+        per_channel = histograms.get("channel")
+        histograms["global"] = (per_channel.sum(axis=0, keepdims=True) if per_channel is not None
+                                else _histogram(flat, 1, levels))
     for kind in kinds:
         c = _channels(shape, kind)
-        counts = _histogram(flat, c, levels)
+        counts = histograms[kind]
         for total in _GLOBAL_TOTALS if kind == "global" else _CHANNEL_TOTALS:
             q = _quantize_counts(counts, total)
             width = max(int(q.max()).bit_length(), 1)
@@ -457,15 +483,19 @@ def _models(q: np.ndarray) -> list:
 
 
 def _encode_ans(flat: np.ndarray, shape: tuple[int, ...], levels: int, model: str) -> bytes:
-    flat = flat.astype(np.int64)
     kind, q, width = _choose_model(flat, shape, levels, model)
     c = q.shape[0]
-    symbols = flat.reshape(-1, c).astype(np.int32)
+    # Channel-major and contiguous: each channel's symbols are one slice (one copy here, not one per channel).
+    columns = np.ascontiguousarray(flat.reshape(-1, c).T, dtype=np.int32)
     coder = constriction.stream.stack.AnsCoder()
-    # A stack: encode the channels last-to-first so the decoder reads them first-to-last.
+    # A stack: encode the channels last-to-first (and each channel's pieces last-to-first) so the decoder
+    # reads them first-to-last.
     for ch, m in reversed(list(enumerate(_models(q)))):
-        if m is not None:
-            coder.encode_reverse(np.ascontiguousarray(symbols[:, ch]), m)
+        if m is None:
+            continue
+        column = columns[ch]
+        for start in reversed(range(0, column.size, ENCODE_CHUNK)):
+            coder.encode_reverse(column[start:start + ENCODE_CHUNK], m)
     counts_bits = _pack_bits(q.reshape(-1).astype(np.uint32), width)
     words = coder.get_compressed().astype("<u4").tobytes() if not coder.is_empty() else b""
     return bytes([MODELS[kind], width]) + np.packbits(counts_bits, bitorder="little").tobytes() + words

@@ -122,6 +122,57 @@ def test_fp16_payload():
         codec.encode_fp16(np.arange(3))
 
 
+
+def test_fp16_size_is_the_message_length_without_building_it():
+    for shape in [(), (0,), (3, 7), (2, 0, 5), (4, 33, 17), (1, 728, 1280)]:
+        assert codec.fp16_size(shape) == len(codec.encode_fp16(np.zeros(shape, np.float16)))
+    with pytest.raises(ValueError, match="negative"):
+        codec.fp16_size((3, -1))
+    with pytest.raises(ValueError, match="exceed"):
+        codec.fp16_size((codec.MAX_ELEMENTS + 1,))
+
+
+# Messages written by the codec before ANS was coded in pieces and the global histogram taken from the
+# per-channel one (commit 636f7a5): (levels, skewed channels, model) -> (length, sha256 prefix). The wire
+# format and the measured byte counts of every committed figure depend on these staying identical.
+PINNED_ANS = {
+    (3, False, "global"): (1297, "08c99d172446b0fd"),
+    (3, False, "channel"): (1366, "ba7abbb9d90fbde0"),
+    (3, False, "auto"): (1297, "08c99d172446b0fd"),
+    (3, True, "global"): (1197, "200b94805841b7b9"),
+    (3, True, "channel"): (988, "6d647dab9187a535"),
+    (3, True, "auto"): (988, "6d647dab9187a535"),
+    (4, False, "global"): (2322, "6d54efbf2971401b"),
+    (4, False, "channel"): (2454, "9eb33f0058bd8bd4"),
+    (4, False, "auto"): (2322, "6d54efbf2971401b"),
+    (4, True, "global"): (2382, "095c4a40b1cb0838"),
+    (4, True, "channel"): (1802, "2539c8b2b45e18f4"),
+    (4, True, "auto"): (1802, "2539c8b2b45e18f4"),
+    (16, False, "global"): (6126, "11264cdba1e2fc54"),
+    (16, False, "channel"): (6478, "8a8b645e7e23fbbd"),
+    (16, False, "auto"): (6126, "11264cdba1e2fc54"),
+    (16, True, "global"): (6078, "87819a01ce699549"),
+    (16, True, "channel"): (5766, "1da3e04a917a0e80"),
+    (16, True, "auto"): (5766, "1da3e04a917a0e80"),
+}
+
+
+@pytest.mark.parametrize("chunk", [None, 7, 1000])
+def test_ans_messages_are_pinned_and_independent_of_the_coding_pieces(chunk, monkeypatch):
+    import hashlib
+
+    if chunk is not None:
+        monkeypatch.setattr(codec, "ENCODE_CHUNK", chunk)
+    for (levels, skew, model), (length, digest) in PINNED_ANS.items():
+        k = _scaled_codes(levels, rows=300, channels=48, skew=skew, seed=levels)
+        msg = codec.encode(k, levels, "ans", model)
+        assert (len(msg), hashlib.sha256(msg).hexdigest()[:16]) == (length, digest), (levels, skew, model)
+        np.testing.assert_array_equal(codec.decode(msg), k)
+    # A single run longer than a piece (the global model codes one column of every symbol).
+    k = np.random.default_rng(3).integers(0, 5, size=(4099,))
+    np.testing.assert_array_equal(codec.decode(codec.encode(k, 5, "ans", "global")), k)
+
+
 def test_header_layout():
     msg = codec.encode(np.zeros((2, 3), np.uint8), 5, "packed")
     assert msg[:4] == b"QTLC" and msg[4] == 1 and msg[5] == 0 and msg[6] == 2 and msg[7] == 0

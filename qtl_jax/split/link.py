@@ -100,7 +100,7 @@ def uplink_counts(msg: Uplink, codec_method: str = "ans",
     jobs = []
     for codes, levels in ((image, msg.image_levels), (text, msg.text_levels)):
         # The size of an fp16 message depends only on the shape; the features themselves stay on the client.
-        fp16 = len(codec.encode_fp16(np.zeros(codes.shape, np.float16)))
+        fp16 = codec.fp16_size(codes.shape)
         sizes["fp16"] += fp16
         for method in CODEC_METHODS:
             if levels == 0:
