@@ -204,6 +204,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.split.measure_every = 1  # measure wire bytes every n-th step (host entropy coding costs time)
     # Host threads that code the measured steps' messages while the devices run the next programs
     # (qtl_jax.split.meter); 0 codes them inside the step (all of that time on the step's critical path).
+    # The ANS coder holds Python's GIL, so more threads overlap but do not parallelise the coding: on an
+    # accelerator raise split.measure_every instead (docs/performance.md, "On an H200").
     c.split.codec_threads = 2
     # What the server sends back (qtl_jax.split.downlink): 'fp32' (the paper), 'bf16', or 'quantized':
     # unbiased stochastic rounding to 2**bits - 1 levels, per-'token' or per-'channel' scales, entropy
