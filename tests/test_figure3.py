@@ -202,11 +202,11 @@ def test_models_plan_and_clear_errors(tmp_path):
 
 
 def test_runs_chain_from_the_shared_pretraining_and_take_their_data():
-    """builtin: the 16-bit pretraining (500 caption steps at 3e-3, every part trained, then 800 yes/no probe
+    """curriculum: the 16-bit pretraining (500 caption steps at 3e-3, every part trained, then 800 yes/no probe
     steps, then 400 ScienceQA-problem steps), then per model stage 1 (200 steps, tower and LLM frozen, fresh
     quantizers) and stage 2 (tower frozen: 400 probe-only steps, then 400 steps of the mix), each run from the
-    one before."""
-    c = figure3_config.get_config("builtin")
+    one before (builtin is the same chain without the probe-only steps: the next test)."""
+    c = figure3_config.get_config("curriculum")
     given = inputs.Inputs("/d/s1", "/d/s2", "/d/tok", "/d/bench", probe_data="/d/probes",
                           pretrain_probe2_data="/d/pre_probes2")
     pre, m = figure3.PRETRAINED, figure3.Model("L4", 4)
@@ -295,9 +295,9 @@ def test_runs_chain_from_the_shared_pretraining_and_take_their_data():
 
 def test_demo_preset_is_the_builtin_recipe_for_one_model():
     """demo.sh's preset: the builtin chain (shared 16-bit pretraining, then stage 1 with fresh quantizers
-    started as the identity, then the mix) for L=4 alone, with fewer steps and questions, without the
-    ScienceQA phase of the pretraining and the ScienceQA probes of the mix, and without the probe-only phase
-    before the mix (session 30: they would not fit in 10 minutes); no control, no attack."""
+    started as the identity, then the mix) for L=4 alone, with fewer steps and questions and without the
+    ScienceQA phase of the pretraining and the ScienceQA probes of the mix (session 30: they would not fit in
+    10 minutes); no control, no attack."""
     c, b = figure3_config.get_config("demo"), figure3_config.get_config("builtin")
     assert (c.pretrain.probe2_steps, c.corpus.probe_formats, c.pretrain.quantizer_init) == (0, "", "identity")
     b.pretrain.probe2_steps = 0
@@ -310,12 +310,12 @@ def test_demo_preset_is_the_builtin_recipe_for_one_model():
              for s in figure3.stages(c, figure3.PRETRAINED)]
     steps += [figure3.stage_config(c, m, s, given, "/w", moments).total_steps for s in figure3.stages(c, m)]
     assert steps == [500, 400, 50, 300]
+    assert figure3.stages(b, m) == figure3.stages(c, m)
     for stage in figure3.stages(c, m):
         ours, theirs = (figure3.stage_config(x, m, stage, given, "/w", moments) for x in (c, b))
-        ours.total_steps = theirs.total_steps
-        if stage == "stage2":  # the builtin mix starts from its probe phase, the demo's from stage 1
-            assert ours.init.from_workdir == "/w/L4/stage1" and theirs.init.from_workdir == "/w/L4/stage2_probes"
-            ours.init.from_workdir = theirs.init.from_workdir
+        if stage == "stage2":  # a shorter mix
+            assert (ours.total_steps, theirs.total_steps) == (300, 400)
+            ours.total_steps = theirs.total_steps
         assert ours.to_dict() == theirs.to_dict()  # everything else is the builtin recipe
     assert figure3.probe_corpus(c) == figure3.probe_corpus(b)
     assert not c.privacy.enabled and c.entropy.from_levels == 4
@@ -412,18 +412,26 @@ def test_cli_bad_paths_are_one_line(tmp_path):
         "(the SigLIP checkpoint directory (safetensors + config.json))."]
 
 
-def test_budget_preset_is_builtin_without_the_probe_phase():
-    """budget: the builtin chain with a 50-step stage 1 and the mix straight after it, everything else equal."""
-    c, b = figure3_config.get_config("budget"), figure3_config.get_config("builtin")
+def test_curriculum_preset_is_builtin_with_the_probe_phase():
+    """builtin (session 32 on; 'budget' in session 31) is the curriculum chain with a 50-step stage 1 and the mix
+    straight after it; curriculum (builtin until session 32) keeps the 200-step stage 1 and the 400 probe-only
+    steps before the mix. Everything else is equal."""
+    c, b = figure3_config.get_config("curriculum"), figure3_config.get_config("builtin")
     m = figure3.Model("L4", 4)
-    assert figure3.stages(c, m) == ["stage1", "stage2"] and figure3.stages(b, m) == ["stage1", "stage2_probes", "stage2"]
+    assert figure3.stages(b, m) == ["stage1", "stage2"] and figure3.stages(c, m) == ["stage1", "stage2_probes", "stage2"]
     assert figure3.stages(c, figure3.PRETRAINED) == figure3.stages(b, figure3.PRETRAINED)
     given = inputs.Inputs("/d/s1", "/d/s2", "/d/tok", "/d/bench", probe_data="/d/probes",
                           pretrain_probe2_data="/d/pre_probes2")
     moments = {"image": (-0.06, 1.6), "text": (0.0, 0.09)}
-    s1, s2 = (figure3.stage_config(c, m, s, given, "/w", moments) for s in ("stage1", "stage2"))
+    s1, s2 = (figure3.stage_config(b, m, s, given, "/w", moments) for s in ("stage1", "stage2"))
     assert (s1.total_steps, s2.total_steps, s2.init.from_workdir) == (50, 400, "/w/L4/stage1")
-    t1, t2 = (figure3.stage_config(b, m, s, given, "/w", moments) for s in ("stage1", "stage2"))
+    t1, tp, t2 = (figure3.stage_config(c, m, s, given, "/w", moments) for s in figure3.stages(c, m))
+    assert (t1.total_steps, tp.total_steps, t2.init.from_workdir) == (200, 400, "/w/L4/stage2_probes")
     s1.total_steps, s2.init.from_workdir = t1.total_steps, t2.init.from_workdir
     assert s1.to_dict() == t1.to_dict() and s2.to_dict() == t2.to_dict()
     assert [x.name for x in figure3.models(c)] == [x.name for x in figure3.models(b)]
+    # The pretraining is shared by both and asks its probes on the same corpus.
+    assert figure3.probe_corpus(b) == figure3.probe_corpus(c) is not None
+    for stage in figure3.stages(b, figure3.PRETRAINED):
+        x, y = (figure3.stage_config(z, figure3.PRETRAINED, stage, given, "/w") for z in (b, c))
+        assert x.to_dict() == y.to_dict()

@@ -50,7 +50,7 @@ TIMING_FILE = "timing.json"
 STAGE_DONE = "figure3_stage.json"
 MEASURED = "measured.json"
 FEATURES = "features.npz"
-BUILTIN_PRESETS = ("builtin", "budget", "half", "demo", "tiny")
+BUILTIN_PRESETS = ("builtin", "curriculum", "half", "demo", "tiny")
 
 
 @dataclasses.dataclass(frozen=True)
