@@ -138,6 +138,35 @@ def test_in_process_link_counts_are_the_same_in_the_background():
     assert out[0][0]["uplink_values"] == 1 * 3 * 4 + (3 + 4) * 4
 
 
+def test_plain_downlink_is_counted_from_its_shape_without_fetching_it(monkeypatch):
+    """A float downlink's bytes depend only on its shape and dtype, so the meter is handed shape stand-ins
+    (no gradient copy to the host per measured step) and counts exactly what the arrays themselves give."""
+    meshes = split_meshes(0, 0, devices=jax.devices()[:1])
+    rng = np.random.default_rng(1)
+    grads = Downlink(rng.normal(size=(2, 3, 4)).astype(np.float32), rng.normal(size=(2, 5, 4)).astype(np.float32))
+    up = Uplink(rng.integers(0, 8, (2, 3, 4)).astype(np.uint8), rng.integers(0, 8, (2, 5, 4)).astype(np.uint8),
+                np.array([[1, 1, 1, 1, 0]] * 2, np.uint8), np.array([[0, 1, 0, 0, 0], [0, 0, 0, 0, 0]], np.uint8),
+                np.array([1, 1], np.uint8), np.zeros((2, 5), np.int32), 8, 8)
+    seen = []
+    counts = linklib.step_counts
+
+    def spy(up_host, down_host, *args, **kwargs):
+        seen.append(down_host)
+        return counts(up_host, down_host, *args, **kwargs)
+
+    monkeypatch.setattr(linklib, "step_counts", spy)
+    half = linklib.InProcessServerHalf(meshes, lambda server, uplink: (server, grads, {}), codec_threads=1)
+    half.state = steplib.PartitionState({}, {}, {})
+    try:
+        got = linklib.with_counts(half.exchange(0, up)[1])
+    finally:
+        half.close()
+    assert [type(x) for x in (seen[0].image_grad, seen[0].text_grad)] == [jax.ShapeDtypeStruct] * 2
+    assert (seen[0].image_grad.shape, seen[0].image_grad.dtype) == ((2, 3, 4), np.float32)
+    assert {k: got[k] for k in ("downlink_bytes", "downlink_bytes_fp32")} == \
+        linklib.downlink_counts(grads, up) == {"downlink_bytes": 4 * (2 * 3 * 4 + 7 * 4), "downlink_bytes_fp32": 4 * (2 * 3 * 4 + 7 * 4)}
+
+
 def byte_records(workdir):
     keys = linklib.BYTE_KEYS + linklib.ROUNDTRIP_KEYS
     return [{k: r[k] for k in ("step", "loss", *keys) if k in r} for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))]
