@@ -264,7 +264,7 @@ class InProcessServerHalf(ServerHalf):
     def _measure(self, step: int, uplink: Uplink, message: Any) -> Pending:
         if isinstance(message, Downlink):
             # A plain downlink's bytes follow from its shapes and dtype (downlink_counts): fetching its gradients
-            # (~240 MB per step at the paper's stage-1 batch in float32) would only add a host copy to the step.
+            # (~260 MB per step at the paper's stage-1 batch in float32) would only add a host copy to the step.
             message = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), message)
         for leaf in jax.tree_util.tree_leaves((uplink, message)):
             if isinstance(leaf, jax.Array):
