@@ -202,11 +202,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.split.mode = "split"  # 'split' (two programs, codes over the link) or 'fused' (one program)
     c.split.codec_method = "ans"
     c.split.measure_every = 1  # measure wire bytes every n-th step (host entropy coding costs time)
-    # Host threads that code the measured steps' messages while the devices run the next programs
+    # Host workers that code the measured steps' messages while the devices run the next programs
     # (qtl_jax.split.meter); 0 codes them inside the step (all of that time on the step's critical path).
-    # The ANS coder holds Python's GIL, so more threads overlap but do not parallelise the coding: on an
-    # accelerator raise split.measure_every instead (docs/performance.md, "On an H200").
     c.split.codec_threads = 2
+    # Whether those workers are 'threads' or 'processes' ('auto': processes on an accelerator, threads on CPU).
+    # The ANS coder holds Python's GIL for each call: on threads a measurement delays the loop's dispatch of
+    # the next programs by up to one call (~8 ms) at a time and the threads do not code in parallel; processes
+    # avoid both and cost a copy of the indices (docs/performance.md, "On an H200").
+    c.split.codec_pool = "auto"
     # What the server sends back (qtl_jax.split.downlink): 'fp32' (the paper), 'bf16', or 'quantized':
     # unbiased stochastic rounding to 2**bits - 1 levels, per-'token' or per-'channel' scales, entropy
     # coded; optional error feedback (residual kept by the server per client) and top-k (fraction kept).

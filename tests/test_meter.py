@@ -16,7 +16,8 @@ from qtl_jax.split import link as linklib
 from qtl_jax.split import step as steplib
 from qtl_jax.split.downlink import DownlinkSpec
 from qtl_jax.split.mesh import split_meshes
-from qtl_jax.split.meter import ByteMeter, MeasurementError
+from qtl_jax.codec_pool import CodecJob
+from qtl_jax.split.meter import ByteMeter, MeasurementError, resolve_pool
 from qtl_jax.train import loop
 from qtl_jax.train.metrics_log import read_jsonl
 
@@ -27,9 +28,15 @@ def coded_size(n: int, seed: int) -> int:
     return len(codec.encode(x, 16))
 
 
-@pytest.mark.parametrize("threads", [0, 3])
-def test_each_step_is_measured_once_in_order_with_its_own_counts(threads):
-    meter = ByteMeter(threads, max_pending=1)
+def size_jobs(seeds):
+    return [CodecJob(np.random.default_rng(s).integers(0, 16, (20_000 // 16, 16)).astype(np.uint8), 16, "ans")
+            for s in seeds]
+
+
+@pytest.mark.parametrize("threads,pool", [(0, "threads"), (3, "threads"), (2, "processes")])
+def test_each_step_is_measured_once_in_order_with_its_own_counts(threads, pool):
+    meter = ByteMeter(threads, max_pending=1, pool=pool)
+    meter.wait_ready()
     fetched, counted = [], []
 
     def fetch(i):
@@ -38,7 +45,7 @@ def test_each_step_is_measured_once_in_order_with_its_own_counts(threads):
 
     def count(i, m):
         counted.append(i)
-        return {"step": i, "sizes": m.map(lambda s: coded_size(20_000, s), [i, i + 100, i + 200])}
+        return {"step": i, "sizes": m.encoded_sizes(size_jobs([i, i + 100, i + 200]))}
 
     pendings = []
     try:
@@ -107,6 +114,35 @@ def test_bad_settings_are_refused():
         ByteMeter(-1)
     with pytest.raises(ValueError, match="max_pending must be >= 1"):
         ByteMeter(1, max_pending=0)
+    with pytest.raises(ValueError, match="resolve 'auto' with resolve_pool"):
+        ByteMeter(1, pool="auto")
+    with pytest.raises(ValueError, match=r"split.codec_pool='gpu': use 'auto', 'threads' or 'processes'"):
+        resolve_pool("gpu", "cpu")
+
+
+def test_auto_pool_is_processes_on_an_accelerator_and_threads_on_cpu():
+    assert [resolve_pool("auto", b) for b in ("cpu", "gpu", "tpu")] == ["threads", "processes", "processes"]
+    assert [resolve_pool(p, "gpu") for p in ("threads", "processes")] == ["threads", "processes"]
+
+
+def test_a_bad_codec_pool_fails_before_the_model_is_built(tmp_path):
+    c = stage1.get_config("tiny")
+    c.split.codec_pool = "gpu"
+    with pytest.raises(ValueError, match="split.codec_pool='gpu'"):
+        loop.train_and_evaluate(c, str(tmp_path / "w"))
+    assert os.listdir(tmp_path / "w") == []
+
+
+def test_closing_a_process_meter_stops_its_workers():
+    meter = ByteMeter(2, pool="processes")
+    meter.wait_ready()
+    pending = meter.submit(0, lambda: 0, lambda host, m: {"sizes": m.encoded_sizes(size_jobs([1, 2, 3]))})
+    assert pending.result() == {"sizes": [coded_size(20_000, s) for s in (1, 2, 3)]}
+    pids = meter._coders.pids
+    meter.close()
+    for pid in pids:  # killed and reaped by close()
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
 
 
 def test_in_process_link_counts_are_the_same_in_the_background():
@@ -122,18 +158,19 @@ def test_in_process_link_counts_are_the_same_in_the_background():
                 np.array([[1, 1, 1, 1, 0]] * 2, np.uint8), np.array([[0, 1, 0, 0, 0], [0, 0, 0, 0, 0]], np.uint8),
                 np.array([1, 0], np.uint8), np.zeros((2, 5), np.int32), 8, 8)
     out = {}
-    for threads in (0, 2):
-        half = linklib.InProcessServerHalf(meshes, update, measure_every=2, codec_threads=threads,
+    for threads, pool in ((0, "threads"), (2, "threads"), (2, "processes")):
+        half = linklib.InProcessServerHalf(meshes, update, measure_every=2, codec_threads=threads, codec_pool=pool,
                                            downlink=DownlinkSpec("quantized", bits=4))
         half.state = steplib.PartitionState({}, {}, {})
         try:
             metrics = [half.exchange(step, up)[1] for step in range(5)]
             if threads:  # measured steps hand back a Pending, the others nothing
                 assert [linklib.PENDING_COUNTS in m for m in metrics] == [True, False, True, False, True]
-            out[threads] = [{k: v for k, v in linklib.with_counts(m).items() if k != "ce"} for m in metrics]
+            out[threads, pool] = [{k: v for k, v in linklib.with_counts(m).items() if k != "ce"} for m in metrics]
         finally:
             half.close()
-    assert out[0] == out[2]
+    assert out[0, "threads"] == out[2, "threads"] == out[2, "processes"]
+    out[0] = out[0, "threads"]
     assert [bool(m) for m in out[0]] == [True, False, True, False, True]
     assert out[0][0]["uplink_values"] == 1 * 3 * 4 + (3 + 4) * 4
 
@@ -172,26 +209,27 @@ def byte_records(workdir):
     return [{k: r[k] for k in ("step", "loss", *keys) if k in r} for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))]
 
 
-# Two toy trainings, each compiling its programs: 104 s measured on this loaded machine. The default suite runs
+# Three toy trainings, each compiling its programs: 104 s measured on this loaded machine. The default suite runs
 # the background path through tests/test_train.py (the default split.codec_threads; NaN stop and resume).
 @pytest.mark.slow
 def test_training_logs_the_same_bytes_with_the_codec_in_the_background(tmp_path):
-    """metrics.jsonl of a tiny stage 1, measuring every 2nd step: the same lines with 0 and 2 codec threads."""
+    """metrics.jsonl of a tiny stage 1, measuring every 2nd step: the same lines with 0 and 2 codec threads and
+    with 2 codec processes."""
     jax.config.update("jax_disable_most_optimizations", True)
     try:
         runs = {}
-        for threads in (0, 2):
+        for threads, pool in ((0, "threads"), (2, "threads"), (2, "processes")):
             c = stage1.get_config("tiny")
             c.data.data_dir = str(tmp_path / "data")
             c.mesh.client_devices = c.mesh.server_devices = 1
             c.total_steps, c.checkpoint_every, c.eval.enabled = 5, 3, False
-            c.split.measure_every, c.split.codec_threads = 2, threads
-            workdir = str(tmp_path / f"threads{threads}")
+            c.split.measure_every, c.split.codec_threads, c.split.codec_pool = 2, threads, pool
+            workdir = str(tmp_path / f"{pool}{threads}")
             loop.train_and_evaluate(c, workdir)
-            runs[threads] = byte_records(workdir)
+            runs[threads if pool == "threads" else pool] = byte_records(workdir)
     finally:
         jax.config.update("jax_disable_most_optimizations", False)
     assert [r["step"] for r in runs[0]] == [1, 2, 3, 4, 5]
     # measure_every=2 measures steps 0, 2, 4 (0-based), logged as steps 1, 3, 5.
     assert [("uplink_bytes_ans" in r) for r in runs[0]] == [True, False, True, False, True]
-    assert runs[2] == runs[0], json.dumps(runs, indent=1)
+    assert runs[2] == runs[0] == runs["processes"], json.dumps(runs, indent=1)

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qtl_jax import codec
+from qtl_jax.codec_pool import CodecJob, encoded_size
 from qtl_jax.models.messages import Downlink, Uplink, check_uplink
 from qtl_jax.split import downlink as dl
 from qtl_jax.split.mesh import SplitMeshes, batch_sharding
@@ -81,19 +82,22 @@ class ServerHalf(abc.ABC):
 
 
 def uplink_counts(msg: Uplink, codec_method: str = "ans",
-                  map_fn: Callable[[Callable[[Any], Any], list], list] | None = None) -> dict[str, int]:
+                  encoded_sizes: Callable[[list[CodecJob]], list[int]] | None = None) -> dict[str, int]:
     """Bytes a network transport sends for ``msg``, measured from the codec's real output on host numpy.
 
     Returns ``uplink_bytes_packed`` / ``uplink_bytes_ans`` (both modalities' codec messages, headers
     included, plus the side info), ``uplink_bytes_fp16`` (the same positions as float16 values: the
     paper's 16-bit "Original", plus the side info), ``uplink_bytes_side`` (masks and labels as sent) and
     ``uplink_values`` (how many feature values were sent). ``codec_method`` only picks which of the two
-    coded sizes ``uplink_bytes`` reports. ``map_fn(fn, items)`` runs the codec calls (one per modality and
-    method; default: one after the other), e.g. :meth:`qtl_jax.split.meter.ByteMeter.map` over threads.
+    coded sizes ``uplink_bytes`` reports. ``encoded_sizes(jobs)`` sizes the codec messages (one
+    :class:`~qtl_jax.codec_pool.CodecJob` per modality and method; default: one after the other here), e.g.
+    :meth:`qtl_jax.split.meter.ByteMeter.encoded_sizes` on its worker threads or processes.
     """
     if codec_method not in CODEC_METHODS:
         raise ValueError(f"codec_method={codec_method!r}: use one of {CODEC_METHODS}.")
-    image = np.asarray(msg.image_codes)[np.asarray(msg.image_valid) > 0]
+    image, valid = np.asarray(msg.image_codes), np.asarray(msg.image_valid) > 0
+    if not valid.all():  # the common batch has an image in every row: no copy of tens of MB then
+        image = image[valid]
     text = np.asarray(msg.text_codes)[msg.text_positions()]
     side = sum(int(np.asarray(v).nbytes) for v in msg.side_arrays().values())
     sizes = {"packed": side, "ans": side, "fp16": side}
@@ -106,10 +110,10 @@ def uplink_counts(msg: Uplink, codec_method: str = "ans",
             if levels == 0:
                 sizes[method] += fp16
             else:
-                jobs.append((method, codes, levels))
-    coded = (map_fn or _serial_map)(lambda job: len(codec.encode(job[1], job[2], method=job[0])), jobs)
-    for (method, _, _), size in zip(jobs, coded):
-        sizes[method] += size
+                jobs.append(CodecJob(codes, levels, method))
+    coded = (encoded_sizes or _serial_sizes)(jobs)
+    for job, size in zip(jobs, coded):
+        sizes[job.method] += size
     return {
         "uplink_bytes": sizes[codec_method],
         "uplink_bytes_packed": sizes["packed"],
@@ -137,15 +141,15 @@ def downlink_counts(msg: Downlink | dl.QuantizedDownlink, up: Uplink, codec_meth
     return {"downlink_bytes": sent, "downlink_bytes_fp32": 4 * n}
 
 
-def _serial_map(fn: Callable[[Any], Any], items: list) -> list:
-    return [fn(x) for x in items]
+def _serial_sizes(jobs: list[CodecJob]) -> list[int]:
+    return [encoded_size(job) for job in jobs]
 
 
 def step_counts(up: Uplink, down: Downlink | dl.QuantizedDownlink, codec_method: str = "ans",
-                map_fn: Callable[[Callable[[Any], Any], list], list] | None = None) -> dict[str, Any]:
+                encoded_sizes: Callable[[list[CodecJob]], list[int]] | None = None) -> dict[str, Any]:
     """Every byte count of one measured step (:data:`BYTE_KEYS` but the ``wire_*`` ones, and
     :data:`ROUNDTRIP_KEYS`) from its uplink and the downlink message as sent, on host numpy."""
-    counts: dict[str, Any] = uplink_counts(up, codec_method, map_fn)
+    counts: dict[str, Any] = uplink_counts(up, codec_method, encoded_sizes)
     counts.update(downlink_counts(down, up, codec_method))
     counts.update(roundtrip_counts(counts, np.shape(up.image_valid)[0]))
     return counts
@@ -181,9 +185,11 @@ class InProcessServerHalf(ServerHalf):
       measure: measure bytes at all (host time: the codes are fetched and entropy coded).
       measure_every: measure every n-th step (step 0 always, when ``measure``).
       codec_threads: 0 measures in ``exchange`` itself (the counts are in its metrics); n > 0 measures in
-        the background on n codec threads (:class:`qtl_jax.split.meter.ByteMeter`) while the devices run
+        the background on n codec workers (:class:`qtl_jax.split.meter.ByteMeter`) while the devices run
         the server and client programs, and ``exchange`` returns a ``Pending`` under
-        :data:`PENDING_COUNTS`. The counts are the same; :meth:`close` stops the threads.
+        :data:`PENDING_COUNTS`. The counts are the same; :meth:`close` stops the workers.
+      codec_pool: whether those n workers are threads or processes ('threads', 'processes'; resolve
+        'auto' with :func:`qtl_jax.split.meter.resolve_pool`).
       downlink: how the gradients come back (:class:`qtl_jax.split.downlink.DownlinkSpec`; default fp32,
         the paper). Anything but fp32 changes training (split then no longer equals fused).
       client: this client's index (the stochastic rounding's key and the error-feedback residual's slot).
@@ -207,6 +213,7 @@ class InProcessServerHalf(ServerHalf):
         downlink: dl.DownlinkSpec | None = None,
         client: int = 0,
         codec_threads: int = 0,
+        codec_pool: str = "threads",
     ):
         if codec_method not in CODEC_METHODS:
             raise ValueError(f"codec_method={codec_method!r}: use one of {CODEC_METHODS}.")
@@ -218,7 +225,8 @@ class InProcessServerHalf(ServerHalf):
         self.measure_every = int(measure_every)
         self.downlink = downlink or dl.DownlinkSpec()
         self.client = int(client)
-        self.meter = ByteMeter(codec_threads)
+        # No workers (threads or processes) for a server half that never measures.
+        self.meter = ByteMeter(codec_threads if measure else 0, pool=codec_pool)
         self.state: Any = None
         self._update = update
         self._program = None
@@ -271,7 +279,7 @@ class InProcessServerHalf(ServerHalf):
                 leaf.copy_to_host_async()
         method = self.codec_method
         return self.meter.submit(step, lambda: jax.device_get((uplink, message)),
-                                 lambda host, meter: step_counts(host[0], host[1], method, meter.map))
+                                 lambda host, meter: step_counts(host[0], host[1], method, meter.encoded_sizes))
 
     def close(self) -> None:
         self.meter.close()

@@ -8,7 +8,8 @@ than an accelerator step. A :class:`ByteMeter` takes that work off the step's cr
 * ``submit(step, fetch, count)`` returns at once with a :class:`Pending`. A coordinator thread takes the
   submitted steps one at a time in submission order, calls ``fetch()`` (waits for the step's messages to
   reach the host: device time, not codec time) and then ``count(host, meter)``, which may fan its codec
-  calls out over the meter's worker threads with :meth:`ByteMeter.map`.
+  calls out over the meter's workers with :meth:`ByteMeter.encoded_sizes` (or any function over its
+  threads with :meth:`ByteMeter.map`).
 * At most ``max_pending`` steps are submitted and not yet finished; one more blocks the caller until the
   oldest finishes, so host memory stays bounded and a codec slower than the devices shows as exposed time
   instead of a growing queue.
@@ -20,6 +21,14 @@ than an accelerator step. A :class:`ByteMeter` takes that work off the step's cr
 
 ``threads=0`` is the synchronous path: ``submit`` fetches and counts in the caller. The counts are the
 same either way (the same functions on the same arrays); only when they are computed differs.
+
+Where the coding runs (``pool``): on ``threads`` worker threads of this process (``'threads'``), or in
+``threads`` worker processes (``'processes'``, :class:`qtl_jax.codec_pool.CoderPool`). The ANS coder holds
+the GIL for each call, so on threads a measurement stalls the training loop's thread by up to one coder
+call at a time (~8 ms, bench/codec_bench.py) and the threads do not code in parallel; processes leave this
+interpreter alone and code in parallel, at the price of copying the indices into a pipe. ``'auto'``
+(:func:`resolve_pool`) takes processes on an accelerator, whose step waits on the loop's thread, and threads
+on the CPU backend, where the devices' work runs on the same cores as the workers.
 
 ``stats()``: ``codec_seconds`` (host time inside ``count``), ``exposed_seconds`` (time callers spent
 blocked: in ``submit`` on backpressure or, synchronously, on the whole measurement, and in
@@ -35,7 +44,20 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from qtl_jax import codec_pool
+from qtl_jax.codec_pool import CodecJob
+
 Counts = dict[str, Any]
+POOLS = ("threads", "processes")
+
+
+def resolve_pool(pool: str, backend: str) -> str:
+    """``split.codec_pool`` for a run on ``backend`` (``jax.default_backend()``): 'auto' resolved, others checked."""
+    if pool == "auto":
+        return "threads" if backend == "cpu" else "processes"
+    if pool not in POOLS:
+        raise ValueError(f"split.codec_pool={pool!r}: use 'auto', 'threads' or 'processes'.")
+    return pool
 
 
 class MeasurementError(RuntimeError):
@@ -73,14 +95,21 @@ class ByteMeter:
       threads: worker threads for the codec calls of a step (:meth:`map`); 0 measures synchronously in
         the caller of :meth:`submit`.
       max_pending: steps submitted and not finished before :meth:`submit` blocks (>= 1).
+      pool: where the background codec calls of :meth:`encoded_sizes` run: ``'threads'`` (``threads``
+        threads of this process) or ``'processes'`` (``threads`` worker processes); not 'auto' (resolve
+        it first with :func:`resolve_pool`). Ignored when ``threads=0``.
     """
 
-    def __init__(self, threads: int = 2, max_pending: int = 2):
+    def __init__(self, threads: int = 2, max_pending: int = 2, pool: str = "threads"):
         if isinstance(threads, bool) or int(threads) < 0:
             raise ValueError(f"codec threads must be >= 0 (0: measure in the step itself), got {threads!r}.")
         if int(max_pending) < 1:
             raise ValueError(f"max_pending must be >= 1, got {max_pending!r}.")
+        if pool not in POOLS:
+            raise ValueError(f"pool={pool!r}: use one of {POOLS} (resolve 'auto' with resolve_pool).")
         self.threads, self.max_pending = int(threads), int(max_pending)
+        self.pool = pool if self.threads else "threads"
+        self._coders: codec_pool.CoderPool | None = None
         self._lock = threading.Lock()
         self._stats = {"codec_seconds": 0.0, "exposed_seconds": 0.0, "steps": 0}
         self._closed = False
@@ -89,6 +118,8 @@ class ByteMeter:
         if self.threads:
             self._coordinator = cf.ThreadPoolExecutor(1, thread_name_prefix="qtl-bytes")
             self._workers = cf.ThreadPoolExecutor(self.threads, thread_name_prefix="qtl-codec")
+            if self.pool == "processes":
+                self._coders = codec_pool.CoderPool(self.threads)
 
     @property
     def background(self) -> bool:
@@ -109,6 +140,17 @@ class ByteMeter:
         if self._workers is None:
             return [fn(x) for x in items]
         return list(self._workers.map(fn, items))
+
+    def encoded_sizes(self, jobs: list[CodecJob]) -> list[int]:
+        """The coded size of each job (:func:`qtl_jax.codec_pool.encoded_size`), over this meter's workers."""
+        if self._coders is not None:
+            return self._coders.encoded_sizes(jobs)
+        return self.map(codec_pool.encoded_size, jobs)
+
+    def wait_ready(self) -> None:
+        """Blocks until the worker processes (if any) have started, e.g. before timing a measured step."""
+        if self._coders is not None:
+            self._coders.wait_ready()
 
     def _measure(self, fetch: Callable[[], Any], count: Callable[[Any, ByteMeter], Mapping[str, Any]]) -> Counts:
         host = fetch()
@@ -154,3 +196,5 @@ class ByteMeter:
         # complete after an error); it finishes or fails on its own, and its result is no longer asked for.
         self._coordinator.shutdown(wait=False, cancel_futures=True)
         self._workers.shutdown(wait=False, cancel_futures=True)
+        if self._coders is not None:
+            self._coders.close()

@@ -55,6 +55,7 @@ from qtl_jax.split import wire
 from qtl_jax.split.downlink import DownlinkSpec
 from qtl_jax.split.link import (BYTE_KEYS, PENDING_COUNTS, InProcessServerHalf, ServerHalf, StepMismatchError,
                                 wire_summary)
+from qtl_jax.split.meter import resolve_pool
 from qtl_jax.train import checkpoint as ckptlib
 from qtl_jax.train import demo_eval
 from qtl_jax.train.metrics_log import EVAL_FILE, METRICS_FILE, MetricsLogger, read_jsonl
@@ -217,7 +218,8 @@ def make_server_half(config: ml_collections.ConfigDict, setup: Setup, meshes: me
                                codec_method=config.split.codec_method, measure=jax.process_count() == 1,
                                measure_every=int(config.split.measure_every),
                                downlink=DownlinkSpec.from_config(config.split, int(config.seed)),
-                               codec_threads=int(config.split.codec_threads))
+                               codec_threads=int(config.split.codec_threads),
+                               codec_pool=resolve_pool(str(config.split.codec_pool), jax.default_backend()))
 
 
 def _check_remote(config: ml_collections.ConfigDict) -> None:
@@ -252,6 +254,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         raise ValueError(f"split.fedavg_every={config.split.fedavg_every} averages several clients' models through a "
                          "server: set split.server.address (python -m qtl_jax.split.client) or split.fedavg_every=0.")
     every = int(config.split.fedavg_every)
+    resolve_pool(str(config.split.codec_pool), jax.default_backend())  # a bad value fails before the model is built
     _, k_setup = seed_keys(config)
     setup = build_setup(config, workdir, k_setup)
     config_json = config_to_json(config)
