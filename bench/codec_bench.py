@@ -11,12 +11,19 @@ For each L it prints bits/index (message bytes·8 / n, headers included) for ``p
 (global, channel and auto model), zstd on the uint8 indices and on the packed bytes, and the empirical
 entropy H of the message; then encode/decode throughput in million indices per second.
 
+Last, what a measured step's coding costs the training loop's thread (``--loop-images`` images of
+``rows x channels`` codes at L = 4, sized as the byte meter does, ANS and packed): the codec runs in a
+:class:`~qtl_jax.split.meter.ByteMeter` on threads or processes (``split.codec_pool``) while another thread
+sleeps 1 ms at a time, as the loop waits on the devices, and records how late each wake-up is. A thread
+can only wake once it holds the GIL, which the ANS coder keeps for the whole of each call.
+
 Usage (from the repository root): python -m bench.codec_bench [--rows 728] [--channels 1280] [--levels 2-32] [--repeat 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import threading
 import time
 
 import jax
@@ -25,7 +32,9 @@ import numpy as np
 import zstandard
 
 from qtl_jax import codec
+from qtl_jax.codec_pool import CodecJob
 from qtl_jax.quantizer import linear_scale, moments, round_to_levels
+from qtl_jax.split.meter import ByteMeter
 
 
 def code_stream(kind: str, levels: int, rows: int, channels: int, seed: int) -> np.ndarray:
@@ -54,6 +63,43 @@ def _best_time(fn, repeat: int) -> float:
     return best
 
 
+def loop_wakeup_delay(work, interval_s: float = 1e-3) -> dict[str, float]:
+    """Runs ``work()`` on a thread while this one sleeps ``interval_s`` at a time until it ends; returns the
+    work's wall time and how late this thread's wake-ups were (mean, 99th percentile, max; seconds)."""
+    done = threading.Event()
+    worker = threading.Thread(target=lambda: (work(), done.set()))
+    late = []
+    start = time.perf_counter()
+    worker.start()
+    while not done.is_set():
+        t0 = time.perf_counter()
+        time.sleep(interval_s)
+        late.append(time.perf_counter() - t0 - interval_s)
+    wall = time.perf_counter() - start
+    worker.join()
+    a = np.asarray(late)
+    return {"wall_s": wall, "late_mean_s": float(a.mean()), "late_p99_s": float(np.percentile(a, 99)),
+            "late_max_s": float(a.max()), "wakeups": float(a.size)}
+
+
+def loop_figures(jobs: list[CodecJob], workers: list[int], repeat: int) -> list[tuple[str, dict[str, float]]]:
+    """:func:`loop_wakeup_delay` while nothing runs, then while ``jobs`` are sized on each pool and worker
+    count (the run with the lowest 99th percentile of ``repeat``, after one untimed warm-up)."""
+    rows = [("nothing", min((loop_wakeup_delay(lambda: time.sleep(0.2)) for _ in range(repeat)),
+                            key=lambda r: r["late_p99_s"]))]
+    for pool in ("threads", "processes"):
+        for n in workers:
+            meter = ByteMeter(n, pool=pool)
+            try:
+                meter.wait_ready()
+                meter.encoded_sizes(jobs)
+                runs = [loop_wakeup_delay(lambda: meter.encoded_sizes(jobs)) for _ in range(repeat)]
+            finally:
+                meter.close()
+            rows.append((f"{n} {pool}", min(runs, key=lambda r: r["late_p99_s"])))
+    return rows
+
+
 def _parse_levels(text: str) -> list[int]:
     if "-" in text:
         lo, hi = (int(v) for v in text.split("-"))
@@ -69,6 +115,9 @@ def main() -> None:
     parser.add_argument("--throughput-levels", default="2,3,4,8,16,32")
     parser.add_argument("--repeat", type=int, default=3, help="timing repeats (best is reported)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--loop-images", type=int, default=16,
+                        help="images per measured step in the loop figures (16: the paper's stage-2 batch; 0 skips them)")
+    parser.add_argument("--loop-workers", default="1,2", help="codec worker counts of the loop figures")
     args = parser.parse_args()
     n = args.rows * args.channels
     zc = zstandard.ZstdCompressor(level=3)
@@ -105,6 +154,20 @@ def main() -> None:
         row.append(_best_time(lambda: zc.compress(raw), args.repeat))
         row.append(_best_time(lambda: zd.decompress(comp), args.repeat))
         print(f"| {levels:2d} | " + " | ".join(f"{n / t / 1e6:.1f}" for t in row) + " |")
+
+    if args.loop_images > 0:
+        k = code_stream("skewed", 4, args.rows, args.channels, args.seed)
+        images = np.broadcast_to(k, (args.loop_images, *k.shape))
+        jobs = [CodecJob(images, 4, "ans"), CodecJob(images, 4, "packed")]
+        print(f"\n## the loop's thread while a step of {args.loop_images} images is coded "
+              f"({images.size / 1e6:.1f} M indices, L = 4, ANS and packed; best of {args.repeat})")
+        print("| codec workers | coding wall (s) | wake-ups | late, mean (ms) | late, p99 (ms) | late, max (ms) |")
+        print("|---|---:|---:|---:|---:|---:|")
+        workers = [int(v) for v in args.loop_workers.split(",")]
+        for name, r in loop_figures(jobs, workers, args.repeat):
+            wall = "-" if name == "nothing" else f"{r['wall_s']:.3f}"
+            print(f"| {name} | {wall} | {r['wakeups']:.0f} | {1e3 * r['late_mean_s']:.2f} | "
+                  f"{1e3 * r['late_p99_s']:.2f} | {1e3 * r['late_max_s']:.2f} |")
 
 
 if __name__ == "__main__":

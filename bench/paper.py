@@ -145,7 +145,7 @@ def _load(path: str) -> dict[str, np.ndarray]:
 
 def ours_worker(stage: int, batch_file: str, steps: int, dtype: str, preset: str = "paper_random",
                 attention: str = "auto", codec_threads: int | None = None,
-                measure_every: int | None = None) -> dict[str, Any]:
+                measure_every: int | None = None, codec_pool: str | None = None) -> dict[str, Any]:
     """Our split step on the saved batch: compile, step time, codec hidden/exposed, peak RSS.
 
     The codec is timed measuring every step and, when ``measure_every`` (default: the config's
@@ -156,6 +156,7 @@ def ours_worker(stage: int, batch_file: str, steps: int, dtype: str, preset: str
     from qtl_jax.split import link as linklib
     from qtl_jax.split import step as steplib
     from qtl_jax.split.mesh import split_meshes
+    from qtl_jax.split.meter import resolve_pool
     from qtl_jax.train.setup import build_setup, create_state, seed_keys
 
     data = _load(batch_file)
@@ -183,12 +184,14 @@ def ours_worker(stage: int, batch_file: str, steps: int, dtype: str, preset: str
         # At least 2 steps: the last step's coding has no next step to overlap with.
         # The host codec's threads as train.py runs them (split.codec_threads) unless the bench sets them.
         threads = int(config.split.codec_threads) if codec_threads is None else int(codec_threads)
-        overlap = perf.codec_overlap_phases(step, off["state"], batch, max(steps, 2), ("overlap",), threads=threads)
+        pool = resolve_pool(str(config.split.codec_pool) if codec_pool is None else codec_pool, jax.default_backend())
+        overlap = perf.codec_overlap_phases(step, off["state"], batch, max(steps, 2), ("overlap",), threads=threads,
+                                            pool=pool)
         every = int(config.split.measure_every) if measure_every is None else int(measure_every)
         amortised = None
         if every > 1:
             amortised = perf.codec_overlap_phases(step, overlap["state"], batch, max(steps, 2 * every),
-                                                  ("off", "overlap"), threads=threads, measure_every=every)
+                                                  ("off", "overlap"), threads=threads, measure_every=every, pool=pool)
     r = {**off["figures"], **overlap["figures"]}
     r["codec_overlap_added_share"] = r["codec_overlap_step_s"] / r["codec_off_step_s"] - 1.0
     if amortised is not None:
@@ -335,7 +338,8 @@ def tinyllava_of(config):
 
 def run_worker(framework: str, stage: int, batch_file: str, steps: int, dtype: str, timeout_s: float,
                preset: str = "paper_random", attention: str = "auto",
-               codec_threads: int | None = None, measure_every: int | None = None) -> dict[str, Any]:
+               codec_threads: int | None = None, measure_every: int | None = None,
+               codec_pool: str | None = None) -> dict[str, Any]:
     """:data:`WORKERS` [framework] in a fresh ``python -m bench.perf`` process; its JSON line."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cmd = [sys.executable, "-m", "bench.perf", f"--_paper_worker={framework}", f"--_paper_stage={stage}",
@@ -345,6 +349,8 @@ def run_worker(framework: str, stage: int, batch_file: str, steps: int, dtype: s
         cmd.append(f"--paper-codec-threads={codec_threads}")
     if framework == "ours" and measure_every is not None:
         cmd.append(f"--paper-measure-every={measure_every}")
+    if framework == "ours" and codec_pool is not None:
+        cmd.append(f"--paper-codec-pool={codec_pool}")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
     env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     if framework == "torch":
@@ -365,7 +371,7 @@ def run_worker(framework: str, stage: int, batch_file: str, steps: int, dtype: s
 def bench_stage(stage: int, batch: int, steps: int, dtype: str, out: str, peak: float, r: dict[str, Any],
                 log: Callable[[str], None], guarded: Callable, timeout_s: float = 2400.0,
                 preset: str = "paper_random", attention: str = "auto", codec_threads: int | None = None,
-                measure_every: int | None = None) -> None:
+                measure_every: int | None = None, codec_pool: str | None = None) -> None:
     """Every figure of one stage into ``r`` (see the module docstring); failures are ``*_error`` keys."""
     from qtl_jax.models.attention import resolve
 
@@ -386,7 +392,7 @@ def bench_stage(stage: int, batch: int, steps: int, dtype: str, out: str, peak: 
 
     def ours():
         r.update(run_worker("ours", stage, path, steps, dtype, timeout_s, preset, attention, codec_threads,
-                            measure_every))
+                            measure_every, codec_pool))
         r["ours_examples_per_s"] = batch / r["ours_step_s"]
         r["fraction_of_matmul_peak"] = r["train_step_flops"] / r["ours_step_s"] / peak
         r["ours_step_flops_per_s"] = r["train_step_flops"] / r["ours_step_s"]

@@ -392,11 +392,12 @@ def codec_overlap_figures(s: Size, steps: int, threads: int = CODEC_THREADS) -> 
 
 
 def codec_overlap_phases(step, state, batch, n_steps: int, phases: tuple[str, ...],
-                         threads: int = CODEC_THREADS, measure_every: int = 1) -> dict[str, Any]:
+                         threads: int = CODEC_THREADS, measure_every: int = 1, pool: str = "threads") -> dict[str, Any]:
     """Runs a compiled split ``step`` (its server half an ``InProcessServerHalf``) ``n_steps`` times per phase.
 
     Phases: bytes not measured (``off``: ``codec_off_step_s``), measured inside the step (``sync``,
-    ``codec_threads=0``: ``codec_sync_step_s``) and measured on ``threads`` background threads with each
+    ``codec_threads=0``: ``codec_sync_step_s``) and measured on ``threads`` background workers (``pool``:
+    threads or processes, ``split.codec_pool``; the processes are started before the phase is timed) with each
     step's counts merged one step later, as ``train.py`` does (``overlap``: ``codec_overlap_step_s``). The
     measuring phases measure every ``measure_every``-th step (``split.measure_every``), so the added share is
     the codec's cost amortised over the steps as training pays it. Per measured step of the overlapped phase:
@@ -420,7 +421,8 @@ def codec_overlap_phases(step, state, batch, n_steps: int, phases: tuple[str, ..
     server.measure_every = int(measure_every)
     for phase in phases:
         n = threads if phase == "overlap" else 0
-        server.measure, server.meter, step.defer_counts = phase != "off", ByteMeter(n), n > 0
+        server.measure, server.meter, step.defer_counts = phase != "off", ByteMeter(n, pool=pool), n > 0
+        server.meter.wait_ready()
         measured = 0
         try:
             pending, start = None, time.perf_counter()
@@ -448,7 +450,8 @@ def codec_overlap_phases(step, state, batch, n_steps: int, phases: tuple[str, ..
                 measured_overlap += measured
         finally:
             server.meter.close()
-    r: dict[str, float] = {"codec_threads": float(threads), "codec_measure_every": float(measure_every)}
+    r: dict[str, Any] = {"codec_threads": float(threads), "codec_measure_every": float(measure_every),
+                         "codec_pool": pool}
     r.update({f"codec_{phase}_step_s": t / runs[phase] for phase, t in wall.items()})
     if "overlap" in runs:
         r["codec_measured_steps"] = float(measured_overlap)
@@ -928,7 +931,8 @@ TABLE_ROWS = [
     ("codec_share_of_step", "ANS encode+decode of the step's codes (host) / our split step"),
     ("codec_packed_share_of_step", "packed encode+decode / our split step"),
     ("codec_sync_added_share", "bytes measured in the step: step time / unmeasured - 1"),
-    ("codec_overlap_added_share", "bytes measured in background threads: step time / unmeasured - 1"),
+    ("codec_overlap_added_share", "bytes measured in background workers: step time / unmeasured - 1"),
+    ("codec_pool", "the background workers: threads or processes (split.codec_pool)"),
     ("codec_every_n_added_share", "bytes measured every n-th step in background: step time / unmeasured - 1"),
     ("codec_every_n", "n of the row above (--paper-measure-every, split.measure_every)"),
     ("codec_busy_s", "host codec seconds per measured step"),
@@ -982,7 +986,8 @@ def run(sizes: list[str], out: str, steps: int = 10, torch_compile: bool = True,
         matmul_bf16_n: int = 8192, mem_workers: bool = True, paper_batches: dict[int, int] | None = None,
         paper_dtype: str | None = None, paper_preset: str = "paper_random",
         paper_attention: str = "auto", paper_stages: tuple[int, ...] = (1, 2),
-        paper_codec_threads: int | None = None, paper_measure_every: int | None = None) -> dict[str, Any]:
+        paper_codec_threads: int | None = None, paper_measure_every: int | None = None,
+        paper_codec_pool: str | None = None) -> dict[str, Any]:
     """Runs the benchmark for ``sizes`` (keys of :data:`SIZES`, or ``paper``), writes ``out/perf.{json,md}``,
     returns the JSON.
 
@@ -1049,7 +1054,7 @@ def run(sizes: list[str], out: str, steps: int = 10, torch_compile: bool = True,
                     paper.bench_stage(stage, batches[stage], steps_per_size.get(name, steps), dtype, out, peak, r, log,
                                       functools.partial(_guarded_base, checkpoint=write), preset=paper_preset,
                                       attention=paper_attention, codec_threads=paper_codec_threads,
-                                      measure_every=paper_measure_every)
+                                      measure_every=paper_measure_every, codec_pool=paper_codec_pool)
                     if peak_bf16 and dtype == "bfloat16":  # bf16 compute: MFU against the bf16 matmul peak
                         for key, step in (("mfu", "ours_step_s"), ("torch_bf16_mfu", "torch_eager_step_s")):
                             if step in r and "train_step_flops" in r:
@@ -1102,6 +1107,9 @@ def main() -> None:
                         help="paper size: the configs' preset (tiny: the same code path at test size)")
     parser.add_argument("--paper-codec-threads", type=int, default=None,
                         help="paper size: host threads of the overlapped codec (default: the config's split.codec_threads)")
+    parser.add_argument("--paper-codec-pool", default=None, choices=("auto", "threads", "processes"),
+                        help="paper size: whether the overlapped codec's workers are threads or processes (default: "
+                             "the config's split.codec_pool, auto: processes on an accelerator)")
     parser.add_argument("--paper-measure-every", type=int, default=None,
                         help="paper size: also time the overlapped codec measuring every n-th step, as training with "
                              "split.measure_every=n pays it (default: the config's split.measure_every; 1 adds nothing)")
@@ -1134,6 +1142,7 @@ def main() -> None:
                                                   args.paper_dtype or "float32", args.paper_preset,
                                                   **({"attention": args.paper_attention,
                                                       "codec_threads": args.paper_codec_threads,
+                                                      "codec_pool": args.paper_codec_pool,
                                                       "measure_every": args.paper_measure_every}
                                                      if args._paper_worker == "ours" else {}))
             print(json.dumps(r), flush=True)
@@ -1158,7 +1167,8 @@ def main() -> None:
                      paper_batches=paper_batches, paper_dtype=args.paper_dtype, paper_preset=args.paper_preset,
                      paper_attention=args.paper_attention,
                      paper_stages=tuple(int(v) for v in args.paper_stages.split(",")),
-                     paper_codec_threads=args.paper_codec_threads, paper_measure_every=args.paper_measure_every)
+                     paper_codec_threads=args.paper_codec_threads, paper_measure_every=args.paper_measure_every,
+                     paper_codec_pool=args.paper_codec_pool)
         print(markdown(report))
     finally:
         signal.signal(signal.SIGTERM, previous)  # main() may be called in-process (the test)

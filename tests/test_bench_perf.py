@@ -103,7 +103,7 @@ def test_memory_workers():
 
 
 def test_paper_stages_attention_and_bf16_mfu(tmp_path, monkeypatch):
-    """``--sizes=paper``: only the stages asked for run, the attention and codec-thread choices reach each stage, and in bf16 on
+    """``--sizes=paper``: only the stages asked for run, the attention and codec worker choices reach each stage, and in bf16 on
     an accelerator MFU is taken against the bf16 matmul peak (the fp32 one stays the fraction's base). The
     models are not run: each stage's measurement is replaced by fixed figures, as is the matmul peak."""
     from bench import paper
@@ -111,8 +111,8 @@ def test_paper_stages_attention_and_bf16_mfu(tmp_path, monkeypatch):
     calls = []
 
     def stage(stage, batch, steps, dtype, out, peak, r, log, guarded, preset="paper_random", attention="auto",
-              codec_threads=None, measure_every=None):
-        calls.append((stage, batch, dtype, attention, codec_threads, measure_every))
+              codec_threads=None, measure_every=None, codec_pool=None):
+        calls.append((stage, batch, dtype, attention, codec_threads, measure_every, codec_pool))
         r.update(train_step_flops=6e12, ours_step_s=0.02, ours_step_flops_per_s=3e14, torch_eager_step_s=0.03)
 
     monkeypatch.setattr(paper, "bench_stage", stage)
@@ -121,9 +121,10 @@ def test_paper_stages_attention_and_bf16_mfu(tmp_path, monkeypatch):
     monkeypatch.setattr(perf, "matmul_peak", lambda n, runs, dtype: 6e14)
     monkeypatch.setattr(sys, "argv", ["perf", "--sizes=paper", f"--out={tmp_path}", "--paper-stages=2",
                                       "--paper-attention=xla", "--paper-batches=64,16", "--paper-dtype=bfloat16",
-                                      "--paper-codec-threads=14", "--paper-measure-every=4"])
+                                      "--paper-codec-threads=14", "--paper-measure-every=4",
+                                      "--paper-codec-pool=processes"])
     perf.main()
-    assert calls == [(2, 16, "bfloat16", "xla", 14, 4)]
+    assert calls == [(2, 16, "bfloat16", "xla", 14, 4, "processes")]
     r = json.loads((tmp_path / "perf.json").read_text())["sizes"]
     assert list(r) == ["paper_stage2"]
     assert r["paper_stage2"]["mfu"] == pytest.approx(6e12 / 0.02 / 6e14)
@@ -134,14 +135,16 @@ def test_paper_stages_attention_and_bf16_mfu(tmp_path, monkeypatch):
         perf.main()
 
 
-def test_codec_overlap_measures_every_nth_step():
+@pytest.mark.parametrize("pool", ["threads", "processes"])
+def test_codec_overlap_measures_every_nth_step(pool):
     """``measure_every=n`` (split.measure_every): the overlapped phase codes exactly the steps whose index is a
     multiple of n, per-measured-step figures are divided by that count, and a phase too short to reach one
     measured step is an error, not a silent 0 % overhead."""
     step, state, batch = perf.build_ours(perf.SIZES["micro"], "split", codec_threads=0)
     state, _ = step(state, batch)  # compiles; the next step has index 1
-    out = perf.codec_overlap_phases(step, state, batch, 6, ("off", "overlap"), threads=1, measure_every=3)
+    out = perf.codec_overlap_phases(step, state, batch, 6, ("off", "overlap"), threads=1, measure_every=3, pool=pool)
     r = out["figures"]
+    assert r["codec_pool"] == pool
     assert r["codec_measure_every"] == 3 and r["codec_measured_steps"] == 2  # off ran steps 1-6; overlap 7-12 codes 9 and 12
     assert r["codec_busy_s"] > 0 and r["codec_hidden_s"] == pytest.approx(max(r["codec_busy_s"] - r["codec_exposed_s"], 0))
     assert len(out["times"]["overlap"]) == 6
