@@ -233,3 +233,23 @@ def test_training_logs_the_same_bytes_with_the_codec_in_the_background(tmp_path)
     # measure_every=2 measures steps 0, 2, 4 (0-based), logged as steps 1, 3, 5.
     assert [("uplink_bytes_ans" in r) for r in runs[0]] == [True, False, True, False, True]
     assert runs[2] == runs[0] == runs["processes"], json.dumps(runs, indent=1)
+
+
+@pytest.mark.parametrize("method", ["ans", "packed"])
+def test_sizes_of_the_sent_messages_are_not_coded_again(method):
+    """A network client passes the lengths of what it sent (``sent``): the counts are unchanged, and only the
+    other codec method's messages are coded."""
+    rng = np.random.default_rng(2)
+    up = Uplink(rng.integers(0, 8, (2, 3, 4)).astype(np.uint8), rng.integers(0, 8, (2, 5, 4)).astype(np.uint8),
+                np.array([[1, 1, 1, 1, 0]] * 2, np.uint8), np.array([[0, 1, 0, 0, 0], [0, 0, 0, 0, 0]], np.uint8),
+                np.array([1, 0], np.uint8), np.zeros((2, 5), np.int32), 8, 8)
+    sent = {"image": len(codec.encode(up.image_codes[:1], 8, method=method)),
+            "text": len(codec.encode(up.text_codes[up.text_positions()], 8, method=method))}
+    coded = []
+
+    def sizes(jobs):
+        coded.extend(job.method for job in jobs)
+        return [len(codec.encode(j.indices, j.levels, method=j.method)) for j in jobs]
+
+    assert linklib.uplink_counts(up, method, sizes, sent=sent) == linklib.uplink_counts(up, method)
+    assert coded == [m for m in ("packed", "ans") if m != method] * 2

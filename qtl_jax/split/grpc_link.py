@@ -160,7 +160,9 @@ class GrpcServerHalf(ServerHalf):
         # Wall time of the call (both transfers, the server's work and any retries); minus the server's
         # ``server_seconds`` it is the network's share (bench/link_time.py).
         metrics["rpc_seconds"] = rpc_seconds
-        metrics.update(uplink_counts(host, self.codec_method))
+        # The coded size of what was sent is its length: only the other codec method is coded again.
+        metrics.update(uplink_counts(host, self.codec_method, sent={"image": len(request.image_codes),
+                                                                    "text": len(request.text_codes)}))
         values = int(np.asarray(host.image_valid).sum()) * int(np.prod(np.shape(host.image_codes)[1:]))
         values += int(host.text_positions().sum()) * int(np.shape(host.text_codes)[-1])
         # What the server's message carried (the codec's bytes; the protobuf framing is wire_downlink_bytes).

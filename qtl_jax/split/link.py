@@ -82,7 +82,8 @@ class ServerHalf(abc.ABC):
 
 
 def uplink_counts(msg: Uplink, codec_method: str = "ans",
-                  encoded_sizes: Callable[[list[CodecJob]], list[int]] | None = None) -> dict[str, int]:
+                  encoded_sizes: Callable[[list[CodecJob]], list[int]] | None = None,
+                  sent: Mapping[str, int] | None = None) -> dict[str, int]:
     """Bytes a network transport sends for ``msg``, measured from the codec's real output on host numpy.
 
     Returns ``uplink_bytes_packed`` / ``uplink_bytes_ans`` (both modalities' codec messages, headers
@@ -91,7 +92,9 @@ def uplink_counts(msg: Uplink, codec_method: str = "ans",
     ``uplink_values`` (how many feature values were sent). ``codec_method`` only picks which of the two
     coded sizes ``uplink_bytes`` reports. ``encoded_sizes(jobs)`` sizes the codec messages (one
     :class:`~qtl_jax.codec_pool.CodecJob` per modality and method; default: one after the other here), e.g.
-    :meth:`qtl_jax.split.meter.ByteMeter.encoded_sizes` on its worker threads or processes.
+    :meth:`qtl_jax.split.meter.ByteMeter.encoded_sizes` on its worker threads or processes. ``sent``:
+    the lengths of the ``'image'`` / ``'text'`` messages already coded with ``codec_method`` (what a network
+    client sent, :func:`qtl_jax.split.wire.uplink_to_proto`), which are then not coded again.
     """
     if codec_method not in CODEC_METHODS:
         raise ValueError(f"codec_method={codec_method!r}: use one of {CODEC_METHODS}.")
@@ -102,13 +105,16 @@ def uplink_counts(msg: Uplink, codec_method: str = "ans",
     side = sum(int(np.asarray(v).nbytes) for v in msg.side_arrays().values())
     sizes = {"packed": side, "ans": side, "fp16": side}
     jobs = []
-    for codes, levels in ((image, msg.image_levels), (text, msg.text_levels)):
+    sent = sent or {}
+    for name, codes, levels in (("image", image, msg.image_levels), ("text", text, msg.text_levels)):
         # The size of an fp16 message depends only on the shape; the features themselves stay on the client.
         fp16 = codec.fp16_size(codes.shape)
         sizes["fp16"] += fp16
         for method in CODEC_METHODS:
             if levels == 0:
                 sizes[method] += fp16
+            elif method == codec_method and name in sent:
+                sizes[method] += int(sent[name])
             else:
                 jobs.append(CodecJob(codes, levels, method))
     coded = (encoded_sizes or _serial_sizes)(jobs)
