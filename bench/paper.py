@@ -172,7 +172,9 @@ def ours_worker(stage: int, batch_file: str, steps: int, dtype: str, preset: str
         server = linklib.InProcessServerHalf(meshes, steplib.server_update_fn(setup.model, optimizers),
                                              codec_method=config.split.codec_method, measure=True, codec_threads=0)
         step = steplib.make_train_step(setup.model, meshes, optimizers, mode="split", server=server)
-        jax.block_until_ready(state)
+        # On the devices once, as the PyTorch reference moves its batch once: both time the step, not the copy.
+        batch = steplib.device_batch(batch, meshes.client)
+        jax.block_until_ready((state, batch))
         build = time.perf_counter() - build
         base = perf._rss_bytes()
         server.measure = False

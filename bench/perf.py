@@ -292,7 +292,7 @@ def xla_step_bytes(s: Size) -> dict[str, int]:
     from qtl_jax.split.mesh import split_meshes
 
     meshes = split_meshes(0, 0, devices=jax.devices()[:1])
-    m = programs["fused"].lower(state, steplib._device_batch(batch, meshes.client)).compile().memory_analysis()
+    m = programs["fused"].lower(state, steplib.device_batch(batch, meshes.client)).compile().memory_analysis()
     if m is None:
         raise RuntimeError("this backend's compiled.memory_analysis() returned None")
     out = dict(argument=m.argument_size_in_bytes, output=m.output_size_in_bytes, temp=m.temp_size_in_bytes,

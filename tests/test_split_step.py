@@ -496,3 +496,31 @@ def test_each_program_compiles_once(config, mode, caplog):
     programs = ["jit(fused)"] if mode == "fused" else ["jit(client_begin)", "jit(server_update)", "jit(client_finish)"]
     for name in programs:
         assert compiled.count(name) == 1, compiled
+
+
+def test_the_step_counter_it_returned_is_not_read_back_from_the_device(config, monkeypatch):
+    """The split step knows the counter it returned: reading it back would wait for the whole previous step
+    before the next could be queued. A counter it did not return (a restored state) is read."""
+    meshes = split_meshes(0, 0, devices=jax.devices()[:2])
+    state = steplib.create_train_state(config, jax.random.key(0), meshes, OPTIMIZER, total_steps=10,
+                                       sharding_rules=SHARDING)
+    optimizers = steplib.make_split_optimizers(OPTIMIZER, 10, {"client": state.client.params,
+                                                               "server": state.server.params})
+    server = RecordingServer(in_process(config, meshes, optimizers))
+    step = steplib.make_train_step(config, meshes, optimizers, mode="split", server=server)
+    read, device_get = [], jax.device_get
+
+    def spy(tree):
+        read.append(tree)
+        return device_get(tree)
+
+    monkeypatch.setattr(jax, "device_get", spy)
+    counters = []
+    for i in range(3):
+        counters.append(state.step)
+        state, _ = step(state, BATCHES[i % STEPS])
+    assert [s for s, _ in server.up] == [0, 1, 2]
+    assert sum(any(x is c for c in counters) for x in read) == 1  # the first, given counter only
+    restored = state.replace(step=jax.device_put(np.int32(7), state.step.sharding))
+    step(restored, BATCHES[0])
+    assert server.up[-1][0] == 7 and any(x is restored.step for x in read)

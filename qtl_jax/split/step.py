@@ -230,8 +230,15 @@ def _shardings(tree: Any) -> Any:
     return jax.tree_util.tree_map(lambda x: x.sharding, tree)
 
 
-def _device_batch(batch: Mapping[str, Any], mesh) -> dict[str, jax.Array]:
-    return {k: jax.device_put(np.asarray(batch[k]), batch_sharding(mesh, np.ndim(batch[k]))) for k in qm.BATCH_KEYS}
+def device_batch(batch: Mapping[str, Any], mesh) -> dict[str, jax.Array]:
+    """The model's inputs of ``batch`` on ``mesh``, batch dimension split over its devices. Arrays already
+    there stay where they are (no copy back to the host): a batch can be put on the devices once, ahead of
+    its step."""
+    out = {}
+    for k in qm.BATCH_KEYS:
+        x = batch[k]
+        out[k] = jax.device_put(x if isinstance(x, jax.Array) else np.asarray(x), batch_sharding(mesh, np.ndim(x)))
+    return out
 
 
 def _host_metrics(*trees: Mapping[str, Any]) -> dict[str, float]:
@@ -367,6 +374,9 @@ class SplitStep:
 
         self._begin_fn, self._finish_fn = client_begin, client_finish
         self._begin = self._finish = None
+        # The step counter this object last returned and its value: reading a returned counter back from the
+        # device would wait for the whole previous step, so the next one could not be queued behind it.
+        self._returned_step: tuple[Any, int] | None = None
 
     def _compile(self, state: TrainState) -> None:
         self._begin = jax.jit(self._begin_fn)
@@ -380,8 +390,9 @@ class SplitStep:
         if self._begin is None:
             self._compile(state)
         client_mesh = self.meshes.client
-        step_id = int(jax.device_get(state.step))
-        uplink, backward, c_metrics, batch_stats = self._begin(state.client, _device_batch(batch, client_mesh))
+        returned = self._returned_step
+        step_id = returned[1] if returned is not None and returned[0] is state.step else int(jax.device_get(state.step))
+        uplink, backward, c_metrics, batch_stats = self._begin(state.client, device_batch(batch, client_mesh))
         local = self.server.in_process
         if local:
             self.server.state = state.server
@@ -393,6 +404,7 @@ class SplitStep:
                 self.server.state = None
         down = jax.tree_util.tree_map(lambda x: jax.device_put(x, batch_sharding(client_mesh, np.ndim(x))), down)
         client, new_step = self._finish(state.client, backward, down, batch_stats, state.step)
+        self._returned_step = (new_step, step_id + 1)
         s_metrics = dict(s_metrics)
         pending = s_metrics.pop(PENDING_COUNTS, None)
         metrics = {k: float(v) for k, v in jax.device_get(c_metrics).items()}
@@ -431,7 +443,7 @@ def _fused_step(config, meshes: SplitMeshes, optimizers: SplitOptimizers, check_
         if not programs:
             sh = _shardings(state)
             programs["fused"] = jax.jit(fused, out_shardings=(sh, None, None), donate_argnums=0)
-        state, c_metrics, s_metrics = programs["fused"](state, _device_batch(batch, meshes.client))
+        state, c_metrics, s_metrics = programs["fused"](state, device_batch(batch, meshes.client))
         return state, _host_metrics(c_metrics, s_metrics)
 
     return step
@@ -458,7 +470,7 @@ def make_eval_step(config: QuantizedTinyLlavaConfig, meshes: SplitMeshes) -> Cal
 
     def eval_step(state: TrainState, batch: Mapping[str, Any]) -> dict:
         qm.check_batch(config, batch)
-        uplink = client(state.client, _device_batch(batch, meshes.client))
+        uplink = client(state.client, device_batch(batch, meshes.client))
         uplink = jax.tree_util.tree_map(lambda x: jax.device_put(x, batch_sharding(meshes.server, x.ndim)), uplink)
         return server(state.server, uplink)
 
