@@ -7,7 +7,8 @@
 #     MODE=paper bash bench/device_run.sh    (the paper's configuration, stage 1 at batch 64, stage 2 at 16, bf16)
 # WHEELS, BENCH_ARGS and BENCH_TIMEOUT_S override the defaults below.
 # Writes $OUT/perf/perf.{json,md}, $OUT/perf.log (everything printed), $OUT/env.txt and, for MODE=paper,
-# $OUT/preflight.log (the attention parity tests on the GPU; PREFLIGHT=0 skips them).
+# $OUT/preflight.log (the attention parity tests on the GPU; PREFLIGHT=0 skips them); with --paper-trace in
+# BENCH_ARGS also $OUT/perf/trace_stage{n}_summary.{json,md} and the raw trace when under 40 MB.
 # Budget on an H200: demo and mid ~7.5 min; MODE=paper ~4.5 min per stage (session 31: data, random init and
 # compile dominate), so a 10-minute call holds one stage (--paper-stages). The benchmark is killed (SIGTERM, which
 # bench.perf turns into writing its JSON) at BENCH_TIMEOUT_S seconds (default: CALL_LIMIT_S = 560 s less what came before it),
@@ -79,5 +80,12 @@ timeout --signal=TERM "$BENCH_TIMEOUT_S" python3 -m bench.perf --out="$WORK" $BE
 rc=$?
 echo "bench.perf exit status: $rc" | tee -a "$OUT/perf.log"
 cp "$WORK"/perf.json "$WORK"/perf.md "$OUT/perf/" 2>/dev/null
+# --paper-trace: the summaries of where the device time went, and each raw trace when it is small enough to
+# come back (bench/profile_summary.py reads either).
+cp "$WORK"/trace_stage*_summary.json "$WORK"/trace_stage*_summary.md "$OUT/perf/" 2>/dev/null
+for t in "$WORK"/trace_stage*/; do
+  [ -d "$t" ] || continue
+  find "$t" -name '*.xplane.pb' -size -40M -exec cp {} "$OUT/perf/$(basename "$t").xplane.pb" \; 2>/dev/null
+done
 ls -la "$WORK" "$OUT/perf" | tee -a "$OUT/perf.log"
 exit $rc

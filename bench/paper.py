@@ -114,6 +114,17 @@ def flops(model, batch: dict[str, np.ndarray], stage: int) -> float:
     """Analytic FLOPs of one train step at this batch: 2 per weight and token forward, the backward 2 more
     for the input gradient (where something upstream trains) and 2 more for the weight gradient (where it
     trains); attention scores and values 4·T²·width per layer forward."""
+    return float(sum(flops_parts(model, batch, stage).values()))
+
+
+PARTS = ("client_begin", "exchange", "client_finish")
+
+
+def flops_parts(model, batch: dict[str, np.ndarray], stage: int) -> dict[str, float]:
+    """:func:`flops` by the split step's parts (``SplitStep.time_programs``): ``client_begin`` (the tower, the
+    connector and the client's quantizer projections forward), ``exchange`` (the server: the quantizer's
+    output projection and the LLM, forward and backward) and ``client_finish`` (the connector's and client
+    projections' backward)."""
     b, t = batch["input_ids"].shape
     merged = batch["source"].shape[1]
     v, llm = model.vision, model.llm
@@ -131,7 +142,10 @@ def flops(model, batch: dict[str, np.ndarray], stage: int) -> float:
     decoder = 2 * b * merged * (dec + dl * llm.vocab_size)
     decoder += 4 * b * merged * merged * sum(h * hd for h in llm.num_heads)
     llm_factor = 2 if stage == 1 else 3  # stage 1: input gradient only (frozen); stage 2: weights too
-    return float(vision + 3 * (connector + quant) + llm_factor * decoder)
+    # The quantizers' projections: half on the client (in_proj), half on the server (out_proj).
+    return {"client_begin": float(vision + connector + quant / 2),
+            "exchange": float(3 * quant / 2 + llm_factor * decoder),
+            "client_finish": float(2 * (connector + quant / 2))}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -145,8 +159,12 @@ def _load(path: str) -> dict[str, np.ndarray]:
 
 def ours_worker(stage: int, batch_file: str, steps: int, dtype: str, preset: str = "paper_random",
                 attention: str = "auto", codec_threads: int | None = None,
-                measure_every: int | None = None, codec_pool: str | None = None) -> dict[str, Any]:
-    """Our split step on the saved batch: compile, step time, codec hidden/exposed, peak RSS.
+                measure_every: int | None = None, codec_pool: str | None = None,
+                trace: bool = False) -> dict[str, Any]:
+    """Our split step on the saved batch: compile, step time, codec hidden/exposed, the parts' times, peak RSS.
+
+    ``trace``: last, ``steps`` more steps under ``jax.profiler.trace`` into ``trace_stage{n}/`` beside the
+    batch file, summarised by :mod:`bench.profile_summary` into ``trace_stage{n}_summary.{json,md}``.
 
     The codec is timed measuring every step and, when ``measure_every`` (default: the config's
     ``split.measure_every``) is above 1, also measuring every n-th step over 2n steps against the same number
@@ -194,7 +212,29 @@ def ours_worker(stage: int, batch_file: str, steps: int, dtype: str, preset: str
         if every > 1:
             amortised = perf.codec_overlap_phases(step, overlap["state"], batch, max(steps, 2 * every),
                                                   ("off", "overlap"), threads=threads, measure_every=every, pool=pool)
+        # Where the step's time goes: each part waited for before the next starts (bytes not measured).
+        state = (amortised or overlap)["state"]
+        server.measure, step.time_programs = False, True
+        parts: dict[str, list[float]] = {p: [] for p in PARTS}
+        for _ in range(steps):
+            state, m = step(state, batch)
+            for p in PARTS:
+                parts[p].append(m[f"time_{p}_s"])
+        step.time_programs = False
+        if trace:
+            from bench import profile_summary
+
+            where = os.path.join(os.path.dirname(os.path.abspath(batch_file)), f"trace_stage{stage}")
+            with jax.profiler.trace(where):
+                for _ in range(steps):
+                    state, m = step(state, batch)
+                    jax.block_until_ready(state)
+            prefix = where + "_summary"
+            profile_summary.write(where, prefix)
     r = {**off["figures"], **overlap["figures"]}
+    if trace:
+        r["trace_summary"] = prefix + ".md"
+    r.update({f"ours_{p}_s": float(np.median(t)) for p, t in parts.items()})
     r["codec_overlap_added_share"] = r["codec_overlap_step_s"] / r["codec_off_step_s"] - 1.0
     if amortised is not None:
         a = amortised["figures"]
@@ -341,7 +381,7 @@ def tinyllava_of(config):
 def run_worker(framework: str, stage: int, batch_file: str, steps: int, dtype: str, timeout_s: float,
                preset: str = "paper_random", attention: str = "auto",
                codec_threads: int | None = None, measure_every: int | None = None,
-               codec_pool: str | None = None) -> dict[str, Any]:
+               codec_pool: str | None = None, trace: bool = False) -> dict[str, Any]:
     """:data:`WORKERS` [framework] in a fresh ``python -m bench.perf`` process; its JSON line."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cmd = [sys.executable, "-m", "bench.perf", f"--_paper_worker={framework}", f"--_paper_stage={stage}",
@@ -353,6 +393,8 @@ def run_worker(framework: str, stage: int, batch_file: str, steps: int, dtype: s
         cmd.append(f"--paper-measure-every={measure_every}")
     if framework == "ours" and codec_pool is not None:
         cmd.append(f"--paper-codec-pool={codec_pool}")
+    if framework == "ours" and trace:
+        cmd.append("--paper-trace")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
     env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     if framework == "torch":
@@ -373,7 +415,7 @@ def run_worker(framework: str, stage: int, batch_file: str, steps: int, dtype: s
 def bench_stage(stage: int, batch: int, steps: int, dtype: str, out: str, peak: float, r: dict[str, Any],
                 log: Callable[[str], None], guarded: Callable, timeout_s: float = 2400.0,
                 preset: str = "paper_random", attention: str = "auto", codec_threads: int | None = None,
-                measure_every: int | None = None, codec_pool: str | None = None) -> None:
+                measure_every: int | None = None, codec_pool: str | None = None, trace: bool = False) -> None:
     """Every figure of one stage into ``r`` (see the module docstring); failures are ``*_error`` keys."""
     from qtl_jax.models.attention import resolve
 
@@ -390,11 +432,16 @@ def bench_stage(stage: int, batch: int, steps: int, dtype: str, out: str, peak: 
                  real_text_tokens=[int(x) for x in b["text_real"].sum(1)],
                  real_merged_tokens=[int(x) for x in b["merged_mask"].sum(1)],
                  images=int(b["has_image"].sum()))
-        r["train_step_flops"] = flops(tinyllava_of(stage_config(stage, batch, dtype, preset=preset)), b, stage)
+        parts = flops_parts(tinyllava_of(stage_config(stage, batch, dtype, preset=preset)), b, stage)
+        r["train_step_flops"] = float(sum(parts.values()))
+        r.update({f"flops_{p}": v for p, v in parts.items()})
 
     def ours():
         r.update(run_worker("ours", stage, path, steps, dtype, timeout_s, preset, attention, codec_threads,
-                            measure_every, codec_pool))
+                            measure_every, codec_pool, trace))
+        for p in PARTS:  # each part's analytic FLOPs over its own time (the parts timed one after the other)
+            if f"ours_{p}_s" in r and f"flops_{p}" in r:
+                r[f"ours_{p}_flops_per_s"] = r[f"flops_{p}"] / r[f"ours_{p}_s"]
         r["ours_examples_per_s"] = batch / r["ours_step_s"]
         r["fraction_of_matmul_peak"] = r["train_step_flops"] / r["ours_step_s"] / peak
         r["ours_step_flops_per_s"] = r["train_step_flops"] / r["ours_step_s"]

@@ -925,6 +925,12 @@ TABLE_ROWS = [
     ("ours_peak_rss_bytes", "our peak RSS, whole worker process, compile included (bytes)"),
     ("torch_eager_peak_rss_bytes", "PyTorch eager peak RSS, whole worker process (bytes)"),
     ("ours_compile_s", "our compile: first step - a steady step (s)"),
+    ("ours_client_begin_s", "part 1, client begin: batch to device, tower, connector, quantizer (s, each part waited for)"),
+    ("ours_exchange_s", "part 2, exchange: the server half, LLM forward and backward (s)"),
+    ("ours_client_finish_s", "part 3, client finish: connector backward, optimizer (s)"),
+    ("mfu_client_begin", "MFU of part 1 (analytic FLOPs of the part / its time / bf16 peak)"),
+    ("mfu_exchange", "MFU of part 2"),
+    ("mfu_client_finish", "MFU of part 3"),
     ("loader_examples_per_s_per_core", "input pipeline examples per CPU-second"),
     ("loader_examples_per_s", "input pipeline examples/s (wall)"),
     ("quantizer_share_of_step", "both quantizers fwd+bwd / our split step"),
@@ -987,7 +993,7 @@ def run(sizes: list[str], out: str, steps: int = 10, torch_compile: bool = True,
         paper_dtype: str | None = None, paper_preset: str = "paper_random",
         paper_attention: str = "auto", paper_stages: tuple[int, ...] = (1, 2),
         paper_codec_threads: int | None = None, paper_measure_every: int | None = None,
-        paper_codec_pool: str | None = None) -> dict[str, Any]:
+        paper_codec_pool: str | None = None, paper_trace: bool = False) -> dict[str, Any]:
     """Runs the benchmark for ``sizes`` (keys of :data:`SIZES`, or ``paper``), writes ``out/perf.{json,md}``,
     returns the JSON.
 
@@ -1054,11 +1060,15 @@ def run(sizes: list[str], out: str, steps: int = 10, torch_compile: bool = True,
                     paper.bench_stage(stage, batches[stage], steps_per_size.get(name, steps), dtype, out, peak, r, log,
                                       functools.partial(_guarded_base, checkpoint=write), preset=paper_preset,
                                       attention=paper_attention, codec_threads=paper_codec_threads,
-                                      measure_every=paper_measure_every, codec_pool=paper_codec_pool)
+                                      measure_every=paper_measure_every, codec_pool=paper_codec_pool,
+                                      trace=paper_trace)
                     if peak_bf16 and dtype == "bfloat16":  # bf16 compute: MFU against the bf16 matmul peak
                         for key, step in (("mfu", "ours_step_s"), ("torch_bf16_mfu", "torch_eager_step_s")):
                             if step in r and "train_step_flops" in r:
                                 r[key] = r["train_step_flops"] / r[step] / peak_bf16
+                        for part in paper.PARTS:
+                            if f"ours_{part}_flops_per_s" in r:
+                                r[f"mfu_{part}"] = r[f"ours_{part}_flops_per_s"] / peak_bf16
                     write()
                 continue
             report["sizes"][name] = {}
@@ -1110,6 +1120,9 @@ def main() -> None:
     parser.add_argument("--paper-codec-pool", default=None, choices=("auto", "threads", "processes"),
                         help="paper size: whether the overlapped codec's workers are threads or processes (default: "
                              "the config's split.codec_pool, auto: processes on an accelerator)")
+    parser.add_argument("--paper-trace", action="store_true",
+                        help="paper size: also profile our steps (jax.profiler) and summarise where the device time went "
+                             "(trace_stage{n}/ and trace_stage{n}_summary.{json,md} in --out; bench/profile_summary.py)")
     parser.add_argument("--paper-measure-every", type=int, default=None,
                         help="paper size: also time the overlapped codec measuring every n-th step, as training with "
                              "split.measure_every=n pays it (default: the config's split.measure_every; 1 adds nothing)")
@@ -1143,6 +1156,7 @@ def main() -> None:
                                                   **({"attention": args.paper_attention,
                                                       "codec_threads": args.paper_codec_threads,
                                                       "codec_pool": args.paper_codec_pool,
+                                                      "trace": args.paper_trace,
                                                       "measure_every": args.paper_measure_every}
                                                      if args._paper_worker == "ours" else {}))
             print(json.dumps(r), flush=True)
@@ -1168,7 +1182,7 @@ def main() -> None:
                      paper_attention=args.paper_attention,
                      paper_stages=tuple(int(v) for v in args.paper_stages.split(",")),
                      paper_codec_threads=args.paper_codec_threads, paper_measure_every=args.paper_measure_every,
-                     paper_codec_pool=args.paper_codec_pool)
+                     paper_codec_pool=args.paper_codec_pool, paper_trace=args.paper_trace)
         print(markdown(report))
     finally:
         signal.signal(signal.SIGTERM, previous)  # main() may be called in-process (the test)

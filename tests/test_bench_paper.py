@@ -119,3 +119,20 @@ def test_paper_flops_count_each_stages_backward():
                     or "embedding" in jax.tree_util.keystr(path))
     forward = 2 * b * merged * per_token + 4 * b * merged**2 * tcfg.llm.head_dim * sum(tcfg.llm.num_heads)
     assert paper.flops(tcfg, batch, 2) - paper.flops(tcfg, batch, 1) == pytest.approx(forward, rel=1e-12)
+
+
+def test_flops_parts_add_up_to_the_step():
+    """The per-part FLOPs (``SplitStep.time_programs``'s parts) sum to the step's, at both stages."""
+    from bench import paper
+
+    batch = {"input_ids": np.zeros((2, 16), np.int32), "source": np.zeros((2, 30), np.int32)}
+    parts = {}
+    for stage in (1, 2):
+        model = paper.tinyllava_of(paper.stage_config(stage, 2, "float32", preset="tiny"))
+        parts[stage] = paper.flops_parts(model, batch, stage)
+        assert list(parts[stage]) == list(paper.PARTS) and min(parts[stage].values()) > 0
+        assert paper.flops(model, batch, stage) == pytest.approx(sum(parts[stage].values()), rel=1e-12)
+    # Only the server's LLM backward differs between the stages (weight gradients in stage 2: 3 passes, not 2).
+    assert parts[1]["client_begin"] == parts[2]["client_begin"]
+    assert parts[1]["client_finish"] == parts[2]["client_finish"]
+    assert parts[2]["exchange"] > parts[1]["exchange"]

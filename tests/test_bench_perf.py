@@ -111,8 +111,8 @@ def test_paper_stages_attention_and_bf16_mfu(tmp_path, monkeypatch):
     calls = []
 
     def stage(stage, batch, steps, dtype, out, peak, r, log, guarded, preset="paper_random", attention="auto",
-              codec_threads=None, measure_every=None, codec_pool=None):
-        calls.append((stage, batch, dtype, attention, codec_threads, measure_every, codec_pool))
+              codec_threads=None, measure_every=None, codec_pool=None, trace=False):
+        calls.append((stage, batch, dtype, attention, codec_threads, measure_every, codec_pool, trace))
         r.update(train_step_flops=6e12, ours_step_s=0.02, ours_step_flops_per_s=3e14, torch_eager_step_s=0.03)
 
     monkeypatch.setattr(paper, "bench_stage", stage)
@@ -122,9 +122,9 @@ def test_paper_stages_attention_and_bf16_mfu(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["perf", "--sizes=paper", f"--out={tmp_path}", "--paper-stages=2",
                                       "--paper-attention=xla", "--paper-batches=64,16", "--paper-dtype=bfloat16",
                                       "--paper-codec-threads=14", "--paper-measure-every=4",
-                                      "--paper-codec-pool=processes"])
+                                      "--paper-codec-pool=processes", "--paper-trace"])
     perf.main()
-    assert calls == [(2, 16, "bfloat16", "xla", 14, 4, "processes")]
+    assert calls == [(2, 16, "bfloat16", "xla", 14, 4, "processes", True)]
     r = json.loads((tmp_path / "perf.json").read_text())["sizes"]
     assert list(r) == ["paper_stage2"]
     assert r["paper_stage2"]["mfu"] == pytest.approx(6e12 / 0.02 / 6e14)

@@ -6,6 +6,7 @@ that client batch_stats are covered too. The batch has a text-only sample and a 
 """
 
 import dataclasses
+import time
 
 import jax
 import jax.numpy as jnp
@@ -522,5 +523,14 @@ def test_the_step_counter_it_returned_is_not_read_back_from_the_device(config, m
     assert [s for s, _ in server.up] == [0, 1, 2]
     assert sum(any(x is c for c in counters) for x in read) == 1  # the first, given counter only
     restored = state.replace(step=jax.device_put(np.int32(7), state.step.sharding))
-    step(restored, BATCHES[0])
+    state, metrics = step(restored, BATCHES[0])
     assert server.up[-1][0] == 7 and any(x is restored.step for x in read)
+    assert not any(k.startswith("time_") for k in metrics)
+    # time_programs: each part waited for and timed, inside the step's own wall time.
+    step.time_programs = True
+    t0 = time.perf_counter()
+    state, metrics = step(state, BATCHES[1])
+    wall = time.perf_counter() - t0
+    parts = [metrics[f"time_{p}_s"] for p in ("client_begin", "exchange", "client_finish")]
+    assert all(t > 0 for t in parts) and sum(parts) <= wall
+    assert server.up[-1][0] == 8

@@ -26,6 +26,7 @@ computes or keeps residuals for their backward (the vision tower and, in stage 1
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -354,12 +355,19 @@ class SplitStep:
     :class:`InProcessServerHalf`) the state holds both partitions and the server's comes back updated; with
     a remote one the state's server partition stays as given (empty: it lives in the server process).
     ``defer_counts``: see :func:`make_train_step`.
+
+    ``time_programs`` (attribute, default False): wait for each part of the step before starting the next and
+    add their wall times to the metrics: ``time_client_begin_s`` (the batch onto the devices and program 1),
+    ``time_exchange_s`` (the server half: program 2 in process, or the network round trip) and
+    ``time_client_finish_s`` (program 3). For finding where a step's time goes; the waits remove the overlap
+    between the parts, so the step itself gets slower.
     """
 
     def __init__(self, config: QuantizedTinyLlavaConfig, meshes: SplitMeshes, optimizers: SplitOptimizers,
                  server: ServerHalf, check_batches: bool = True, defer_counts: bool = False):
         self.config, self.meshes, self.server, self.check_batches = config, meshes, server, check_batches
         self.defer_counts = defer_counts
+        self.time_programs = False
         begin_fn = client_begin_fn(config, optimizers)
         finish_fn = client_finish_fn(optimizers)
 
@@ -392,7 +400,18 @@ class SplitStep:
         client_mesh = self.meshes.client
         returned = self._returned_step
         step_id = returned[1] if returned is not None and returned[0] is state.step else int(jax.device_get(state.step))
+        times = {}
+        t0 = time.perf_counter()
+
+        def lap(name: str, outputs: Any) -> None:
+            nonlocal t0
+            if self.time_programs:
+                jax.block_until_ready(outputs)
+                now = time.perf_counter()
+                times[f"time_{name}_s"], t0 = now - t0, now
+
         uplink, backward, c_metrics, batch_stats = self._begin(state.client, device_batch(batch, client_mesh))
+        lap("client_begin", (uplink, backward, batch_stats))
         local = self.server.in_process
         if local:
             self.server.state = state.server
@@ -403,13 +422,16 @@ class SplitStep:
             if local:  # the returned TrainState holds it (and the one given was donated)
                 self.server.state = None
         down = jax.tree_util.tree_map(lambda x: jax.device_put(x, batch_sharding(client_mesh, np.ndim(x))), down)
+        lap("exchange", (down, server))
         client, new_step = self._finish(state.client, backward, down, batch_stats, state.step)
+        lap("client_finish", client)
         self._returned_step = (new_step, step_id + 1)
         s_metrics = dict(s_metrics)
         pending = s_metrics.pop(PENDING_COUNTS, None)
         metrics = {k: float(v) for k, v in jax.device_get(c_metrics).items()}
         metrics.update({k: v if isinstance(v, int) else float(v) for k, v in jax.device_get(s_metrics).items()})
         metrics["loss"] = metrics["ce"] + metrics["dist_image"] + metrics["dist_text"]
+        metrics.update(times)
         if pending is not None:
             if self.defer_counts:
                 metrics[PENDING_COUNTS] = pending
