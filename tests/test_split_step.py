@@ -534,3 +534,12 @@ def test_the_step_counter_it_returned_is_not_read_back_from_the_device(config, m
     parts = [metrics[f"time_{p}_s"] for p in ("client_begin", "exchange", "client_finish")]
     assert all(t > 0 for t in parts) and sum(parts) <= wall
     assert server.up[-1][0] == 8
+    # defer_metrics: the same step's metrics as the devices' arrays, read later by host_metrics to the same numbers.
+    step.time_programs = False
+    twins = [steplib.create_train_state(config, jax.random.key(1), meshes, OPTIMIZER, total_steps=10,
+                                        sharding_rules=SHARDING) for _ in range(2)]
+    _, now = step(twins[0], BATCHES[0])
+    step.defer_metrics = True
+    _, later = step(twins[1], BATCHES[0])
+    assert "loss" not in later and all(isinstance(later[k], jax.Array) for k in ("ce", "dist_image", "tokens"))
+    assert steplib.host_metrics(later) == now and np.isfinite(now["loss"])

@@ -351,3 +351,39 @@ def test_train_py_keeps_the_verbosity_asked_for(monkeypatch, tmp_path):
         flags.FLAGS.mark_as_parsed()
         logging.set_verbosity(before)
     assert seen == [1, 2, 0, logging.WARNING]
+
+
+@pytest.mark.parametrize("mode", ["split", "fused"])
+def test_each_steps_metrics_are_read_after_the_next_step_is_queued(data_dir, tmp_path, monkeypatch, mode):
+    """The loop queues step k+1 before it reads step k's metrics (so the devices never wait for the host
+    between steps), reads each step's exactly once, and still reads the last before its checkpoint."""
+    from qtl_jax.split import step as steplib
+
+    events = []
+    make, read = steplib.make_train_step, steplib.host_metrics
+
+    def make_spy(*args, **kwargs):
+        assert kwargs.get("defer_metrics") is True
+        inner = make(*args, **kwargs)
+
+        def step(state, batch):
+            out = inner(state, batch)
+            assert "loss" not in out[1] and isinstance(out[1]["ce"], jax.Array)  # not read yet
+            events.append("step")
+            return out
+        return step
+
+    def read_spy(metrics):
+        events.append("read")
+        return read(metrics)
+
+    monkeypatch.setattr(steplib, "make_train_step", make_spy)
+    monkeypatch.setattr(steplib, "host_metrics", read_spy)
+    c = tiny(1, data_dir, total_steps=4, checkpoint_every=4, **{"eval.enabled": False, "split.mode": mode})
+    if mode == "fused":  # one program on one mesh
+        c.mesh.client_devices = c.mesh.server_devices = 0
+    result = loop.train_and_evaluate(c, str(tmp_path / "w"))
+    assert events == ["step", "step", "read", "step", "read", "step", "read", "read"]
+    logged = read_jsonl(str(tmp_path / "w" / "metrics.jsonl"))
+    assert [r["step"] for r in logged] == [1, 2, 3, 4] and all(np.isfinite(r["loss"]) for r in logged)
+    assert result["loss"] == logged[-1]["loss"]

@@ -242,10 +242,10 @@ def device_batch(batch: Mapping[str, Any], mesh) -> dict[str, jax.Array]:
     return out
 
 
-def _host_metrics(*trees: Mapping[str, Any]) -> dict[str, float]:
-    out = {}
-    for tree in jax.device_get(trees):
-        out.update({k: float(v) for k, v in tree.items()})
+def host_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """A step's metrics as Python numbers (integers stay integers) with ``loss``; waits for the step's
+    programs to produce them. The step does this itself unless built with ``defer_metrics``."""
+    out = {k: v if isinstance(v, int) else float(v) for k, v in jax.device_get(dict(metrics)).items()}
     out["loss"] = out["ce"] + out["dist_image"] + out["dist_text"]
     return out
 
@@ -259,6 +259,7 @@ def make_train_step(
     server: ServerHalf | None = None,
     check_batches: bool = True,
     defer_counts: bool = False,
+    defer_metrics: bool = False,
 ) -> Callable[[TrainState, Mapping[str, Any]], tuple[TrainState, dict[str, float]]]:
     """``step(state, batch) -> (state, metrics)``; ``batch`` is a dict of host numpy arrays, row i = sample i.
 
@@ -277,6 +278,11 @@ def make_train_step(
     programs run; the step waits for the counts at its end, or, with ``defer_counts``, returns their
     :class:`~qtl_jax.split.meter.Pending` under ``link.PENDING_COUNTS`` for the caller to merge later
     (``link.with_counts``), so that the coding also overlaps the next step's programs.
+
+    ``defer_metrics``: the metrics come back as the devices' arrays, without ``loss``, and the step never
+    waits for its programs; :func:`host_metrics` turns them into numbers later. Reading them at once would
+    keep the host from queuing the next step until this one's programs have run (the training loop reads
+    each step's metrics after queuing the next; the devices then never wait for the host between steps).
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: use one of {MODES}.")
@@ -288,10 +294,10 @@ def make_train_step(
                 "mode='fused' runs one program on one mesh, but the client and server meshes use different "
                 "devices; build them with split_meshes(0, 0) (both sides share all devices)."
             )
-        return _fused_step(config, meshes, optimizers, check_batches)
+        return _fused_step(config, meshes, optimizers, check_batches, defer_metrics)
     if server is None:
         server = InProcessServerHalf(meshes, server_update_fn(config, optimizers))
-    return SplitStep(config, meshes, optimizers, server, check_batches, defer_counts)
+    return SplitStep(config, meshes, optimizers, server, check_batches, defer_counts, defer_metrics)
 
 
 def client_begin_fn(config: QuantizedTinyLlavaConfig, optimizers: SplitOptimizers) -> Callable:
@@ -354,7 +360,7 @@ class SplitStep:
     new connection) without recompiling them. With a server half ``in_process`` (an
     :class:`InProcessServerHalf`) the state holds both partitions and the server's comes back updated; with
     a remote one the state's server partition stays as given (empty: it lives in the server process).
-    ``defer_counts``: see :func:`make_train_step`.
+    ``defer_counts``, ``defer_metrics``: see :func:`make_train_step`.
 
     ``time_programs`` (attribute, default False): wait for each part of the step before starting the next and
     add their wall times to the metrics: ``time_client_begin_s`` (the batch onto the devices and program 1),
@@ -364,9 +370,10 @@ class SplitStep:
     """
 
     def __init__(self, config: QuantizedTinyLlavaConfig, meshes: SplitMeshes, optimizers: SplitOptimizers,
-                 server: ServerHalf, check_batches: bool = True, defer_counts: bool = False):
+                 server: ServerHalf, check_batches: bool = True, defer_counts: bool = False,
+                 defer_metrics: bool = False):
         self.config, self.meshes, self.server, self.check_batches = config, meshes, server, check_batches
-        self.defer_counts = defer_counts
+        self.defer_counts, self.defer_metrics = defer_counts, defer_metrics
         self.time_programs = False
         begin_fn = client_begin_fn(config, optimizers)
         finish_fn = client_finish_fn(optimizers)
@@ -428,9 +435,9 @@ class SplitStep:
         self._returned_step = (new_step, step_id + 1)
         s_metrics = dict(s_metrics)
         pending = s_metrics.pop(PENDING_COUNTS, None)
-        metrics = {k: float(v) for k, v in jax.device_get(c_metrics).items()}
-        metrics.update({k: v if isinstance(v, int) else float(v) for k, v in jax.device_get(s_metrics).items()})
-        metrics["loss"] = metrics["ce"] + metrics["dist_image"] + metrics["dist_text"]
+        metrics = {**c_metrics, **s_metrics}
+        if not self.defer_metrics:
+            metrics = host_metrics(metrics)
         metrics.update(times)
         if pending is not None:
             if self.defer_counts:
@@ -440,7 +447,8 @@ class SplitStep:
         return TrainState(new_step, client, server, state.rng), metrics
 
 
-def _fused_step(config, meshes: SplitMeshes, optimizers: SplitOptimizers, check_batches: bool):
+def _fused_step(config, meshes: SplitMeshes, optimizers: SplitOptimizers, check_batches: bool,
+                defer_metrics: bool = False):
     programs: dict[str, Any] = {}
 
     def fused(state: TrainState, batch):
@@ -466,7 +474,8 @@ def _fused_step(config, meshes: SplitMeshes, optimizers: SplitOptimizers, check_
             sh = _shardings(state)
             programs["fused"] = jax.jit(fused, out_shardings=(sh, None, None), donate_argnums=0)
         state, c_metrics, s_metrics = programs["fused"](state, device_batch(batch, meshes.client))
-        return state, _host_metrics(c_metrics, s_metrics)
+        metrics = {**c_metrics, **s_metrics}
+        return state, (metrics if defer_metrics else host_metrics(metrics))
 
     return step
 

@@ -283,16 +283,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                         is_main=is_main)
     server = None
     last: dict[str, Any] = {}
-    held: dict[str, Any] = {}  # the last step's record while its byte counts are measured in the background
+    # The last step's record, held until the next step is queued: its metrics are still the devices' arrays
+    # (reading them at once would make the devices wait for the host between steps) and its byte counts may
+    # still be measured in the background.
+    held: dict[str, Any] = {}
 
     def finish_held() -> None:
-        """Writes the held record (if due) once its byte counts are in; ``last`` becomes that record."""
+        """Reads the held step's metrics (waiting for its programs), stops on a non-finite loss, writes the
+        record (if due) once its byte counts are in; ``last`` becomes that record."""
         nonlocal last
         if not held:
             return
         h = dict(held)
         held.clear()
-        metrics = dict(h["metrics"])
+        metrics = steplib.host_metrics(h["metrics"])
+        if not math.isfinite(metrics["loss"]):
+            checkpointer.wait()
+            saved = checkpointer.all_steps()
+            good = next((s for s in reversed(saved) if checkpointer.is_intact(s)), None)  # re-read from disk now
+            verdict = "none yet" if not saved else "none is intact" if good is None else "intact, verified just now"
+            raise NonFiniteLossError(
+                f"loss is {metrics['loss']} at step {h['step']} (ce={metrics.get('ce')}); stopped without saving. "
+                f"The last good checkpoint is step {good} in {checkpointer.directory} "
+                f"({verdict}). Lower optimizer.lr or check the data, then rerun: "
+                "train.py resumes from that checkpoint."
+            )
         if h["pending"] is not None:
             metrics.update(h["pending"].result())
         last = _step_record(metrics, h["lr"], h["step_time"], h["data_time"], int(config.global_batch_size))
@@ -369,7 +384,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         # Byte counts measured in the background are merged into their step's record one step later, so the
         # coding overlaps the next step's programs (records are written in order, each before its checkpoint).
         train_step = steplib.make_train_step(setup.model, meshes, optimizers, mode=config.split.mode, server=server,
-                                             defer_counts=True)
+                                             defer_counts=True, defer_metrics=True)
         schedule = learning_rate_schedule(opt_cfg, total_steps)
         where = (f", server at {config.split.server.address}" if remote else
                  ", server half in process" if server is not None else "")
@@ -417,28 +432,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 continue
             batch = None
             pending = metrics.pop(PENDING_COUNTS, None)
-            finish_held()  # the previous step's counts, coded while this step ran; the wait counts as this step's
+            # The previous step's metrics and counts, read now that this step is queued; the wait (for that
+            # step's programs and coding) counts as this step's time.
+            finish_held()
             t2 = time.perf_counter()
             if config.debug.step_delay > 0:
                 time.sleep(float(config.debug.step_delay))
-            if not math.isfinite(metrics["loss"]):
-                checkpointer.wait()
-                saved = checkpointer.all_steps()
-                good = next((s for s in reversed(saved) if checkpointer.is_intact(s)), None)  # re-read from disk now
-                verdict = "none yet" if not saved else "none is intact" if good is None else "intact, verified just now"
-                raise NonFiniteLossError(
-                    f"loss is {metrics['loss']} at step {step + 1} (ce={metrics.get('ce')}); stopped without saving. "
-                    f"The last good checkpoint is step {good} in {checkpointer.directory} "
-                    f"({verdict}). Lower optimizer.lr or check the data, then rerun: "
-                    "train.py resumes from that checkpoint."
-                )
             step += 1
-            if every and step % every == 0:
-                federate(step)  # before the checkpoint of this step, which then holds the average
             held.update(step=step, metrics=metrics, pending=pending, lr=float(schedule(step - 1)), step_time=t2 - t1,
                         data_time=t1 - t0)
-            if pending is None:
-                finish_held()
+            if every and step % every == 0:
+                finish_held()  # a non-finite loss stops before this model is averaged with the others'
+                federate(step)  # before the checkpoint of this step, which then holds the average
             log.advance()
             if step % int(config.checkpoint_every) == 0 or step == total_steps:
                 finish_held()  # a resumed run keeps the lines up to its checkpoint
