@@ -385,7 +385,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         # coding overlaps the next step's programs (records are written in order, each before its checkpoint).
         train_step = steplib.make_train_step(setup.model, meshes, optimizers, mode=config.split.mode, server=server,
                                              defer_counts=True, defer_metrics=True)
-        schedule = learning_rate_schedule(opt_cfg, total_steps)
+        # Every step's learning rate read once, here: evaluating the schedule per step would queue a computation
+        # behind the step's programs and wait for them, undoing the overlap of defer_metrics.
+        schedule = np.asarray(jax.device_get(jax.vmap(learning_rate_schedule(opt_cfg, total_steps))(
+            np.arange(max(total_steps, 1)))), np.float64)
         where = (f", server at {config.split.server.address}" if remote else
                  ", server half in process" if server is not None else "")
         log.print(f"qtl_jax: stage {config.stage}, {total_steps} steps of {config.global_batch_size} examples, "
@@ -439,7 +442,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if config.debug.step_delay > 0:
                 time.sleep(float(config.debug.step_delay))
             step += 1
-            held.update(step=step, metrics=metrics, pending=pending, lr=float(schedule(step - 1)), step_time=t2 - t1,
+            held.update(step=step, metrics=metrics, pending=pending, lr=float(schedule[step - 1]), step_time=t2 - t1,
                         data_time=t1 - t0)
             if every and step % every == 0:
                 finish_held()  # a non-finite loss stops before this model is averaged with the others'
