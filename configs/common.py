@@ -207,7 +207,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.split.codec_threads = 2
     # Whether those workers are 'threads' or 'processes' ('auto': processes on an accelerator, threads on CPU).
     # The ANS coder holds Python's GIL for each call: on threads a measurement delays the loop's dispatch of
-    # the next programs by up to one call (~8 ms) at a time and the threads do not code in parallel; processes
+    # the next programs by up to one call (~5 ms) at a time and the threads do not code in parallel; processes
     # avoid both and cost a copy of the indices (docs/performance.md, "On an H200").
     c.split.codec_pool = "auto"
     # What the server sends back (qtl_jax.split.downlink): 'fp32' (the paper), 'bf16', or 'quantized':

@@ -25,8 +25,8 @@ same either way (the same functions on the same arrays); only when they are comp
 Where the coding runs (``pool``): on ``threads`` worker threads of this process (``'threads'``), or in
 ``threads`` worker processes (``'processes'``, :class:`qtl_jax.codec_pool.CoderPool`). The ANS coder holds
 the GIL for each call, so on threads a measurement stalls the training loop's thread by up to one coder
-call at a time (~8 ms, bench/codec_bench.py) and the threads do not code in parallel; processes leave this
-interpreter alone and code in parallel, at the price of copying the indices into a pipe. ``'auto'``
+call at a time (~5 ms on a 2-core EPYC, bench/codec_bench.py) and the threads do not code in parallel;
+processes leave this interpreter alone and code in parallel, at the price of copying the indices into a pipe. ``'auto'``
 (:func:`resolve_pool`) takes processes on an accelerator, whose step waits on the loop's thread, and threads
 on the CPU backend, where the devices' work runs on the same cores as the workers.
 
