@@ -146,13 +146,15 @@ class _Worker:
         return self.proc.poll() is None
 
     def stop(self) -> None:
+        # Killed first: a thread blocked on this worker's pipes then sees end of stream or a broken pipe
+        # instead of a descriptor closed under it.
+        self.proc.kill()
+        self.proc.wait()
         for stream in (self.proc.stdin, self.proc.stdout):
             try:
                 stream.close()
             except OSError:
                 pass
-        self.proc.kill()
-        self.proc.wait()
 
 
 class CoderPool:
