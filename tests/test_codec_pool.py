@@ -3,6 +3,7 @@ replaced, closing stops them."""
 
 import os
 import stat
+import threading
 import sys
 
 import numpy as np
@@ -122,3 +123,29 @@ def test_bad_process_counts_are_refused():
     for bad in (0, -1, True):
         with pytest.raises(ValueError, match="a coder pool needs at least 1 process"):
             CoderPool(bad)
+
+
+def test_close_during_a_job_fails_that_call_without_hanging(tmp_path):
+    """``close()`` from another thread while a worker holds a job: the call raises, nothing waits forever.
+    The fake worker takes the job's header, tells the test through a FIFO, then never answers."""
+    fifo = tmp_path / "in_job"
+    os.mkfifo(fifo)
+    python = fake_python(tmp_path, READY + f"os.read(0, 4)\nopen({str(fifo)!r}, 'w').write('x')\n"
+                                            "while os.read(0, 1 << 16):\n    pass\n")
+    p = CoderPool(1, python=python)
+    p.wait_ready()
+    failures = []
+
+    def call():
+        try:
+            p.encoded_sizes(jobs_of(6)[:1])
+        except CoderError as e:
+            failures.append(str(e))
+
+    worker = threading.Thread(target=call)
+    worker.start()
+    with open(fifo) as f:  # blocks until the worker is inside the job
+        assert f.read(1) == "x"
+    p.close()
+    worker.join()
+    assert len(failures) == 1 and "exit code -9" in failures[0]
