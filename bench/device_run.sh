@@ -8,7 +8,7 @@
 # WHEELS, BENCH_ARGS and BENCH_TIMEOUT_S override the defaults below.
 # Writes $OUT/perf/perf.{json,md}, $OUT/perf.log (everything printed), $OUT/env.txt and, for MODE=paper,
 # $OUT/preflight.log (the attention parity tests on the GPU; PREFLIGHT=0 skips them); with --paper-trace in
-# BENCH_ARGS also $OUT/perf/trace_stage{n}_summary.{json,md} and the raw trace when under 40 MB.
+# BENCH_ARGS also $OUT/perf/trace_stage{n}_summary.{json,md} and the raw trace (gzipped when over 16 MB).
 # Budget on an H200: demo and mid ~7.5 min; MODE=paper ~4.5 min per stage (session 31: data, random init and
 # compile dominate), so a 10-minute call holds one stage (--paper-stages). The benchmark is killed (SIGTERM, which
 # bench.perf turns into writing its JSON) at BENCH_TIMEOUT_S seconds (default: CALL_LIMIT_S = 560 s less what came before it),
@@ -85,7 +85,11 @@ cp "$WORK"/perf.json "$WORK"/perf.md "$OUT/perf/" 2>/dev/null
 cp "$WORK"/trace_stage*_summary.json "$WORK"/trace_stage*_summary.md "$OUT/perf/" 2>/dev/null
 for t in "$WORK"/trace_stage*/; do
   [ -d "$t" ] || continue
-  find "$t" -name '*.xplane.pb' -size -40M -exec cp {} "$OUT/perf/$(basename "$t").xplane.pb" \; 2>/dev/null
+  # Files come back up to 16 MiB each: a larger trace travels gzipped (a 5-step stage-2 trace is ~38 MB raw).
+  for pb in $(find "$t" -name '*.xplane.pb' -size -200M); do
+    dest="$OUT/perf/$(basename "$t").xplane.pb"
+    if [ "$(stat -c %s "$pb")" -lt 16000000 ]; then cp "$pb" "$dest"; else gzip -c "$pb" > "$dest.gz"; fi
+  done 2>/dev/null
 done
 ls -la "$WORK" "$OUT/perf" | tee -a "$OUT/perf.log"
 exit $rc

@@ -202,6 +202,28 @@ def test_code_stats_histogram_and_entropy():
     assert float(code_stats(jnp.zeros((4, 2), jnp.uint8), 4)["entropy_bits"]) == 0.0
 
 
+@settings(max_examples=30, deadline=None)
+@given(levels=st.integers(2, 40), rows=st.integers(1, 6), dim=st.integers(1, 9), seed=st.integers(0, 2**16),
+       masked=st.booleans())
+def test_code_stats_counts_equal_a_numpy_histogram(levels, rows, dim, seed, masked):
+    """Both counting paths (comparisons up to ONE_HOT_COUNT_MAX_LEVELS, bincount beyond) give the exact
+    weighted histogram; the masked rows' indices do not count."""
+    rng = np.random.default_rng(seed)
+    k = rng.integers(0, levels, (2, rows, dim)).astype(np.uint8)
+    mask = rng.integers(0, 2, (2, rows)) if masked else np.ones((2, rows), np.int64)
+    s = code_stats(jnp.asarray(k), levels, jnp.asarray(mask) if masked else None)
+    counts = np.bincount(k[mask.astype(bool)].reshape(-1), minlength=levels).astype(np.float64)
+    expected = counts / max(counts.sum(), 1.0)
+    # Counts below 2^24 are exact in float32; the division rounds once.
+    np.testing.assert_allclose(np.asarray(s["histogram"]), expected, rtol=2 ** -23, atol=0)
+
+
+def test_code_stats_of_a_scalar_and_of_every_level_count():
+    assert float(code_stats(jnp.uint8(3), 4)["histogram"][3]) == 1.0
+    k = jnp.arange(32, dtype=jnp.uint8).reshape(4, 8)
+    np.testing.assert_array_equal(np.asarray(code_stats(k, 32)["histogram"]), np.full(32, 1 / 32, np.float32))
+
+
 # ---------------------------------------------------------------------------------------------------
 # The module
 
