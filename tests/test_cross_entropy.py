@@ -87,6 +87,47 @@ def test_fused_head_equals_full_logits_in_float64(vocab_major, chunk_rows):
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=0, atol=tol)
 
 
+@pytest.mark.parametrize("slack", [0, 3, None])
+def test_fused_head_with_a_target_bound_equals_full_logits(slack):
+    """``max_targets`` at the exact number of targets, above it, or none: the same value and gradients."""
+    hidden, weight, bias, labels = _head_problem(True, seed=2)
+    count = int((labels[:, 1:] != -100).sum())
+    bound = None if slack is None else count + slack
+
+    def plain(h, w, c):
+        return cross_entropy(jnp.einsum("btd,vd->btv", h, w) + c, jnp.asarray(labels))
+
+    def fused(h, w, c):
+        return fused_head(h, w, jnp.asarray(labels), c, chunk_rows=5, max_targets=bound)
+
+    with jax.enable_x64(True):
+        args = tuple(jnp.asarray(a, jnp.float64) for a in (hidden, weight, bias))
+        (ref, _), ref_grads = jax.value_and_grad(plain, argnums=(0, 1, 2), has_aux=True)(*args)
+        (loss, _), grads = jax.jit(jax.value_and_grad(fused, argnums=(0, 1, 2), has_aux=True))(*args)
+    tol = rounding_tolerance(np.float64, 24 * 23, 3, 10.0)
+    np.testing.assert_allclose(float(loss), float(ref), rtol=0, atol=tol)
+    for g, r in zip(grads, ref_grads):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=0, atol=tol)
+
+
+def test_fused_head_over_its_target_bound_is_nan_not_partial():
+    hidden, weight, _, labels = _head_problem(True, seed=3)
+    count = int((labels[:, 1:] != -100).sum())
+    loss, n = fused_head(jnp.asarray(hidden), jnp.asarray(weight), jnp.asarray(labels), max_targets=count - 1)
+    assert int(n) == count and np.isnan(float(loss))
+    with pytest.raises(ValueError, match="max_targets must be a positive int"):
+        fused_head(jnp.asarray(hidden), jnp.asarray(weight), jnp.asarray(labels), max_targets=0)
+
+
+def test_fused_head_loop_count_is_static():
+    """No data-dependent loop: on a GPU, XLA runs a while loop whose trip count is read from the device
+    from the host, which then waits for the forward pass in mid-program (docs/performance.md)."""
+    hidden, weight, _, labels = _head_problem(True, seed=4)
+    loss = lambda h, w: fused_head(h, w, jnp.asarray(labels), chunk_rows=5, max_targets=30)[0]  # noqa: E731
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(jnp.asarray(hidden), jnp.asarray(weight)))
+    assert " while[" not in jaxpr and "scan[" in jaxpr
+
+
 def test_fused_head_frozen_head_gets_no_gradient_work():
     """Differentiating only the hidden states gives the same hidden gradient (the head's is never built)."""
     hidden, weight, _, labels = _head_problem(True, seed=1)

@@ -194,3 +194,11 @@ def test_config_keys_and_their_errors():
     with pytest.raises(ValueError, match="needs the client's residual"):
         dl.compress(dl.DownlinkSpec("quantized", error_feedback=True), real_grads(uplink()), uplink(), None,
                     dl.step_key(0, 0, 0))
+
+
+@pytest.mark.parametrize("seed,client,step", [(0, 0, 0), (7, 3, 41), (2**31 - 1, 1, 2**31 - 1)])
+def test_step_key_is_the_documented_fold_of_seed_client_and_step(seed, client, step):
+    """The cached, compiled key equals the op-by-op fold (checkpointed runs resume with the same roundings)."""
+    want = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 0x444C), client), step)  # 0x444C: "DL"
+    got = dl.step_key(seed, client, step)
+    np.testing.assert_array_equal(np.asarray(jax.random.key_data(got)), np.asarray(jax.random.key_data(want)))

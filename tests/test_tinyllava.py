@@ -262,6 +262,16 @@ def test_layout_left_padding_is_the_right_padded_layout_shifted():
     np.testing.assert_array_equal(np.asarray(r.labels)[0, :19], [5] + [-100] * 16 + [6, 7])
 
 
+def test_layout_has_no_data_dependent_loop():
+    """No while loop in the traced layout: on a GPU, XLA runs one from the host and syncs with the device
+    each iteration (jnp.searchsorted's default method was such a loop; docs/performance.md)."""
+    ids = np.array([[5, -200, 6, 7, 0, 0], [8, 9, -200, 10, 11, 12]])
+    mask = np.array([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+    cfg = _layout_cfg(vision_feature_select_strategy="full")
+    jaxpr = str(jax.make_jaxpr(lambda i, m: compute_layout(cfg, i, m, i, num_images=2))(ids, mask))
+    assert " while[" not in jaxpr
+
+
 def test_layout_truncates_to_max_length_and_checks_counts():
     ids = np.array([[5, -200, 6, 7]])
     cut = compute_layout(_layout_cfg(max_length=10, vision_feature_select_strategy="full"), ids, num_images=1)

@@ -13,7 +13,11 @@ the targets of position ``t`` being ``labels[t + 1]`` (the labels are shifted, n
   them by the incoming cotangent), so neither the ``[B, T, V]`` logits nor their float32 softmax are ever
   stored, and nothing is recomputed. The rows with a target are gathered first and only they are
   processed: in a LLaVA batch most positions are image tokens, prompt or padding (stage 1 at the paper's
-  shapes: ~50 of ~790 positions per sample carry a target), so the head costs what the targets need.
+  shapes: ~50 of ~790 positions per sample carry a target), so the head costs what the targets need, up to
+  a static bound (``max_targets``; the server passes its text length) that fixes the number of chunks at
+  trace time. With a count read from the device instead, XLA on a GPU ran the loop from the host, which
+  waited mid-program for the LLM's forward pass and then left the GPU idle while it prepared the backward
+  pass's command buffer (7.4 ms of a 109 ms paper-size stage-2 step on an H200, docs/performance.md).
   Gradients of an input nobody differentiates (a frozen head) are not computed.
 """
 
@@ -51,7 +55,8 @@ def from_logits(logits: Array, labels: Array) -> tuple[Array, Array]:
 
 
 def fused_head(hidden: Array, weight: Array, labels: Array, bias: Array | None = None, *,
-               vocab_major: bool = True, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> tuple[Array, Array]:
+               vocab_major: bool = True, chunk_rows: int = DEFAULT_CHUNK_ROWS,
+               max_targets: int | None = None) -> tuple[Array, Array]:
     """The cross-entropy of the head ``logits = hidden @ W (+ bias)`` without materialising the logits.
 
     Args:
@@ -60,6 +65,11 @@ def fused_head(hidden: Array, weight: Array, labels: Array, bias: Array | None =
       labels: ``[B, T]`` int labels, -100 where no loss is taken (shifted here, as :func:`from_logits`).
       bias: optional ``[V]`` head bias.
       chunk_rows: target rows per chunk; memory is ``O(chunk_rows * V)``.
+      max_targets: a static bound on the number of targets (the server's: the text tokens, ``B * T_text``,
+        since image positions carry none); ``None`` bounds them by ``B * T``. Only that many rows are
+        gathered and the chunks' loop has a static trip count: a count read from the device (the real
+        number of targets) would make an accelerator's host wait for the forward pass in mid-program. A
+        batch with more targets than the bound gets a NaN loss rather than a silently partial one.
 
     Returns:
       ``(mean over targets, number of targets)``, equal to :func:`from_logits` of the full logits (the
@@ -73,10 +83,15 @@ def fused_head(hidden: Array, weight: Array, labels: Array, bias: Array | None =
         raise ValueError(f"the head weight {weight.shape} does not fit hidden width {d} (vocab_major={vocab_major})")
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    n = labels.size
+    if max_targets is not None and (isinstance(max_targets, bool) or int(max_targets) < 1):
+        raise ValueError(f"max_targets must be a positive int or None, got {max_targets!r}")
+    rows = n if max_targets is None else min(int(max_targets), n)
     targets, valid = shifted_targets(labels)
     total = _nll_sum(hidden.reshape(-1, d), weight, bias, targets.reshape(-1), valid.reshape(-1),
-                     bool(vocab_major), int(chunk_rows))
+                     bool(vocab_major), min(int(chunk_rows), max(rows, 1)), rows)
     count = jnp.sum(valid)
+    total = jnp.where(count > rows, jnp.nan, total)
     return total / jnp.maximum(count, 1).astype(total.dtype), count
 
 
@@ -90,18 +105,20 @@ def _logits(rows: Array, weight: Array, bias: Array | None, vocab_major: bool) -
     return out if bias is None else out + bias.astype(acc)
 
 
-def _pass(x, weight, bias, targets, valid, vocab_major: bool, chunk: int, grad_x: bool, grad_w: bool, grad_b: bool):
-    """Loss sum and (as asked) the gradients of the loss sum w.r.t. ``x``, ``weight`` and ``bias``."""
+def _pass(x, weight, bias, targets, valid, vocab_major: bool, chunk: int, rows_max: int, grad_x: bool,
+          grad_w: bool, grad_b: bool):
+    """Loss sum and (as asked) the gradients of the loss sum w.r.t. ``x``, ``weight`` and ``bias``, over the
+    first ``rows_max`` rows with a target (the caller checks that no target is left out)."""
     n, d = x.shape
     acc = accum_dtype(x.dtype)
-    n_chunks = max(math.ceil(n / chunk), 1)
+    n_chunks = max(math.ceil(rows_max / chunk), 1)
     padded = n_chunks * chunk
-    # Rows with a target first (stable), padded to whole chunks; only the chunks holding targets run.
+    # Rows with a target first (stable): the first rows_max of them, padded to whole chunks.
     order = jnp.argsort(~valid, stable=True)
-    xs = jnp.pad(jnp.take(x, order, axis=0), ((0, padded - n), (0, 0)))
-    ts = jnp.pad(jnp.take(targets, order), (0, padded - n))
-    vs = jnp.pad(jnp.take(valid, order), (0, padded - n))
-    n_valid = jnp.sum(valid.astype(jnp.int32))
+    kept = order[:rows_max]
+    xs = jnp.pad(jnp.take(x, kept, axis=0), ((0, padded - rows_max), (0, 0)))
+    ts = jnp.pad(jnp.take(targets, kept), (0, padded - rows_max))
+    vs = jnp.pad(jnp.take(valid, kept), (0, padded - rows_max))
     vocab = weight.shape[0] if vocab_major else weight.shape[1]
 
     def body(i, carry):
@@ -133,31 +150,33 @@ def _pass(x, weight, bias, targets, valid, vocab_major: bool, chunk: int, grad_x
             jnp.zeros((padded, d), x.dtype) if grad_x else None,
             jnp.zeros(weight.shape, acc) if grad_w else None,
             jnp.zeros((vocab,), acc) if grad_b else None)
-    total, dxs, dw, db = jax.lax.fori_loop(0, (n_valid + chunk - 1) // chunk, body, init)
+    total, dxs, dw, db = jax.lax.fori_loop(0, n_chunks, body, init)
     dx = None
     if grad_x:
-        dx = jnp.take(dxs, jnp.argsort(order), axis=0)  # back to the input order; rows without a target are 0
+        # Back to the input order (a gather by the inverse permutation); rows not processed get 0.
+        in_order = jnp.concatenate([dxs[:rows_max], jnp.zeros((n - rows_max, d), dxs.dtype)], axis=0)
+        dx = jnp.take(in_order, jnp.argsort(order), axis=0)
     return total, dx, dw, db
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _nll_sum(x, weight, bias, targets, valid, vocab_major, chunk):
-    return _pass(x, weight, bias, targets, valid, vocab_major, chunk, False, False, False)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _nll_sum(x, weight, bias, targets, valid, vocab_major, chunk, rows_max):
+    return _pass(x, weight, bias, targets, valid, vocab_major, chunk, rows_max, False, False, False)[0]
 
 
-def _nll_sum_fwd(x, weight, bias, targets, valid, vocab_major, chunk):
+def _nll_sum_fwd(x, weight, bias, targets, valid, vocab_major, chunk, rows_max):
     # symbolic_zeros: each input arrives as CustomVJPPrimal(value, perturbed); what nobody differentiates
     # (a frozen head in stage 1) gets no gradient computed.
     bias_value = None if bias is None else bias.value
     grad_b = bias is not None and bias.perturbed
     total, dx, dw, db = _pass(x.value, weight.value, bias_value, targets.value, valid.value, vocab_major, chunk,
-                              x.perturbed, weight.perturbed, grad_b)
+                              rows_max, x.perturbed, weight.perturbed, grad_b)
     dw = None if dw is None else dw.astype(weight.value.dtype)
     db = None if db is None else db.astype(bias_value.dtype)
     return total, (dx, dw, db)
 
 
-def _nll_sum_bwd(vocab_major, chunk, residuals, g):
+def _nll_sum_bwd(vocab_major, chunk, rows_max, residuals, g):
     dx, dw, db = residuals
     scale = lambda a: None if a is None else (a * g.astype(a.dtype)).astype(a.dtype)  # noqa: E731
     return scale(dx), scale(dw), scale(db), None, None

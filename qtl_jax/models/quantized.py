@@ -326,8 +326,9 @@ def server_loss_from_values(
     """
     hidden, layout = _server_decode(config, server_params, values, uplink, TinyLlava.decode_hidden)
     weight, bias, vocab_major = head_of(config.model.llm, server_params["llm"])
+    # Only text positions carry a label, so the uplink's text labels bound the targets statically.
     ce, targets = cross_entropy.fused_head(hidden, weight, layout.labels, bias, vocab_major=vocab_major,
-                                           chunk_rows=config.loss_chunk_rows)
+                                           chunk_rows=config.loss_chunk_rows, max_targets=uplink.labels.size)
     metrics = {
         "ce": ce,
         "target_tokens": targets,

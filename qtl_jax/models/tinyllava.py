@@ -247,7 +247,9 @@ def compute_layout(
         q = jnp.arange(length)[None, :] - offset[:, None]  # position inside the real (unpadded) sequence
         valid = (q >= 0) & (q < kept[:, None])
         qc = jnp.clip(q, 0, None)
-        tok = jax.vmap(lambda e, qq: jnp.searchsorted(e, qq, side="right"))(end, qc)
+        # compare_all: the default method is a while loop, which XLA on a GPU runs from the host, reading
+        # the condition back each iteration (a host-device sync at the start of the server's program).
+        tok = jax.vmap(lambda e, qq: jnp.searchsorted(e, qq, side="right", method="compare_all"))(end, qc)
         tok = jnp.clip(tok, 0, t - 1)
         take = lambda a: jnp.take_along_axis(a, tok, axis=1)  # noqa: E731
         k = qc - (take(end) - take(width))
