@@ -378,6 +378,10 @@ def tinyllava_of(config):
     return builder.tinyllava_config(m, vocab)
 
 
+# XLA options for our worker alone (bench.perf --paper-xla-flags sets it), added to XLA_FLAGS there.
+OURS_XLA_FLAGS_ENV = "QTL_BENCH_OURS_XLA_FLAGS"
+
+
 def run_worker(framework: str, stage: int, batch_file: str, steps: int, dtype: str, timeout_s: float,
                preset: str = "paper_random", attention: str = "auto",
                codec_threads: int | None = None, measure_every: int | None = None,
@@ -397,6 +401,9 @@ def run_worker(framework: str, stage: int, batch_file: str, steps: int, dtype: s
         cmd.append("--paper-trace")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
     env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    extra_flags = os.environ.get(OURS_XLA_FLAGS_ENV, "").strip() if framework == "ours" else ""
+    if extra_flags:  # XLA reads its flags once per process: an A/B of XLA options needs a worker each
+        env["XLA_FLAGS"] = " ".join(f for f in (env.get("XLA_FLAGS", "").strip(), extra_flags) if f)
     if framework == "torch":
         from bench import perf
 
@@ -409,7 +416,10 @@ def run_worker(framework: str, stage: int, batch_file: str, steps: int, dtype: s
         raise RuntimeError(f"paper {framework} worker (stage {stage}) exited {proc.returncode}: {' | '.join(tail)}")
     # The machine's 1-minute load average before and after: on a shared machine it says how fair a run was.
     key = "ours" if framework == "ours" else "torch_eager"
-    return {**json.loads(lines[-1]), f"{key}_load_avg_1m": [load, os.getloadavg()[0]]}
+    result = {**json.loads(lines[-1]), f"{key}_load_avg_1m": [load, os.getloadavg()[0]]}
+    if extra_flags:
+        result["ours_xla_flags"] = extra_flags
+    return result
 
 
 def bench_stage(stage: int, batch: int, steps: int, dtype: str, out: str, peak: float, r: dict[str, Any],

@@ -901,6 +901,7 @@ TABLE_ROWS = [
     ("text_len", "input ids per sample (the batch's bucket)"),
     ("merged_len", "merged sequence (image tokens spliced in)"),
     ("attention", "our attention kernel (paper: model.attention resolved)"),
+    ("ours_xla_flags", "XLA options added in our worker (--paper-xla-flags)"),
     ("ours_step_s", "our split train step (s, median)"),
     ("ours_fused_step_s", "our fused train step (s, median)"),
     ("torch_eager_step_s", "PyTorch eager train step (s, median)"),
@@ -1128,6 +1129,9 @@ def main() -> None:
                              "split.measure_every=n pays it (default: the config's split.measure_every; 1 adds nothing)")
     parser.add_argument("--paper-stages", default="1,2", choices=("1,2", "1", "2"),
                         help="paper size: the stages to measure (one alone fits a short accelerator call)")
+    parser.add_argument("--paper-xla-flags", default="",
+                        help="paper size: XLA options added to XLA_FLAGS in our worker process only (recorded as "
+                             "ours_xla_flags), e.g. --paper-xla-flags=--xla_gpu_enable_command_buffer= on a GPU")
     parser.add_argument("--paper-attention", default="auto", choices=("auto", "custom", "xla", "cudnn"),
                         help="paper size: our attention kernel (model.attention; auto: cuDNN on a GPU in bf16, "
                              "the hand-written VJP on a CPU)")
@@ -1173,6 +1177,10 @@ def main() -> None:
         if args._worker:  # internal: one framework's peak memory in a fresh process (see measure_memory)
             print(json.dumps(memory_worker(args._worker, sizes[0])), flush=True)
             return
+        if args.paper_xla_flags.strip():
+            from bench import paper
+
+            os.environ[paper.OURS_XLA_FLAGS_ENV] = args.paper_xla_flags.strip()
         report = run(sizes, args.out, args.steps, True, args.gen_runs, args.matmul_n,
                      steps_per_size={"mid": args.steps_mid, "paper": args.steps_paper},
                      no_torch_compile=_size_set(args.no_torch_compile, sizes),

@@ -136,3 +136,30 @@ def test_flops_parts_add_up_to_the_step():
     assert parts[1]["client_begin"] == parts[2]["client_begin"]
     assert parts[1]["client_finish"] == parts[2]["client_finish"]
     assert parts[2]["exchange"] > parts[1]["exchange"]
+
+
+@pytest.mark.parametrize("framework", ["ours", "torch"])
+def test_paper_xla_flags_reach_our_worker_alone(monkeypatch, framework):
+    """``--paper-xla-flags`` (the environment variable it sets) is added to XLA_FLAGS in our worker only,
+    after what the user already set, and the result records it; the PyTorch worker's environment is untouched."""
+    seen = {}
+
+    class Done:
+        returncode, stderr = 0, ""
+        stdout = json.dumps({"ours_step_s": 1.0}) + "\n"
+
+    def fake_run(cmd, env, **kw):
+        seen.update(env)
+        return Done()
+
+    monkeypatch.setattr(paper.subprocess, "run", fake_run)
+    # The device is named, so nothing here starts a backend that would parse the made-up flag below.
+    monkeypatch.setenv("QTL_BENCH_TORCH_DEVICE", "cpu")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_user_flag=1")
+    monkeypatch.setenv(paper.OURS_XLA_FLAGS_ENV, "--xla_gpu_enable_command_buffer=")
+    r = paper.run_worker(framework, 2, "/unused.npz", 1, "float32", 10.0)
+    if framework == "ours":
+        assert seen["XLA_FLAGS"] == "--xla_user_flag=1 --xla_gpu_enable_command_buffer="
+        assert r["ours_xla_flags"] == "--xla_gpu_enable_command_buffer="
+    else:
+        assert seen["XLA_FLAGS"] == "--xla_user_flag=1" and "ours_xla_flags" not in r
