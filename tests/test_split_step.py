@@ -543,3 +543,22 @@ def test_the_step_counter_it_returned_is_not_read_back_from_the_device(config, m
     _, later = step(twins[1], BATCHES[0])
     assert "loss" not in later and all(isinstance(later[k], jax.Array) for k in ("ce", "dist_image", "tokens"))
     assert steplib.host_metrics(later) == now and np.isfinite(now["loss"])
+
+
+def test_device_batch_places_host_arrays_and_keeps_placed_ones():
+    """Host arrays go onto the mesh split along the batch; arrays already there are returned as they are
+    (the bench and a prefetching loop put a batch on the devices once); arrays elsewhere are moved."""
+    from qtl_jax.split.mesh import batch_sharding
+
+    meshes = split_meshes(0, 0, devices=jax.devices()[:2])
+    batch = {k: np.zeros((4, 3), np.int32) for k in qm.BATCH_KEYS}
+    batch["pixel_values"] = np.ones((4, 2, 2, 3), np.float32)
+    placed = steplib.device_batch(batch, meshes.client)
+    for k, x in placed.items():
+        assert x.sharding == batch_sharding(meshes.client, x.ndim), k
+        np.testing.assert_array_equal(np.asarray(x), batch[k])
+    again = steplib.device_batch(placed, meshes.client)
+    assert all(again[k] is placed[k] for k in qm.BATCH_KEYS)
+    elsewhere = {k: jax.device_put(v, jax.devices()[3]) for k, v in placed.items()}
+    moved = steplib.device_batch(elsewhere, meshes.client)
+    assert all(moved[k].sharding == placed[k].sharding for k in qm.BATCH_KEYS)
