@@ -547,7 +547,8 @@ def test_the_step_counter_it_returned_is_not_read_back_from_the_device(config, m
 
 def test_device_batch_places_host_arrays_and_keeps_placed_ones():
     """Host arrays go onto the mesh split along the batch; arrays already there are returned as they are
-    (the bench and a prefetching loop put a batch on the devices once); arrays elsewhere are moved."""
+    (the bench and a prefetching loop put a batch on the devices once; mesh.on_batch_sharding, which the
+    link's messages also go through); arrays elsewhere are moved."""
     from qtl_jax.split.mesh import batch_sharding
 
     meshes = split_meshes(0, 0, devices=jax.devices()[:2])

@@ -29,7 +29,7 @@ from qtl_jax import codec
 from qtl_jax.codec_pool import CodecJob, encoded_size
 from qtl_jax.models.messages import Downlink, Uplink, check_uplink
 from qtl_jax.split import downlink as dl
-from qtl_jax.split.mesh import SplitMeshes, batch_sharding
+from qtl_jax.split.mesh import SplitMeshes, batch_sharding, on_batch_sharding
 from qtl_jax.split.meter import ByteMeter, Pending
 
 CODEC_METHODS = ("packed", "ans")
@@ -310,7 +310,7 @@ def send_downlink(spec: dl.DownlinkSpec, server: Any, slot: str, down: Downlink,
 
 def _put(tree: Any, mesh) -> Any:
     """Every leaf onto ``mesh``, batch (leading) dimension split over all of its devices."""
-    return jax.tree_util.tree_map(lambda x: jax.device_put(x, batch_sharding(mesh, np.ndim(x))), tree)
+    return jax.tree_util.tree_map(lambda x: on_batch_sharding(x, mesh), tree)
 
 
 # ---------------------------------------------------------------------------------------------------

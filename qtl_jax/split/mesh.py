@@ -100,5 +100,17 @@ def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
     return NamedSharding(mesh, P(AXES, *([None] * (ndim - 1))))
 
 
+def on_batch_sharding(x: Any, mesh: Mesh) -> jax.Array:
+    """``x`` (host or device array) on ``mesh`` with its batch dimension split (:func:`batch_sharding`).
+
+    An array already laid out so is returned as it is: ``jax.device_put`` would copy nothing, but its call
+    costs ~0.2 ms of host time, several times per training step on the step's critical path.
+    """
+    target = batch_sharding(mesh, np.ndim(x))
+    if isinstance(x, jax.Array) and x.sharding == target:
+        return x
+    return jax.device_put(x if isinstance(x, jax.Array) else np.asarray(x), target)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
