@@ -167,6 +167,11 @@ def base_config() -> ml_collections.ConfigDict:
     # lengths (input positions, an image placeholder counting one) that holds it, so jit compiles at most one
     # program per bucket; model.max_length stays the truncation limit and the last bucket. () = always max_length.
     c.data.length_buckets = (32, 64, 128, 256, 512, 1024)
+    # Packs the batch's samples into rows of model.max_length merged positions (first fit; positions restart and
+    # attention stays within each sample) instead of one sample per row. The paper's statistics are unchanged:
+    # the image tensor is still per sample, and the text quantizer weighs its rows into the official tensor of
+    # the same samples (qtl_jax.models.quantized.packed_text_weights). In-process server half only.
+    c.data.pack = False
     # Shapes corpus sizes (data.kind='shapes'); 'stream' picks the pretrain (captions) or instruct stream.
     # probe_fraction: the share of stage-2 samples that are POPE/MME-format yes/no probes, probe_turns questions
     # each, in the formats of probe_formats taken in turn (comma-separated; '' = POPE half of the time, the four

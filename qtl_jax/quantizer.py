@@ -105,7 +105,8 @@ def round_to_levels(z: jax.Array, levels: int) -> tuple[jax.Array, jax.Array]:
 def moments(u: jax.Array, mask: jax.Array | None = None, axis: Any = None) -> tuple[jax.Array, jax.Array]:
     """Mean and unbiased std over ``axis`` (all axes by default) of the elements ``mask`` keeps.
 
-    ``mask`` has u's shape without the last (channel) axis; it is broadcast over channels.
+    ``mask`` has u's shape without the last (channel) axis; it is broadcast over channels. It may hold
+    counts: a row of weight k stands for k equal rows (the packed text tensor's zero row).
     """
     u = upcast(u)
     if mask is None:
@@ -114,8 +115,8 @@ def moments(u: jax.Array, mask: jax.Array | None = None, axis: Any = None) -> tu
         w = jnp.broadcast_to(jnp.asarray(mask, u.dtype)[..., None], u.shape)
     n = jnp.sum(w, axis=axis, keepdims=axis is not None)
     mean = jnp.sum(w * u, axis=axis, keepdims=axis is not None) / jnp.maximum(n, 1.0)
-    centered = w * (u - mean)
-    var = jnp.sum(centered * centered, axis=axis, keepdims=axis is not None) / jnp.maximum(n - 1.0, 1.0)
+    centered = u - mean
+    var = jnp.sum(w * (centered * centered), axis=axis, keepdims=axis is not None) / jnp.maximum(n - 1.0, 1.0)
     return mean, jnp.sqrt(var)
 
 

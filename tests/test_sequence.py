@@ -1,4 +1,4 @@
-"""Sequence assembly: image expansion, truncation counting image tokens, padding, packing, collation."""
+"""Sequence assembly: image expansion, truncation counting image tokens, padding, collation (packing: test_packing)."""
 
 import numpy as np
 import pytest
@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from qtl_jax.data.constants import IGNORE_INDEX as IGN
 from qtl_jax.data.constants import IMAGE_TOKEN_INDEX as IMG
 from qtl_jax.data import sequence
-from qtl_jax.data.sequence import ImageTruncatedError, assemble, collate, expanded_length, pack
+from qtl_jax.data.sequence import ImageTruncatedError, assemble, collate, expanded_length
 from qtl_jax.data.templates import TokenizedSample
 
 PAD = 0
@@ -150,61 +150,6 @@ def test_property_assemble(prefix, suffix, has_image, num_image_tokens, max_leng
     np.testing.assert_array_equal(out["input_ids"], kept + [PAD] * (max_length - n))
     np.testing.assert_array_equal(out["labels"], kept_labels + [IGN] * (max_length - n))
     np.testing.assert_array_equal(out["attention_mask"], [1] * n + [0] * (max_length - n))
-
-
-def _assembled(ids, labels, max_length, pad=PAD):
-    return assemble(_sample(ids, labels), num_image_tokens=1, max_length=max_length, pad_token_id=pad, image_token_id=9)
-
-
-def test_pack_first_fit_exact():
-    a = _assembled([1, 5, 6, 7], [IGN, IGN, 6, 7], 8)
-    b = _assembled([1, 9, 8], [IGN, IGN, 8], 8)
-    c = _assembled([1, 5, 5, 5, 2], [IGN, 5, 5, 5, 2], 8)
-    d = _assembled([3], [3], 8)
-    rows = pack([a, b, c, d], max_length=8)
-    assert len(rows) == 2
-    # a (4) + b (3) + d (1) fill row 0; c (5) does not fit after a + b and opens row 1.
-    _assert_arrays(
-        rows[0],
-        input_ids=[1, 5, 6, 7, 1, 9, 8, 3],
-        # Each sample's first label is ignored so no sample predicts the next one's start.
-        labels=[IGN, IGN, 6, 7, IGN, IGN, 8, IGN],
-        attention_mask=[1] * 8,
-        segment_ids=[1, 1, 1, 1, 2, 2, 2, 3],
-        positions=[0, 1, 2, 3, 0, 1, 2, 0],
-    )
-    _assert_arrays(
-        rows[1],
-        input_ids=[1, 5, 5, 5, 2, 0, 0, 0],
-        labels=[IGN, 5, 5, 5, 2, IGN, IGN, IGN],
-        attention_mask=[1, 1, 1, 1, 1, 0, 0, 0],
-        segment_ids=[1, 1, 1, 1, 1, 0, 0, 0],
-        positions=[0, 1, 2, 3, 4, 0, 0, 0],
-    )
-
-
-def test_pack_keeps_images_whole():
-    image = assemble(WITH_IMAGE, num_image_tokens=3, max_length=10, pad_token_id=PAD, image_token_id=99)
-    rows = pack([image, image], max_length=10, pad_token_id=PAD)
-    # 9 + 9 > 10: each sample, image included, gets a row of its own.
-    assert len(rows) == 2
-    for row in rows:
-        np.testing.assert_array_equal(row["input_ids"], [1, 5, 6, 99, 99, 99, 7, 8, 2, 0])
-        np.testing.assert_array_equal(row["segment_ids"], [1] * 9 + [0])
-
-
-def test_pack_rejects_bad_samples():
-    factory = assemble(WITH_IMAGE, num_image_tokens=3, max_length=12, pad_token_id=PAD, image_token_id=None)
-    with pytest.raises(ValueError, match="image_token_id"):
-        pack([factory], max_length=12)
-    with pytest.raises(ValueError, match="more than max_length=4"):
-        pack([_assembled([1, 2, 3, 4, 5], [IGN] * 5, 6)], max_length=4)
-    left_padded = {"input_ids": np.array([0, 1, 2]), "labels": np.array([IGN, IGN, 2]), "attention_mask": np.array([0, 1, 1])}
-    with pytest.raises(ValueError, match="not right-padded"):
-        pack([left_padded], max_length=4)
-    with pytest.raises(ValueError, match="pass pad_token_id"):
-        pack([_assembled([1, 2], [IGN, 2], 2)], max_length=4)
-    assert pack([], max_length=4) == []
 
 
 def test_collate_stacks_and_checks():

@@ -387,3 +387,18 @@ def test_each_steps_metrics_are_read_after_the_next_step_is_queued(data_dir, tmp
     logged = read_jsonl(str(tmp_path / "w" / "metrics.jsonl"))
     assert [r["step"] for r in logged] == [1, 2, 3, 4] and all(np.isfinite(r["loss"]) for r in logged)
     assert result["loss"] == logged[-1]["loss"]
+
+
+def test_packed_training_runs_with_the_samples_of_unpacked_batches(data_dir, tmp_path, capsys):
+    """data.pack: the loop packs each global batch into rows (logged as a new shape), every step still trains
+    global_batch_size samples; a remote server half refuses it in one clear error before anything is built."""
+    c = tiny(2, data_dir, **{"data.pack": True, "total_steps": 2, "eval.enabled": False})
+    result = loop.train_and_evaluate(c, str(tmp_path / "packed"))
+    records = read_jsonl(str(tmp_path / "packed" / "metrics.jsonl"))
+    assert [r["step"] for r in records] == [1, 2] and np.isfinite(result["loss"])
+    assert all(r["examples"] == c.global_batch_size and r["uplink_bytes_side"] > 0 for r in records)
+    out = capsys.readouterr().out
+    assert "rows x tokens x merged positions of the packed rows" in out
+    c.split.server.address = "127.0.0.1:1"
+    with pytest.raises(ValueError, match="data.pack=True"):
+        loop.train_and_evaluate(c, str(tmp_path / "remote"))

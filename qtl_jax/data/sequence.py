@@ -1,4 +1,4 @@
-"""Fixed-length model inputs from tokenised samples: image expansion, truncation, padding, packing.
+"""Model inputs from tokenised samples: image expansion, truncation, padding, bucketing, packing.
 
 Two conventions for where the image goes (both count the image's full token budget):
 
@@ -107,96 +107,8 @@ def assemble(
     return {"input_ids": out_ids, "labels": out_labels, "attention_mask": out_mask}
 
 
-def pack(
-    samples: Sequence[Mapping[str, np.ndarray]], max_length: int, *, pad_token_id: int | None = None
-) -> list[dict[str, np.ndarray]]:
-    """Packs short assembled samples into rows of ``max_length`` (first fit, in input order).
-
-    Each sample is placed whole into the first row with room, so image tokens are never split. Rows
-    carry ``segment_ids`` (1, 2, ... per sample, 0 on padding) and ``positions`` (restarting at 0 for
-    every sample). A model must then (a) let token i attend to token j only if
-    ``segment_ids[i] == segment_ids[j] != 0`` and ``j <= i``, and (b) use ``positions`` as position
-    ids. The label of each sample's first token is set to ``IGNORE_INDEX`` so that a shifted
-    next-token loss never trains one sample's last token to predict the next sample's first.
-
-    Args:
-      samples: outputs of :func:`assemble` made with ``image_token_id`` set (the llava-hf
-        convention), right-padded, any length up to ``max_length``.
-      max_length: the row length.
-      pad_token_id: id for the padding of the rows; None takes it from the samples' own padding.
-
-    Returns:
-      Rows with ``input_ids``, ``labels``, ``attention_mask``, ``segment_ids``, ``positions``, all
-      ``int32 [max_length]``.
-
-    Raises:
-      ValueError: a sample still has ``IMAGE_TOKEN_INDEX`` placeholders (in the Factory convention
-        the model inserts the image, so packed positions could not cover it), is longer than
-        ``max_length``, or is not right-padded; or no pad id is given or found.
-    """
-    if max_length < 1:
-        raise ValueError(f"max_length must be >= 1, got {max_length}.")
-    pieces = []
-    for index, sample in enumerate(samples):
-        mask = np.asarray(sample["attention_mask"])
-        length = int(mask.sum())
-        if not np.all(mask[:length] == 1):
-            raise ValueError(f"Sample {index} is not right-padded (attention_mask {mask.tolist()}).")
-        input_ids = np.asarray(sample["input_ids"], dtype=np.int32)
-        if np.any(input_ids[:length] == IMAGE_TOKEN_INDEX):
-            raise ValueError(
-                f"Sample {index} holds IMAGE_TOKEN_INDEX placeholders; packing needs the image "
-                f"positions expanded: assemble with image_token_id=<the image token id>."
-            )
-        if length > max_length:
-            raise ValueError(f"Sample {index} has {length} tokens, more than max_length={max_length}.")
-        if pad_token_id is None and length < len(input_ids):
-            pad_token_id = int(input_ids[length])
-        labels = np.asarray(sample["labels"], dtype=np.int32)[:length].copy()
-        labels[:1] = IGNORE_INDEX
-        pieces.append((input_ids[:length], labels))
-
-    rows: list[list[tuple[np.ndarray, np.ndarray]]] = []
-    room: list[int] = []
-    for piece in pieces:
-        length = len(piece[0])
-        for r, free in enumerate(room):
-            if length <= free:
-                rows[r].append(piece)
-                room[r] -= length
-                break
-        else:
-            rows.append([piece])
-            room.append(max_length - length)
-
-    if rows and pad_token_id is None:
-        raise ValueError("None of the samples has padding to take the pad id from; pass pad_token_id.")
-    out = []
-    for row in rows:
-        ids = np.full(max_length, pad_token_id, dtype=np.int32)
-        labels = np.full(max_length, IGNORE_INDEX, dtype=np.int32)
-        segment_ids = np.zeros(max_length, dtype=np.int32)
-        positions = np.zeros(max_length, dtype=np.int32)
-        start = 0
-        for segment, (piece_ids, piece_labels) in enumerate(row, start=1):
-            stop = start + len(piece_ids)
-            ids[start:stop] = piece_ids
-            labels[start:stop] = piece_labels
-            segment_ids[start:stop] = segment
-            positions[start:stop] = np.arange(len(piece_ids))
-            start = stop
-        out.append({
-            "input_ids": ids,
-            "labels": labels,
-            "attention_mask": (segment_ids > 0).astype(np.int32),
-            "segment_ids": segment_ids,
-            "positions": positions,
-        })
-    return out
-
-
-# Fields of an assembled or packed example that run along the sequence (trimmed by pad_to_bucket).
-SEQUENCE_KEYS = ("input_ids", "labels", "attention_mask", "segment_ids", "positions")
+# Fields of an assembled example that run along the sequence (trimmed by pad_to_bucket).
+SEQUENCE_KEYS = ("input_ids", "labels", "attention_mask")
 
 
 def bucket_length(n: int, buckets: Sequence[int], max_length: int) -> int:
@@ -223,6 +135,8 @@ def pad_to_bucket(batch: Mapping[str, np.ndarray], buckets: Sequence[int]) -> di
     bucket (its ``max_length``); ``buckets=()`` keeps it. Only the padding is cut: every sample keeps all its
     positions (``attention_mask`` says which are real).
     """
+    if "segment_ids" in batch:
+        raise ValueError("pad_to_bucket takes one sample per row; this batch is packed (pack_batch buckets its rows).")
     batch = dict(batch)
     length = batch["attention_mask"].shape[1]
     real = batch["attention_mask"].astype(bool)
@@ -234,6 +148,113 @@ def pad_to_bucket(batch: Mapping[str, np.ndarray], buckets: Sequence[int]) -> di
         if key in batch:
             batch[key] = np.ascontiguousarray(batch[key][:, :target])
     return batch
+
+
+def row_bucket(rows: int, batch_size: int, row_multiple: int = 1) -> int:
+    """Rows a packed batch is given: ``rows`` rounded up to ``row_multiple`` times a power of two, at most
+    ``batch_size`` rounded up to ``row_multiple`` (a bounded set of shapes: one jit program each)."""
+    if rows < 1 or row_multiple < 1:
+        raise ValueError(f"rows and row_multiple must be >= 1, got {rows} and {row_multiple}.")
+    top = -(-batch_size // row_multiple) * row_multiple
+    size = row_multiple
+    while size < rows and size < top:
+        size *= 2
+    return max(min(size, top), -(-rows // row_multiple) * row_multiple)
+
+
+def pack_batch(
+    batch: Mapping[str, np.ndarray],
+    *,
+    capacity: int,
+    num_image_tokens: int,
+    length_buckets: Sequence[int] = (),
+    row_multiple: int = 1,
+    image_token_id: int = IMAGE_TOKEN_INDEX,
+) -> dict[str, np.ndarray]:
+    """Packs a collated batch of right-padded samples (TinyLLaVA Factory convention: at most one
+    ``IMAGE_TOKEN_INDEX`` placeholder each) into rows of at most ``capacity`` merged positions.
+
+    Samples are placed whole, in order, into the first row with room (first fit); a sample's merged length
+    is its token count plus ``num_image_tokens - 1`` if it has an image. The samples stay the batch's samples:
+    ``pixel_values`` and ``has_image`` are returned unchanged (image row ``i`` is sample ``i``), so the image
+    quantizer's statistics see exactly what they see unpacked.
+
+    Returns the batch with ``input_ids``, ``labels``, ``attention_mask`` as ``int32 [R, T]`` (the packed rows,
+    each sample's tokens contiguous) and ``segment_ids`` ``int32 [R, L]``: for each *merged* position (image
+    expanded), the index of the sample it belongs to, ``-1`` on padding. ``T`` and ``L`` are the longest
+    row's token and merged lengths rounded up by :func:`bucket_length` (``capacity`` is the last bucket);
+    ``R`` is :func:`row_bucket` of the rows used. The model then restarts positions at every sample and lets
+    a position attend only within its sample (``qtl_jax.models.tinyllava.compute_layout(segment_ids=...)``).
+    Each sample's first label becomes ``IGNORE_INDEX``: unpacked it is never a target (nothing precedes
+    it), and packed it must not become the target of the previous sample's last position.
+
+    When the packed text tensor would hold no zero row at all (no placeholder, no padding position), one
+    more block of ``row_multiple`` empty rows is added: the paper's text statistics count padding rows, which
+    the quantizer then weighs onto one zero row (``qtl_jax.models.quantized.packed_text_weights``).
+
+    Raises:
+      ValueError: not right-padded, several placeholders in a sample, a sample longer than ``capacity``, or
+        invalid arguments.
+    """
+    if capacity < 1 or num_image_tokens < 1:
+        raise ValueError(f"capacity and num_image_tokens must be >= 1, got {capacity} and {num_image_tokens}.")
+    ids = np.asarray(batch["input_ids"], np.int32)
+    labels = np.asarray(batch["labels"], np.int32)
+    real = np.asarray(batch["attention_mask"]).astype(bool)
+    if "segment_ids" in batch:
+        raise ValueError("this batch is already packed (it has segment_ids).")
+    if np.any(real[:, 1:] & ~real[:, :-1]):
+        raise ValueError("pack_batch needs right-padded samples (attention_mask 1...1 0...0).")
+    placeholders = ((ids == image_token_id) & real).sum(axis=1)
+    if np.any(placeholders > 1):
+        raise ValueError(f"samples {np.flatnonzero(placeholders > 1).tolist()} hold several image placeholders; "
+                         "packing takes at most one image per sample.")
+    tokens = real.sum(axis=1)
+    merged = tokens + placeholders * (num_image_tokens - 1)
+    if np.any(merged > capacity):
+        i = int(np.argmax(merged))
+        raise ValueError(f"sample {i} needs {int(merged[i])} merged positions, more than capacity={capacity} "
+                         "(model.max_length); assemble truncates samples to it.")
+    pad_id = int(ids[~real][0]) if (~real).any() else 0
+
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i, need in enumerate(merged.tolist()):
+        for r, free in enumerate(room):
+            if need <= free:
+                rows[r].append(i)
+                room[r] -= need
+                break
+        else:
+            rows.append([i])
+            room.append(capacity - need)
+
+    row_tokens = [int(sum(tokens[i] for i in row)) for row in rows]
+    row_merged = [capacity - free for free in room]
+    t = bucket_length(max(max(row_tokens), 1), length_buckets, capacity)
+    length = bucket_length(max(max(row_merged), 1), length_buckets, capacity)
+    n_rows = row_bucket(len(rows), len(tokens), row_multiple)
+    has_zero_row = n_rows > len(rows) or placeholders.any() or min(row_tokens) < t
+    if not has_zero_row:
+        n_rows += row_multiple
+    out_ids = np.full((n_rows, t), pad_id, np.int32)
+    out_labels = np.full((n_rows, t), IGNORE_INDEX, np.int32)
+    out_mask = np.zeros((n_rows, t), np.int32)
+    segments = np.full((n_rows, length), -1, np.int32)
+    for r, row in enumerate(rows):
+        start = merged_start = 0
+        for i in row:
+            n = int(tokens[i])
+            out_ids[r, start:start + n] = ids[i, :n]
+            out_labels[r, start:start + n] = labels[i, :n]
+            out_labels[r, start] = IGNORE_INDEX
+            out_mask[r, start:start + n] = 1
+            segments[r, merged_start:merged_start + int(merged[i])] = i
+            start += n
+            merged_start += int(merged[i])
+    out = dict(batch)
+    out.update(input_ids=out_ids, labels=out_labels, attention_mask=out_mask, segment_ids=segments)
+    return out
 
 
 def collate(examples: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:

@@ -404,20 +404,23 @@ class Decoder(nn.Module):
         inputs_embeds: jnp.ndarray,
         attention_mask: jnp.ndarray | None = None,
         position_ids: jnp.ndarray | None = None,
+        segment_ids: jnp.ndarray | None = None,
     ) -> jnp.ndarray:
         """``[B,T,D]`` embeddings, ``[B,T]`` 1/0 padding mask -> ``[B,T,V]`` float32 logits.
 
         ``position_ids`` default to ``cumsum(mask) - 1`` clipped at 0: the positions HF ``generate``
         uses, which for right padding (and no padding) equal ``arange(T)`` on every real token, and
         for left padding start at 0 on the first real token. Outputs at padded positions are garbage.
+        ``segment_ids`` ``[B,T]`` (packed rows): a position attends only to earlier positions of its own segment.
         """
-        return self._head(self.final_hidden(inputs_embeds, attention_mask, position_ids))
+        return self._head(self.final_hidden(inputs_embeds, attention_mask, position_ids, segment_ids))
 
     def final_hidden(
         self,
         inputs_embeds: jnp.ndarray,
         attention_mask: jnp.ndarray | None = None,
         position_ids: jnp.ndarray | None = None,
+        segment_ids: jnp.ndarray | None = None,
     ) -> jnp.ndarray:
         """As :meth:`__call__` up to the final norm: ``[B,T,D]`` in the compute dtype, what the head reads
         (a loss that never forms the logits, ``qtl_jax.models.cross_entropy.fused_head``, starts here)."""
@@ -445,6 +448,10 @@ class Decoder(nn.Module):
         cos, sin = rope.cos_sin(position_ids, cfg.rotary_dim, cfg.rope_theta, cfg.dtype)
         causal = jnp.tril(jnp.ones((t, t), jnp.bool_))
         allowed = causal[None] & attention_mask.astype(jnp.bool_)[:, None, :]
+        if segment_ids is not None:
+            if segment_ids.shape != (b, t):
+                raise ValueError(f"segment_ids must be [batch, seq] = {(b, t)}, got {segment_ids.shape}")
+            allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])
         if cfg.scans_layers and not self.is_initializing():
             # Init stays unrolled so that it creates the same layers_{i} tree the scan then stacks.
             per_layer = layer_scan.layer_params(self.variables["params"], cfg.num_layers)

@@ -28,6 +28,11 @@ Data flow of one batch (the ``factory`` convention: one -200 placeholder per ima
   sequence by the layout rebuilt from the placeholder mask, attention mask and labels (no token ids
   reach the server; sample ``i``'s placeholder takes image row ``i``) -> decoder -> shifted
   cross-entropy over labels != -100.
+
+A packed batch (``segment_ids``, several samples per text row) keeps the images per sample and the paper's
+statistics per sample: the text quantizer weighs its rows so that they form the same multiset as the
+unpacked batch's official text tensor (:func:`packed_text_weights`), and the server's layout restarts
+positions and confines attention to each sample.
 """
 
 from __future__ import annotations
@@ -52,6 +57,13 @@ Array = jax.Array
 Params = dict[str, Any]
 MODALITIES = ("image", "text")
 BATCH_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values", "has_image")
+# A packed batch (qtl_jax.data.sequence.pack_batch) adds the sample of every merged position.
+PACKED_KEY = "segment_ids"
+
+
+def batch_keys(batch: Mapping[str, Any]) -> tuple[str, ...]:
+    """The keys of ``batch`` the split model reads: :data:`BATCH_KEYS`, and :data:`PACKED_KEY` when packed."""
+    return BATCH_KEYS + ((PACKED_KEY,) if PACKED_KEY in batch else ())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,6 +168,9 @@ def check_batch(config: QuantizedTinyLlavaConfig, batch: Mapping[str, Any]) -> N
     for k in ("attention_mask", "labels"):
         if np.shape(batch[k]) != (b, t):
             raise ValueError(f"batch['{k}'] has shape {np.shape(batch[k])}, expected input_ids' {(b, t)}")
+    if PACKED_KEY in batch:
+        _check_packed(config, batch)
+        return
     if np.shape(batch["has_image"]) != (b,) or np.ndim(batch["pixel_values"]) != 4 or len(batch["pixel_values"]) != b:
         raise ValueError(
             f"pixel_values must be [B, H, W, C] and has_image [B] with B={b}; got {np.shape(batch['pixel_values'])} "
@@ -174,6 +189,32 @@ def check_batch(config: QuantizedTinyLlavaConfig, batch: Mapping[str, Any]) -> N
         )
 
 
+def _check_packed(config: QuantizedTinyLlavaConfig, batch: Mapping[str, Any]) -> None:
+    rows = np.shape(batch["input_ids"])[0]
+    segments = np.asarray(batch[PACKED_KEY])
+    n = len(batch["has_image"])
+    if segments.ndim != 2 or len(segments) != rows:
+        raise ValueError(f"segment_ids must be [rows, merged length] with {rows} rows, got {segments.shape}")
+    if np.shape(batch["has_image"]) != (n,) or np.ndim(batch["pixel_values"]) != 4 or len(batch["pixel_values"]) != n:
+        raise ValueError(f"a packed batch has pixel_values [B, H, W, C] and has_image [B] per sample; got "
+                         f"{np.shape(batch['pixel_values'])} and {np.shape(batch['has_image'])}")
+    if segments.min(initial=0) < -1 or segments.max(initial=-1) >= n:
+        raise ValueError(f"segment_ids must be sample indices in [0, {n}) or -1 (padding)")
+    image = config.model.image_token_index
+    real = np.asarray(batch["attention_mask"]) > 0
+    per_row = ((np.asarray(batch["input_ids"]) == image) & real).sum(axis=1)
+    if int(per_row.sum()) != int((np.asarray(batch["has_image"]) > 0).sum()):
+        raise ValueError(f"the packed rows hold {int(per_row.sum())} image placeholders ({image}) but has_image marks "
+                         f"{int((np.asarray(batch['has_image']) > 0).sum())} samples; pack with sequence.pack_batch")
+    # Under jit a layout that disagrees with the segments cannot be detected: it would silently mix samples.
+    merged = real.sum(axis=1) + per_row * (config.model.num_image_tokens - 1)
+    marked = segments >= 0
+    if np.any(marked.sum(axis=1) != merged) or np.any(marked[:, 1:] & ~marked[:, :-1]):
+        raise ValueError(f"segment_ids mark {marked.sum(axis=1).tolist()} merged positions per row, but the rows' tokens "
+                         f"fill {merged.tolist()} ({config.model.num_image_tokens} per image); pack with "
+                         "sequence.pack_batch(num_image_tokens=<the model's num_image_tokens>)")
+
+
 def paper_text_rows(text_real: Array) -> Array:
     """``[B, T]`` bool: the rows of the official text tensor, each sample's text padded to the batch's longest.
 
@@ -189,6 +230,25 @@ def paper_text_rows(text_real: Array) -> Array:
     n = jnp.sum(real, axis=1, keepdims=True)
     rank = jnp.cumsum(~real, axis=1)  # 1, 2, ... over each row's zero rows
     return real | (~real & (rank <= jnp.max(n) - n))
+
+
+def packed_text_weights(text_real: Array, segment_ids: Array, has_image: Array, image_tokens: int) -> Array:
+    """``[R, T]`` float32 weights over a packed text tensor that make its rows the official text tensor of
+    the same samples (each sample's text padded with zero rows to the longest), as a weighted multiset.
+
+    Real text tokens weigh 1. The official tensor's ``sum(max(n) - n_i)`` zero rows all equal ``in_proj(0)``,
+    so one zero row of ours (the first placeholder or padding position) carries that count; mean, std and
+    the distortion loss over the weights are then the official ones. ``n_i`` (sample ``i``'s text tokens)
+    is its merged length less its image's ``image_tokens`` positions.
+    """
+    real = text_real.astype(bool)
+    samples = has_image.shape[0]
+    merged = jnp.sum(segment_ids[..., None] == jnp.arange(samples), axis=(0, 1))
+    n = merged - jnp.where(has_image > 0, image_tokens, 0)
+    zero_rows = jnp.sum(jnp.max(n) - n)
+    flat = (~real).reshape(-1)
+    first_zero = (jnp.cumsum(flat) == 1) & flat
+    return jnp.where(real, 1.0, jnp.where(first_zero.reshape(real.shape), zero_rows, 0.0)).astype(jnp.float32)
 
 
 def _quantizer_apply(qcfg: QuantizerConfig, params: Params, stats: Params | None, x, mask, train: bool,
@@ -228,8 +288,14 @@ def client_forward(
     text_vectors = jnp.where(text_real[..., None], text_vectors, 0).astype(cfg.dtype)
 
     image_mask = jnp.broadcast_to(image_valid[:, None], image_vectors.shape[:2])
+    packed = batch.get(PACKED_KEY)
+    segment_ids = None if packed is None else jnp.asarray(packed, jnp.int32)
+    if segment_ids is None:
+        text_stat = paper_text_rows(text_real)
+    else:
+        text_stat = packed_text_weights(text_real, segment_ids, image_valid, cfg.num_image_tokens)
     # (features, real rows, the paper's rows for its batch statistics): every image row, dummies included.
-    inputs = {"image": (image_vectors, image_mask, None), "text": (text_vectors, text_real, paper_text_rows(text_real))}
+    inputs = {"image": (image_vectors, image_mask, None), "text": (text_vectors, text_real, text_stat)}
     codes, z, metrics, new_stats = {}, {}, {}, {}
     loss = jnp.zeros((), jnp.float32)
     for modality in MODALITIES:
@@ -258,6 +324,7 @@ def client_forward(
         labels=jnp.asarray(batch["labels"], jnp.int32),
         image_levels=config.levels("image"),
         text_levels=config.levels("text"),
+        segment_ids=segment_ids,
     )
     return ClientOutput(uplink, z, loss, metrics, new_stats)
 
@@ -290,11 +357,14 @@ def straight_through(z: Array, codes: Array, levels: int) -> Array:
 
 def server_layout(config: QuantizedTinyLlavaConfig, uplink: Uplink):
     """The merge layout, rebuilt from the placeholder mask alone (the server never sees token ids); sample
-    ``i``'s placeholder takes image row ``i`` (the rows of text-only samples are never read)."""
+    ``i``'s placeholder takes image row ``i`` (the rows of text-only samples are never read). Packed rows:
+    the placeholder of each segment takes its sample's image row."""
     cfg = config.model
     ids = jnp.where(jnp.asarray(uplink.image_mask) > 0, cfg.image_token_index, 0).astype(jnp.int32)
+    packed = uplink.segment_ids is not None
     return compute_layout(cfg, ids, jnp.asarray(uplink.attention_mask, jnp.int32), jnp.asarray(uplink.labels),
-                          num_images=uplink.image_codes.shape[0], images_by_sample=True)
+                          num_images=uplink.image_codes.shape[0], images_by_sample=not packed,
+                          segment_ids=uplink.segment_ids)
 
 
 def _server_decode(config: QuantizedTinyLlavaConfig, server_params: Params, values: Mapping[str, Array],
@@ -333,7 +403,7 @@ def server_loss_from_values(
         "ce": ce,
         "target_tokens": targets,
         "tokens": jnp.sum(layout.attention_mask),
-        "examples": jnp.asarray(uplink.attention_mask.shape[0], jnp.int32),
+        "examples": jnp.asarray(uplink.image_valid.shape[0], jnp.int32),  # samples (packed: not rows)
     }
     return ce, metrics
 

@@ -140,6 +140,9 @@ class MergeLayout:
     attention_mask: Array
     position_ids: Array
     labels: Array | None = None
+    # Packed rows (several samples per row): the sample of every merged position, -1 on padding; positions
+    # restart at each sample and attention stays within it. None: one sample per row.
+    segment_ids: Array | None = None
 
 
 @flax.struct.dataclass
@@ -164,6 +167,7 @@ def compute_layout(
     num_images: int,
     merged_length: int | None = None,
     images_by_sample: bool = False,
+    segment_ids: Array | None = None,
 ) -> MergeLayout:
     """The merge layout for ``input_ids`` [B, T] holding placeholders for ``num_images`` images.
 
@@ -174,6 +178,11 @@ def compute_layout(
     ``images_by_sample`` ('factory' only): image row ``i`` is sample ``i``'s image (``num_images`` must be
     B; each sample has at most one placeholder; rows of text-only samples are unused). Otherwise the
     g-th placeholder in row-major order takes image row g.
+
+    ``segment_ids`` ('factory' only; packed rows from :func:`qtl_jax.data.sequence.pack_batch`): ``[B, L]``, the
+    sample of every merged position (``-1`` on padding). It sets the merged length ``L``; a placeholder takes
+    the image row of its sample (``num_images`` = the number of samples); position ids restart at 0 at every
+    sample, and the layout carries the segments for the decoder's attention (within a sample only).
     """
     input_ids = jnp.asarray(input_ids, jnp.int32)
     if input_ids.ndim != 2:
@@ -190,6 +199,16 @@ def compute_layout(
             f"images_by_sample needs the factory convention and one image row per sample (num_images={num_images}, "
             f"batch {b}, convention {config.convention!r})"
         )
+    if segment_ids is not None:
+        segment_ids = jnp.asarray(segment_ids, jnp.int32)
+        if config.convention != "factory" or config.padding_side != "right" or images_by_sample:
+            raise ValueError("packed rows (segment_ids) need the factory convention with right padding, and take "
+                             "images by segment (not images_by_sample)")
+        if segment_ids.ndim != 2 or segment_ids.shape[0] != b:
+            raise ValueError(f"segment_ids must be [batch, merged length] with batch {b}, got {segment_ids.shape}")
+        if merged_length is not None and merged_length != segment_ids.shape[1]:
+            raise ValueError(f"merged_length={merged_length} disagrees with segment_ids' length {segment_ids.shape[1]}")
+        merged_length = segment_ids.shape[1]
     length = config.merged_length(t, num_images) if merged_length is None else merged_length
     if config.convention == "llava_hf" and length != t:
         raise ValueError(f"the llava_hf convention keeps the sequence length ({t}); got merged_length={length}")
@@ -228,7 +247,7 @@ def compute_layout(
                 f"samples {np.flatnonzero(np.asarray(is_img.sum(axis=1)) > 1).tolist()} have several image "
                 f"placeholders ({config.image_token_index}); images_by_sample allows one image per sample"
             )
-        if concrete and not images_by_sample and n_placeholders != num_images:
+        if concrete and segment_ids is None and not images_by_sample and n_placeholders != num_images:
             raise ValueError(
                 f"{n_placeholders} image placeholders ({config.image_token_index}) in input_ids but {num_images} "
                 "images in pixel_values; the factory convention needs exactly one placeholder per image"
@@ -254,7 +273,7 @@ def compute_layout(
         take = lambda a: jnp.take_along_axis(a, tok, axis=1)  # noqa: E731
         k = qc - (take(end) - take(width))
         tok_is_img = take(is_img) & valid
-        g = take(rank)
+        g = take(rank) if segment_ids is None else segment_ids
         image_row = jnp.where(g < num_images, text_rows + g * t_img + k, zero_row)
         text_row = jnp.arange(b)[:, None] * t + tok
         source = jnp.where(valid, jnp.where(tok_is_img, image_row, text_row), zero_row)
@@ -263,6 +282,16 @@ def compute_layout(
         text_index = jnp.where(valid & ~tok_is_img, tok, -1)
         out_mask = valid
         position_ids = jnp.where(valid, q, 0)
+        if segment_ids is not None:
+            if _is_concrete(segment_ids, valid) and not bool(jnp.all((segment_ids >= 0) == valid)):
+                raise ValueError("segment_ids must mark exactly the merged positions the tokens fill (-1 elsewhere); "
+                                 "build packed batches with qtl_jax.data.sequence.pack_batch")
+            segment_ids = jnp.where(valid, segment_ids, -1)
+            # Positions restart at each sample: subtract the merged index where the sample's run begins.
+            previous = jnp.pad(segment_ids[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
+            index = jnp.broadcast_to(jnp.arange(length), segment_ids.shape)
+            begins = jax.lax.cummax(jnp.where(segment_ids != previous, index, 0), axis=1)
+            position_ids = jnp.where(valid, index - begins, 0)
         out_labels = None
         if labels is not None:
             out_labels = jnp.where(valid & ~tok_is_img, take(jnp.asarray(labels, jnp.int32)), IGNORE_INDEX)
@@ -277,6 +306,7 @@ def compute_layout(
         attention_mask=i32(out_mask),
         position_ids=i32(position_ids),
         labels=None if out_labels is None else i32(out_labels),
+        segment_ids=None if segment_ids is None else i32(segment_ids),
     )
 
 
@@ -339,11 +369,13 @@ class TinyLlava(nn.Module):
     # ---- server ----
     def decode(self, inputs_embeds: Array, layout: MergeLayout) -> Array:
         """Merged ``[B, L, D]`` embeddings -> ``[B, L, V]`` float32 logits."""
-        return self.llm(self._scaled(inputs_embeds, layout), layout.attention_mask, layout.position_ids)
+        return self.llm(self._scaled(inputs_embeds, layout), layout.attention_mask, layout.position_ids,
+                        layout.segment_ids)
 
     def decode_hidden(self, inputs_embeds: Array, layout: MergeLayout) -> Array:
         """As :meth:`decode` up to the LLM's final norm (``[B, L, D]``); the head is ``decoder.head_of``'s."""
-        return self.llm.final_hidden(self._scaled(inputs_embeds, layout), layout.attention_mask, layout.position_ids)
+        return self.llm.final_hidden(self._scaled(inputs_embeds, layout), layout.attention_mask, layout.position_ids,
+                                     layout.segment_ids)
 
     def _scaled(self, inputs_embeds: Array, layout: MergeLayout) -> Array:
         cfg = self.config

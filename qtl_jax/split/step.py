@@ -235,7 +235,7 @@ def device_batch(batch: Mapping[str, Any], mesh) -> dict[str, jax.Array]:
     """The model's inputs of ``batch`` on ``mesh``, batch dimension split over its devices. Arrays already
     there stay where they are (no copy back to the host): a batch can be put on the devices once, ahead of
     its step."""
-    return {k: on_batch_sharding(batch[k], mesh) for k in qm.BATCH_KEYS}
+    return {k: on_batch_sharding(batch[k], mesh) for k in qm.batch_keys(batch)}
 
 
 def host_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:

@@ -122,6 +122,9 @@ def uplink_to_proto(msg: Uplink, *, step: int, client_id: str, geometry: Geometr
     """A host-side :class:`Uplink` (numpy arrays) as the request the client sends."""
     if codec_method not in CODEC_METHODS:
         raise ValueError(f"codec_method={codec_method!r}: use one of {CODEC_METHODS}.")
+    if msg.segment_ids is not None:
+        raise ValueError("a packed uplink (data.pack=True) has several samples per row, which this protocol does "
+                         "not carry; train with the server half in process or set data.pack=False.")
     valid = np.asarray(msg.image_valid) > 0
     text_pos = msg.text_positions()
     codes = {}

@@ -39,7 +39,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -203,6 +203,24 @@ def config_to_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 
+def packer(config: ml_collections.ConfigDict, setup: Setup, meshes: meshlib.SplitMeshes
+           ) -> Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]:
+    """The global batch -> what the step takes: cut to its longest sample's bucket (``data.length_buckets``)
+    or, with ``data.pack``, packed into rows of ``model.max_length`` merged positions
+    (:func:`qtl_jax.data.sequence.pack_batch`), the rows a multiple of both meshes' device counts."""
+    buckets = tuple(config.data.length_buckets)
+    if not bool(config.data.get("pack", False)):
+        return lambda batch: sequence.pad_to_bucket(batch, buckets)
+    model = setup.model.model
+    if model.max_length is None or model.convention != "factory" or model.padding_side != "right":
+        raise ValueError("data.pack=True needs model.max_length set (each row's capacity), the factory image "
+                         "convention and right padding; set data.pack=False otherwise.")
+    rows = math.lcm(meshes.client.devices.size, meshes.server.devices.size)
+    return lambda batch: sequence.pack_batch(batch, capacity=int(model.max_length),
+                                             num_image_tokens=model.num_image_tokens, length_buckets=buckets,
+                                             row_multiple=rows)
+
+
 def make_server_half(config: ml_collections.ConfigDict, setup: Setup, meshes: meshlib.SplitMeshes,
                      optimizers: steplib.SplitOptimizers) -> ServerHalf:
     """The server half ``config.split.server`` selects: in this process (no address) or a gRPC server."""
@@ -233,6 +251,9 @@ def _check_remote(config: ml_collections.ConfigDict) -> None:
         problems.append(f"{jax.process_count()} processes (the network client runs in one process)")
     if int(config.split.fedavg_every) < 0:
         problems.append(f"split.fedavg_every={config.split.fedavg_every} (use 0, off, or K >= 1)")
+    if bool(config.data.get("pack", False)):
+        problems.append("data.pack=True (the gRPC messages carry one sample per row; pack with the server half in "
+                        "process, or set data.pack=False)")
     if problems:
         raise ValueError(f"split.server.address={config.split.server.address!r}: " + "; ".join(problems) + ".")
 
@@ -411,16 +432,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         # Each batch is cut to its longest sample rounded up to a bucket (TinyLLaVA Factory pads to the longest);
         # a remote server accepts exactly these lengths (wire.accepted_lengths of its own data.length_buckets).
         buckets = tuple(config.data.length_buckets)
-        lengths_seen: set[int] = set()
+        shape_batch = packer(config, setup, meshes)
+        shapes_seen: set[tuple[int, ...]] = set()
         while step < total_steps:
             t0 = time.perf_counter()
             if batch is None:
-                batch = sequence.pad_to_bucket(gather_global_batch(next(loader)), buckets)
-                length = int(batch["input_ids"].shape[1])
-                if length not in lengths_seen:
-                    lengths_seen.add(length)
-                    log.print(f"qtl_jax: new batch shape {tuple(batch['input_ids'].shape)} (bucket of the longest "
-                              f"sample; {len(lengths_seen)} distinct so far): the step compiles for it")
+                batch = shape_batch(gather_global_batch(next(loader)))
+                shape = tuple(batch["input_ids"].shape) + tuple(np.shape(batch.get("segment_ids", ()))[1:])
+                if shape not in shapes_seen:
+                    shapes_seen.add(shape)
+                    what = ("rows x tokens x merged positions of the packed rows, bucketed" if "segment_ids" in batch
+                            else "bucket of the longest sample")
+                    log.print(f"qtl_jax: new batch shape {shape} ({what}; {len(shapes_seen)} distinct so far): "
+                              "the step compiles for it")
                 if step == config.debug.poison_step:
                     batch = _poison(batch)
             t1 = time.perf_counter()
