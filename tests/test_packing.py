@@ -308,3 +308,22 @@ def test_check_batch_refuses_a_packed_batch_whose_images_do_not_match():
     wrong = packed(loader_batch(), cfg.model.num_image_tokens + 1)
     with pytest.raises(ValueError, match="num_image_tokens"):
         qm.check_batch(cfg, wrong)
+
+
+def test_a_packed_split_step_on_disjoint_sharded_meshes_equals_one_device():
+    """Rows a multiple of both meshes' devices (client 2, server 6: 6 rows, so two empty ones more than on
+    one device): samples' images and rows land on different devices, and empty rows change nothing."""
+    cfg = config()
+    batch = loader_batch()
+    with jax.enable_x64(True):
+        one = one_step(cfg, packed(batch, cfg.model.num_image_tokens), "fused", split_meshes(0, 0, devices=jax.devices()[:1]))
+        six_rows = packed(batch, cfg.model.num_image_tokens, rows=6)
+        assert six_rows["input_ids"].shape[0] == 6
+        split = one_step(cfg, six_rows, "split", split_meshes(2, 6))
+    tol = rounding_tolerance(np.float64, REDUCTION, DEPTH)
+    for key in ("loss", "ce", "dist_text", "tokens", "target_tokens"):
+        np.testing.assert_allclose(split[1][key], one[1][key], rtol=0, atol=tol * max(abs(one[1][key]), 1.0), err_msg=key)
+    for part in ("client", "server"):
+        for x, y in zip(jax.tree_util.tree_leaves(getattr(one[0], part).params),
+                        jax.tree_util.tree_leaves(getattr(split[0], part).params)):
+            np.testing.assert_allclose(y, x, rtol=0, atol=tol * 10)
