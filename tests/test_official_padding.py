@@ -40,19 +40,23 @@ def paper_config() -> qm.QuantizedTinyLlavaConfig:
     return qm.QuantizedTinyLlavaConfig(model, q, q)
 
 
-def loader_batch(seed: int = 0) -> dict[str, np.ndarray]:
-    """Right-padded to MAX_LENGTH as the loader yields it: the placeholder at position 1 of every sample."""
+def loader_batch(seed: int = 0, lengths=TEXT_LENGTHS, has_image=None) -> dict[str, np.ndarray]:
+    """Right-padded to MAX_LENGTH as the loader yields them: BOS, the placeholder at position 1 (samples with an
+    image; ``has_image`` default: all), then text; ``lengths[i]`` text tokens besides the placeholder."""
     rng = np.random.default_rng(seed)
-    b = len(TEXT_LENGTHS)
+    b = len(lengths)
+    images = np.ones(b, np.int32) if has_image is None else np.asarray(has_image, np.int32)
     ids = np.zeros((b, MAX_LENGTH), np.int32)
     mask = np.zeros((b, MAX_LENGTH), np.int32)
-    for i, n in enumerate(TEXT_LENGTHS):
-        ids[i, : n + 1] = rng.integers(1, VOCAB, n + 1)
-        ids[i, 1] = -200
-        mask[i, : n + 1] = 1
-    labels = np.where((mask > 0) & (np.arange(MAX_LENGTH) >= 2), ids, -100).astype(np.int32)
+    for i, (n, image) in enumerate(zip(lengths, images)):
+        ids[i, : n + image] = rng.integers(1, VOCAB, n + image)
+        if image:
+            ids[i, 1] = -200
+        mask[i, : n + image] = 1
+    labels = np.where((mask > 0) & (np.arange(MAX_LENGTH) >= 2) & (ids != -200), ids, -100).astype(np.int32)
     pixels = rng.normal(size=(b, 16, 16, 3))
-    return dict(input_ids=ids, attention_mask=mask, labels=labels, pixel_values=pixels, has_image=np.ones(b, np.int32))
+    pixels[images == 0] = 0
+    return dict(input_ids=ids, attention_mask=mask, labels=labels, pixel_values=pixels, has_image=images)
 
 
 def official_codes(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray, levels: int):

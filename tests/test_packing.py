@@ -29,10 +29,11 @@ from qtl_jax.split import link as linklib
 from qtl_jax.split import step as steplib
 from qtl_jax.split import wire
 from qtl_jax.split.mesh import split_meshes
+import test_official_padding as official_padding
 from test_official_padding import official_codes
 from tolerances import rounding_tolerance
 
-D, VOCAB, LEVELS, MAX_LENGTH = 32, 64, 4, 40
+D, VOCAB, LEVELS = official_padding.D, official_padding.VOCAB, official_padding.LEVELS
 # Text tokens per sample besides the placeholder; sample 3 is text only (its own tokens, no placeholder).
 TEXT_LENGTHS = (5, 11, 3, 8, 6, 2)
 HAS_IMAGE = (1, 1, 1, 0, 1, 1)
@@ -58,22 +59,7 @@ def config(dtype=jnp.float64) -> qm.QuantizedTinyLlavaConfig:
 
 
 def loader_batch(seed: int = 0) -> dict[str, np.ndarray]:
-    """Right-padded to MAX_LENGTH, as the loader yields them: BOS, placeholder at 1 (if any), then text."""
-    rng = np.random.default_rng(seed)
-    b = len(TEXT_LENGTHS)
-    ids = np.zeros((b, MAX_LENGTH), np.int32)
-    mask = np.zeros((b, MAX_LENGTH), np.int32)
-    for i, (n, image) in enumerate(zip(TEXT_LENGTHS, HAS_IMAGE)):
-        ids[i, : n + image] = rng.integers(1, VOCAB, n + image)
-        if image:
-            ids[i, 1] = -200
-        mask[i, : n + image] = 1
-    labels = np.where((mask > 0) & (np.arange(MAX_LENGTH) >= 2), ids, IGNORE_INDEX).astype(np.int32)
-    labels[ids == -200] = IGNORE_INDEX
-    pixels = rng.normal(size=(b, 16, 16, 3))
-    pixels[np.asarray(HAS_IMAGE) == 0] = 0
-    return dict(input_ids=ids, attention_mask=mask, labels=labels, pixel_values=pixels,
-                has_image=np.asarray(HAS_IMAGE, np.int32))
+    return official_padding.loader_batch(seed, TEXT_LENGTHS, HAS_IMAGE)
 
 
 def packed(batch, t_img, buckets=(), rows=1):
