@@ -3,7 +3,7 @@
 One stream of batches, each sample an image plus a text whose length is drawn from a stated distribution,
 goes through our split step twice from the same initial state: once as ``train.loop`` cuts each batch to
 its longest sample's bucket (``sequence.pad_to_bucket``), once packed into rows of ``--capacity`` merged
-positions (``sequence.pack_batch``). Every shape of both is compiled in a warm-up pass over the stream
+positions (``sequence.pack``). Every shape of both is compiled in a warm-up pass over the stream
 (not timed); then the stream is timed step by step. Printed and written to ``OUT/packing.{json,md}``:
 
 * ``real_positions``: merged positions that hold a token or image token (the same in both);
@@ -102,7 +102,7 @@ def run(size: str = "demo", batch: int = 16, capacity: int = 512, lengths: str =
     meshes = split_meshes(0, 0, devices=jax.devices()[:1])
     ways = {
         "bucketed": [sequence.pad_to_bucket(b, buckets) for b in stream],
-        "packed": [sequence.pack_batch(b, capacity=capacity, num_image_tokens=t_img, length_buckets=buckets)
+        "packed": [sequence.pack(b, capacity=capacity, num_image_tokens=t_img, length_buckets=buckets)
                    for b in stream],
     }
     real = int(sum(int(b["attention_mask"].sum()) + s.batch * (t_img - 1) for b in stream))

@@ -1,6 +1,6 @@
 """Packed batches (``data.pack``): several samples per row, the same function as one sample per row.
 
-``sequence.pack_batch`` packs a loader batch (TinyLLaVA Factory convention: one ``-200`` placeholder per
+``sequence.pack`` packs a loader batch (TinyLLaVA Factory convention: one ``-200`` placeholder per
 image sample) into rows of ``capacity`` merged positions. The model restarts positions at each sample and
 confines attention to it; the image tensor stays per sample, and the text quantizer weighs its rows into
 the official text tensor of the same samples. So a packed batch must give the unpacked batch's loss,
@@ -63,7 +63,7 @@ def loader_batch(seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def packed(batch, t_img, buckets=(), rows=1):
-    return sequence.pack_batch(batch, capacity=CAPACITY, num_image_tokens=t_img, length_buckets=buckets,
+    return sequence.pack(batch, capacity=CAPACITY, num_image_tokens=t_img, length_buckets=buckets,
                                row_multiple=rows)
 
 
@@ -83,7 +83,7 @@ def sample_of_tokens(batch) -> np.ndarray:
 # The packer
 
 
-def test_pack_batch_places_samples_whole_first_fit():
+def test_pack_places_samples_whole_first_fit():
     t_img = 4
     batch = loader_batch()
     out = packed(batch, t_img, buckets=(8, 16, 20))
@@ -113,14 +113,14 @@ def test_row_bucket_is_a_power_of_two_multiple_capped_at_the_batch():
     assert sequence.row_bucket(5, 6, 4) == 8  # the batch rounded up to the device multiple
 
 
-def test_pack_batch_adds_an_empty_row_when_no_zero_text_row_exists():
+def test_pack_adds_an_empty_row_when_no_zero_text_row_exists():
     """Text-only samples filling their rows exactly: the paper's zero rows need one zero row of ours."""
     ids = np.arange(1, 13, dtype=np.int32).reshape(2, 6)
     ids[1, 3:] = 0
     mask = (ids > 0).astype(np.int32)
     batch = dict(input_ids=ids, attention_mask=mask, labels=ids.copy(), pixel_values=np.zeros((2, 16, 16, 3)),
                  has_image=np.zeros(2, np.int32))
-    out = sequence.pack_batch(batch, capacity=9, num_image_tokens=4)
+    out = sequence.pack(batch, capacity=9, num_image_tokens=4)
     assert out["input_ids"].shape == (2, 9) and out["attention_mask"][0].sum() == 9
     assert (out["attention_mask"][1] == 0).all()
 
@@ -130,13 +130,13 @@ def test_pack_batch_adds_an_empty_row_when_no_zero_text_row_exists():
     (lambda b: b["input_ids"].__setitem__((0, 2), -200), "several image placeholders"),
     (lambda b: b.update(segment_ids=np.zeros((6, 4), np.int32)), "already packed"),
 ])
-def test_pack_batch_refuses_what_it_cannot_pack(bad, message):
+def test_pack_refuses_what_it_cannot_pack(bad, message):
     batch = loader_batch()
     bad(batch)
     with pytest.raises(ValueError, match=message):
         packed(batch, 4)
     with pytest.raises(ValueError, match="more than capacity"):
-        sequence.pack_batch(loader_batch(), capacity=10, num_image_tokens=4)
+        sequence.pack(loader_batch(), capacity=10, num_image_tokens=4)
 
 
 def test_layout_restarts_positions_and_takes_each_sample_image():
@@ -247,8 +247,8 @@ def test_packed_codes_are_the_official_quantizer_codes_of_the_same_samples():
         params, stats = qm.init_split_params(cfg, jax.random.key(0))
         client = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), params)["client"]
         plain = jax.device_get(qm.client_forward(cfg, client, stats, sequence.pad_to_bucket(batch, ()), train=True))
-        pack_batch = packed(batch, cfg.model.num_image_tokens, rows=2)
-        pack = jax.device_get(qm.client_forward(cfg, client, stats, pack_batch, train=True))
+        rows = packed(batch, cfg.model.num_image_tokens, rows=2)
+        pack = jax.device_get(qm.client_forward(cfg, client, stats, rows, train=True))
     np.testing.assert_array_equal(pack.uplink.image_codes, plain.uplink.image_codes)
     # The official text tensor of these samples (method.md §2.2 step 5), quantized by the official FSQ.
     table = np.asarray(client["embed_tokens"]["embedding"], np.float64)
@@ -259,8 +259,8 @@ def test_packed_codes_are_the_official_quantizer_codes_of_the_same_samples():
         official[i, : len(x)] = x
     qt = client["text_quantizer"]["in_proj"]
     k_txt, _, dist_txt = official_codes(official, np.asarray(qt["kernel"], np.float64), np.asarray(qt["bias"], np.float64), LEVELS)
-    owner = sample_of_tokens(pack_batch)
-    text_pos = (pack_batch["attention_mask"] > 0) & (pack_batch["input_ids"] != -200)
+    owner = sample_of_tokens(rows)
+    text_pos = (rows["attention_mask"] > 0) & (rows["input_ids"] != -200)
     codes = np.asarray(pack.uplink.text_codes)
     for i, x in enumerate(texts):
         np.testing.assert_array_equal(codes[text_pos & (owner == i)], k_txt[i, : len(x)])

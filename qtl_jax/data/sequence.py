@@ -136,7 +136,7 @@ def pad_to_bucket(batch: Mapping[str, np.ndarray], buckets: Sequence[int]) -> di
     positions (``attention_mask`` says which are real).
     """
     if "segment_ids" in batch:
-        raise ValueError("pad_to_bucket takes one sample per row; this batch is packed (pack_batch buckets its rows).")
+        raise ValueError("pad_to_bucket takes one sample per row; this batch is packed (pack buckets its rows).")
     batch = dict(batch)
     length = batch["attention_mask"].shape[1]
     real = batch["attention_mask"].astype(bool)
@@ -162,7 +162,7 @@ def row_bucket(rows: int, batch_size: int, row_multiple: int = 1) -> int:
     return max(min(size, top), -(-rows // row_multiple) * row_multiple)
 
 
-def pack_batch(
+def pack(
     batch: Mapping[str, np.ndarray],
     *,
     capacity: int,
@@ -204,7 +204,7 @@ def pack_batch(
     if "segment_ids" in batch:
         raise ValueError("this batch is already packed (it has segment_ids).")
     if np.any(real[:, 1:] & ~real[:, :-1]):
-        raise ValueError("pack_batch needs right-padded samples (attention_mask 1...1 0...0).")
+        raise ValueError("pack needs right-padded samples (attention_mask 1...1 0...0).")
     placeholders = ((ids == image_token_id) & real).sum(axis=1)
     if np.any(placeholders > 1):
         raise ValueError(f"samples {np.flatnonzero(placeholders > 1).tolist()} hold several image placeholders; "

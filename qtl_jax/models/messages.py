@@ -23,7 +23,7 @@ placeholder or dummy-image positions, so byte accounting and the network transpo
 ones: the codes of the ``image_valid`` rows and of the text positions with ``attention_mask == 1`` and
 ``image_mask == 0``; downlink gradients at the same positions.
 
-A packed batch (``data.pack``, :func:`qtl_jax.data.sequence.pack_batch`) has ``R`` rows of several samples
+A packed batch (``data.pack``, :func:`qtl_jax.data.sequence.pack`) has ``R`` rows of several samples
 each: the text arrays are ``[R, T]`` rows, while the image arrays stay per sample (``[B, ...]``, image row ``i``
 = sample ``i``) and ``segment_ids`` says which sample each merged position belongs to. It is side information:
 a transport would send each row's run lengths (:meth:`Uplink.segment_runs`, what the byte counts count), from

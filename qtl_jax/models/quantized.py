@@ -57,7 +57,7 @@ Array = jax.Array
 Params = dict[str, Any]
 MODALITIES = ("image", "text")
 BATCH_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values", "has_image")
-# A packed batch (qtl_jax.data.sequence.pack_batch) adds the sample of every merged position.
+# A packed batch (qtl_jax.data.sequence.pack) adds the sample of every merged position.
 PACKED_KEY = "segment_ids"
 
 
@@ -205,14 +205,14 @@ def _check_packed(config: QuantizedTinyLlavaConfig, batch: Mapping[str, Any]) ->
     per_row = ((np.asarray(batch["input_ids"]) == image) & real).sum(axis=1)
     if int(per_row.sum()) != int((np.asarray(batch["has_image"]) > 0).sum()):
         raise ValueError(f"the packed rows hold {int(per_row.sum())} image placeholders ({image}) but has_image marks "
-                         f"{int((np.asarray(batch['has_image']) > 0).sum())} samples; pack with sequence.pack_batch")
+                         f"{int((np.asarray(batch['has_image']) > 0).sum())} samples; pack with sequence.pack")
     # Under jit a layout that disagrees with the segments cannot be detected: it would silently mix samples.
     merged = real.sum(axis=1) + per_row * (config.model.num_image_tokens - 1)
     marked = segments >= 0
     if np.any(marked.sum(axis=1) != merged) or np.any(marked[:, 1:] & ~marked[:, :-1]):
         raise ValueError(f"segment_ids mark {marked.sum(axis=1).tolist()} merged positions per row, but the rows' tokens "
                          f"fill {merged.tolist()} ({config.model.num_image_tokens} per image); pack with "
-                         "sequence.pack_batch(num_image_tokens=<the model's num_image_tokens>)")
+                         "sequence.pack(num_image_tokens=<the model's num_image_tokens>)")
 
 
 def paper_text_rows(text_real: Array) -> Array:

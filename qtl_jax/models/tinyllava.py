@@ -179,7 +179,7 @@ def compute_layout(
     B; each sample has at most one placeholder; rows of text-only samples are unused). Otherwise the
     g-th placeholder in row-major order takes image row g.
 
-    ``segment_ids`` ('factory' only; packed rows from :func:`qtl_jax.data.sequence.pack_batch`): ``[B, L]``, the
+    ``segment_ids`` ('factory' only; packed rows from :func:`qtl_jax.data.sequence.pack`): ``[B, L]``, the
     sample of every merged position (``-1`` on padding). It sets the merged length ``L``; a placeholder takes
     the image row of its sample (``num_images`` = the number of samples); position ids restart at 0 at every
     sample, and the layout carries the segments for the decoder's attention (within a sample only).
@@ -285,7 +285,7 @@ def compute_layout(
         if segment_ids is not None:
             if _is_concrete(segment_ids, valid) and not bool(jnp.all((segment_ids >= 0) == valid)):
                 raise ValueError("segment_ids must mark exactly the merged positions the tokens fill (-1 elsewhere); "
-                                 "build packed batches with qtl_jax.data.sequence.pack_batch")
+                                 "build packed batches with qtl_jax.data.sequence.pack")
             segment_ids = jnp.where(valid, segment_ids, -1)
             # Positions restart at each sample: subtract the merged index where the sample's run begins.
             previous = jnp.pad(segment_ids[:, :-1], ((0, 0), (1, 0)), constant_values=-1)

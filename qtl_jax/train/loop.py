@@ -207,7 +207,7 @@ def packer(config: ml_collections.ConfigDict, setup: Setup, meshes: meshlib.Spli
            ) -> Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]:
     """The global batch -> what the step takes: cut to its longest sample's bucket (``data.length_buckets``)
     or, with ``data.pack``, packed into rows of ``model.max_length`` merged positions
-    (:func:`qtl_jax.data.sequence.pack_batch`), the rows a multiple of both meshes' device counts."""
+    (:func:`qtl_jax.data.sequence.pack`), the rows a multiple of both meshes' device counts."""
     buckets = tuple(config.data.length_buckets)
     if not bool(config.data.get("pack", False)):
         return lambda batch: sequence.pad_to_bucket(batch, buckets)
@@ -216,7 +216,7 @@ def packer(config: ml_collections.ConfigDict, setup: Setup, meshes: meshlib.Spli
         raise ValueError("data.pack=True needs model.max_length set (each row's capacity), the factory image "
                          "convention and right padding; set data.pack=False otherwise.")
     rows = math.lcm(meshes.client.devices.size, meshes.server.devices.size)
-    return lambda batch: sequence.pack_batch(batch, capacity=int(model.max_length),
+    return lambda batch: sequence.pack(batch, capacity=int(model.max_length),
                                              num_image_tokens=model.num_image_tokens, length_buckets=buckets,
                                              row_multiple=rows)
 
