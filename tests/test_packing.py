@@ -92,9 +92,9 @@ def test_pack_places_samples_whole_first_fit():
     out = packed(batch, t_img, buckets=(8, 16, 20))
     # Merged lengths: n + image + image * (T_img - 1) = 9, 15, 7, 8, 10, 6. First fit into 24: [0, 1], [2, 3, 5]
     # (7 + 8 + 6 = 21), [4].
-    assert [list(dict.fromkeys(r[r >= 0].tolist())) for r in out["segment_ids"]] == [[0, 1], [2, 3, 5], [4]] + [[]]
-    assert out["segment_ids"].shape == (4, CAPACITY)  # 3 rows used -> the row bucket 4; longest row 24 merged
-    assert out["input_ids"].shape == (4, 20)  # longest row: 6 + 12 tokens -> the bucket 20
+    assert [list(dict.fromkeys(r[r >= 0].tolist())) for r in out["segment_ids"]] == [[0, 1], [2, 3, 5], [4]]
+    assert out["segment_ids"].shape == (3, CAPACITY)  # 3 rows (a row bucket); the longest row: 24 merged
+    assert out["input_ids"].shape == (3, 20)  # longest row: 6 + 12 tokens -> the bucket 20
     np.testing.assert_array_equal(out["pixel_values"], batch["pixel_values"])  # images stay per sample
     np.testing.assert_array_equal(out["has_image"], batch["has_image"])
     # Row 1: sample 2 (4 tokens), sample 3 (8, text only), sample 5 (3); each sample's tokens contiguous,
@@ -107,13 +107,19 @@ def test_pack_places_samples_whole_first_fit():
     assert out["labels"][1, 4] == IGNORE_INDEX and out["labels"][1, 12] == IGNORE_INDEX
     np.testing.assert_array_equal(out["labels"][1, 5:12], batch["labels"][3, 1:8])
     assert out["segment_ids"][1].tolist() == [2] * 7 + [3] * 8 + [5] * 6 + [-1] * 3
-    assert (out["segment_ids"][3] == -1).all() and (out["attention_mask"][3] == 0).all()
+    # With 4 devices' worth of rows the fourth is empty.
+    four = packed(batch, t_img, buckets=(8, 16, 20), rows=4)
+    np.testing.assert_array_equal(four["segment_ids"][:3], out["segment_ids"])
+    assert (four["segment_ids"][3] == -1).all() and (four["attention_mask"][3] == 0).all()
 
 
-def test_row_bucket_is_a_power_of_two_multiple_capped_at_the_batch():
-    assert [sequence.row_bucket(r, 8) for r in range(1, 9)] == [1, 2, 4, 4, 8, 8, 8, 8]
-    assert [sequence.row_bucket(r, 64, 4) for r in (1, 5, 9, 17, 33, 64)] == [4, 8, 16, 32, 64, 64]
+def test_row_bucket_steps_by_powers_of_two_and_their_halves_capped_at_the_batch():
+    assert [sequence.row_bucket(r, 100) for r in range(1, 14)] == [1, 2, 3, 4, 6, 6, 8, 8, 12, 12, 12, 12, 16]
+    assert [sequence.row_bucket(r, 64, 4) for r in (1, 5, 9, 13, 17, 25, 33, 49, 64)] == [4, 8, 12, 16, 24, 32, 48, 64, 64]
+    assert [sequence.row_bucket(r, 10) for r in (9, 10)] == [10, 10]  # at most the batch
     assert sequence.row_bucket(5, 6, 4) == 8  # the batch rounded up to the device multiple
+    # Over every row count of a batch of 64 only 12 shapes occur (13 for 1..100 at batch 100).
+    assert len({sequence.row_bucket(r, 64) for r in range(1, 65)}) == 12
 
 
 def test_pack_adds_an_empty_row_when_no_zero_text_row_exists():
@@ -236,7 +242,7 @@ def test_a_packed_split_step_equals_the_fused_one_and_counts_its_side_informatio
                                    atol=rounding_tolerance(np.float64, REDUCTION, DEPTH, scale=abs(f_metrics[key])))
     for x, y in zip(jax.tree_util.tree_leaves(f_state.client.params), jax.tree_util.tree_leaves(s_state.client.params)):
         np.testing.assert_allclose(y, x, rtol=0, atol=PARAM_TOL)
-    # Side information: masks and labels of the 4 x 18 rows, image_valid, and the runs (4 counts, 2 per sample).
+    # Side information: masks and labels of the rows, image_valid, and the runs (4 counts, 2 per sample).
     rows, t = batch["input_ids"].shape
     assert s_metrics["uplink_bytes_side"] == rows * t * (1 + 1 + 4) + len(TEXT_LENGTHS) + 4 * (rows + 2 * len(TEXT_LENGTHS))
 
