@@ -2,13 +2,22 @@
 
 import json
 
+import jax
 import pytest
 
 from bench import packing
 
 
+@pytest.fixture(autouse=True, scope="module")
+def fast_compiles():
+    # Compiles dominate a toy bench run; the figures checked here do not depend on optimisation.
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", False)
+
+
 def test_packing_bench_reports_both_ways(tmp_path, capsys):
-    packing.main(["--size=micro", "--batch=6", "--capacity=64", "--lengths=lognormal:12:0.9", "--batches=3",
+    packing.main(["--size=micro", "--batch=6", "--capacity=64", "--lengths=lognormal:12:0.9", "--batches=2",
                   f"--out={tmp_path}"])
     r = json.loads((tmp_path / "packing.json").read_text())
     assert r["image_tokens"] == 15 and r["batch"] == 6

@@ -255,9 +255,10 @@ def test_packed_codes_are_the_official_quantizer_codes_of_the_same_samples():
     with jax.enable_x64(True):
         params, stats = qm.init_split_params(cfg, jax.random.key(0))
         client = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), params)["client"]
-        plain = jax.device_get(qm.client_forward(cfg, client, stats, sequence.pad_to_bucket(batch, ()), train=True))
+        forward = jax.jit(lambda b: qm.client_forward(cfg, client, stats, b, train=True))  # (eager: 10 s per call)
+        plain = jax.device_get(forward(sequence.pad_to_bucket(batch, ())))
         rows = packed(batch, cfg.model.num_image_tokens, rows=2)
-        pack = jax.device_get(qm.client_forward(cfg, client, stats, rows, train=True))
+        pack = jax.device_get(forward(rows))
     np.testing.assert_array_equal(pack.uplink.image_codes, plain.uplink.image_codes)
     # The official text tensor of these samples (method.md §2.2 step 5), quantized by the official FSQ.
     table = np.asarray(client["embed_tokens"]["embedding"], np.float64)
