@@ -77,12 +77,12 @@ def make_stream(s: perf.Size, batches: int, capacity: int, lengths: str, image_t
     return out
 
 
-def _geometry(batch: dict[str, np.ndarray], image_tokens: int, max_length: int) -> tuple[int, int]:
+def _geometry(batch: dict[str, np.ndarray], model) -> tuple[int, int]:
     """(rows, merged length) the decoder runs over."""
     if "segment_ids" in batch:
         return batch["segment_ids"].shape
     rows, t = batch["input_ids"].shape
-    return rows, min(t + image_tokens - 1, max_length)
+    return rows, model.merged_length(t, num_images=rows)
 
 
 def run(size: str = "demo", batch: int = 16, capacity: int = 512, lengths: str = "lognormal:48:0.8",
@@ -111,7 +111,7 @@ def run(size: str = "demo", batch: int = 16, capacity: int = 512, lengths: str =
                                   backend=jax.default_backend(), device=str(jax.devices()[0]))
     losses = {}
     for way, shaped in ways.items():
-        geometry = [_geometry(b, t_img, capacity) for b in shaped]
+        geometry = [_geometry(b, config.model) for b in shaped]
         computed = sum(r * n for r, n in geometry)
         report[f"computed_positions_{way}"] = computed
         report[f"padding_fraction_{way}"] = 1 - real / computed

@@ -276,7 +276,9 @@ def test_packed_codes_are_the_official_quantizer_codes_of_the_same_samples():
         np.testing.assert_array_equal(codes[text_pos & (owner == i)], k_txt[i, : len(x)])
     assert pack.metrics["dist_text"] == pytest.approx(cfg.text_quantizer.dist_weight * dist_txt,
                                                       rel=2 * float(np.finfo(np.float32).eps))
-    assert plain.metrics["dist_text"] == pytest.approx(pack.metrics["dist_text"], rel=1e-12)
+    # The same weighted mean over differently ordered rows: float64 rounding of one reduction over the tensor.
+    assert plain.metrics["dist_text"] == pytest.approx(
+        pack.metrics["dist_text"], abs=rounding_tolerance(np.float64, codes.size, 2, pack.metrics["dist_text"]))
     assert 0 < k_txt.std()
 
 
